@@ -1,0 +1,66 @@
+"""Exception types of lorashear.
+
+Every error a user can cause (bad input file, bad option, unsupported model) is a
+:class:`LorashearError` subclass carrying enough context (file, op, module path, hint) for the
+command-line tools to print one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LorashearError(Exception):
+    """Base class of all errors lorashear reports to a user."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class IRParseError(LorashearError):
+    """A `.ir` text could not be parsed: carries the file name, line and column."""
+
+    def __init__(self, message: str, *, source: str = "<string>", line: int = 0, column: int = 0,
+                 hint: str | None = None) -> None:
+        super().__init__(f"{source}:{line}:{column}: {message}", hint=hint)
+        self.source, self.line, self.column = source, line, column
+
+
+class IRFormatVersionError(LorashearError):
+    """A `.ir` file was written by a newer (or unknown) format version."""
+
+
+class VerificationError(LorashearError):
+    """The IR breaks one of its invariants (a use without a def, a shape mismatch, ...)."""
+
+
+class LoweringError(LorashearError):
+    """A model could not be lowered into the IR: names the ATen op and the module path."""
+
+
+class ModelLoadError(LorashearError):
+    """A model or adapter directory is missing, malformed, or does not fit its base model."""
+
+
+class PassError(LorashearError):
+    """A pass failed, was misconfigured, or the pipeline text is malformed."""
+
+
+class PluginError(LorashearError):
+    """A pass plugin file does not exist, cannot be imported, or defines no pass."""
+
+
+class DataError(LorashearError):
+    """A data source or data spec is missing, empty or malformed."""
+
+
+class EmissionError(LorashearError):
+    """A module could not be emitted in the requested format."""
+
+
+class KernelError(LorashearError):
+    """A numeric kernel got inputs it cannot handle (shapes, dtypes, devices, group ids) or a
+    backend that is not available (Triton missing, CPU tensors without the interpreter)."""

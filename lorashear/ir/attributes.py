@@ -1,0 +1,87 @@
+"""Typed module attributes: durable facts that print with the IR and parse back.
+
+An attribute kind is a dataclass registered under a name with :func:`register_attribute`;
+its text form is ``attr NAME = KIND JSON`` where JSON is produced by ``to_json`` and read by
+``from_json`` (which validates). Passes add kinds for groups, saliency and keep masks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+_ATTRIBUTE_KINDS: dict[str, type[Attribute]] = {}
+
+
+class Attribute:
+    """Base class of typed attributes; subclasses set ``kind`` and (de)serialise to JSON."""
+
+    kind: ClassVar[str]
+
+    def to_json(self) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: Any) -> Attribute:
+        raise NotImplementedError
+
+
+def register_attribute(cls: type[Attribute]) -> type[Attribute]:
+    """Class decorator: make an attribute kind printable and parseable by its ``kind``."""
+    existing = _ATTRIBUTE_KINDS.get(cls.kind)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"attribute kind {cls.kind!r} is already registered by {existing}")
+    _ATTRIBUTE_KINDS[cls.kind] = cls
+    return cls
+
+
+def attribute_kind(name: str) -> type[Attribute] | None:
+    return _ATTRIBUTE_KINDS.get(name)
+
+
+def dump_json(data: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace, so printing is deterministic."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+@register_attribute
+@dataclass(frozen=True)
+class HFConfigAttr(Attribute):
+    """The Hugging Face config the model was lowered from (a plain JSON dict).
+
+    Emission writes it back as ``config.json`` (updated with pruned sizes)."""
+
+    kind: ClassVar[str] = "hf.config"
+    config: dict
+
+    def to_json(self) -> Any:
+        return self.config
+
+    @classmethod
+    def from_json(cls, data: Any) -> HFConfigAttr:
+        if not isinstance(data, dict):
+            raise ValueError("hf.config must be a JSON object")
+        return cls(data)
+
+    def __hash__(self) -> int:
+        return hash(dump_json(self.config))
+
+
+@register_attribute
+@dataclass(frozen=True)
+class SourceAttr(Attribute):
+    """Where the module came from: the model directory and the adapter, for the record."""
+
+    kind: ClassVar[str] = "source"
+    model: str
+    adapter: str | None = None
+
+    def to_json(self) -> Any:
+        return {"model": self.model, "adapter": self.adapter}
+
+    @classmethod
+    def from_json(cls, data: Any) -> SourceAttr:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+            raise ValueError("source needs a string 'model'")
+        return cls(data["model"], data.get("adapter"))

@@ -1,0 +1,230 @@
+"""Lowering a Hugging Face model directory (+ a peft LoRA adapter) without loading its weights.
+
+The model is built on the ``meta`` device from its ``config.json`` (buffers computed for
+real, they are tiny), traced there, and each parameter is bound to a reference into the
+directory's safetensors files, checked for name and shape. A 70B checkpoint lowers in
+seconds with no weight in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorashear.errors import LorashearError, ModelLoadError
+from lorashear.ir.attributes import SourceAttr
+from lorashear.ir.core import Module
+from lorashear.ir.lower import lower
+from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage, safetensors_keys
+
+#: Linear layers that get fresh LoRA adapters by default (all attention and MLP projections).
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on ``meta`` (no memory, no init cost) but buffers for real.
+
+    Non-persistent buffers such as RoPE's ``inv_freq`` are not in checkpoints; they are
+    computed by the module constructors, so they must be built on a real device.
+    """
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Tensor name -> (safetensors file, shape) for a model directory (single file or sharded)."""
+    index_file = model_dir / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{index_file} is malformed: {exc}") from None
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} holds no safetensors weights",
+                             hint="save the model with save_pretrained(safe_serialization=True), "
+                             "or pass --meta to lower the architecture only")
+    index: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for f in files:
+        path = model_dir / f
+        if not path.is_file():
+            raise ModelLoadError(f"{index_file} names {f}, which is missing from {model_dir}")
+        for key, (shape, _) in safetensors_keys(path).items():
+            index[key] = (str(path.resolve()), shape, key)
+    return index
+
+
+def _load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds here
+        raise ModelLoadError(f"cannot read the config of {model_dir}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except ValueError as exc:
+        raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
+                             f"transformers can build: {_first_line(exc)}") from None
+    return model.to(dtype).eval()
+
+
+def _adapter_config(adapter_dir: Path):
+    from peft import LoraConfig, PeftConfig
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter_dir} is not a peft adapter directory (no adapter_config.json)")
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the adapter config in {adapter_dir}: {_first_line(exc)}") from None
+    if not isinstance(config, LoraConfig):
+        raise ModelLoadError(f"{adapter_dir} holds a {type(config).__name__}; only LoRA adapters are supported")
+    if getattr(config, "use_dora", False):
+        raise ModelLoadError(f"{adapter_dir} is a DoRA adapter; only plain LoRA is supported")
+    return config
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ModelLoadError(f"{adapter_dir} has no adapter_model.safetensors")
+    out = {}
+    for key, (shape, _) in safetensors_keys(path).items():
+        out[key.removeprefix("base_model.model.")] = (str(path.resolve()), shape, key)
+    return out
+
+
+def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+                     lora_rank: int | None = None, lora_alpha: float | None = None,
+                     lora_targets: Sequence[str] | None = None, lora_dropout: float = 0.0,
+                     meta: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> Module:
+    """Lower a local HF causal-LM directory, optionally with a LoRA adapter, into the IR.
+
+    ``adapter``: a peft LoRA adapter directory. ``lora_rank``: instead insert fresh LoRA
+    adapters of that rank on ``lora_targets`` (A random as in peft, B zero, so the model's
+    function is unchanged). ``meta``: no weights at all, for analysis of the architecture.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if adapter is not None and lora_rank is not None:
+        raise ModelLoadError("give either an adapter directory or --lora-rank, not both")
+    model_dir = Path(model_dir)
+    config = _load_config(model_dir)
+    checkpoint = {} if meta else checkpoint_index(model_dir)
+    model = _build_skeleton(config, dtype)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
+    model.to("meta")
+
+    adapter_tensors: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+        if not adapter_dir.is_dir():
+            raise ModelLoadError(f"adapter directory {adapter_dir} does not exist")
+        lora_config = _adapter_config(adapter_dir)
+        lora_config.inference_mode = False
+        adapter_tensors = {} if meta else _adapter_tensors(adapter_dir)
+    elif lora_rank is not None:
+        if lora_rank <= 0:
+            raise ModelLoadError(f"--lora-rank must be positive, got {lora_rank}")
+        lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
+                                 target_modules=list(lora_targets or DEFAULT_LORA_TARGETS),
+                                 lora_dropout=lora_dropout, bias="none")
+    if adapter is not None or lora_rank is not None:
+        try:
+            model = get_peft_model(model, lora_config)
+        except (ValueError, KeyError, TypeError) as exc:
+            where = f"adapter {adapter}" if adapter is not None else "--lora-targets"
+            raise ModelLoadError(f"{where} does not fit {model_dir}: {_first_line(exc)}") from None
+
+    generator = torch.Generator().manual_seed(seed)
+    used_adapter_keys: set[str] = set()
+
+    def storage_for(name: str, tensor: torch.Tensor) -> Storage:
+        shape = tuple(tensor.shape)
+        if name in buffers:
+            return DataStorage(buffers[name])
+        if ".lora_A." in name or ".lora_B." in name:
+            if adapter is not None:
+                return _bind(name, shape, adapter_tensors, f"adapter {adapter}", used_adapter_keys,
+                             meta=meta, mismatch="was made for another base model")
+            return MetaStorage() if meta else DataStorage(_fresh_lora(name, shape, generator))
+        return _bind(name, shape, checkpoint, f"model {model_dir}", None, meta=meta,
+                     mismatch="does not match its config")
+
+    module = lower(model, storage_fn=storage_for)
+    unused = sorted(set(adapter_tensors) - used_adapter_keys)
+    if unused:
+        raise ModelLoadError(f"adapter {adapter} has tensors the model has no place for, e.g. "
+                             f"{unused[0]!r}", hint="was it trained for another architecture?")
+    module.attributes["source"] = SourceAttr(str(model_dir.resolve()),
+                                             str(Path(adapter).resolve()) if adapter else None)
+    return module
+
+
+def _bind(name: str, shape: tuple[int, ...], index: dict, what: str, used: set[str] | None, *,
+          meta: bool, mismatch: str) -> Storage:
+    if meta:
+        return MetaStorage()
+    entry = index.get(name)
+    if entry is None:
+        raise ModelLoadError(f"{what} has no tensor {name!r}")
+    path, stored_shape, key = entry
+    if stored_shape != shape:
+        raise ModelLoadError(f"{what} {mismatch}: {name} has shape {list(stored_shape)}, "
+                             f"the model expects {list(shape)}")
+    if used is not None:
+        used.add(name)
+    return FileStorage(path, key)
+
+
+def _fresh_lora(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (the adapter starts as a no-op)."""
+    if ".lora_B." in name:
+        return torch.zeros(shape)
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def lower_any(model_dir: str | os.PathLike, **kwargs) -> Module:
+    """:func:`lower_pretrained` with unexpected failures wrapped as a one-line ModelLoadError."""
+    try:
+        return lower_pretrained(model_dir, **kwargs)
+    except LorashearError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot lower {model_dir}: {type(exc).__name__}: {_first_line(exc)}") from exc

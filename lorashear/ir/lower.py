@@ -1,0 +1,368 @@
+"""Lowering: a PyTorch causal LM (optionally with peft LoRA) -> an IR :class:`Module`.
+
+The model is traced by ``torch.export`` (non-strict, dynamic batch and sequence axes), then
+every ATen node is mapped onto the normalised op set of :mod:`lorashear.ir.ops`: no-op nodes
+(clone, asserts, eval-mode dropout) disappear, dtype conversions become ``cast``, and peft's
+LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` becomes one
+``lora_linear`` op. Tracing works on the ``meta`` device, so nothing needs weights in memory.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lorashear.errors import LoweringError
+from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
+from lorashear.ir.storage import DataStorage, MetaStorage, Storage
+from lorashear.ir.types import SYM, TensorType, dtype_name
+
+#: Keyword arguments that only place a tensor (the executor decides placement at run time).
+_PLACEMENT_KWARGS = frozenset({"device", "pin_memory", "layout", "memory_format", "non_blocking"})
+
+StorageFn = Callable[[str, torch.Tensor], Storage]
+
+
+def canonical_param_name(target: str, adapter: str = "default") -> str:
+    """HF-style name of a parameter seen through peft's wrappers.
+
+    ``...q_proj.base_layer.weight`` -> ``...q_proj.weight`` and
+    ``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``, so base weights keep
+    the names of the original checkpoint and LoRA factors those of the adapter file.
+    """
+    name = target.replace(".base_layer.", ".")
+    return re.sub(rf"\.(lora_[AB])\.{re.escape(adapter)}\.", r".\1.", name)
+
+
+def canonical_module_path(path: str) -> str:
+    path = re.sub(r"\.base_layer$", "", path)
+    return re.sub(r"\.(lora_[AB]|lora_dropout)\.[A-Za-z0-9_]+$", "", path)
+
+
+def _in_memory_storage(_name: str, tensor: torch.Tensor) -> Storage:
+    return MetaStorage() if tensor.device.type == "meta" else DataStorage(tensor.detach())
+
+
+class _Lowering:
+    def __init__(self, model: nn.Module, storage_fn: StorageFn, adapter: str) -> None:
+        self.model = model
+        self.storage_fn = storage_fn
+        self.adapter = adapter
+        self.module = Module()
+        self.env: dict[fx.Node, Any] = {}
+        self.symbols: dict[str, str] = {}
+        self.counter = 0
+
+    # --- entry ------------------------------------------------------------------------------
+    def run(self, example_device: torch.device) -> Module:
+        ep = self._export(example_device)
+        self._bind_params(ep)
+        for node in ep.graph.nodes:
+            try:
+                self._node(node)
+            except LoweringError:
+                raise
+            except Exception as exc:  # a bug or an unexpected node shape: name the node
+                raise LoweringError(f"cannot lower node {node.format_node()} at module "
+                                    f"{self._loc(node) or 'top level'}: {exc}") from exc
+        graph = self.module.graph
+        graph.remove_dead_ops()
+        fuse_lora(graph)
+        graph.remove_dead_ops()
+        self._check_lora_recognised()
+        self.module.remove_unused_params()
+        self._renumber()
+        return self.module
+
+    def _export(self, device: torch.device):
+        from torch.export import Dim
+
+        batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=1 << 20)
+        ids = torch.zeros(2, 8, dtype=torch.long, device=device)
+        mask = torch.ones(2, 8, dtype=torch.long, device=device)
+        try:
+            return torch.export.export(
+                self.model, (ids,), kwargs={"attention_mask": mask, "use_cache": False},
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                                "use_cache": None},
+                strict=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoweringError(f"torch.export could not trace {type(self.model).__name__}: {first}",
+                                hint="the model must be a causal LM whose forward takes input_ids "
+                                "and attention_mask") from exc
+
+    # --- parameters -------------------------------------------------------------------------
+    def _bind_params(self, ep) -> None:
+        from torch.export.graph_signature import InputKind
+
+        tensors = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        canonical_by_id: dict[int, str] = {}
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            canonical_by_id.setdefault(id(t), name)
+        self.placeholder_params: dict[str, Param] = {}
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                continue
+            tensor = tensors.get(spec.target)
+            if tensor is None:
+                tensor = ep.constants.get(spec.target) if spec.kind == InputKind.CONSTANT_TENSOR else None
+            if tensor is None:
+                raise LoweringError(f"exported parameter {spec.target} is not a parameter of the model")
+            # tied weights (lm_head = embed_tokens) become one IR parameter used twice
+            name = canonical_param_name(canonical_by_id.get(id(tensor), spec.target), self.adapter)
+            param = self.module.params.get(name)
+            if param is None:
+                ty = TensorType(dtype_name(tensor.dtype), tuple(tensor.shape))
+                param = self.module.add_param(Param(name, ty, self.storage_fn(name, tensor),
+                                                    buffer=spec.kind != InputKind.PARAMETER))
+            self.placeholder_params[spec.arg.name] = param
+
+    # --- nodes ------------------------------------------------------------------------------
+    def _loc(self, node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        if path.startswith("_"):  # export's placeholder for nodes outside any module
+            return ""
+        return canonical_module_path(path)
+
+    def _value_type(self, val: Any):
+        if isinstance(val, torch.Tensor):
+            return TensorType(dtype_name(val.dtype), tuple(self._dim(d) for d in val.shape))
+        if isinstance(val, (torch.SymInt, int)):
+            return SYM
+        raise LoweringError(f"unsupported value kind {type(val).__name__}")
+
+    def _dim(self, d: Any):
+        if isinstance(d, int):
+            return d
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            if expr.is_number:
+                return int(expr)
+            return re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
+                          str(expr)).replace(" ", "")
+        raise LoweringError(f"unsupported dimension {d!r}")
+
+    def _new_value(self, node_val: Any) -> Value:
+        value = Value(f"t{self.counter}", self._value_type(node_val))
+        self.counter += 1
+        return value
+
+    def _arg(self, a: Any, node: fx.Node) -> Any:
+        if isinstance(a, fx.Node):
+            got = self.env.get(a)
+            if got is None:
+                raise LoweringError(f"node {node.name} reads {a.name}, which was not lowered")
+            return got
+        if isinstance(a, (list, tuple)):
+            return [self._arg(x, node) for x in a]
+        if isinstance(a, torch.dtype):
+            return DTypeArg(dtype_name(a))
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return a
+        if isinstance(a, (torch.device, torch.layout, torch.memory_format)):
+            raise LoweringError(f"op {node.target} at module {self._loc(node) or 'top level'} takes "
+                                f"a positional {type(a).__name__}, which the IR does not carry")
+        raise LoweringError(f"op {node.target} at module {self._loc(node) or 'top level'} has an "
+                            f"argument of unsupported type {type(a).__name__}: {a!r}")
+
+    def _node(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            param = self.placeholder_params.get(node.name)
+            if param is not None:
+                self.env[node] = param
+                return
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                if node.name == "input_ids":
+                    self.symbols.update({str(val.shape[0]): "B", str(val.shape[1]): "S"})
+                value = Value(node.name, self._value_type(val))
+                self.module.graph.inputs.append(value)
+                self.env[node] = value
+            return  # non-tensor inputs (use_cache) are constants of the trace
+        if node.op == "output":
+            outs = node.args[0]
+            outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            tensors = [self.env[o] for o in outs if isinstance(o, fx.Node)]
+            if len(tensors) != 1:
+                raise LoweringError(f"expected the model to return logits only, got {len(tensors)} tensors")
+            self.module.graph.outputs = tensors
+            self.module.graph.output_names = ["logits"]
+            return
+        if node.op != "call_function":
+            raise LoweringError(f"unsupported graph node {node.op} {node.target}")
+        target = node.target
+        if target is operator.getitem:
+            self.env[node] = self.env[node.args[0]][node.args[1]]
+            return
+        if target in SYM_OPERATORS:
+            self._emit(node, SYM_OPERATORS[target], [self._arg(a, node) for a in node.args], {})
+            return
+        name = getattr(target, "_opname", None) and f"{target._opname}.{target._overloadname}"
+        if not isinstance(target, torch._ops.OpOverload) or name is None:
+            raise LoweringError(f"unsupported op {target} at module {self._loc(node) or 'top level'}",
+                                hint="only ATen ops are lowered; higher-order ops are not supported")
+        if name in IDENTITY_OPS:
+            if node.args and isinstance(node.args[0], fx.Node) and node.args[0] in self.env:
+                self.env[node] = self.env[node.args[0]]
+            return
+        if name in CAST_OPS:
+            self._cast(node)
+            return
+        if name == "dropout.default":
+            x, p = self.env[node.args[0]], float(node.args[1])
+            self._emit(node, "dropout", [x, p], {}) if p > 0 else self.env.__setitem__(node, x)
+            return
+        if name == "sym_size.int":
+            self._emit(node, "dim", [self.env[node.args[0]], int(node.args[1])], {})
+            return
+        kind = ATEN_OPS.get(name)
+        if kind is None:
+            raise LoweringError(f"unsupported op aten.{name} at module {self._loc(node) or 'top level'}",
+                                hint="add it to lorashear/ir/ops.py if it is a plain tensor op")
+        args = [self._arg(a, node) for a in node.args]
+        kwargs = {k: self._arg(v, node) for k, v in node.kwargs.items() if k not in _PLACEMENT_KWARGS}
+        self._emit(node, kind, args, kwargs)
+
+    def _cast(self, node: fx.Node) -> None:
+        x = self.env[node.args[0]]
+        src = node.args[0].meta.get("val")
+        dst = node.meta.get("val")
+        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype == dst.dtype:
+            self.env[node] = x
+        else:
+            self._emit(node, "cast", [x, DTypeArg(dtype_name(dst.dtype))], {})
+
+    def _emit(self, node: fx.Node, kind: str, args: list, kwargs: dict) -> None:
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            results = [self._new_value(v) for v in val]
+            self.env[node] = results
+        else:
+            results = [self._new_value(val)]
+            self.env[node] = results[0]
+        self.module.graph.ops.append(Op(kind, args, kwargs, results, self._loc(node)))
+
+    # --- finishing --------------------------------------------------------------------------
+    def _check_lora_recognised(self) -> None:
+        for op in self.module.graph.ops:
+            if op.kind == "lora_linear":
+                continue
+            for p in op.params():
+                if ".lora_A." in f".{p.name}" or ".lora_B." in f".{p.name}":
+                    raise LoweringError(
+                        f"the LoRA adapter at module {op.loc or p.name} was not recognised as "
+                        f"peft's LoRA pattern (op {op.kind} reads @{p.name})",
+                        hint="only plain LoRA is supported (no DoRA, no custom variants)")
+
+    def _renumber(self) -> None:
+        for i, op in enumerate(self.module.graph.ops):
+            for j, r in enumerate(op.results):
+                r.name = str(i) if len(op.results) == 1 else f"{i}.{j}"
+
+
+def fuse_lora(graph: Graph) -> int:
+    """Rewrite peft's LoRA pattern into ``lora_linear`` ops; returns how many were fused."""
+    users = graph.users()
+    fused = 0
+    for index, op in enumerate(graph.ops):
+        if op.kind != "add" or len(op.args) != 2 or not all(isinstance(a, Value) for a in op.args):
+            continue
+        for base_v, delta_v in (op.args, op.args[::-1]):
+            match = _match_lora(base_v, delta_v, users)
+            if match is None:
+                continue
+            x, weight, bias, lora_a, lora_b, scaling, dropout = match
+            new = Op("lora_linear", [x, weight, bias, lora_a, lora_b],
+                     {"scaling": scaling, "dropout": dropout}, [], loc=base_v.producer.loc)
+            new.results = op.results
+            for r in new.results:
+                r.producer = new
+            graph.ops[index] = new
+            fused += 1
+            break
+    return fused
+
+
+def _single_use(v: Value, users) -> bool:
+    return len(users.get(v, [])) == 1
+
+
+def _match_lora(base_v: Value, delta_v: Value, users):
+    base = base_v.producer
+    if base is None or base.kind != "linear" or not isinstance(base.args[1], Param):
+        return None
+    x = base.args[0]
+    bias = base.args[2] if len(base.args) > 2 else None
+    scaling = 1.0
+    scaled = delta_v.producer
+    if scaled is not None and scaled.kind == "mul" and isinstance(scaled.args[1], (int, float)) \
+            and not isinstance(scaled.args[1], bool):
+        scaling = float(scaled.args[1])
+        if not _single_use(delta_v, users):
+            return None
+        delta_v = scaled.args[0]
+    up = delta_v.producer
+    if up is None or up.kind != "linear" or len(up.args) > 2 and up.args[2] is not None \
+            or not isinstance(up.args[1], Param) or not _single_use(delta_v, users):
+        return None
+    down_v = up.args[0]
+    down = down_v.producer
+    if down is None or down.kind != "linear" or len(down.args) > 2 and down.args[2] is not None \
+            or not isinstance(down.args[1], Param) or not _single_use(down_v, users):
+        return None
+    inner = down.args[0]
+    dropout = 0.0
+    if inner is not x:
+        drop = inner.producer
+        if drop is None or drop.kind != "dropout" or drop.args[0] is not x:
+            return None
+        dropout = float(drop.args[1])
+    lora_a, lora_b = down.args[1], up.args[1]
+    if not (lora_a.name.endswith("lora_A.weight") and lora_b.name.endswith("lora_B.weight")):
+        return None
+    return x, base.args[1], bias, lora_a, lora_b, scaling, dropout
+
+
+def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default") -> Module:
+    """Lower a Hugging Face causal LM (a ``PeftModel`` with LoRA, or a plain one) into the IR.
+
+    The model is traced where it lives (CPU, CUDA or ``meta``); parameters keep references to
+    its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead).
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        adapter = model.active_adapter if isinstance(model.active_adapter, str) else adapter
+        model = model.get_base_model()
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(iter(model.parameters())).device
+        lowering = _Lowering(model, storage_fn or _in_memory_storage, adapter)
+        module = lowering.run(device)
+    finally:
+        model.train(was_training)
+    config = getattr(model, "config", None)
+    if config is not None:
+        from lorashear.ir.attributes import HFConfigAttr
+        module.attributes["config"] = HFConfigAttr(_config_dict(config))
+    return module
+
+
+def _config_dict(config) -> dict:
+    import json
+
+    data = json.loads(config.to_json_string(use_diff=False))
+    data.pop("quantization_config", None)
+    return data

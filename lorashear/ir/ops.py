@@ -1,0 +1,165 @@
+"""The normalised op set of the IR and how each op executes.
+
+Lowering maps every supported ATen overload onto an IR op kind (:data:`ATEN_OPS`); anything
+else is rejected with the op and module path named. Most kinds execute as the ATen overload
+they stand for, so the executor and the meta-shape verifier share one definition; a few
+kinds are our own (``cast``, ``lora_linear``, ``dropout``, ``dim``, symbolic arithmetic).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """How an IR op kind executes.
+
+    ``creates_tensor``: the op makes a tensor from scratch (``arange``, ``full``), so the
+    executor passes it the device to create it on. ``num_results``: how many values it
+    defines (``None`` for a variable count, as in ``split``).
+    """
+
+    kind: str
+    fn: Callable
+    creates_tensor: bool = False
+    num_results: int | None = 1
+    doc: str = ""
+
+
+OP_DEFS: dict[str, OpDef] = {}
+
+
+def _define(kind: str, fn: Callable, **kw) -> None:
+    OP_DEFS[kind] = OpDef(kind, fn, **kw)
+
+
+# --- ops that execute as one ATen overload --------------------------------------------------
+#: ATen overload name -> IR kind. Several overloads may share a kind when the IR call is the same.
+ATEN_OPS: dict[str, str] = {}
+
+_PLAIN = {
+    # elementwise arithmetic and activations
+    "add.Tensor": "add", "add.Scalar": "add.scalar", "sub.Tensor": "sub", "rsub.Scalar": "rsub",
+    "mul.Tensor": "mul", "mul.Scalar": "mul.scalar", "div.Tensor": "div",
+    "div.Tensor_mode": "div.mode", "neg.default": "neg",
+    "pow.Tensor_Scalar": "pow", "pow.Tensor_Tensor": "pow.tensor", "rsqrt.default": "rsqrt",
+    "sqrt.default": "sqrt", "exp.default": "exp", "log.default": "log", "abs.default": "abs",
+    "reciprocal.default": "reciprocal", "cos.default": "cos", "sin.default": "sin",
+    "tanh.default": "tanh", "sigmoid.default": "sigmoid", "silu.default": "silu",
+    "gelu.default": "gelu", "relu.default": "relu", "erf.default": "erf",
+    "clamp.default": "clamp", "minimum.default": "minimum", "maximum.default": "maximum",
+    "where.self": "where", "where.ScalarOther": "where.scalar_other",
+    "masked_fill.Scalar": "masked_fill", "masked_fill.Tensor": "masked_fill.tensor",
+    # comparisons and logic
+    "eq.Tensor": "eq", "eq.Scalar": "eq.scalar", "ne.Tensor": "ne", "ne.Scalar": "ne.scalar",
+    "lt.Tensor": "lt", "lt.Scalar": "lt.scalar", "le.Tensor": "le", "le.Scalar": "le.scalar",
+    "gt.Tensor": "gt", "gt.Scalar": "gt.scalar", "ge.Tensor": "ge", "ge.Scalar": "ge.scalar",
+    "__and__.Tensor": "and", "__or__.Tensor": "or", "bitwise_and.Tensor": "and",
+    "bitwise_or.Tensor": "or", "bitwise_not.default": "not", "logical_not.default": "logical_not",
+    "logical_and.default": "logical_and", "logical_or.default": "logical_or",
+    # reductions and normalisation
+    "mean.dim": "mean", "sum.dim_IntList": "sum", "amax.default": "amax",
+    "softmax.int": "softmax", "_softmax.default": "softmax.internal",
+    "_log_softmax.default": "log_softmax", "log_softmax.int": "log_softmax.int",
+    "cumsum.default": "cumsum", "layer_norm.default": "layer_norm", "rms_norm.default": "rms_norm",
+    "any.dim": "any", "all.dim": "all",
+    # linear algebra
+    "linear.default": "linear", "matmul.default": "matmul", "bmm.default": "bmm", "mm.default": "mm",
+    "addmm.default": "addmm", "baddbmm.default": "baddbmm", "embedding.default": "embedding",
+    "scaled_dot_product_attention.default": "sdpa",
+    # shape and indexing
+    "view.default": "reshape", "reshape.default": "reshape", "_unsafe_view.default": "reshape",
+    "transpose.int": "transpose", "permute.default": "permute", "t.default": "t",
+    "unsqueeze.default": "unsqueeze", "squeeze.dim": "squeeze", "squeeze.dims": "squeeze.dims",
+    "expand.default": "expand", "repeat.default": "repeat", "flatten.using_ints": "flatten",
+    "slice.Tensor": "slice", "select.int": "select", "narrow.default": "narrow",
+    "cat.default": "concat", "stack.default": "stack",
+    "split.Tensor": "split", "split_with_sizes.default": "split_with_sizes",
+    "chunk.default": "chunk", "unbind.int": "unbind",
+    "index.Tensor": "index", "gather.default": "gather", "index_select.default": "index_select",
+    "tril.default": "tril", "triu.default": "triu", "diff.default": "diff",
+    "roll.default": "roll", "flip.default": "flip",
+    # tensors made from scratch
+    "arange.default": "arange", "arange.start": "arange.start", "arange.start_step": "arange.start_step",
+    "full.default": "full", "ones.default": "ones", "zeros.default": "zeros",
+    "scalar_tensor.default": "scalar_tensor", "empty.memory_format": "empty",
+    "new_ones.default": "new_ones", "new_zeros.default": "new_zeros", "new_full.default": "new_full",
+    "ones_like.default": "ones_like", "zeros_like.default": "zeros_like", "full_like.default": "full_like",
+}
+_CREATES = {"arange", "arange.start", "arange.start_step", "full", "ones", "zeros", "scalar_tensor",
+            "empty"}
+_MULTI = {"split", "split_with_sizes", "chunk", "unbind"}
+
+for _overload, _kind in _PLAIN.items():
+    ATEN_OPS[_overload] = _kind
+    if _kind in OP_DEFS:
+        continue
+    _packet, _, _name = _overload.rpartition(".")
+    # the IR kind runs the canonical overload (reshape runs aten.reshape, not aten.view)
+    _canon = {"reshape": "reshape.default", "and": "__and__.Tensor", "or": "__or__.Tensor"}.get(_kind, _overload)
+    _p, _, _o = _canon.rpartition(".")
+    _define(_kind, getattr(getattr(aten, _p), _o), creates_tensor=_kind in _CREATES,
+            num_results=None if _kind in _MULTI else 1)
+
+#: ATen overloads that carry no computation for inference and are dropped by lowering.
+IDENTITY_OPS = frozenset({
+    "clone.default", "contiguous.default", "alias.default", "detach.default", "lift_fresh_copy.default",
+    "_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default",
+    "_assert_async.msg", "sym_constrain_range.default",
+})
+
+#: ATen overloads that change only dtype/device/layout; lowered to ``cast`` (or dropped).
+CAST_OPS = frozenset({"to.dtype", "to.device", "to.dtype_layout", "_to_copy.default", "type_as.default"})
+
+
+# --- our own kinds --------------------------------------------------------------------------
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype)
+
+
+def _dropout(x: torch.Tensor, p: float, *, training: bool = False) -> torch.Tensor:
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, *, scaling: float, dropout: float = 0.0,
+                 training: bool = False):
+    """``x @ W^T + b + scaling * B(A(dropout(x)))``: a base linear with its LoRA update."""
+    base = F.linear(x, weight, bias)
+    return base + F.linear(F.linear(_dropout(x, dropout, training=training), lora_A), lora_B) * scaling
+
+
+def _dim(x: torch.Tensor, axis: int) -> int:
+    return x.shape[axis]
+
+
+_define("cast", _cast, doc="convert to an element type")
+_define("dropout", _dropout, doc="dropout with probability p while training, identity otherwise")
+_define("lora_linear", _lora_linear, doc="linear layer with a LoRA adapter (peft pattern)")
+_define("dim", _dim, doc="the run-time size of one axis (a symbolic integer)")
+_define("sym.add", operator.add)
+_define("sym.sub", operator.sub)
+_define("sym.mul", operator.mul)
+_define("sym.floordiv", operator.floordiv)
+_define("sym.mod", operator.mod)
+_define("sym.neg", operator.neg)
+
+#: Python-level operators on symbolic integers that export records, and their IR kinds.
+SYM_OPERATORS: dict[Callable, str] = {
+    operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
+    operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg",
+}
+
+#: Ops whose behaviour depends on training mode; the executor passes ``training=``.
+TRAINING_AWARE = frozenset({"dropout", "lora_linear"})
+
+
+def op_def(kind: str) -> OpDef | None:
+    return OP_DEFS.get(kind)

@@ -1,0 +1,1 @@
+"""Weight storage, execution and emission of IR modules (PyTorch, Hugging Face, ONNX)."""

@@ -1,0 +1,122 @@
+"""The executor: an IR module as a dense ``nn.Module`` with the Hugging Face forward signature.
+
+``IRModel(module)(input_ids, attention_mask=None, labels=None).logits`` runs the graph op by
+op through the same code the verifier uses (:mod:`lorashear.ir.interpret`). Parameters are
+registered under their IR names, so ``state_dict()`` keys are the checkpoint's names. LoRA
+factors are trainable, everything else frozen: this is also what the training passes run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
+
+from lorashear.errors import EmissionError
+from lorashear.ir.core import Module, Param
+from lorashear.ir.interpret import run_op
+from lorashear.ir.types import torch_dtype
+
+
+def lora_param_names(module: Module) -> set[str]:
+    """Names of the LoRA factors (the A and B operands of every ``lora_linear`` op)."""
+    names: set[str] = set()
+    for op in module.graph.ops:
+        if op.kind == "lora_linear":
+            names.update(p.name for p in op.args[3:5])
+    return names
+
+
+class IRModel(nn.Module):
+    """Runs an IR :class:`Module`; ``forward`` follows ``transformers`` causal LMs."""
+
+    def __init__(self, module: Module, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.ir = module
+        self._slots: dict[str, tuple[nn.Module, str]] = {}
+        trainable = lora_param_names(module)
+        for param in module.params.values():
+            tensor = self._load(param, device, dtype)
+            owner, leaf = self._owner(param.name)
+            if param.buffer:
+                owner.register_buffer(leaf, tensor, persistent=True)
+            else:
+                owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=param.name in trainable))
+            self._slots[param.name] = (owner, leaf)
+        self._input_names = [v.name for v in module.graph.inputs]
+
+    @staticmethod
+    def _load(param: Param, device, dtype) -> torch.Tensor:
+        want = torch_dtype(param.type.dtype)
+        if device is not None and torch.device(device).type == "meta":
+            return torch.empty(param.type.shape, dtype=want, device="meta")
+        if not param.storage.has_data:
+            raise EmissionError(f"parameter @{param.name} has no data (the module was lowered with "
+                                "--meta); lower it again without --meta to run it")
+        tensor = param.storage.load()
+        if tuple(tensor.shape) != param.type.shape:
+            raise EmissionError(f"stored data of @{param.name} has shape {tuple(tensor.shape)}, "
+                                f"the IR declares {list(param.type.shape)}")
+        if dtype is not None and want.is_floating_point:
+            want = dtype
+        # a copy: training must never write into a memory-mapped checkpoint
+        return tensor.to(device=device or "cpu", dtype=want, copy=True)
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        *path, leaf = name.split(".")
+        owner: nn.Module = self
+        for part in path:
+            child = owner._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        return owner, leaf
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The live tensor of IR parameter ``name``."""
+        owner, leaf = self._slots[name]
+        return getattr(owner, leaf)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters())).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
+        inputs = {"input_ids": input_ids}
+        if "attention_mask" in self._input_names:
+            inputs["attention_mask"] = attention_mask if attention_mask is not None \
+                else torch.ones_like(input_ids)
+        env: dict[int, Any] = {}
+        for v in self.ir.graph.inputs:
+            if v.name not in inputs:
+                raise EmissionError(f"the graph needs input {v.name!r}, which forward() does not take")
+            env[id(v)] = inputs[v.name]
+        tensors = {name: getattr(owner, leaf) for name, (owner, leaf) in self._slots.items()}
+        device = input_ids.device
+        for op in self.ir.graph.ops:
+            run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+        logits = env[id(self.ir.graph.outputs[0])]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def sync_to_ir(self) -> None:
+        """Write the current tensor values back into the IR module (after training)."""
+        from lorashear.ir.storage import DataStorage
+
+        for name, param in self.ir.params.items():
+            param.storage = DataStorage(self.tensor(name).detach().to("cpu").clone())
+
+
+def emit_torch(module: Module, *, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> IRModel:
+    """A dense PyTorch module that runs ``module`` (``input_ids -> .logits``)."""
+    return IRModel(module, device=device, dtype=dtype).eval()
