@@ -194,3 +194,31 @@ class Module:
     def __repr__(self) -> str:
         return (f"<Module {len(self.params)} params, {len(self.graph.ops)} ops, "
                 f"attrs {sorted(self.attributes)}>")
+
+
+def clone_module(module: Module) -> Module:
+    """A structural copy: new params, values and ops; tensor storages are shared, not copied.
+
+    Lets a consumer (emission, a what-if analysis) rewrite the graph without touching the
+    caller's module.
+    """
+    params = {name: Param(p.name, p.type, p.storage, buffer=p.buffer) for name, p in module.params.items()}
+    values: dict[int, Value] = {}
+
+    def copy_value(v: Value) -> Value:
+        new = Value(v.name, v.type)
+        values[id(v)] = new
+        return new
+
+    def ref(r: Value | Param) -> Value | Param:
+        return params[r.name] if isinstance(r, Param) else values[id(r)]
+
+    graph = Graph(inputs=[copy_value(v) for v in module.graph.inputs])
+    for op in module.graph.ops:
+        new = Op(op.kind, [map_arg(a, ref) for a in op.args],
+                 {k: map_arg(v, ref) for k, v in op.kwargs.items()},
+                 [copy_value(r) for r in op.results], op.loc)
+        graph.ops.append(new)
+    graph.outputs = [values[id(v)] for v in module.graph.outputs]
+    graph.output_names = list(module.graph.output_names)
+    return Module(graph, params.values(), dict(module.attributes))

@@ -1,0 +1,40 @@
+"""`lorashear-emit IN.ir --format {torch,hf} -o OUT`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lorashear.cli._common import add_common_options, run_command
+from lorashear.runtime.emit import FORMATS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorashear-emit",
+        description="Emit an IR module as a model directory: 'torch' keeps LoRA (reload with "
+        "lorashear.load_pretrained), 'hf' merges it into a Hugging Face checkpoint.")
+    parser.add_argument("input", metavar="IN.ir", help="IR file to emit")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    add_common_options(parser)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lorashear.ir.fileformat import load_ir
+    from lorashear.runtime.emit import emit
+
+    module = load_ir(args.input)
+    out = emit(module, args.format, args.output)
+    print(f"emitted {args.input} as {args.format} -> {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("lorashear-emit", build_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Tiny random models built in code (no hub): Llama with GQA, Mistral, Qwen2 with q/k/v bias.
+
+Each family is saved once per session as an HF directory, with a peft LoRA adapter whose B
+factors are non-zero (so the adapter really changes the outputs), and lowered once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@dataclasses.dataclass
+class TinyModel:
+    """A saved tiny model, its adapter, and the reference PyTorch objects."""
+
+    family: str
+    model_dir: Path
+    adapter_dir: Path
+    base: torch.nn.Module  # the HF model without adapter
+    peft: torch.nn.Module  # the PeftModel (shares base weights; eval mode)
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        cfg = LlamaConfig(**{**common, "tie_word_embeddings": True, **overrides})
+    elif family == "mistral":
+        cfg = MistralConfig(**{**common, "num_hidden_layers": 3, "sliding_window": None,
+                               "tie_word_embeddings": False, **overrides})
+    elif family == "qwen2":
+        cfg = Qwen2Config(**{**common, "hidden_size": 96, "num_attention_heads": 6,
+                             "num_key_value_heads": 3, "intermediate_size": 128,
+                             "tie_word_embeddings": True, **overrides})
+    elif family == "llama-mha":
+        cfg = LlamaConfig(**{**common, "num_key_value_heads": 4, "tie_word_embeddings": False,
+                             **overrides})
+    else:
+        raise ValueError(family)
+    return cfg
+
+
+def build_tiny(family: str, root: Path, *, seed: int = 0, lora_targets=None) -> TinyModel:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa").eval()
+    model_dir = root / f"{family}-model"
+    base.save_pretrained(model_dir)
+    targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                 target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter_dir = root / f"{family}-adapter"
+    peft_model.save_pretrained(adapter_dir)
+    return TinyModel(family, model_dir, adapter_dir, base, peft_model.eval())
+
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: build_tiny(family, root) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def lowered(tiny_models):
+    """(family, with_lora) -> lowered Module, computed once per session."""
+    from lorashear.ir.frontend import lower_pretrained
+
+    cache = {}
+
+    def get(family: str, with_lora: bool):
+        key = (family, with_lora)
+        if key not in cache:
+            tm = tiny_models[family]
+            cache[key] = lower_pretrained(tm.model_dir, adapter=tm.adapter_dir if with_lora else None)
+        return cache[key]
+
+    return get
+
+
+def random_batch(vocab: int, batch: int = 3, seq: int = 11, seed: int = 1):
+    """Random ids and a mask with left padding in row 1 and right padding in row 2."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1:
+        mask[1, :3] = 0
+    if batch > 2:
+        mask[2, seq - 3:] = 0
+    return ids, mask
