@@ -21,6 +21,8 @@ from lorashear.passes.base import ModulePass
 BUILTIN_PASSES: dict[str, str] = {
     "dce": "lorashear.passes.dce:DeadCodeElimination",
     "merge-lora": "lorashear.passes.merge_lora:MergeLora",
+    "discover": "lorashear.passes.discover:Discover",
+    "compress": "lorashear.passes.compress:Compress",
 }
 
 _registered: dict[str, type[ModulePass]] = {}

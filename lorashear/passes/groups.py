@@ -1,0 +1,122 @@
+"""Typed attributes for removable groups and what has been removed.
+
+A *family* is one channel space found by the dimension-coupling analysis (the KV heads of
+layer 3, the MLP channels of layer 3, the hidden channels): ``size`` units, each a minimally
+removable group. Every member is a parameter axis on which the family is one factor of a
+mixed-radix index: index ``r`` of that axis belongs to unit ``(r // stride) % size``. That
+form prints compactly (a hidden family touches every layer) and slices exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from lorashear.ir.attributes import Attribute, register_attribute
+
+KINDS = ("attn", "mlp", "hidden", "other")
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    """Parameter axis ``axis`` of ``param``: index r is in unit (r // stride) % family.size."""
+
+    param: str
+    axis: int
+    stride: int
+
+    def unit_of(self, length: int, size: int) -> torch.Tensor:
+        """Unit id of every index along this axis (``length`` = the axis length)."""
+        return (torch.arange(length) // self.stride) % size
+
+    def indices(self, length: int, size: int, units) -> torch.Tensor:
+        """Indices along the axis that belong to any of ``units``."""
+        units = torch.as_tensor(sorted(units), dtype=torch.long)
+        return torch.nonzero(torch.isin(self.unit_of(length, size), units)).flatten()
+
+
+@dataclass(frozen=True)
+class GroupFamily:
+    """A set of ``size`` removable groups sharing one channel space."""
+
+    id: int
+    kind: str
+    layer: int | None
+    size: int
+    members: tuple[FamilyMember, ...]
+
+    def to_json(self) -> Any:
+        return {"id": self.id, "kind": self.kind, "layer": self.layer, "size": self.size,
+                "members": [[m.param, m.axis, m.stride] for m in self.members]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> GroupFamily:
+        kind = data["kind"]
+        if kind not in KINDS:
+            raise ValueError(f"unknown group kind {kind!r}")
+        members = tuple(FamilyMember(str(p), int(a), int(s)) for p, a, s in data["members"])
+        return cls(int(data["id"]), kind, None if data["layer"] is None else int(data["layer"]),
+                   int(data["size"]), members)
+
+
+@register_attribute
+@dataclass(frozen=True)
+class GroupsAttr(Attribute):
+    """The removable groups of a module (made by ``discover``), and what cannot be pruned."""
+
+    kind: ClassVar[str] = "groups"
+    families: tuple[GroupFamily, ...]
+    #: parameter axes that no family may touch, with the reason: (param, axis, reason)
+    unprunable: tuple[tuple[str, int, str], ...] = ()
+
+    def family(self, family_id: int) -> GroupFamily:
+        return self.families[family_id]
+
+    def to_json(self) -> Any:
+        return {"families": [f.to_json() for f in self.families],
+                "unprunable": [list(u) for u in self.unprunable]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> GroupsAttr:
+        families = tuple(GroupFamily.from_json(f) for f in data["families"])
+        for i, f in enumerate(families):
+            if f.id != i:
+                raise ValueError(f"family ids must be 0..n-1 in order, found {f.id} at {i}")
+        return cls(families, tuple((str(p), int(a), str(r)) for p, a, r in data.get("unprunable", [])))
+
+
+@register_attribute
+@dataclass(frozen=True)
+class PruneMaskAttr(Attribute):
+    """The units chosen for removal, per family id (zeroed in the masked model)."""
+
+    kind: ClassVar[str] = "prune-mask"
+    removed: tuple[tuple[int, tuple[int, ...]], ...]
+
+    def as_dict(self) -> dict[int, tuple[int, ...]]:
+        return dict(self.removed)
+
+    @classmethod
+    def from_dict(cls, removed: dict[int, Any]) -> PruneMaskAttr:
+        return cls(tuple(sorted((int(f), tuple(sorted(int(u) for u in units)))
+                                for f, units in removed.items() if len(units))))
+
+    def to_json(self) -> Any:
+        return {str(f): list(units) for f, units in self.removed}
+
+    @classmethod
+    def from_json(cls, data: Any) -> PruneMaskAttr:
+        if not isinstance(data, dict):
+            raise ValueError("prune-mask must be a JSON object {family: [units]}")
+        return cls.from_dict({int(k): v for k, v in data.items()})
+
+
+def param_units_numel(module, family: GroupFamily) -> int:
+    """Parameters one unit of ``family`` holds (each member axis' share of its param)."""
+    total = 0
+    for m in family.members:
+        shape = module.params[m.param].type.shape
+        total += shape and int(torch.tensor(shape).prod().item()) // family.size
+    return total
