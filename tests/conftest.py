@@ -46,12 +46,14 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
-def build_tiny(family: str, root: Path, *, seed: int = 0, lora_targets=None) -> TinyModel:
+def build_tiny(family: str, root: Path, *, seed: int = 0, lora_targets=None,
+               config_overrides=None) -> TinyModel:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa").eval()
+    base = AutoModelForCausalLM.from_config(tiny_config(family, **(config_overrides or {})),
+                                            attn_implementation="sdpa").eval()
     model_dir = root / f"{family}-model"
     base.save_pretrained(model_dir)
     targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -76,11 +76,16 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
                           else a for j, a in enumerate(op.args[1])]
     rewritten = 0
     shrunk = {id(r.op) for r in coupling.reductions if any(fs.find(f) in new_size for f in r.factors)}
-    for index, op in enumerate(list(module.graph.ops)):
+    eps_scale: set[float] = set()
+    for op in list(module.graph.ops):
         if op.kind == "mean" and id(op) in shrunk:
-            _keep_mean_divisor(module, op, coupling)
+            scale = _rescale_rms_norm(module, op, coupling, new_size)
+            if scale is None:
+                _keep_mean_divisor(module, op, coupling)
+            else:
+                eps_scale.add(scale)
             rewritten += 1
-    _update_config(module, groups, removed)
+    _update_config(module, groups, removed, eps_scale)
     module.attributes.pop("groups", None)
     module.attributes.pop("prune-mask", None)
     return {"parameters removed": before - module.num_parameters(), "means rewritten": rewritten}
@@ -103,6 +108,61 @@ def _check_factors(coupling: CouplingResult, param: Param, new_size: dict[int, i
             raise PassError(f"internal: @{param.name} axis {axis} sliced to {dim}, factors say {want}")
 
 
+def _single_user(module: Module, value: Value) -> Op | None:
+    users = [op for op in module.graph.ops if value in op.operands()]
+    return users[0] if len(users) == 1 and value not in module.graph.outputs else None
+
+
+def _rescale_rms_norm(module: Module, mean: Op, coupling: CouplingResult,
+                      new_size: dict[int, int]) -> float | None:
+    """RMSNorm over a shrunk hidden axis, made exact the way stock transformers computes it.
+
+    With S the sum of squares over the d' kept channels of d,
+    ``sqrt(S/d + eps) = sqrt(d'/d) * sqrt(S/d' + eps*d/d')``, so ``w * x * rsqrt(S/d + eps) =
+    (w * sqrt(d/d')) * x * rsqrt(S/d' + eps * d/d')``: keep the ``mean``, scale the epsilon by
+    d/d' and the norm weight by sqrt(d/d'). Matches ``mean(pow(x, 2)) + eps -> rsqrt ->
+    mul x -> [cast] -> mul w``; returns d/d', or None when the pattern is not there (the
+    caller then keeps the divisor instead).
+    """
+    import math
+
+    x_sq = mean.args[0]
+    if x_sq.producer is None or x_sq.producer.kind != "pow" or x_sq.producer.args[1] != 2:
+        return None
+    x = x_sq.producer.args[0]
+    rank = len(x.type.shape)
+    dims = mean.args[1] if len(mean.args) > 1 else None
+    if not (isinstance(dims, list) and [d % rank for d in dims] == [rank - 1]):
+        return None
+    add = _single_user(module, mean.results[0])
+    if add is None or add.kind != "add" or not isinstance(add.args[1], float):
+        return None
+    rsqrt = _single_user(module, add.results[0])
+    if rsqrt is None or rsqrt.kind != "rsqrt":
+        return None
+    norm = _single_user(module, rsqrt.results[0])
+    if norm is None or norm.kind != "mul" or x not in norm.args:
+        return None
+    scaled = _single_user(module, norm.results[0])
+    while scaled is not None and scaled.kind == "cast":
+        scaled = _single_user(module, scaled.results[0])
+    if scaled is None or scaled.kind != "mul":
+        return None
+    weights = [a for a in scaled.args if isinstance(a, Param)]
+    if len(weights) != 1 or sum(weights[0] in op.params() for op in module.graph.ops) != 1:
+        return None
+    weight = weights[0]
+    fs = coupling.factors
+    leaves = [fs.find(leaf) for f in coupling.axes[id(x)][rank - 1] for leaf in fs.leaves(f)]
+    original = math.prod(fs.size[leaf] or 1 for leaf in leaves)
+    kept = math.prod(new_size.get(leaf, fs.size[leaf] or 1) for leaf in leaves)
+    ratio = original / kept
+    add.args[1] = add.args[1] * ratio
+    if weight.storage.has_data:
+        weight.storage = DataStorage(weight.storage.load() * math.sqrt(ratio))
+    return ratio
+
+
 def _keep_mean_divisor(module: Module, op: Op, coupling: CouplingResult) -> None:
     """``mean(x, dims)`` -> ``div(sum(x, dims), N_original)``: zeros of pruned channels counted."""
     x = op.args[0]
@@ -123,12 +183,15 @@ def _keep_mean_divisor(module: Module, op: Op, coupling: CouplingResult) -> None
     module.graph.ops[index:index + 1] = [total, divide]
 
 
-def _update_config(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]]) -> None:
+def _update_config(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
+                   eps_scale: set[float]) -> None:
     """Record new sizes in the HF config; stock keys when every layer kept the same shape."""
     attr = module.attributes.get("config")
     if not isinstance(attr, HFConfigAttr):
         return
     config = dict(attr.config)
+    if len(eps_scale) == 1 and "rms_norm_eps" in config:
+        config["rms_norm_eps"] = config["rms_norm_eps"] * eps_scale.pop()
     per_layer: dict[int, dict[str, int]] = {}
     for family in groups.families:
         kept = family.size - len(set(removed.get(family.id, ())))
