@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--passes='discover,lhspg{ratio=0.2},recover,compress'.")
     parser.add_argument("input", metavar="IN.ir", nargs="?", help="IR file to transform")
     parser.add_argument("--passes", metavar="PIPELINE", help="comma-separated passes with {key=value} options")
-    parser.add_argument("-o", "--output", metavar="OUT.ir", help="IR file to write (written only on success)")
+    parser.add_argument("-o", "--output", metavar="OUT.ir", help="IR file to write (written only on success; - prints the IR text to stdout)")
     parser.add_argument("--list-passes", action="store_true", help="list every pass with its options and exit")
     parser.add_argument("--load-pass-plugin", action="append", default=[], metavar="FILE",
                         help="load passes from a Python file (repeatable)")
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-ir-after-all", action="store_true",
                         help="print the IR to stderr after every pass")
     parser.add_argument("--time-passes", action="store_true", help="print a timing report to stderr")
+    parser.add_argument("--print-groups", action="store_true",
+                        help="after the pipeline, print the removable groups by kind and layer")
     parser.add_argument("--print-pipeline", action="store_true",
                         help="print the canonical pipeline text to stderr before running")
     add_common_options(parser)
@@ -77,7 +79,18 @@ def _run(args: argparse.Namespace) -> int:
 
     manager.run(module, verify_each=args.verify_each,
                 print_ir_after_all=show if args.print_ir_after_all else None)
-    if args.output:
+    if args.print_groups:
+        from lorashear.passes.discover import summarize_groups
+
+        groups = module.attributes.get("groups")
+        if groups is None:
+            raise PassError("--print-groups: the module has no groups", hint="run discover in the pipeline")
+        print(summarize_groups(module, groups))
+    if args.output == "-":
+        from lorashear.ir.printer import print_module
+
+        sys.stdout.write(print_module(module))
+    elif args.output:
         save_ir(module, args.output)
     if args.time_passes:
         print(manager.timing_report(), file=sys.stderr)

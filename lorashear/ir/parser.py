@@ -149,7 +149,7 @@ class IRParser:
         else:
             line.fail(f"expected a statement (attr, param, buffer, input, output or %value = op), found {word!r}")
 
-    _ATTR = re.compile(r"attr\s+([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([A-Za-z_][A-Za-z0-9_.]*)\s+(.*)$")
+    _ATTR = re.compile(r"attr\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*([A-Za-z_][A-Za-z0-9_.-]*)\s+(.*)$")
 
     def _attribute(self, text: str, lineno: int) -> None:
         """``attr NAME = KIND JSON``; the JSON payload is read by the kind's ``from_json``."""
