@@ -1,0 +1,50 @@
+"""`lorashear eval` end to end on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorashear.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tiny_llama, tokenizer, story):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = folder / "heldout.txt"
+    text.write_text(story)
+    return folder, text
+
+
+def test_eval_prints_a_table_and_writes_json(saved_model, tmp_path, capsys):
+    folder, text = saved_model
+    out = tmp_path / "results.json"
+    code = main(["eval", str(folder), "--tasks", "ppl,local-hellaswag", "--text", str(text),
+                 "--ppl-lengths", "16,32", "--max-windows", "3", "--items", "8",
+                 "--no-progress", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ppl@16" in printed and "ppl@32" in printed and "local-hellaswag" in printed
+    report = json.loads(out.read_text())
+    metrics = {(row["task"], row["metric"]): row for row in report["results"]}
+    assert set(metrics) == {("ppl@16", "ppl"), ("ppl@32", "ppl"), ("local-hellaswag", "acc"),
+                            ("local-hellaswag", "acc_norm")}
+    assert metrics["ppl@32", "ppl"]["details"]["windows"] == 3
+    assert metrics["local-hellaswag", "acc"]["details"]["items"] == 8
+
+
+def test_missing_text_is_one_clear_line(saved_model, capsys):
+    folder, _ = saved_model
+    assert main(["eval", str(folder), "--tasks", "ppl"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lorashear: error:") and "--text" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_a_folder_without_a_model_is_one_clear_line(saved_model, tmp_path, capsys):
+    _, text = saved_model
+    assert main(["eval", str(tmp_path), "--tasks", "ppl", "--text", str(text)]) == 1
+    assert "not a model folder" in capsys.readouterr().err
