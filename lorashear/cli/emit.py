@@ -13,11 +13,12 @@ from lorashear.runtime.emit import FORMATS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorashear-emit",
-        description="Emit an IR module as a model directory: 'torch' keeps LoRA (reload with "
-        "lorashear.load_pretrained), 'hf' merges it into a Hugging Face checkpoint.")
+        description="Emit an IR module: 'torch' (a directory that keeps LoRA; reload with "
+        "lorashear.load_pretrained), 'hf' (LoRA merged into a Hugging Face checkpoint directory) "
+        "or 'onnx' (a .onnx file, or model.onnx inside an existing directory).")
     parser.add_argument("input", metavar="IN.ir", help="IR file to emit")
     parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (torch, hf) or .onnx file (onnx)")
     add_common_options(parser)
     return parser
 

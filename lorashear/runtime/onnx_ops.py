@@ -1,0 +1,415 @@
+"""The translation table: one function per IR op kind, emitting the ONNX nodes it stands for.
+
+Each translation receives the builder, the IR op and the op's arguments bound by name
+(:func:`~lorashear.runtime.onnx_builder.bind_op_args`), and returns the ONNX value(s) of
+the op's result(s). Element types follow the IR: arithmetic runs in the IR result type,
+comparisons in torch's promoted operand type, because ONNX does not promote.
+
+Kinds missing here are reported by :func:`~lorashear.runtime.onnx_emit.emit_onnx` as
+unsupported, naming the op and its module path. Shape and indexing ops live in
+:mod:`lorashear.runtime.onnx_shape_ops`, attention (``sdpa``) in
+:mod:`lorashear.runtime.onnx_attention`; both register into the same table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from lorashear.ir.core import Op
+from lorashear.ir.types import torch_dtype
+from lorashear.runtime.onnx_builder import (
+    OnnxGraphBuilder,
+    normalize_axis,
+    promoted_dtype,
+    rank_of,
+)
+
+Translation = Callable[[OnnxGraphBuilder, Op, dict[str, Any]], "ir.Value | list[ir.Value]"]
+
+#: IR op kind -> the function that emits its ONNX nodes.
+TRANSLATIONS: dict[str, Translation] = {}
+
+
+def translates(*kinds: str) -> Callable[[Translation], Translation]:
+    """Register a translation for one or more IR op kinds."""
+    def register(fn: Translation) -> Translation:
+        for kind in kinds:
+            if kind in TRANSLATIONS:
+                raise ValueError(f"op kind {kind!r} already has an ONNX translation")
+            TRANSLATIONS[kind] = fn
+        return fn
+    return register
+
+
+def result_dtype(op: Op, index: int = 0) -> str:
+    return op.results[index].type.dtype
+
+
+def result_rank(op: Op, index: int = 0) -> int:
+    return op.results[index].type.rank
+
+
+def _axes(dims: Any, rank: int) -> list[int] | None:
+    """Reduction axes as non-negative ints; ``None`` means all axes."""
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [normalize_axis(d, rank) for d in dims] or None
+
+
+# --- our own kinds and symbolic integers ------------------------------------------------------
+@translates("cast")
+def _cast(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.tensor(a["x"], a["dtype"].name)
+
+
+@translates("dropout")
+def _dropout(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.tensor(a["x"])  # inference: identity
+
+
+@translates("dim")
+def _dim(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    axis = normalize_axis(a["axis"], rank_of(a["x"]))
+    return b.op("Shape", b.value(a["x"]), start=axis, end=axis + 1)
+
+
+def _sym_binary(onnx_op: str) -> Translation:
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        left, right = (b.sym_vector(x) for x in op.args)
+        return b.op(onnx_op, left, right)
+    return translate
+
+
+for _kind, _onnx_op in (("sym.add", "Add"), ("sym.sub", "Sub"), ("sym.mul", "Mul")):
+    translates(_kind)(_sym_binary(_onnx_op))
+
+
+@translates("sym.floordiv")
+def _sym_floordiv(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    # ONNX integer Div truncates; Python floors. (x - x mod y) / y is exact for both signs.
+    x, y = (b.sym_vector(v) for v in op.args)
+    return b.op("Div", b.op("Sub", x, b.op("Mod", x, y, fmod=0)), y)
+
+
+@translates("sym.mod")
+def _sym_mod(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    x, y = (b.sym_vector(v) for v in op.args)
+    return b.op("Mod", x, y, fmod=0)  # fmod=0: the sign of the divisor, like Python
+
+
+@translates("sym.neg")
+def _sym_neg(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.op("Neg", b.sym_vector(op.args[0]))
+
+
+# --- elementwise ------------------------------------------------------------------------------
+def _unary(onnx_op: str) -> Translation:
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        return b.op(onnx_op, b.tensor(a["self"], result_dtype(op)))
+    return translate
+
+
+for _kind, _onnx_op in (("neg", "Neg"), ("sqrt", "Sqrt"), ("exp", "Exp"), ("log", "Log"),
+                        ("abs", "Abs"), ("reciprocal", "Reciprocal"), ("cos", "Cos"),
+                        ("sin", "Sin"), ("tanh", "Tanh"), ("sigmoid", "Sigmoid"),
+                        ("relu", "Relu"), ("erf", "Erf")):
+    translates(_kind)(_unary(_onnx_op))
+
+
+@translates("rsqrt")
+def _rsqrt(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.op("Reciprocal", b.op("Sqrt", b.tensor(a["self"], result_dtype(op))))
+
+
+@translates("silu")
+def _silu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    x = b.tensor(a["self"], result_dtype(op))
+    return b.op("Mul", x, b.op("Sigmoid", x))
+
+
+@translates("gelu")
+def _gelu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    if a["approximate"] == "tanh":
+        cube = b.op("Mul", b.op("Mul", x, x), x)
+        inner = b.op("Add", x, b.op("Mul", cube, b.const(0.044715, dtype)))
+        gate = b.op("Tanh", b.op("Mul", inner, b.const(math.sqrt(2 / math.pi), dtype)))
+    else:
+        gate = b.op("Erf", b.op("Mul", x, b.const(1 / math.sqrt(2), dtype)))
+    half_x = b.op("Mul", x, b.const(0.5, dtype))
+    return b.op("Mul", half_x, b.op("Add", gate, b.const(1.0, dtype)))
+
+
+def _binary(onnx_op: str, *, reverse: bool = False) -> Translation:
+    """``self OP other`` (or ``other OP self``) in the result type; ``alpha`` scales ``other``."""
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        dtype = result_dtype(op)
+        left, right = b.tensor(a["self"], dtype), b.tensor(a["other"], dtype)
+        alpha = a.get("alpha", 1)
+        if reverse:
+            left, right = right, left
+        if alpha != 1:  # add/sub scale `other`; rsub (reverse) scales `self`
+            right = b.op("Mul", right, b.const(alpha, dtype))
+        return b.op(onnx_op, left, right)
+    return translate
+
+
+for _kind, _onnx_op in (("add", "Add"), ("add.scalar", "Add"), ("sub", "Sub"), ("mul", "Mul"),
+                        ("mul.scalar", "Mul"), ("div", "Div"), ("minimum", "Min"),
+                        ("maximum", "Max")):
+    translates(_kind)(_binary(_onnx_op))
+translates("rsub")(_binary("Sub", reverse=True))
+
+
+@translates("pow", "pow.tensor")
+def _pow(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    base = b.tensor(a["self"], dtype)
+    if a["exponent"] == 2:  # exact and cheaper than Pow
+        return b.op("Mul", base, base)
+    return b.op("Pow", base, b.tensor(a["exponent"], dtype))
+
+
+@translates("div.mode")
+def _div_mode(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype, mode = result_dtype(op), a["rounding_mode"]
+    x, y = b.tensor(a["self"], dtype), b.tensor(a["other"], dtype)
+    floating = dtype in ("f64", "f32", "f16", "bf16")
+    if mode is None:
+        return b.op("Div", x, y)
+    if mode == "trunc":  # integer Div already truncates
+        return _trunc(b, b.op("Div", x, y), dtype) if floating else b.op("Div", x, y)
+    if floating:
+        return b.op("Floor", b.op("Div", x, y))
+    return b.op("Div", b.op("Sub", x, b.op("Mod", x, y, fmod=0)), y)
+
+
+def _trunc(b: OnnxGraphBuilder, x: ir.Value, dtype: str) -> ir.Value:
+    """Round toward zero: floor for positives, ceil for negatives."""
+    negative = b.op("Less", x, b.const(0, dtype))
+    return b.op("Where", negative, b.op("Ceil", x), b.op("Floor", x))
+
+
+@translates("clamp")
+def _clamp(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    low = None if a["min"] is None else b.tensor(a["min"], dtype)
+    high = None if a["max"] is None else b.tensor(a["max"], dtype)
+    return b.op("Clip", b.tensor(a["self"], dtype), low, high)
+
+
+@translates("where", "where.scalar_other")
+def _where(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return b.op("Where", b.tensor(a["condition"], "bool"), b.tensor(a["self"], dtype),
+                b.tensor(a["other"], dtype))
+
+
+@translates("masked_fill", "masked_fill.tensor")
+def _masked_fill(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return b.op("Where", b.tensor(a["mask"], "bool"), b.tensor(a["value"], dtype),
+                b.tensor(a["self"], dtype))
+
+
+# --- comparisons and logic --------------------------------------------------------------------
+def _compare(onnx_op: str, *, negate: bool = False) -> Translation:
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        dtype = promoted_dtype(a["self"], a["other"])
+        out = b.op(onnx_op, b.tensor(a["self"], dtype), b.tensor(a["other"], dtype))
+        return b.op("Not", out) if negate else out
+    return translate
+
+
+for _kinds, _onnx_op, _negate in ((("eq", "eq.scalar"), "Equal", False),
+                                  (("ne", "ne.scalar"), "Equal", True),
+                                  (("lt", "lt.scalar"), "Less", False),
+                                  (("le", "le.scalar"), "LessOrEqual", False),
+                                  (("gt", "gt.scalar"), "Greater", False),
+                                  (("ge", "ge.scalar"), "GreaterOrEqual", False)):
+    translates(*_kinds)(_compare(_onnx_op, negate=_negate))
+
+
+def _bitwise(bool_op: str, int_op: str) -> Translation:
+    """``&``/``|``/``~``: logical on bool tensors, bitwise on integers."""
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        dtype = result_dtype(op)
+        operands = [b.tensor(a[name], dtype) for name in ("self", "other") if name in a]
+        return b.op(bool_op if dtype == "bool" else int_op, *operands)
+    return translate
+
+
+translates("and")(_bitwise("And", "BitwiseAnd"))
+translates("or")(_bitwise("Or", "BitwiseOr"))
+translates("not")(_bitwise("Not", "BitwiseNot"))
+
+
+def _logical(onnx_op: str) -> Translation:
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        operands = [b.tensor(a[name], "bool") for name in ("self", "other") if name in a]
+        return b.op(onnx_op, *operands)
+    return translate
+
+
+translates("logical_and")(_logical("And"))
+translates("logical_or")(_logical("Or"))
+translates("logical_not")(_logical("Not"))
+
+
+# --- reductions and normalisation -------------------------------------------------------------
+def _reduce(onnx_op: str) -> Translation:
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        x = b.tensor(a["self"], result_dtype(op))
+        axes = _axes(a.get("dim"), rank_of(a["self"]))
+        inputs = [x] if axes is None else [x, b.ints(axes)]
+        return b.op(onnx_op, *inputs, keepdims=int(bool(a.get("keepdim", False))))
+    return translate
+
+
+translates("mean")(_reduce("ReduceMean"))
+translates("sum")(_reduce("ReduceSum"))
+translates("amax")(_reduce("ReduceMax"))
+
+
+def _reduce_bool(onnx_op: str) -> Translation:
+    """``any``/``all`` as max/min over 0/1 integers (opset 18 reductions take no bool)."""
+    def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+        x = b.cast(b.tensor(a["self"], "bool"), "i32")
+        axes = _axes(a.get("dim"), rank_of(a["self"]))
+        inputs = [x] if axes is None else [x, b.ints(axes)]
+        reduced = b.op(onnx_op, *inputs, keepdims=int(bool(a.get("keepdim", False))))
+        return b.cast(reduced, result_dtype(op))
+    return translate
+
+
+translates("any")(_reduce_bool("ReduceMax"))
+translates("all")(_reduce_bool("ReduceMin"))
+
+
+@translates("softmax", "softmax.internal", "log_softmax", "log_softmax.int")
+def _softmax(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    onnx_op = "LogSoftmax" if op.kind.startswith("log_") else "Softmax"
+    return b.op(onnx_op, b.tensor(a["self"], result_dtype(op)), axis=a["dim"])
+
+
+@translates("cumsum")
+def _cumsum(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.op("CumSum", b.tensor(a["self"], result_dtype(op)), b.const(a["dim"], "i64"))
+
+
+@translates("layer_norm")
+def _layer_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype, shape = result_dtype(op), [int(s) for s in a["normalized_shape"]]
+    scale = b.const(1.0, dtype) if a["weight"] is None else b.tensor(a["weight"], dtype)
+    if a["weight"] is None:
+        scale = b.op("Expand", scale, b.ints(shape))
+    bias = None if a["bias"] is None else b.tensor(a["bias"], dtype)
+    return b.op("LayerNormalization", b.tensor(a["input"], dtype), scale, bias,
+                axis=-len(shape), epsilon=float(a["eps"]))
+
+
+@translates("rms_norm")
+def _rms_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    eps = a["eps"] if a["eps"] is not None else torch.finfo(torch_dtype(dtype)).eps
+    x = b.tensor(a["input"], dtype)
+    axes = list(range(-len(a["normalized_shape"]), 0))
+    mean_square = b.op("ReduceMean", b.op("Mul", x, x), b.ints(axes), keepdims=1)
+    inv_rms = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_square, b.const(float(eps), dtype))))
+    out = b.op("Mul", x, inv_rms)
+    return out if a["weight"] is None else b.op("Mul", out, b.tensor(a["weight"], dtype))
+
+
+# --- linear algebra ---------------------------------------------------------------------------
+def linear(b: OnnxGraphBuilder, x: ir.Value, weight: ir.Value, bias: ir.Value | None) -> ir.Value:
+    """``x @ W^T + b`` with W in its checkpoint layout ([out, in]), so its name survives."""
+    out = b.op("MatMul", x, b.op("Transpose", weight, perm=[1, 0]))
+    return out if bias is None else b.op("Add", out, bias)
+
+
+@translates("linear")
+def _linear(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    bias = None if a["bias"] is None else b.tensor(a["bias"], dtype)
+    return linear(b, b.tensor(a["input"], dtype), b.tensor(a["weight"], dtype), bias)
+
+
+@translates("lora_linear")
+def _lora_linear(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    x = b.tensor(a["x"], dtype)
+    bias = None if a["bias"] is None else b.tensor(a["bias"], dtype)
+    base = linear(b, x, b.tensor(a["weight"], dtype), bias)
+    down = linear(b, x, b.tensor(a["lora_A"], dtype), None)
+    up = linear(b, down, b.tensor(a["lora_B"], dtype), None)
+    return b.op("Add", base, b.op("Mul", up, b.const(float(a["scaling"]), dtype)))
+
+
+@translates("matmul", "bmm", "mm")
+def _matmul(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    other = a["other"] if "other" in a else a["mat2"]
+    return b.op("MatMul", b.tensor(a["self"], dtype), b.tensor(other, dtype))
+
+
+@translates("addmm", "baddbmm")
+def _addmm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    left, right = ("mat1", "mat2") if op.kind == "addmm" else ("batch1", "batch2")
+    product = b.op("MatMul", b.tensor(a[left], dtype), b.tensor(a[right], dtype))
+    if a["alpha"] != 1:
+        product = b.op("Mul", product, b.const(a["alpha"], dtype))
+    if a["beta"] == 0:
+        return product
+    addend = b.tensor(a["self"], dtype)
+    if a["beta"] != 1:
+        addend = b.op("Mul", addend, b.const(a["beta"], dtype))
+    return b.op("Add", addend, product)
+
+
+@translates("embedding")
+def _embedding(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.op("Gather", b.tensor(a["weight"]), b.tensor(a["indices"]), axis=0)
+
+
+# --- tensors made from scratch ----------------------------------------------------------------
+def _fill(b: OnnxGraphBuilder, op: Op, value: Any, shape: ir.Value) -> ir.Value:
+    return b.op("Expand", b.tensor(value, result_dtype(op)), shape)
+
+
+@translates("full", "ones", "zeros", "empty", "new_ones", "new_zeros", "new_full")
+def _full(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    fill = 1 if op.kind in ("ones", "new_ones") else a.get("fill_value", 0)
+    return _fill(b, op, fill, b.shape_vector(list(a["size"])))
+
+
+@translates("ones_like", "zeros_like", "full_like")
+def _full_like(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    fill = {"ones_like": 1, "zeros_like": 0}.get(op.kind, a.get("fill_value"))
+    return _fill(b, op, fill, b.op("Shape", b.value(a["self"])))
+
+
+@translates("scalar_tensor")
+def _scalar_tensor(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    return b.tensor(a["s"], result_dtype(op))
+
+
+@translates("arange", "arange.start", "arange.start_step")
+def _arange(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    start, end, step = a.get("start", 0), a["end"], a.get("step", 1)
+
+    def scalar(x: Any) -> ir.Value:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return b.const(x, dtype)
+        return b.tensor(x, dtype)
+
+    return b.op("Range", scalar(start), scalar(end), scalar(step))
+
