@@ -188,3 +188,38 @@ def test_bad_prune_masks(pool):
     changed.params.popitem()  # the module no longer matches its groups
     with pytest.raises(PassError):
         PassManager.parse("compress").run(changed)
+
+
+def test_non_uniform_model_dir_round_trip(pool, tmp_path):
+    """A non-uniformly pruned model records per-layer sizes and reloads exactly, no pickle."""
+    from lorashear.runtime.hf import load_pretrained, save_model_dir
+
+    module = pool["llama+lora"]
+    groups = module.attributes["groups"]
+    removed = {f.id: tuple(range(f.layer + 1)) for f in groups.families if f.kind == "mlp"}
+    compressed = _check_invariant(module, removed)
+    assert "lorashear_per_layer" in compressed.attributes["config"].config
+    save_model_dir(compressed, tmp_path / "hf", merge=True)
+    ids, mask = random_batch(module.attributes["config"].config["vocab_size"])
+    with torch.no_grad():
+        want = emit_torch(compressed)(ids, attention_mask=mask).logits
+        got = load_pretrained(tmp_path / "hf")(ids, attention_mask=mask).logits
+    assert (got - want).abs()[mask.bool()].max() <= 1e-4
+
+
+def test_compressed_non_uniform_model_runs_in_onnx_runtime(pool, tmp_path):
+    import onnxruntime as ort
+
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    module = pool["qwen2+lora"]
+    groups = module.attributes["groups"]
+    removed = _random_removal(groups, random.Random(11), {"attn", "mlp", "hidden"})
+    compressed = _check_invariant(module, removed)
+    path = emit_onnx(compressed, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = random_batch(module.attributes["config"].config["vocab_size"], seq=9)
+    (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = emit_torch(compressed)(ids, attention_mask=mask).logits
+    assert (torch.from_numpy(got) - want).abs()[mask.bool()].max() <= 1e-4
