@@ -20,9 +20,12 @@ from lorashear.passes.base import ModulePass
 #: Built-in passes: name -> "module:Class", imported on first use.
 BUILTIN_PASSES: dict[str, str] = {
     "dce": "lorashear.passes.dce:DeadCodeElimination",
+    "saliency": "lorashear.passes.saliency:Saliency",
+    "prune": "lorashear.passes.prune:Prune",
     "merge-lora": "lorashear.passes.merge_lora:MergeLora",
     "discover": "lorashear.passes.discover:Discover",
     "compress": "lorashear.passes.compress:Compress",
+    "lhspg": "lorashear.passes.lhspg:Lhspg",
 }
 
 _registered: dict[str, type[ModulePass]] = {}

@@ -1,0 +1,99 @@
+"""Calibration data for the data-driven saliency metrics: token windows from one local file.
+
+``data=`` names either a plain text file, tokenised with the tokenizer saved next to the model
+the module was lowered from (``source`` attribute), or, when the name ends in ``.ids``, a file
+of whitespace-separated integer token ids (no tokenizer needed: tests and pre-tokenised
+corpora). The token stream is cut into non-overlapping windows of ``seq_len`` tokens and
+``batches x batch`` of them are drawn at random (seeded), so scores do not depend on the
+opening pages of a book alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorashear.errors import PassError
+from lorashear.ir.attributes import SourceAttr
+from lorashear.ir.core import Module, Param
+
+#: Suffix of a data file read as token ids instead of text.
+TOKEN_ID_SUFFIX = ".ids"
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Where calibration windows come from and how many: ``batches`` x ``batch`` x ``seq_len``."""
+
+    data: str
+    batches: int
+    batch: int
+    seq_len: int
+    seed: int
+
+
+def vocabulary_size(module: Module) -> int | None:
+    """Rows of the token embedding (the first ``embedding`` op's table), if the graph has one."""
+    for op in module.graph.ops:
+        if op.kind == "embedding" and op.args and isinstance(op.args[0], Param):
+            return int(op.args[0].type.shape[0])
+    return None
+
+
+def read_token_ids(path: Path) -> torch.Tensor:
+    """All integers of a ``.ids`` file, in order, as one long tensor."""
+    try:
+        ids = [int(word) for word in path.read_text().split()]
+    except ValueError as exc:
+        raise PassError(f"{path} must hold whitespace-separated integer token ids: {exc}") from None
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenize_text_file(module: Module, path: Path) -> torch.Tensor:
+    """Token ids of a text file, with the tokenizer of the module's source model directory."""
+    source = module.attributes.get("source")
+    if not isinstance(source, SourceAttr):
+        raise PassError(f"cannot tokenize {path}: the module does not record its source model",
+                        hint=f"give a {TOKEN_ID_SUFFIX} file of token ids instead")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.model)
+    except (OSError, ValueError) as exc:
+        raise PassError(f"no tokenizer next to the source model {source.model} to tokenize {path}: "
+                        f"{type(exc).__name__}", hint=f"give a {TOKEN_ID_SUFFIX} file of token ids") from None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batches(module: Module, options: CalibrationOptions, purpose: str) -> torch.Tensor:
+    """A ``[batches, batch, seq_len]`` tensor of token ids drawn from ``options.data``.
+
+    ``purpose`` names what needs the data (``"metric 'taylor'"``) in error messages.
+    """
+    if not options.data:
+        raise PassError(f"{purpose} needs calibration text: data=PATH (a text file, or a "
+                        f"{TOKEN_ID_SUFFIX} file of token ids)")
+    path = Path(options.data).expanduser()
+    if not path.is_file():
+        raise PassError(f"{purpose}: calibration file {path} does not exist")
+    if min(options.batches, options.batch) < 1 or options.seq_len < 2:
+        raise PassError(f"{purpose}: need batches >= 1, batch >= 1 and seq-len >= 2")
+    ids = read_token_ids(path) if path.name.endswith(TOKEN_ID_SUFFIX) else tokenize_text_file(module, path)
+    vocab = vocabulary_size(module)
+    if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+        raise PassError(f"{path}: token ids must lie in [0, {vocab}), found {int(ids.min())}.."
+                        f"{int(ids.max())}")
+    wanted = options.batches * options.batch
+    available = ids.numel() // options.seq_len
+    if available < wanted:
+        raise PassError(f"{path} holds {ids.numel()} tokens: {available} windows of {options.seq_len}, "
+                        f"fewer than the {wanted} asked for (batches x batch)",
+                        hint="lower batches, batch or seq-len, or give more text")
+    windows = ids[:available * options.seq_len].view(available, options.seq_len)
+    generator = torch.Generator().manual_seed(options.seed)
+    chosen = torch.randperm(available, generator=generator)[:wanted]
+    return windows[chosen].view(options.batches, options.batch, options.seq_len)

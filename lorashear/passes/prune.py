@@ -1,0 +1,238 @@
+"""`prune`: one-shot structured pruning -- zero the lowest-saliency groups, no training.
+
+``ratio`` is the share of the *prunable parameters* to remove: the parameters held by the
+units of every family of the chosen ``kinds`` (``param_units_numel`` x size). Kinds are
+served coarsest unit first (a KV head before a hidden channel before an MLP channel): each
+gets its share of what is still to remove, rounded to whole units, and the last kind absorbs
+the rounding, so the total lands within about one unit of the target. DESIGN.md section 9's
+"one of 3 KV groups + 239 MLP channels per layer at 20%" is exactly this allocation.
+
+- ``scope=per-layer``: every family of a kind loses the same share of its units (the same
+  count when the families are the same size), the lowest-scoring ones; shapes stay uniform
+  across layers, so a stock ``config.json`` still describes the model.
+- ``scope=global``: units of one kind compete across families on scores normalised by
+  their family's RMS (layers score on different scales); shapes may differ per layer.
+
+No family ever loses every unit. ``align=N`` rounds each MLP (and ``other``) family's kept
+count to a multiple of N; attention and hidden families are left in whole units (a KV head
+already is a hardware-friendly block; the hidden size is one global choice). Units an
+earlier pass already removed (an existing ``prune-mask``) stay removed and count towards
+the ratio. The result is the masked model plus a ``prune-mask`` attribute that
+``compress`` slices away.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from lorashear.errors import PassError
+from lorashear.ir.core import Module
+from lorashear.passes.base import ModulePass, PassResult, option
+from lorashear.passes.coupling import DimensionCoupling
+from lorashear.passes.groups import KINDS, GroupFamily, GroupsAttr, PruneMaskAttr, param_units_numel
+from lorashear.passes.masking import zero_groups
+from lorashear.passes.registry import register_pass
+from lorashear.passes.saliency import (
+    METRICS,
+    OPTION_DOCS,
+    MetricName,
+    calibration_options,
+    check_metric,
+    score_groups,
+)
+from lorashear.passes.saliency_attr import SaliencyAttr
+
+#: Kinds whose units are whole blocks already; ``align`` leaves them alone.
+UNALIGNED_KINDS = frozenset({"attn", "hidden"})
+
+
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+@dataclass(frozen=True)
+class FamilyBudget:
+    """One family as the allocation sees it: its scores, unit size and fixed removals."""
+
+    family: GroupFamily
+    scores: torch.Tensor
+    unit_numel: int
+    already: tuple[int, ...]
+
+    def ranked(self) -> list[int]:
+        """Units in removal order: already removed first, then by ascending score."""
+        already = set(self.already)
+        rest = [u for u in torch.argsort(self.scores, stable=True).tolist() if u not in already]
+        return [*sorted(already), *rest]
+
+    def normalised(self) -> torch.Tensor:
+        """Scores divided by their RMS over the units not yet removed (0 when all are 0)."""
+        free = torch.ones(self.family.size, dtype=torch.bool)
+        free[list(self.already)] = False
+        rms = self.scores[free].pow(2).mean().sqrt() if free.any() else torch.tensor(0.0)
+        return self.scores / rms if rms > 0 else torch.zeros_like(self.scores)
+
+
+def align_count(removed: int, size: int, align: int, already: int) -> int:
+    """Units to remove so that the kept count is the multiple of ``align`` nearest to
+    ``size - removed``: at least ``align`` kept, never fewer removed than ``already``."""
+    kept = _half_up((size - removed) / align) * align
+    kept = min(max(kept, align), (size // align) * align)
+    return max(size - kept, already)
+
+
+def _select_per_layer(budgets: list[FamilyBudget], target: float, remaining: float,
+                      later_capacity: float) -> dict[int, int]:
+    """The same share of every family, rounded down, to nearest or up: whichever leaves the
+    finer kinds served later a remainder they can absorb (``0 <= rest <= later_capacity``),
+    then whichever is nearest to ``target``. One KV group too many per layer cannot be taken
+    back by MLP channels, so a coarse kind must not overshoot what the rest can balance."""
+    total = sum(b.unit_numel * b.family.size for b in budgets)
+    share = min(max(target / total, 0.0), 1.0) if total else 0.0
+    best: tuple[float, float] | None = None
+    chosen: dict[int, int] = {}
+    for rounding in (_half_up, math.floor, math.ceil):
+        counts = {b.family.id: min(max(rounding(share * b.family.size), len(b.already)), b.family.size - 1)
+                  for b in budgets}
+        taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
+        rest = remaining - taken
+        cost = (max(0.0, -rest) + max(0.0, rest - later_capacity), abs(taken - target))
+        if best is None or cost < best:
+            best, chosen = cost, counts
+    return chosen
+
+
+def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]:
+    counts = {b.family.id: len(b.already) for b in budgets}
+    removed = sum(b.unit_numel * len(b.already) for b in budgets)
+    candidates = []
+    for b in budgets:
+        normalised = b.normalised()
+        candidates += [(float(normalised[u]), b.family.id, u, b) for u in b.ranked()[len(b.already):]]
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+    for _, family_id, _, b in candidates:
+        if counts[family_id] + 1 >= b.family.size:
+            continue
+        if removed + b.unit_numel / 2 <= target:  # take it if that lands nearer the target
+            counts[family_id] += 1
+            removed += b.unit_numel
+    return counts
+
+
+def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: int = 1
+                 ) -> dict[int, tuple[int, ...]]:
+    """Units to remove per family id: ``ratio`` of the prunable parameters, lowest scores first."""
+    by_kind: dict[str, list[FamilyBudget]] = {}
+    for b in budgets:
+        by_kind.setdefault(b.family.kind, []).append(b)
+    for b in budgets:
+        if b.family.kind not in UNALIGNED_KINDS and align > b.family.size:
+            raise PassError(f"align={align} is larger than family {b.family.id} ({b.family.kind}, "
+                            f"layer {b.family.layer}), which has {b.family.size} groups")
+    kind_params = {k: sum(b.unit_numel * b.family.size for b in bs) for k, bs in by_kind.items()}
+    # coarsest units first; finer kinds absorb the rounding of coarser ones
+    order = sorted(by_kind, key=lambda k: -kind_params[k] / sum(b.family.size for b in by_kind[k]))
+    capacity = {k: sum(b.unit_numel * (b.family.size - 1) for b in bs) for k, bs in by_kind.items()}
+    remaining = ratio * sum(kind_params.values())
+    params_left = sum(kind_params.values())
+    removed: dict[int, tuple[int, ...]] = {}
+    for index, kind in enumerate(order):
+        kind_budgets = by_kind[kind]
+        last = index == len(order) - 1
+        target = max(remaining if last else remaining * kind_params[kind] / params_left, 0.0)
+        if scope == "per-layer":
+            later = sum(capacity[k] for k in order[index + 1:])
+            counts = _select_per_layer(kind_budgets, target, remaining, later)
+        else:
+            counts = _select_global(kind_budgets, target)
+        for b in kind_budgets:
+            count = counts[b.family.id]
+            if kind not in UNALIGNED_KINDS and align > 1:
+                count = align_count(count, b.family.size, align, len(b.already))
+            removed[b.family.id] = tuple(sorted(b.ranked()[:count]))
+            remaining -= count * b.unit_numel
+        params_left -= kind_params[kind]
+    return removed
+
+
+@register_pass
+@dataclass(frozen=True)
+class Prune(ModulePass):
+    """Zero the lowest-saliency groups until `ratio` of the prunable parameters is gone."""
+
+    name: ClassVar[str] = "prune"
+    requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
+    ratio: float = option(0.2, "share of the prunable parameters to remove, in [0, 1)")
+    metric: MetricName | None = option(None, "saliency metric; default: the scores of an earlier "
+                                       f"saliency pass, else magnitude ({', '.join(METRICS)})")
+    seed: int = option(0, OPTION_DOCS["seed"])
+    scope: Literal["per-layer", "global"] = option(
+        "per-layer", "per-layer: the same share of every family; global: compare normalised "
+        "scores across the families of a kind")
+    kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden, other)")
+    align: int = option(1, "round each MLP family's kept count to a multiple of this")
+    weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0, 1.0), OPTION_DOCS["weights"])
+    data: str = option("", OPTION_DOCS["data"])
+    batches: int = option(8, OPTION_DOCS["batches"])
+    batch: int = option(4, OPTION_DOCS["batch"])
+    seq_len: int = option(128, OPTION_DOCS["seq_len"])
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise PassError(f"prune ratio must be in [0, 1), got {self.ratio}")
+        if self.metric is not None:
+            check_metric(self.metric, self.weights)
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise PassError(f"prune kinds must be among {', '.join(KINDS)}, "
+                            f"got {','.join(self.kinds) or 'none'}")
+        if self.align < 1:
+            raise PassError(f"prune align must be at least 1, got {self.align}")
+
+    def scores(self, module: Module, groups: GroupsAttr, family_ids: list[int]) -> tuple[str, dict]:
+        """(metric, scores by family id): an earlier saliency pass's if it fits, else fresh."""
+        stored = module.attributes.get("saliency")
+        if isinstance(stored, SaliencyAttr) and self.metric in (None, stored.metric):
+            mismatch = stored.matches({f.id: f.size for f in groups.families})
+            if mismatch:
+                raise PassError(f"the saliency scores do not fit the groups: {mismatch}",
+                                hint="run saliency again after discover")
+            values = stored.as_dict()
+            return stored.metric, {f: torch.tensor(values[f], dtype=torch.float64) for f in family_ids}
+        metric = self.metric or "magnitude"
+        return metric, score_groups(module, groups, metric, weights=self.weights,
+                                    calibration=calibration_options(self), seed=self.seed,
+                                    family_ids=family_ids)
+
+    def run(self, module: Module, analyses) -> PassResult:
+        groups = module.attributes["groups"]
+        if not isinstance(groups, GroupsAttr):
+            raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
+        families = [f for f in groups.families if f.kind in self.kinds]
+        if not families:
+            found = sorted({f.kind for f in groups.families})
+            raise PassError(f"no group families of kinds {','.join(self.kinds)} to prune "
+                            f"(discover found {','.join(found) or 'none'})")
+        metric, scores = self.scores(module, groups, [f.id for f in families])
+        mask = module.attributes.get("prune-mask")
+        already = mask.as_dict() if isinstance(mask, PruneMaskAttr) else {}
+        budgets = [FamilyBudget(f, scores[f.id], param_units_numel(module, f),
+                                tuple(already.get(f.id, ()))) for f in families]
+        removed = {**already, **choose_units(budgets, self.ratio, self.scope, self.align)}
+        zero_groups(module, groups, removed)
+        module.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
+        prunable = sum(b.unit_numel * b.family.size for b in budgets)
+        taken = sum(b.unit_numel * len(removed.get(b.family.id, ())) for b in budgets)
+        per_kind = Counter()
+        for b in budgets:
+            per_kind[b.family.kind] += len(removed.get(b.family.id, ()))
+        statistics = {f"{kind} groups removed": n for kind, n in sorted(per_kind.items())}
+        statistics.update({"metric": metric, "prunable parameters": prunable,
+                           "parameters removed": taken,
+                           "parameter share removed": round(taken / prunable, 6) if prunable else 0.0})
+        return PassResult(True, frozenset({DimensionCoupling.name}), statistics)

@@ -1,0 +1,426 @@
+"""`saliency` and `prune`: every metric on tiny models, hand-checked scores, the pruning ratio,
+exact zeros, and the masked == compressed invariant after one-shot pruning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorashear.errors import PassError
+from lorashear.ir.attributes import dump_json
+from lorashear.ir.core import Graph, Module, Op, Param, Value, clone_module
+from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import TensorType
+from lorashear.passes import PassManager, parse_pipeline
+from lorashear.passes.calibration import CalibrationOptions, calibration_batches
+from lorashear.passes.groups import FamilyMember, GroupFamily, GroupsAttr, param_units_numel
+from lorashear.passes.prune import FamilyBudget, align_count, choose_units
+from lorashear.passes.saliency import METRICS, Saliency, score_groups
+from lorashear.passes.saliency_attr import SaliencyAttr
+from lorashear.runtime.executor import emit_torch
+from tests.conftest import random_batch
+
+PROXY_METRICS = {"cosine", "taylor1", "taylor2", "combined"}
+
+
+@pytest.fixture(scope="module")
+def discovered(lowered):
+    """(family, with_lora) -> a fresh copy of the lowered module with its groups discovered."""
+    cache = {}
+
+    def get(family: str, with_lora: bool) -> Module:
+        key = (family, with_lora)
+        if key not in cache:
+            module = clone_module(lowered(family, with_lora))
+            module.attributes.pop("groups", None)
+            PassManager.parse("discover").run(module)
+            cache[key] = module
+        return clone_module(cache[key])  # new Params: pruning one copy leaves the others alone
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def calibration_ids(tmp_path_factory):
+    """A .ids file of random token ids below the tiny vocabulary (128)."""
+    path = tmp_path_factory.mktemp("calibration") / "tokens.ids"
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(5))
+    path.write_text(" ".join(map(str, ids.tolist())))
+    return path
+
+
+def saliency_text(metric: str, data) -> str:
+    return f'saliency{{metric={metric},data="{data}",batches=2,batch=2,seq-len=16}}'
+
+
+# --- every metric ---------------------------------------------------------------------------
+@pytest.mark.parametrize("with_lora", [True, False])
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_metric_scores_every_group(discovered, calibration_ids, metric, with_lora):
+    module = discovered("llama", with_lora)
+    manager = PassManager.parse(saliency_text(metric, calibration_ids))
+    if metric in PROXY_METRICS and not with_lora:
+        with pytest.raises(PassError, match="no LoRA adapters"):
+            manager.run(module)
+        return
+    manager.run(module)
+    attr = module.attributes["saliency"]
+    assert attr.metric == metric
+    groups = module.attributes["groups"]
+    assert attr.matches({f.id: f.size for f in groups.families}) is None
+    values = torch.tensor([v for _, scores in attr.scores for v in scores])
+    assert torch.isfinite(values).all() and (values >= 0).all()
+    assert values.std() > 0, "scores must tell groups apart"
+    assert SaliencyAttr.from_json(json.loads(dump_json(attr.to_json()))) == attr
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "taylor", "wanda"])
+def test_metrics_on_qwen2_with_bias(discovered, calibration_ids, metric):
+    module = discovered("qwen2", True)
+    PassManager.parse(saliency_text(metric, calibration_ids)).run(module)
+    assert len(module.attributes["saliency"].scores) == len(module.attributes["groups"].families)
+
+
+def test_combined_without_lora_only_with_zero_proxy_weights(discovered):
+    module = discovered("llama", False)
+    groups = module.attributes["groups"]
+    scores = score_groups(module, groups, "combined", weights=(1.0, 2.0, 0.0, 0.0, 0.0))
+    magnitude = score_groups(module, groups, "magnitude")
+    norm = torch.cat(list(magnitude.values())).norm()
+    average = score_groups(module, groups, "avg-magnitude")
+    avg_norm = torch.cat(list(average.values())).norm()
+    for f in scores:
+        torch.testing.assert_close(scores[f], magnitude[f] / norm + 2 * average[f] / avg_norm)
+
+
+# --- hand-checked values --------------------------------------------------------------------
+def hand_module() -> Module:
+    """W (4x3) with LoRA A (1x3), B (4x1), scaling 0.5, and a norm N (2); one family of two
+    units: W rows {0,1} and N[0] are unit 0, W rows {2,3} and N[1] unit 1 (B rows follow W)."""
+    def param(name, rows):
+        tensor = torch.tensor(rows, dtype=torch.float32)
+        return Param(name, TensorType("f32", tuple(tensor.shape)), DataStorage(tensor))
+
+    w = param("w", [[1, 2, 0], [0, 1, 0], [3, 0, 0], [0, 0, 4]])
+    a = param("a", [[1, 0, 1]])
+    b = param("b", [[1], [0], [2], [1]])
+    n = param("n", [2, 1])
+    x = Value("x", TensorType("f32", (1, 3)))
+    y = Value("y", TensorType("f32", (1, 4)))
+    graph = Graph([x], [Op("lora_linear", [x, w, None, a, b], {"scaling": 0.5}, [y])], [y], ["y"])
+    family = GroupFamily(0, "mlp", 0, 2, (FamilyMember("w", 0, 2), FamilyMember("b", 0, 2),
+                                          FamilyMember("n", 0, 1)))
+    return Module(graph, [w, a, b, n], {"groups": GroupsAttr((family,))})
+
+
+@pytest.mark.parametrize("metric, expected", [
+    # W rows 0-1 hold 1,2,1 and N[0] = 2: 1+4+1+4 = 10; rows 2-3 hold 3,4 and N[1] = 1: 26
+    ("magnitude", [math.sqrt(10), math.sqrt(26)]),
+    ("avg-magnitude", [math.sqrt(10 / 7), math.sqrt(26 / 7)]),
+    # D = 0.5 * B @ A = [[.5,0,.5],[0,0,0],[1,0,1],[.5,0,.5]]; N has no LoRA (D = 0)
+    # <W,D> unit 0 = 1*.5 = .5; unit 1 = 3*1 + 4*.5 = 5
+    ("taylor1", [0.5, 5.0]),
+    ("taylor2", [0.125, 12.5]),
+    # ||D|| unit 0 = sqrt(.5), unit 1 = sqrt(1+1+.25+.25) = sqrt(2.5)
+    ("cosine", [0.5 / math.sqrt(10 * 0.5) + 1, 5 / math.sqrt(26 * 2.5) + 1]),
+])
+def test_hand_checked_scores(metric, expected):
+    module = hand_module()
+    Saliency(metric=metric).run(module, None)
+    assert module.attributes["saliency"].as_dict()[0] == pytest.approx(expected, rel=1e-6)
+
+
+# --- data-driven metrics against the Hugging Face model -------------------------------------
+def lora_effective_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """W + s * B @ A of a peft LoRA linear."""
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    return layer.base_layer.weight + layer.scaling["default"] * delta
+
+
+def layer0_batches(module, calibration_ids):
+    """The windows score_groups draws for batches=2, batch=2, seq-len=16, seed 0."""
+    return calibration_batches(module, CalibrationOptions(str(calibration_ids), 2, 2, 16, 0), "test")
+
+
+def test_wanda_matches_activations_hooked_in_the_hf_model(discovered, tiny_models, calibration_ids):
+    module = discovered("llama", True)
+    groups = module.attributes["groups"]
+    mlp, attn = groups.families[2], groups.families[1]  # layer 0: MLP channels, KV groups
+    assert (mlp.kind, mlp.layer, attn.kind, attn.layer) == ("mlp", 0, "attn", 0)
+    scores = score_groups(module, groups, "wanda", family_ids=[1, 2],
+                          calibration=CalibrationOptions(str(calibration_ids), 2, 2, 16, 0))
+    layer = tiny_models["llama"].peft.base_model.model.model.layers[0]
+    squares = {}
+
+    def record(name):
+        def hook(_, args):
+            x = args[0].detach().double()
+            squares[name] = squares.get(name, 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+        return hook
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(record("down")),
+               layer.self_attn.o_proj.register_forward_pre_hook(record("o"))]
+    with torch.no_grad():
+        for ids in layer0_batches(module, calibration_ids):
+            tiny_models["llama"].peft(input_ids=ids)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        down = lora_effective_weight(layer.mlp.down_proj).double().abs() * squares["down"].sqrt()
+        o = lora_effective_weight(layer.self_attn.o_proj).double().abs() * squares["o"].sqrt()
+    torch.testing.assert_close(scores[2], down.sum(0), rtol=1e-4, atol=1e-6)
+    head_columns = o.sum(0).view(attn.size, -1).sum(1)  # o_proj columns of KV group g, in order
+    torch.testing.assert_close(scores[1], head_columns, rtol=1e-4, atol=1e-6)
+
+
+def test_taylor_matches_hf_gradients(discovered, tiny_models, calibration_ids):
+    module = discovered("llama", True)
+    groups = module.attributes["groups"]
+    scores = score_groups(module, groups, "taylor", family_ids=[2],
+                          calibration=CalibrationOptions(str(calibration_ids), 2, 2, 16, 0))
+    peft = tiny_models["llama"].peft
+    mlp = peft.base_model.model.model.layers[0].mlp
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    expected = torch.zeros(groups.families[2].size, dtype=torch.float64)
+    for p in projections:
+        p.base_layer.weight.requires_grad_(True)
+    try:
+        for ids in layer0_batches(module, calibration_ids):
+            for p in projections:
+                p.base_layer.weight.grad = None
+            peft(input_ids=ids, labels=ids).loss.backward()
+            with torch.no_grad():
+                gate, up, down = ((lora_effective_weight(p) * p.base_layer.weight.grad).double()
+                                  for p in projections)
+                expected += (gate.sum(1) + up.sum(1) + down.sum(0)).abs()
+    finally:
+        for p in projections:
+            p.base_layer.weight.requires_grad_(False)
+            p.base_layer.weight.grad = None
+    torch.testing.assert_close(scores[2], expected, rtol=1e-3, atol=1e-7)
+
+
+# --- random ---------------------------------------------------------------------------------
+def test_random_is_seeded_and_independent_of_the_family_subset(discovered):
+    module = discovered("llama", True)
+    groups = module.attributes["groups"]
+    first = score_groups(module, groups, "random", seed=3)
+    again = score_groups(module, groups, "random", seed=3)
+    other = score_groups(module, groups, "random", seed=4)
+    subset = score_groups(module, groups, "random", seed=3, family_ids=[2])
+    for f in first:
+        assert torch.equal(first[f], again[f])
+        assert not torch.equal(first[f], other[f])
+    assert torch.equal(subset[2], first[2])
+
+
+# --- prune ----------------------------------------------------------------------------------
+def prune(module: Module, text: str) -> dict:
+    manager = PassManager.parse(text)
+    manager.run(module)
+    return manager.records[-1].statistics
+
+
+def prunable_units(module: Module, kinds=("attn", "mlp")):
+    groups = module.attributes["groups"]
+    return [(f, param_units_numel(module, f)) for f in groups.families if f.kind in kinds]
+
+
+@pytest.mark.parametrize("scope", ["per-layer", "global"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.55])
+def test_removed_share_is_within_one_unit_of_ratio(discovered, scope, ratio):
+    module = discovered("llama", True)
+    stats = prune(module, f"prune{{ratio={ratio},scope={scope}}}")
+    units = prunable_units(module)
+    prunable = sum(n * f.size for f, n in units)
+    removed = module.attributes["prune-mask"].as_dict()
+    taken = sum(n * len(removed.get(f.id, ())) for f, n in units)
+    assert stats["parameters removed"] == taken and stats["prunable parameters"] == prunable
+    assert abs(taken - ratio * prunable) <= max(n for _, n in units)
+    assert all(len(removed.get(f.id, ())) < f.size for f, _ in units)
+    if scope == "per-layer":  # uniform shapes: every family of a kind loses as many units
+        for kind in ("attn", "mlp"):
+            assert len({len(removed.get(f.id, ())) for f, _ in units if f.kind == kind}) == 1
+
+
+def test_chosen_groups_are_exactly_zero_and_lowest_scored(discovered):
+    module = discovered("llama", True)
+    PassManager.parse("saliency{metric=magnitude},prune{ratio=0.3}").run(module)
+    groups = module.attributes["groups"]
+    scores = module.attributes["saliency"].as_dict()
+    for family_id, units in module.attributes["prune-mask"].as_dict().items():
+        family = groups.families[family_id]
+        kept = sorted(set(range(family.size)) - set(units))
+        assert max(scores[family_id][u] for u in units) <= min(scores[family_id][u] for u in kept)
+        for member in family.members:
+            tensor = module.params[member.param].storage.load()
+            length = tensor.shape[member.axis]
+            assert tensor.index_select(member.axis, member.indices(length, family.size, units)).eq(0).all()
+            assert tensor.index_select(member.axis, member.indices(length, family.size, kept)).ne(0).any()
+
+
+@pytest.mark.parametrize("family, with_lora, options", [
+    ("llama", True, "ratio=0.3"),
+    ("llama", False, "ratio=0.4,scope=global,kinds=attn,mlp,hidden"),
+    ("qwen2", True, "ratio=0.25,kinds=mlp,hidden,scope=global"),
+])
+def test_prune_then_compress_matches_the_masked_model(discovered, family, with_lora, options):
+    module = discovered(family, with_lora)
+    prune(module, f"prune{{{options}}}")
+    ids, mask = random_batch(module.params["model.embed_tokens.weight"].type.shape[0])
+    with torch.no_grad():
+        masked = emit_torch(module)(ids, attention_mask=mask).logits
+    before = module.num_parameters()
+    PassManager.parse("compress").run(module)
+    assert module.num_parameters() < before
+    with torch.no_grad():
+        compressed = emit_torch(module)(ids, attention_mask=mask).logits
+    assert (masked - compressed).abs().max() <= 1e-4
+
+
+def test_align_rounds_mlp_kept_counts(discovered):
+    module = discovered("llama", True)
+    prune(module, "prune{ratio=0.3,kinds=mlp,align=16}")
+    groups = module.attributes["groups"]
+    for family_id, units in module.attributes["prune-mask"].as_dict().items():
+        assert (groups.families[family_id].size - len(units)) % 16 == 0
+    assert align_count(5, 96, 16, 0) == 0 and align_count(9, 96, 16, 0) == 16
+    assert align_count(95, 96, 16, 0) == 80  # at least `align` kept
+
+
+def test_prune_uses_stored_scores_unless_another_metric_is_asked(discovered):
+    module = discovered("llama", True)
+    stats = prune(module, "saliency{metric=random,seed=3},prune{ratio=0.2}")
+    assert stats["metric"] == "random"
+    random_mask = module.attributes["prune-mask"]
+    other = discovered("llama", True)
+    stats = prune(other, "saliency{metric=random,seed=3},prune{ratio=0.2,metric=magnitude}")
+    assert stats["metric"] == "magnitude"
+    assert other.attributes["prune-mask"] != random_mask
+
+
+def test_second_prune_keeps_earlier_removals(discovered):
+    module = discovered("llama", True)
+    prune(module, "prune{ratio=0.2,metric=random}")
+    first = module.attributes["prune-mask"].as_dict()
+    prune(module, "prune{ratio=0.4,metric=magnitude}")
+    second = module.attributes["prune-mask"].as_dict()
+    assert all(set(units) <= set(second[f]) for f, units in first.items())
+
+
+def test_choose_units_never_empties_a_family():
+    family = GroupFamily(0, "mlp", 0, 4, (FamilyMember("w", 0, 1),))
+    budget = FamilyBudget(family, torch.tensor([4.0, 3.0, 2.0, 1.0]), 10, ())
+    for scope in ("per-layer", "global"):
+        assert choose_units([budget], 0.99, scope) == {0: (1, 2, 3)}
+        assert choose_units([budget], 0.5, scope) == {0: (2, 3)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(layers=st.integers(1, 4), kv_groups=st.integers(2, 4), channels=st.integers(8, 48),
+       ratio=st.floats(0.0, 0.95), scope=st.sampled_from(["per-layer", "global"]),
+       seed=st.integers(0, 2 ** 16))
+def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed):
+    """Random layouts: no family emptied, per-layer shapes uniform, the share near the ratio."""
+    generator = torch.Generator().manual_seed(seed)
+    budgets = []
+    for layer in range(layers):
+        for kind, size, numel in (("attn", kv_groups, 40), ("mlp", channels, 3)):
+            family = GroupFamily(len(budgets), kind, layer, size, (FamilyMember("w", 0, 1),))
+            budgets.append(FamilyBudget(family, torch.rand(size, generator=generator, dtype=torch.float64),
+                                        numel, ()))
+    removed = choose_units(budgets, ratio, scope)
+    counts = {b.family.id: len(removed[b.family.id]) for b in budgets}
+    assert all(counts[b.family.id] < b.family.size for b in budgets)
+    for b in budgets:  # the lowest-scored units go
+        units = removed[b.family.id]
+        kept = [u for u in range(b.family.size) if u not in units]
+        assert not units or max(b.scores[list(units)]) <= min(b.scores[kept])
+    if scope == "per-layer":
+        for kind in ("attn", "mlp"):
+            assert len({counts[b.family.id] for b in budgets if b.family.kind == kind}) == 1
+    prunable = sum(b.unit_numel * b.family.size for b in budgets)
+    taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
+    mlp_counts = [(counts[b.family.id], b.family.size) for b in budgets if b.family.kind == "mlp"]
+    if scope == "global" and all(c < size - 1 for c, size in mlp_counts):
+        assert abs(taken - ratio * prunable) <= 40 / 2 + 3 / 2
+    if scope == "per-layer" and all(0 < c < size - 1 for c, size in mlp_counts):
+        assert abs(taken - ratio * prunable) <= layers * 3 / 2  # half an MLP unit per layer
+
+
+# --- errors ---------------------------------------------------------------------------------
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prune{ratio=1}", "ratio must be in [0, 1)"),
+    ("prune{ratio=-0.1}", "ratio must be in [0, 1)"),
+    ("prune{kinds=heads}", "kinds must be among"),
+    ("saliency{metric=fisher}", "expected one of magnitude"),
+    ("saliency{metric=combined,weights=1,2}", "takes 5 weights"),
+])
+def test_bad_options_fail_at_parse_time(text, message):
+    with pytest.raises(PassError) as exc:
+        parse_pipeline(text)
+    assert message in one_line(exc)
+
+
+def test_align_larger_than_a_family(discovered):
+    module = discovered("llama", True)
+    with pytest.raises(PassError) as exc:
+        PassManager.parse("prune{ratio=0.2,align=200}").run(module)
+    assert "align=200 is larger than family" in one_line(exc)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("saliency{metric=taylor}", "needs calibration text: data=PATH"),
+    ('saliency{metric=wanda,data="/nonexistent/calib.txt"}', "does not exist"),
+    ("saliency{metric=taylor,batches=100}", "fewer than the 400 asked for"),
+])
+def test_calibration_errors(discovered, calibration_ids, text, message):
+    module = discovered("llama", True)
+    if "batches=100" in text:
+        text = text.replace("}", f',data="{calibration_ids}"}}')
+    with pytest.raises(PassError) as exc:
+        PassManager.parse(text).run(module)
+    assert message in one_line(exc)
+
+
+def test_text_data_needs_a_tokenizer(discovered, tmp_path):
+    module = discovered("llama", True)
+    text = tmp_path / "calib.txt"
+    text.write_text("It is a truth universally acknowledged. " * 50)
+    with pytest.raises(PassError) as exc:
+        PassManager.parse(f'saliency{{metric=wanda,data="{text}"}}').run(module)
+    assert "no tokenizer next to the source model" in one_line(exc)
+
+
+def test_saliency_and_prune_need_groups(lowered):
+    module = clone_module(lowered("llama", True))
+    module.attributes.pop("groups", None)
+    for text in ("saliency", "prune"):
+        with pytest.raises(PassError, match="run 'discover' before"):
+            PassManager.parse(text).run(module)
+
+
+# --- a whole pipeline -----------------------------------------------------------------------
+def test_pipeline_discover_saliency_prune_compress(lowered):
+    module = clone_module(lowered("llama", True))
+    module.attributes.pop("groups", None)
+    before = module.num_parameters()
+    manager = PassManager.parse("discover,saliency{metric=magnitude},prune{ratio=0.3},compress")
+    manager.run(module)
+    assert [r.pipeline_text for r in manager.records] == [
+        "discover", "saliency", "prune{ratio=0.3}", "compress"]
+    assert 0.29 <= manager.records[2].statistics["parameter share removed"] <= 0.31
+    assert module.num_parameters() < before
+    ids, mask = random_batch(128)
+    assert torch.isfinite(emit_torch(module)(ids, attention_mask=mask).logits).all()
