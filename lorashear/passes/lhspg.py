@@ -1,0 +1,246 @@
+"""`lhspg`: progressive structured pruning while LoRA trains (LoRAShear's LHSPG, DESIGN.md 5).
+
+Over ``periods`` periods of ``steps`` optimizer steps, the pass trains only the LoRA factors
+(AdamW, LM loss) and, after every step, applies the half-space projection to the groups
+chosen so far: each chosen group's LoRA part is merged into its base slice, the slice shrinks
+by ``lambda_g * W_g / ||W_g||``, and it is zeroed once it leaves the half-space (always at
+its period's end). At the start of a period the next share of the target is chosen by
+saliency among the units not yet chosen. The kernels of :mod:`lorashear.kernels` do the
+projection (Triton on CUDA, the torch reference elsewhere).
+
+``lambda_g = lam * ||W_g||_0 / steps``, with ``||W_g||_0`` the group's norm when its period
+starts: a linear schedule that would reach zero at the period's end. DHSPG's gradient-
+adaptive lambda is not implemented (base weights have no gradients here); the forced zeroing
+at each period's end keeps the guarantee. The result is the masked model plus the
+``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from lorashear.errors import PassError
+from lorashear.ir.attributes import Attribute, register_attribute
+from lorashear.ir.core import Module
+from lorashear.ir.storage import DataStorage
+from lorashear.kernels import GroupedWeight, group_norms, project_groups
+from lorashear.passes.base import ModulePass, PassResult, option
+from lorashear.passes.calibration import (
+    TOKEN_ID_SUFFIX,
+    CalibrationOptions,
+    read_token_ids,
+    tokenize_text_file,
+)
+from lorashear.passes.groups import KINDS, GroupsAttr, PruneMaskAttr, param_units_numel
+from lorashear.passes.prune import FamilyBudget, choose_units
+from lorashear.passes.registry import register_pass
+from lorashear.passes.saliency import METRICS, MetricName, check_metric, score_groups
+from lorashear.runtime.executor import IRModel, lora_param_names
+
+
+@register_attribute
+@dataclass(frozen=True)
+class LhspgLogAttr(Attribute):
+    """What LHSPG did, per period: units chosen, mean loss, share of chosen groups at zero."""
+
+    kind: ClassVar[str] = "lhspg-log"
+    periods: tuple[dict, ...]
+
+    def to_json(self) -> Any:
+        return list(self.periods)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LhspgLogAttr:
+        if not isinstance(data, list):
+            raise ValueError("lhspg-log must be a JSON list")
+        return cls(tuple(dict(d) for d in data))
+
+
+@dataclass
+class GroupIndex:
+    """Global group ids (family offset + unit) and the grouped weights the kernels read."""
+
+    offsets: dict[int, int]
+    num_groups: int
+    weights: list[GroupedWeight]
+    touched: list[str]  # names of every parameter the projection may change
+
+    def gid(self, family_id: int, unit: int) -> int:
+        return self.offsets[family_id] + unit
+
+
+def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family_ids: list[int]
+                      ) -> GroupIndex:
+    """Row/column group ids per base weight; LoRA factors ride along with their base weight."""
+    offsets, total = {}, 0
+    for f in family_ids:
+        offsets[f] = total
+        total += groups.families[f].size
+    lora_of: dict[str, tuple[str, str, float]] = {}
+    for op in module.graph.ops:
+        if op.kind == "lora_linear":
+            lora_of[op.args[1].name] = (op.args[3].name, op.args[4].name, float(op.kwargs["scaling"]))
+    lora = lora_param_names(module)
+    ids: dict[str, list[torch.Tensor]] = {}
+    for f in family_ids:
+        family = groups.families[f]
+        for m in family.members:
+            if m.param in lora:
+                continue
+            shape = module.params[m.param].type.shape
+            if m.axis > 1:
+                raise PassError(f"lhspg: @{m.param} is grouped along axis {m.axis}; only rows "
+                                "and columns of 1-D/2-D weights are supported")
+            axes = ids.setdefault(m.param, [torch.full((shape[0],), -1, dtype=torch.int32),
+                                            torch.full((shape[1] if len(shape) > 1 else 1,), -1,
+                                                       dtype=torch.int32)])
+            unit = (torch.arange(shape[m.axis]) // m.stride) % family.size
+            if (axes[m.axis] >= 0).any():
+                raise PassError(f"lhspg: @{m.param} axis {m.axis} belongs to two chosen families")
+            axes[m.axis] = (unit + offsets[f]).to(torch.int32)
+    weights, touched = [], []
+    for name, (rows, cols) in ids.items():
+        tensor = model.tensor(name)
+        view = tensor.data if tensor.dim() == 2 else tensor.data.view(-1, 1)
+        a_name, b_name, scaling = lora_of.get(name, (None, None, 1.0))
+        lora_a = model.tensor(a_name).data if a_name else None
+        lora_b = model.tensor(b_name).data if b_name else None
+        weights.append(GroupedWeight(view, rows, cols, lora_b, lora_a, scaling))
+        touched += [n for n in (name, a_name, b_name) if n]
+    return GroupIndex(offsets, total, weights, touched)
+
+
+def _epochs(windows: torch.Tensor, batch: int, generator: torch.Generator):
+    """Batches of ``batch`` windows, epoch after epoch, each epoch in a fresh seeded order."""
+    while True:
+        perm = torch.randperm(len(windows), generator=generator)
+        for i in range(len(windows) // batch):
+            yield windows[perm[i * batch:(i + 1) * batch]]
+
+
+@register_pass
+@dataclass(frozen=True)
+class Lhspg(ModulePass):
+    """Progressively zero the least salient groups while LoRA training moves their knowledge."""
+
+    name: ClassVar[str] = "lhspg"
+    requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
+    ratio: float = option(0.2, "share of the prunable parameters to remove, in [0, 1)")
+    periods: int = option(3, "pruning periods; each chooses the next share of the target")
+    steps: int = option(20, "optimizer steps per period")
+    lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
+    lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / steps")
+    eps: float = option(0.0, "half-space margin: zero a group when <x~_g, W_g> < eps ||W_g||^2")
+    metric: MetricName = option("magnitude", f"saliency metric choosing the groups ({', '.join(METRICS)})")
+    kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
+    scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
+    data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")
+    seq_len: int = option(128, "tokens per training window")
+    batch: int = option(4, "windows per step")
+    seed: int = option(0, "seed of data order and the random metric")
+    log: str = option("", "append one JSON line per step to this file (loss, sparsity)")
+    progress: bool = option(True, "show a progress bar per period")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise PassError(f"lhspg ratio must be in [0, 1), got {self.ratio}")
+        if self.periods < 1 or self.steps < 1:
+            raise PassError("lhspg periods and steps must be at least 1")
+        check_metric(self.metric)
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise PassError(f"lhspg kinds must be among {', '.join(KINDS)}")
+        if not self.data:
+            raise PassError("lhspg needs training data", hint="lhspg{data=book.txt} (or a .ids file)")
+
+    def training_windows(self, module: Module) -> torch.Tensor:
+        """All non-overlapping ``seq_len`` windows of the training data, ``[N, seq_len]``."""
+        path = Path(self.data).expanduser()
+        if not path.is_file():
+            raise PassError(f"lhspg: training data {path} does not exist")
+        ids = read_token_ids(path) if path.name.endswith(TOKEN_ID_SUFFIX) else tokenize_text_file(module, path)
+        count = ids.numel() // self.seq_len
+        if count < self.batch:
+            raise PassError(f"{path} holds {ids.numel()} tokens: fewer than one batch of "
+                            f"{self.batch} x {self.seq_len}", hint="lower batch or seq-len")
+        return ids[:count * self.seq_len].view(count, self.seq_len)
+
+    def run(self, module: Module, analyses) -> PassResult:
+        groups: GroupsAttr = module.attributes["groups"]
+        families = [f for f in groups.families if f.kind in self.kinds]
+        if not families:
+            raise PassError(f"no group families of kinds {','.join(self.kinds)}")
+        if not lora_param_names(module):
+            raise PassError("lhspg trains LoRA adapters, and the module has none",
+                            hint="lower with --adapter DIR or --lora-rank R")
+        windows = self.training_windows(module)
+        calibration = CalibrationOptions(self.data, min(4, max(1, len(windows) // self.batch)),
+                                         self.batch, self.seq_len, self.seed)
+        scores = score_groups(module, groups, self.metric, seed=self.seed,
+                              family_ids=[f.id for f in families], calibration=calibration)
+        batches = _epochs(windows, self.batch, torch.Generator().manual_seed(self.seed))
+        torch.manual_seed(self.seed)
+        model = IRModel(module).train()
+        index = build_group_index(module, model, groups, [f.id for f in families])
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
+        chosen_units: dict[int, tuple[int, ...]] = {}
+        chosen = torch.zeros(index.num_groups, dtype=torch.bool)
+        log_rows, period_log = [], []
+        step_total = 0
+        log_file = open(self.log, "a", encoding="utf-8") if self.log else None  # noqa: SIM115
+        try:
+            for period in range(self.periods):
+                target = self.ratio * (period + 1) / self.periods
+                budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f),
+                                        tuple(chosen_units.get(f.id, ()))) for f in families]
+                chosen_units = choose_units(budgets, target, self.scope)
+                current = torch.zeros_like(chosen)
+                for f_id, units in chosen_units.items():
+                    for u in units:
+                        gid = index.gid(f_id, u)
+                        current[gid] = not chosen[gid]
+                        chosen[gid] = True
+                start_norms = group_norms(index.weights, index.num_groups)
+                lambdas = torch.where(current, self.lam * start_norms / self.steps, torch.zeros_like(start_norms))
+                losses = []
+                bar = tqdm(range(self.steps), desc=f"lhspg period {period + 1}/{self.periods}",
+                           disable=not self.progress, leave=False)
+                for step in bar:
+                    batch = next(batches)
+                    loss = model(batch, labels=batch).loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    stats = project_groups(index.weights, chosen, lambdas, eps=self.eps,
+                                           force=step == self.steps - 1)
+                    zero_share = float(stats.zeroed[chosen].float().mean()) if chosen.any() else 0.0
+                    losses.append(loss.item())
+                    step_total += 1
+                    bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero_share:.2f}")
+                    row = {"period": period, "step": step_total, "loss": loss.item(),
+                           "chosen": int(chosen.sum()), "chosen_zero_share": zero_share}
+                    log_rows.append(row)
+                    if log_file:
+                        log_file.write(json.dumps(row) + "\n")
+                period_log.append({"period": period, "chosen": int(chosen.sum()), "new": int(current.sum()),
+                                   "mean_loss": sum(losses) / len(losses), "last_loss": losses[-1]})
+        finally:
+            if log_file:
+                log_file.close()
+        with torch.no_grad():
+            for name in set(index.touched) | {n for n, p in model.named_parameters() if p.requires_grad}:
+                module.params[name].storage = DataStorage(model.tensor(name).detach().to("cpu").clone())
+        module.attributes["prune-mask"] = PruneMaskAttr.from_dict(chosen_units)
+        module.attributes["lhspg-log"] = LhspgLogAttr(tuple(period_log))
+        prunable = sum(param_units_numel(module, f) * f.size for f in families)
+        taken = sum(param_units_numel(module, f) * len(chosen_units.get(f.id, ())) for f in families)
+        return PassResult(True, frozenset(), {
+            "groups zeroed": int(chosen.sum()), "parameter share removed": round(taken / prunable, 6),
+            "first loss": log_rows[0]["loss"], "last loss": log_rows[-1]["loss"]})

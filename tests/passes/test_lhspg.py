@@ -1,0 +1,132 @@
+"""LHSPG: exactly the chosen groups end at zero, the rest live, LoRA moves knowledge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorashear.errors import PassError
+from lorashear.ir.core import clone_module
+from lorashear.ir.frontend import lower_pretrained
+from lorashear.passes import PassManager
+from lorashear.passes.compress import compress_module
+from lorashear.passes.groups import param_units_numel
+from lorashear.passes.masking import zero_groups
+from lorashear.runtime.executor import emit_torch, lora_param_names
+from tests.conftest import build_tiny
+
+
+def markov_tokens(n: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    """A learnable token stream: next = (5 * prev + 3) % vocab, with 10% random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dtype=torch.long)
+    out[0] = 1
+    noise = torch.rand(n, generator=g) < 0.1
+    rand = torch.randint(0, vocab, (n,), generator=g)
+    for i in range(1, n):
+        out[i] = rand[i] if noise[i] else (5 * out[i - 1] + 3) % vocab
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Llama trained (all weights) on the Markov stream, saved with a LoRA adapter."""
+    root = tmp_path_factory.mktemp("lhspg")
+    tokens = markov_tokens(6000)
+    (root / "train.ids").write_text(" ".join(map(str, tokens.tolist())))
+    tm = build_tiny("llama", root, seed=3)
+    base = tm.peft.get_base_model()
+    with tm.peft.disable_adapter():
+        weights = [p.requires_grad_(True) for n, p in base.named_parameters() if "lora" not in n]
+        opt = torch.optim.AdamW(weights, lr=3e-3)
+        windows = tokens[: 6000 // 32 * 32].view(-1, 32)
+        g = torch.Generator().manual_seed(0)
+        base.train()
+        for _ in range(150):
+            batch = windows[torch.randint(0, len(windows), (8,), generator=g)]
+            loss = base(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        base.eval()
+    from safetensors.torch import save_file
+
+    from lorashear.ir.lower import canonical_param_name
+
+    state = {canonical_param_name(n): p.detach().clone().contiguous()
+             for n, p in base.named_parameters() if "lora_" not in n}
+    state.pop("lm_head.weight", None)  # tied to the embedding
+    save_file(state, str(tm.model_dir / "model.safetensors"), metadata={"format": "pt"})
+    module = lower_pretrained(tm.model_dir, adapter=tm.adapter_dir)
+    PassManager.parse("discover").run(module)
+    return module, root / "train.ids", windows
+
+
+def _loss(module, windows) -> float:
+    with torch.no_grad():
+        return emit_torch(module)(windows[:64], labels=windows[:64]).loss.item()
+
+
+def _lhspg(module, data, **opts):
+    text = ",".join(f"{k}={v}" for k, v in {"ratio": 0.3, "periods": 2, "steps": 25, "seq-len": 32,
+                                            "batch": 8, "lr": 5e-3, "data": data,
+                                            "progress": "false", **opts}.items())
+    result = clone_module(module)
+    PassManager.parse(f"lhspg{{{text}}}").run(result)
+    return result
+
+
+def test_chosen_zero_rest_alive_and_compress_exact(trained):
+    module, data, windows = trained
+    after = _lhspg(module, data)
+    groups = after.attributes["groups"]
+    removed = after.attributes["prune-mask"].as_dict()
+    families = [f for f in groups.families if f.kind in ("attn", "mlp")]
+    prunable = sum(param_units_numel(module, f) * f.size for f in families)
+    taken = sum(param_units_numel(module, f) * len(removed.get(f.id, ())) for f in families)
+    largest_unit = max(param_units_numel(module, f) for f in families)
+    assert abs(taken - 0.3 * prunable) <= largest_unit
+    for f in families:
+        for m in f.members:
+            tensor = after.params[m.param].storage.load()
+            length = tensor.shape[m.axis]
+            units = m.unit_of(length, f.size)
+            norms = torch.zeros(f.size).index_add_(
+                0, units, tensor.movedim(m.axis, 0).reshape(length, -1).pow(2).sum(1))
+            dead = torch.tensor([u in removed.get(f.id, ()) for u in range(f.size)])
+            assert torch.all(norms[dead] == 0), f"{m.param}: chosen units not exactly zero"
+            if "lora" not in m.param:
+                assert torch.all(norms[~dead] > 0), f"{m.param}: a surviving unit is zero"
+    changed = [n for n in lora_param_names(module)
+               if not torch.equal(module.params[n].storage.load(), after.params[n].storage.load())]
+    assert changed, "LoRA did not train"
+    compressed = clone_module(after)
+    compress_module(compressed, groups, removed)
+    with torch.no_grad():
+        a = emit_torch(after)(windows[:4]).logits
+        b = emit_torch(compressed)(windows[:4]).logits
+    assert (a - b).abs().max() <= 1e-4
+    assert compressed.num_parameters() < module.num_parameters()
+    assert [p["period"] for p in after.attributes["lhspg-log"].periods] == [0, 1]
+
+
+def test_lhspg_beats_one_shot_pruning_of_the_same_groups(trained):
+    module, data, windows = trained
+    after = _lhspg(module, data, steps=40)
+    removed = after.attributes["prune-mask"].as_dict()
+    one_shot = clone_module(module)
+    zero_groups(one_shot, module.attributes["groups"], removed)
+    dense, pruned, recovered = _loss(module, windows), _loss(one_shot, windows), _loss(after, windows)
+    assert recovered < pruned, (dense, pruned, recovered)
+
+
+def test_lhspg_errors(trained, lowered, tmp_path):
+    module, data, _ = trained
+    with pytest.raises(PassError, match="does not exist"):
+        _lhspg(module, tmp_path / "missing.ids")
+    with pytest.raises(PassError, match=r"ratio must be in \[0, 1\)"):
+        _lhspg(module, data, ratio=1.5)
+    plain = clone_module(lowered("llama", False))
+    PassManager.parse("discover").run(plain)
+    with pytest.raises(PassError, match="has none"):
+        _lhspg(plain, data)
