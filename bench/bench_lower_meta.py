@@ -8,7 +8,6 @@ Writes bench/out/lower_meta.json and prints a Markdown table.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile

@@ -30,7 +30,25 @@ _EXPORTS = {
     "LorashearError": "lorashear.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "LorashearError",
+    "Module",
+    "ModulePass",
+    "PassManager",
+    "PassResult",
+    "emit",
+    "emit_torch",
+    "load_ir",
+    "load_pretrained",
+    "lower",
+    "lower_pretrained",
+    "option",
+    "parse_module",
+    "print_module",
+    "register_pass",
+    "save_ir",
+    "verify",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from lorashear.ir.attributes import Attribute
 from lorashear.ir.storage import Storage
@@ -63,7 +63,7 @@ class Param:
         return f"@{self.name}: {self.type}"
 
 
-Arg = Union[Value, Param, DTypeArg, int, float, bool, str, None, list]
+Arg = Value | Param | DTypeArg | int | float | bool | str | None | list
 
 
 def iter_arg_refs(arg: Any) -> Iterator[Value | Param]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from lorashear.errors import IRFormatVersionError, IRParseError
 from lorashear.ir.attributes import attribute_kind
-from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
 from lorashear.ir.printer import FORMAT_VERSION, MAGIC
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage
 from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType

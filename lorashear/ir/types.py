@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
-Dim = Union[int, str]
+Dim = int | str
 
 #: IR element type names and their torch dtypes. The names are what the text form prints.
 DTYPES: dict[str, torch.dtype] = {
@@ -111,7 +110,7 @@ class SymIntType:
         return "sym"
 
 
-ValueType = Union[TensorType, SymIntType]
+ValueType = TensorType | SymIntType
 SYM = SymIntType()
 
 

@@ -82,6 +82,13 @@ def _meta_input(ty, bindings) -> object:
 
 def verify_shapes(module: Module) -> None:
     """Run every op on meta tensors and compare result types with the declared ones."""
+    try:
+        _verify_shapes(module)
+    except ValueError as exc:  # a symbolic size no graph input binds, a malformed size
+        raise VerificationError(str(exc)) from None
+
+
+def _verify_shapes(module: Module) -> None:
     bindings = symbol_bindings(module)
     env: dict[int, object] = {}
     for v in module.graph.inputs:

@@ -9,7 +9,9 @@ the rounding, so the total lands within about one unit of the target. DESIGN.md 
 
 - ``scope=per-layer``: every family of a kind loses the same share of its units (the same
   count when the families are the same size), the lowest-scoring ones; shapes stay uniform
-  across layers, so a stock ``config.json`` still describes the model.
+  across layers, so a stock ``config.json`` still describes the model. The price: when one
+  coarse unit per layer is more than the finer kinds can balance (a tiny MLP beside a KV
+  head), the total can miss the ratio by up to half a coarse unit per layer.
 - ``scope=global``: units of one kind compete across families on scores normalised by
   their family's RMS (layers score on different scales); shapes may differ per layer.
 

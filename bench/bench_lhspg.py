@@ -1,0 +1,134 @@
+"""LHSPG on SmolLM2-135M-Instruct: step cost over plain LoRA training, and quality at 20%.
+
+1. Step time and peak memory: a plain LoRA AdamW step vs an LHSPG step (the same step plus
+   the half-space projection over the chosen groups, torch reference kernel on CPU), same
+   model, same batch. Peak memory is the process's peak RSS growth during each phase.
+2. Quality at ratio 0.2 (attention + MLP groups, per layer): held-out perplexity on
+   Persuasion of the dense model, of one-shot `prune` (magnitude, wanda, taylor, random) and
+   of LHSPG at a stated token budget. The budget is small on 2 CPU cores; the numbers say
+   what this budget buys, not what the method reaches with a GPU's budget.
+
+Writes bench/out/lhspg.json and prints Markdown tables. Needs `make model` and
+`lorashear data fetch --sources austen` (the script runs both if needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SEQ = 128
+BATCH = 2
+PERIODS, STEPS = 2, int(os.environ.get("BENCH_LHSPG_STEPS", "10"))
+EVAL_WINDOWS = int(os.environ.get("BENCH_EVAL_WINDOWS", "8"))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_step_cost(module, tokenizer, train: Path) -> dict:
+    """Plain LoRA step vs LHSPG step (the same + the projection over 20% of the groups)."""
+    from lorashear.kernels import project_groups
+    from lorashear.passes.lhspg import build_group_index
+    from lorashear.runtime.executor import IRModel
+
+    groups = module.attributes["groups"]
+    ids = tokenizer(train.read_text()[:20_000], return_tensors="pt").input_ids[0]
+    batch = ids[: BATCH * SEQ].view(BATCH, SEQ)
+    model = IRModel(module).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    families = [f.id for f in groups.families if f.kind in ("attn", "mlp")]
+    index = build_group_index(module, model, groups, families)
+    chosen = torch.zeros(index.num_groups, dtype=torch.bool)
+    pick = torch.randperm(index.num_groups, generator=torch.Generator().manual_seed(0))
+    chosen[pick[: index.num_groups // 5]] = True
+
+    def step(project: bool) -> float:
+        start = time.perf_counter()
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if project:
+            project_groups(index.weights, chosen, 1e-4)
+        return time.perf_counter() - start
+
+    step(False)
+    base_rss = rss_mb()
+    plain = [step(False) for _ in range(3)]
+    plain_rss = rss_mb()
+    projected = [step(True) for _ in range(3)]
+    lhspg_rss = rss_mb()
+    return {"plain_s": min(plain), "lhspg_s": min(projected), "ratio": min(projected) / min(plain),
+            "peak_rss_mb_plain": plain_rss, "peak_rss_mb_lhspg": lhspg_rss, "rss_before_mb": base_rss}
+
+
+def main() -> int:
+    from transformers import AutoTokenizer
+
+    from lorashear.data.cache import text_dir
+    from lorashear.data.sources import fetch_sources
+    from lorashear.eval.perplexity import text_perplexity
+    from lorashear.ir.core import clone_module
+    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.models.default import prepare_default_model
+    from lorashear.passes import PassManager
+    from lorashear.runtime.executor import emit_torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    out_dir = Path(__file__).parent / "out"
+    out_dir.mkdir(exist_ok=True)
+    model_dir = prepare_default_model()
+    fetch_sources(["austen"])
+    heldout = (text_dir() / "austen" / "heldout.txt").read_text()
+    train = out_dir / "austen-train-slice.txt"
+    train.write_text((text_dir() / "austen" / "train.txt").read_text()[:400_000])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    module = lower_pretrained(model_dir, lora_rank=8)
+    PassManager.parse("discover").run(module)
+    results: dict = {"seq_len": SEQ, "batch": BATCH, "threads": torch.get_num_threads()}
+
+    results["step"] = measure_step_cost(module, tokenizer, train)
+
+    # --- 2. quality at 20% --------------------------------------------------------------------
+    def ppl(m) -> float:
+        return text_perplexity(emit_torch(m), tokenizer, heldout, window_length=SEQ,
+                               max_windows=EVAL_WINDOWS, progress=False).ppl
+
+    rows = [{"method": "dense", "ppl": ppl(module), "seconds": 0.0}]
+    common = f"ratio=0.2,kinds=attn,mlp,scope=per-layer,data={train},batches=4,batch=2,seq-len={SEQ}"
+    for metric in ("random", "magnitude", "wanda", "taylor"):
+        start = time.perf_counter()
+        pruned = clone_module(module)
+        PassManager.parse(f"prune{{metric={metric},{common}}},compress").run(pruned)
+        rows.append({"method": f"one-shot {metric}", "ppl": ppl(pruned), "seconds": time.perf_counter() - start})
+    tokens = PERIODS * STEPS * BATCH * SEQ
+    start = time.perf_counter()
+    trained = clone_module(module)
+    PassManager.parse(f"lhspg{{ratio=0.2,periods={PERIODS},steps={STEPS},batch={BATCH},seq-len={SEQ},"
+                      f"metric=magnitude,lr=2e-3,data={train},progress=false}},compress").run(trained)
+    rows.append({"method": f"LHSPG ({tokens:,} training tokens)", "ppl": ppl(trained),
+                 "seconds": time.perf_counter() - start})
+    results["quality"] = rows
+    (out_dir / "lhspg.json").write_text(json.dumps(results, indent=2))
+
+    s = results["step"]
+    print(f"| step (batch {BATCH}x{SEQ}) | seconds | peak RSS (MB) |\n|---|---|---|")
+    print(f"| plain LoRA AdamW | {s['plain_s']:.2f} | {s['peak_rss_mb_plain']:.0f} |")
+    print(f"| LHSPG (+ projection, torch reference) | {s['lhspg_s']:.2f} ({s['ratio']:.2f}x) | "
+          f"{s['peak_rss_mb_lhspg']:.0f} |")
+    print(f"\n| method at 20% (attn+MLP, per layer) | held-out ppl ({EVAL_WINDOWS}x{SEQ}) | seconds |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['ppl']:.1f} | {r['seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
