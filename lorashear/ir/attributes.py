@@ -36,8 +36,25 @@ def register_attribute(cls: type[Attribute]) -> type[Attribute]:
     return cls
 
 
+#: Attribute kinds defined by passes, imported on first use so that any `.ir` file parses in a
+#: fresh process (the pass modules need not have been imported by a pipeline first).
+BUILTIN_ATTRIBUTE_MODULES: dict[str, str] = {
+    "groups": "lorashear.passes.groups",
+    "prune-mask": "lorashear.passes.groups",
+    "saliency": "lorashear.passes.saliency_attr",
+    "lhspg-log": "lorashear.passes.lhspg",
+}
+
+
 def attribute_kind(name: str) -> type[Attribute] | None:
-    return _ATTRIBUTE_KINDS.get(name)
+    """The attribute class registered as ``name`` (importing its built-in module if needed)."""
+    cls = _ATTRIBUTE_KINDS.get(name)
+    if cls is None and name in BUILTIN_ATTRIBUTE_MODULES:
+        import importlib
+
+        importlib.import_module(BUILTIN_ATTRIBUTE_MODULES[name])
+        cls = _ATTRIBUTE_KINDS.get(name)
+    return cls
 
 
 def dump_json(data: Any) -> str:

@@ -87,7 +87,8 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
             rewritten += 1
     _update_config(module, groups, removed, eps_scale)
     module.attributes.pop("groups", None)
-    module.attributes.pop("prune-mask", None)
+    for stale in ("prune-mask", "saliency"):  # indices into the groups that no longer exist
+        module.attributes.pop(stale, None)
     return {"parameters removed": before - module.num_parameters(), "means rewritten": rewritten}
 
 

@@ -122,3 +122,36 @@ def test_values_keep_producers():
         for r in op.results:
             assert isinstance(r, Value) and r.producer is op and isinstance(op, Op)
     assert module.graph.inputs[0].type == TensorType("f32", ("B", "S", 4))
+
+
+LORA = """lorashear-ir 1
+param @q.weight : f32[4, 4] = meta
+param @q.lora_A.weight : f32[2, 4] = meta
+param @q.lora_B.weight : f32[4, 2] = meta
+input %x : f32[B, S, 4]
+%0 = lora_linear(%x, @q.weight, none, @q.lora_A.weight, @q.lora_B.weight, scaling=2.0, dropout=0.0) : f32[B, S, 4]
+output logits = %0
+"""
+
+
+def test_lora_rank_mismatch_is_caught():
+    verify(parse_module(LORA))
+    with pytest.raises(VerificationError, match="lora_linear.*ill-typed"):
+        verify(parse_module(LORA.replace("@q.lora_B.weight : f32[4, 2]", "@q.lora_B.weight : f32[4, 3]")))
+
+
+def test_pass_attributes_parse_in_a_fresh_process(tmp_path):
+    """`.ir` files carrying groups/prune-mask load without importing any pass first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(__file__).parent.parent / "filecheck" / "mlp.ir"
+    done = subprocess.run(["lorashear-opt", str(source), "--passes=discover", "-o", str(tmp_path / "g.ir")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    code = ("from lorashear.ir.fileformat import load_ir; m = load_ir(r'%s'); "
+            "print(sorted(m.attributes))" % (tmp_path / "g.ir"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "'groups'" in done.stdout and "'prune-mask'" in done.stdout
