@@ -43,6 +43,7 @@ BUILTIN_ATTRIBUTE_MODULES: dict[str, str] = {
     "prune-mask": "lorashear.passes.groups",
     "saliency": "lorashear.passes.saliency_attr",
     "lhspg-log": "lorashear.passes.lhspg",
+    "knowledge": "lorashear.passes.knowledge",
 }
 
 

@@ -38,6 +38,7 @@ from lorashear.passes.calibration import (
     tokenize_text_file,
 )
 from lorashear.passes.groups import KINDS, GroupsAttr, PruneMaskAttr, param_units_numel
+from lorashear.passes.knowledge import protected_families
 from lorashear.passes.prune import FamilyBudget, choose_units
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import METRICS, MetricName, check_metric, score_groups
@@ -173,7 +174,8 @@ class Lhspg(ModulePass):
 
     def run(self, module: Module, analyses) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
-        families = [f for f in groups.families if f.kind in self.kinds]
+        protected = protected_families(module)  # a knowledge analysis may shield some
+        families = [f for f in groups.families if f.kind in self.kinds and f.id not in protected]
         if not families:
             raise PassError(f"no group families of kinds {','.join(self.kinds)}")
         if not lora_param_names(module):

@@ -37,6 +37,7 @@ from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.coupling import DimensionCoupling
 from lorashear.passes.groups import KINDS, GroupFamily, GroupsAttr, PruneMaskAttr, param_units_numel
+from lorashear.passes.knowledge import protected_families
 from lorashear.passes.masking import zero_groups
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import (
@@ -215,7 +216,8 @@ class Prune(ModulePass):
         groups = module.attributes["groups"]
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
-        families = [f for f in groups.families if f.kind in self.kinds]
+        protected = protected_families(module)  # a knowledge analysis may shield some
+        families = [f for f in groups.families if f.kind in self.kinds and f.id not in protected]
         if not families:
             found = sorted({f.kind for f in groups.families})
             raise PassError(f"no group families of kinds {','.join(self.kinds)} to prune "

@@ -26,6 +26,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "discover": "lorashear.passes.discover:Discover",
     "compress": "lorashear.passes.compress:Compress",
     "lhspg": "lorashear.passes.lhspg:Lhspg",
+    "knowledge": "lorashear.passes.knowledge:Knowledge",
 }
 
 _registered: dict[str, type[ModulePass]] = {}

@@ -130,3 +130,21 @@ def test_lhspg_errors(trained, lowered, tmp_path):
     PassManager.parse("discover").run(plain)
     with pytest.raises(PassError, match="has none"):
         _lhspg(plain, data)
+
+
+def test_knowledge_protects_the_most_sensitive_families(trained):
+    from lorashear.passes.knowledge import KnowledgeAttr
+
+    module, data, _ = trained
+    analysed = clone_module(module)
+    PassManager.parse(f"knowledge{{gamma=0.5,data={data},seq-len=32,batch=4,batches=2,"
+                      "progress=false},prune{ratio=0.3}").run(analysed)
+    knowledge = analysed.attributes["knowledge"]
+    assert isinstance(knowledge, KnowledgeAttr)
+    increase = dict(knowledge.loss_increase)
+    assert len(increase) == 4 and len(knowledge.protected) == 2  # 2 layers x (attn, mlp)
+    assert min(increase[f] for f in knowledge.protected) >= max(
+        d for f, d in increase.items() if f not in knowledge.protected)
+    assert max(increase.values()) > 0  # removing a whole layer's attention or MLP hurts
+    removed = analysed.attributes["prune-mask"].as_dict()
+    assert removed and not set(removed) & set(knowledge.protected)
