@@ -15,13 +15,14 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 BUDGETS = {
     # periods x steps x batch x seq-len training windows; eval windows of 128 tokens
-    "quick": dict(periods=2, steps=8, batch=2, seq_len=128, eval_windows=8),
+    "quick": dict(periods=2, steps=16, batch=2, seq_len=128, eval_windows=8),
     "full": dict(periods=4, steps=100, batch=4, seq_len=256, eval_windows=32),
 }
 PROMPT = "What is the capital of France? Answer in one sentence."
@@ -68,6 +69,7 @@ def main() -> int:
     from lorashear.runtime.hf import load_pretrained, save_model_dir
     from lorashear.runtime.onnx_emit import emit_onnx
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter
     budget_name = os.environ.get("DEMO_BUDGET", "quick")
     if budget_name not in BUDGETS:
         print(f"demo: DEMO_BUDGET must be one of {', '.join(BUDGETS)}", file=sys.stderr)
@@ -92,7 +94,7 @@ def main() -> int:
     module = lower_pretrained(model_dir, lora_rank=8)
     dense = clone_module(module)
     pipeline = (f"discover,lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
-                f"batch={budget['batch']},seq-len={budget['seq_len']},metric=magnitude,lr=2e-3,"
+                f"batch={budget['batch']},seq-len={budget['seq_len']},metric=taylor,lr=1e-3,"
                 f"data={train_file}}},compress")
     log(f"running {pipeline}")
     manager = PassManager.parse(pipeline)
