@@ -19,6 +19,15 @@ from lorashear.ir.attributes import Attribute, register_attribute
 KINDS = ("attn", "mlp", "hidden", "other")
 
 
+def check_kinds(pass_name: str, kinds: tuple[str, ...]) -> None:
+    """A pass's ``kinds=`` option: non-empty, every entry a known group kind."""
+    from lorashear.errors import PassError
+
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise PassError(f"{pass_name} kinds must be among {', '.join(KINDS)}, "
+                        f"got {','.join(kinds) or 'none'}")
+
+
 @dataclass(frozen=True)
 class FamilyMember:
     """Parameter axis ``axis`` of ``param``: index r is in unit (r // stride) % family.size."""

@@ -21,7 +21,7 @@ from lorashear.ir.attributes import Attribute, register_attribute
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import CalibrationOptions, calibration_batches
-from lorashear.passes.groups import KINDS, GroupsAttr
+from lorashear.passes.groups import GroupsAttr, check_kinds
 from lorashear.passes.registry import register_pass
 from lorashear.runtime.executor import emit_torch
 
@@ -73,8 +73,7 @@ class Knowledge(ModulePass):
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma < 1.0:
             raise PassError(f"knowledge gamma must be in [0, 1), got {self.gamma}")
-        if any(k not in KINDS for k in self.kinds) or not self.kinds:
-            raise PassError(f"knowledge kinds must be among {', '.join(KINDS)}")
+        check_kinds(self.name, self.kinds)
 
     def run(self, module: Module, analyses) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]

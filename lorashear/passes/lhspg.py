@@ -37,7 +37,7 @@ from lorashear.passes.calibration import (
     read_token_ids,
     tokenize_text_file,
 )
-from lorashear.passes.groups import KINDS, GroupsAttr, PruneMaskAttr, param_units_numel
+from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.passes.knowledge import protected_families
 from lorashear.passes.prune import FamilyBudget, choose_units
 from lorashear.passes.registry import register_pass
@@ -154,9 +154,7 @@ class Lhspg(ModulePass):
         if self.periods < 1 or self.steps < 1:
             raise PassError("lhspg periods and steps must be at least 1")
         check_metric(self.metric)
-        unknown = [k for k in self.kinds if k not in KINDS]
-        if unknown or not self.kinds:
-            raise PassError(f"lhspg kinds must be among {', '.join(KINDS)}")
+        check_kinds(self.name, self.kinds)
         if not self.data:
             raise PassError("lhspg needs training data", hint="lhspg{data=book.txt} (or a .ids file)")
 

@@ -36,7 +36,13 @@ from lorashear.errors import PassError
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.coupling import DimensionCoupling
-from lorashear.passes.groups import KINDS, GroupFamily, GroupsAttr, PruneMaskAttr, param_units_numel
+from lorashear.passes.groups import (
+    GroupFamily,
+    GroupsAttr,
+    PruneMaskAttr,
+    check_kinds,
+    param_units_numel,
+)
 from lorashear.passes.knowledge import protected_families
 from lorashear.passes.masking import zero_groups
 from lorashear.passes.registry import register_pass
@@ -190,10 +196,7 @@ class Prune(ModulePass):
             raise PassError(f"prune ratio must be in [0, 1), got {self.ratio}")
         if self.metric is not None:
             check_metric(self.metric, self.weights)
-        unknown = [k for k in self.kinds if k not in KINDS]
-        if unknown or not self.kinds:
-            raise PassError(f"prune kinds must be among {', '.join(KINDS)}, "
-                            f"got {','.join(self.kinds) or 'none'}")
+        check_kinds(self.name, self.kinds)
         if self.align < 1:
             raise PassError(f"prune align must be at least 1, got {self.align}")
 
