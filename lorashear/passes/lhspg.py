@@ -18,7 +18,7 @@ at each period's end keeps the guarantee. The result is the masked model plus th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -37,8 +37,16 @@ from lorashear.passes.calibration import (
     read_token_ids,
     tokenize_text_file,
 )
+from lorashear.passes.checkpoint import (
+    TrainingCheckpoint,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
 from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.passes.knowledge import protected_families
+from lorashear.passes.pipeline import format_pass
 from lorashear.passes.prune import FamilyBudget, choose_units
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import METRICS, MetricName, check_metric, score_groups
@@ -117,12 +125,13 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
     return GroupIndex(offsets, total, weights, touched)
 
 
-def _epochs(windows: torch.Tensor, batch: int, generator: torch.Generator):
-    """Batches of ``batch`` windows, epoch after epoch, each epoch in a fresh seeded order."""
-    while True:
-        perm = torch.randperm(len(windows), generator=generator)
-        for i in range(len(windows) // batch):
-            yield windows[perm[i * batch:(i + 1) * batch]]
+def batch_for_step(windows: torch.Tensor, batch: int, seed: int, step: int) -> torch.Tensor:
+    """The windows of training step ``step``: epochs over a seeded permutation, fresh each
+    epoch. A function of the step alone, so a resumed run sees exactly the same data."""
+    per_epoch = len(windows) // batch
+    epoch, index = divmod(step, per_epoch)
+    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return windows[perm[index * batch:(index + 1) * batch]]
 
 
 @register_pass
@@ -146,6 +155,8 @@ class Lhspg(ModulePass):
     batch: int = option(4, "windows per step")
     seed: int = option(0, "seed of data order and the random metric")
     log: str = option("", "append one JSON line per step to this file (loss, sparsity)")
+    checkpoint_dir: str = option("", "save a checkpoint here at every period's end and resume "
+                                 "from it when present (a killed run continues exactly)")
     progress: bool = option(True, "show a progress bar per period")
 
     def __post_init__(self) -> None:
@@ -184,7 +195,6 @@ class Lhspg(ModulePass):
                                          self.batch, self.seq_len, self.seed)
         scores = score_groups(module, groups, self.metric, seed=self.seed,
                               family_ids=[f.id for f in families], calibration=calibration)
-        batches = _epochs(windows, self.batch, torch.Generator().manual_seed(self.seed))
         torch.manual_seed(self.seed)
         model = IRModel(module).train()
         index = build_group_index(module, model, groups, [f.id for f in families])
@@ -192,11 +202,25 @@ class Lhspg(ModulePass):
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
         chosen_units: dict[int, tuple[int, ...]] = {}
         chosen = torch.zeros(index.num_groups, dtype=torch.bool)
-        log_rows, period_log = [], []
-        step_total = 0
+        period_log: list[dict] = []
+        step_total, first_period, first_loss = 0, 0, None
+        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log=""))
+        names = {id(p): n for n, p in model.named_parameters()}
+        resumed = load_checkpoint(self.checkpoint_dir, owner) if self.checkpoint_dir else None
+        if resumed is not None:
+            with torch.no_grad():
+                for name in set(index.touched) | {names[id(p)] for p in trainable}:
+                    model.tensor(name).copy_(resumed.tensors[name])
+            restore_optimizer(optimizer, dict(model.named_parameters()), resumed.tensors)
+            chosen_units = {int(f): tuple(u) for f, u in resumed.state["chosen_units"].items()}
+            for f_id, units in chosen_units.items():
+                for u in units:
+                    chosen[index.gid(f_id, u)] = True
+            step_total, first_period = resumed.state["step_total"], resumed.state["period"] + 1
+            period_log, first_loss = resumed.state["period_log"], resumed.state["first_loss"]
         log_file = open(self.log, "a", encoding="utf-8") if self.log else None  # noqa: SIM115
         try:
-            for period in range(self.periods):
+            for period in range(first_period, self.periods):
                 target = self.ratio * (period + 1) / self.periods
                 budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f),
                                         tuple(chosen_units.get(f.id, ()))) for f in families]
@@ -213,7 +237,7 @@ class Lhspg(ModulePass):
                 bar = tqdm(range(self.steps), desc=f"lhspg period {period + 1}/{self.periods}",
                            disable=not self.progress, leave=False)
                 for step in bar:
-                    batch = next(batches)
+                    batch = batch_for_step(windows, self.batch, self.seed, step_total)
                     loss = model(batch, labels=batch).loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -222,15 +246,22 @@ class Lhspg(ModulePass):
                                            force=step == self.steps - 1)
                     zero_share = float(stats.zeroed[chosen].float().mean()) if chosen.any() else 0.0
                     losses.append(loss.item())
+                    first_loss = loss.item() if first_loss is None else first_loss
                     step_total += 1
                     bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero_share:.2f}")
                     row = {"period": period, "step": step_total, "loss": loss.item(),
                            "chosen": int(chosen.sum()), "chosen_zero_share": zero_share}
-                    log_rows.append(row)
                     if log_file:
                         log_file.write(json.dumps(row) + "\n")
                 period_log.append({"period": period, "chosen": int(chosen.sum()), "new": int(current.sum()),
                                    "mean_loss": sum(losses) / len(losses), "last_loss": losses[-1]})
+                if self.checkpoint_dir:
+                    tensors = {n: model.tensor(n) for n in set(index.touched) | {names[id(p)] for p in trainable}}
+                    tensors.update(optimizer_tensors(optimizer, names))
+                    save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
+                        "period": period, "step_total": step_total, "first_loss": first_loss,
+                        "period_log": period_log,
+                        "chosen_units": {str(f): list(u) for f, u in chosen_units.items()}}, tensors))
         finally:
             if log_file:
                 log_file.close()
@@ -243,4 +274,4 @@ class Lhspg(ModulePass):
         taken = sum(param_units_numel(module, f) * len(chosen_units.get(f.id, ())) for f in families)
         return PassResult(True, frozenset(), {
             "groups zeroed": int(chosen.sum()), "parameter share removed": round(taken / prunable, 6),
-            "first loss": log_rows[0]["loss"], "last loss": log_rows[-1]["loss"]})
+            "first loss": first_loss, "last loss": period_log[-1]["last_loss"]})

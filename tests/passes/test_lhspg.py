@@ -148,3 +148,46 @@ def test_knowledge_protects_the_most_sensitive_families(trained):
     assert max(increase.values()) > 0  # removing a whole layer's attention or MLP hurts
     removed = analysed.attributes["prune-mask"].as_dict()
     assert removed and not set(removed) & set(knowledge.protected)
+
+
+def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
+    """SIGKILL a real lhspg process after its first checkpoint; resuming gives bitwise the
+    weights and masks of an uninterrupted run (CPU, one thread)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorashear.ir.fileformat import save_ir
+
+    module, data, _ = trained
+    torch.set_num_threads(1)
+    save_ir(clone_module(module), tmp_path / "m.ir")
+    ckpt = tmp_path / "ckpt"
+    pipeline = (f"lhspg{{ratio=0.3,periods=3,steps=12,seq-len=32,batch=8,lr=5e-3,data={data},"
+                f"progress=false,checkpoint-dir={ckpt}}}")
+    script = ("import torch; torch.set_num_threads(1)\n"
+              "from lorashear.ir.fileformat import load_ir\nfrom lorashear.passes import PassManager\n"
+              f"m = load_ir(r'{tmp_path / 'm.ir'}')\nPassManager.parse(r'{pipeline}').run(m)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (ckpt / "state.json").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert (ckpt / "state.json").exists(), child.stderr.read().decode()[-2000:]
+    import json
+
+    assert json.loads((ckpt / "state.json").read_text())["state"]["period"] < 2, "killed too late"
+
+    resumed = clone_module(module)
+    steps_log = tmp_path / "resumed.jsonl"
+    PassManager.parse(pipeline.replace("progress=false", f"progress=false,log={steps_log}")).run(resumed)
+    first_step = json.loads(steps_log.read_text().splitlines()[0])["step"]
+    assert first_step > 12, "the resumed run started over instead of continuing"
+    straight = clone_module(module)
+    PassManager.parse(pipeline.replace(f",checkpoint-dir={ckpt}", "")).run(straight)
+    assert resumed.attributes["prune-mask"] == straight.attributes["prune-mask"]
+    for name, p in straight.params.items():
+        assert torch.equal(resumed.params[name].storage.load(), p.storage.load()), name
