@@ -44,6 +44,7 @@ BUILTIN_ATTRIBUTE_MODULES: dict[str, str] = {
     "saliency": "lorashear.passes.saliency_attr",
     "lhspg-log": "lorashear.passes.lhspg",
     "knowledge": "lorashear.passes.knowledge",
+    "recover-log": "lorashear.passes.recover",
 }
 
 

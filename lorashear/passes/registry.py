@@ -27,6 +27,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "compress": "lorashear.passes.compress:Compress",
     "lhspg": "lorashear.passes.lhspg:Lhspg",
     "knowledge": "lorashear.passes.knowledge:Knowledge",
+    "recover": "lorashear.passes.recover:Recover",
 }
 
 _registered: dict[str, type[ModulePass]] = {}

@@ -1,0 +1,178 @@
+"""recover: sampling follows the degradation, and weighted sampling recovers the damaged source
+faster than uniform sampling; stage 2 distils; masked groups stay zero; errors come early."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lorashear.errors import PassError
+from lorashear.ir.core import clone_module
+from lorashear.ir.fileformat import save_ir
+from lorashear.ir.frontend import lower_pretrained
+from lorashear.passes import PassManager
+from lorashear.passes.groups import PruneMaskAttr
+from lorashear.passes.masking import zero_groups
+from lorashear.runtime.executor import lora_param_names
+from tests.conftest import build_tiny
+
+SEQ = 32
+
+
+def chain_tokens(n: int, multiplier: int, offset: int, seed: int, vocab: int = 128) -> torch.Tensor:
+    """A learnable stream: next = (multiplier * prev + offset) % vocab, with 10% random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dtype=torch.long)
+    out[0] = 1
+    noise = torch.rand(n, generator=g) < 0.1
+    rand = torch.randint(0, vocab, (n,), generator=g)
+    for i in range(1, n):
+        out[i] = rand[i] if noise[i] else (multiplier * out[i - 1] + offset) % vocab
+    return out
+
+
+def _train(model, windows, steps: int, seed: int) -> None:
+    weights = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora" not in n]
+    opt = torch.optim.AdamW(weights, lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(0, len(windows), (8,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _save_and_lower(base, model_dir, adapter_dir):
+    from safetensors.torch import save_file
+
+    from lorashear.ir.lower import canonical_param_name
+
+    state = {canonical_param_name(n): p.detach().clone().contiguous()
+             for n, p in base.named_parameters() if "lora_" not in n}
+    state.pop("lm_head.weight", None)  # tied to the embedding
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    return lower_pretrained(model_dir, adapter=adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def recovery_setup(tmp_path_factory):
+    """The reference: a tiny Llama trained on chains A and B. The damaged model: the same
+    model fine-tuned on A alone (it forgets B), then masked (some MLP groups zeroed)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("recover")
+    a, b = chain_tokens(5000, 5, 3, seed=0), chain_tokens(5000, 7, 11, seed=1)
+    (root / "a.ids").write_text(" ".join(map(str, a.tolist())))
+    (root / "b.ids").write_text(" ".join(map(str, b.tolist())))
+    (root / "spec.yaml").write_text("sources:\n  - path: a.ids\n    name: a\n  - path: b.ids\n    name: b\n")
+    windows_a, windows_b = a[: 5000 // SEQ * SEQ].view(-1, SEQ), b[: 5000 // SEQ * SEQ].view(-1, SEQ)
+    tm = build_tiny("llama", root, seed=3)
+    base = tm.peft.get_base_model()
+    with tm.peft.disable_adapter():
+        _train(base, torch.cat([windows_a, windows_b]), 150, seed=0)
+        reference = _save_and_lower(base, tm.model_dir, tm.adapter_dir)
+        damaged_dir = root / "damaged-model"
+        shutil.copytree(tm.model_dir, damaged_dir)
+        _train(base, windows_a, 40, seed=1)
+        damaged = _save_and_lower(base, damaged_dir, tm.adapter_dir)
+    save_ir(clone_module(reference), root / "reference.ir")
+    PassManager.parse("discover").run(damaged)
+    groups = damaged.attributes["groups"]
+    mlp = [f for f in groups.families if f.kind == "mlp"][0]
+    removed = {mlp.id: tuple(range(0, mlp.size, 8))}
+    zero_groups(damaged, groups, removed)
+    damaged.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
+    return damaged, root
+
+
+def _recover(module, root, **opts):
+    options = {"data": root / "spec.yaml", "steps": 30, "stage1-steps": 30, "probe-every": 10,
+               "seq-len": SEQ, "batch": 8, "lr": 5e-3, "probe-windows": 8,
+               "reference": root / "reference.ir", "progress": "false", **opts}
+    text = ",".join(f"{k}={v}" for k, v in options.items())
+    result = clone_module(module)
+    PassManager.parse(f"recover{{{text}}}").run(result)
+    return result
+
+
+def test_weights_follow_degradation_and_beat_uniform_sampling(recovery_setup):
+    damaged, root = recovery_setup
+    dynamic = _recover(damaged, root)
+    static = _recover(damaged, root, sampling="static")
+    probes = dynamic.attributes["recover-log"].probes
+    assert [p["step"] for p in probes] == [0, 10, 20, 30]
+    first = probes[0]
+    assert first["ppl"]["b"] / first["reference_ppl"]["b"] > first["ppl"]["a"] / first["reference_ppl"]["a"]
+    assert first["weights"]["b"] > 0.5, first
+    assert static.attributes["recover-log"].probes[0]["weights"] == {"a": 0.5, "b": 0.5}
+    final_dynamic = probes[-1]["ppl"]["b"]
+    final_static = static.attributes["recover-log"].probes[-1]["ppl"]["b"]
+    assert final_dynamic < first["ppl"]["b"]
+    assert final_dynamic < final_static, (first["ppl"]["b"], final_dynamic, final_static)
+    # the masked groups stay exactly zero, including the trained LoRA factors
+    groups, removed = damaged.attributes["groups"], damaged.attributes["prune-mask"].as_dict()
+    for family_id, units in removed.items():
+        family = groups.families[family_id]
+        for m in family.members:
+            tensor = dynamic.params[m.param].storage.load()
+            unit = m.unit_of(tensor.shape[m.axis], family.size)
+            dead = torch.isin(unit, torch.tensor(units))
+            assert torch.all(tensor.movedim(m.axis, 0)[dead] == 0), m.param
+    changed = [n for n in lora_param_names(damaged) if not torch.equal(
+        damaged.params[n].storage.load(), dynamic.params[n].storage.load())]
+    assert changed, "LoRA did not train"
+
+
+def test_stage2_distils_logs_and_resumes(recovery_setup, tmp_path):
+    damaged, root = recovery_setup
+    log = tmp_path / "recover.jsonl"
+    ckpt = tmp_path / "ckpt"
+    opts = dict(steps=6, **{"stage1-steps": 3, "probe-every": 3}, loss="kd", log=log,
+                **{"checkpoint-dir": ckpt})
+    first = _recover(damaged, root, **opts)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["step"], line["stage"]) for line in lines] == [(0, 1), (3, 2), (6, 2)]
+    assert set(lines[-1]["weights"]) == {"a", "b"}
+    assert (ckpt / "state.json").is_file()
+    again = _recover(damaged, root, **opts)  # resumes at the end: the same weights, no steps
+    for name in lora_param_names(damaged):
+        assert torch.equal(first.params[name].storage.load(), again.params[name].storage.load())
+    assert again.attributes["recover-log"] == first.attributes["recover-log"]
+
+
+def test_without_reference_the_start_model_is_the_reference(recovery_setup):
+    damaged, root = recovery_setup
+    result = _recover(damaged, root, steps=2, **{"stage1-steps": 2, "probe-every": 2}, reference='""')
+    first = result.attributes["recover-log"].probes[0]
+    assert first["ppl"] == pytest.approx(first["reference_ppl"])
+    assert first["weights"] == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def _spec(tmp_path, body: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_errors_before_training(recovery_setup, tmp_path):
+    damaged, root = recovery_setup
+    a = root / "a.ids"
+    with pytest.raises(PassError, match="does not exist"):
+        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {tmp_path}/missing.ids\n"))
+    (tmp_path / "empty.ids").write_text("")
+    with pytest.raises(PassError, match="is empty"):
+        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: empty.ids\n"))
+    (tmp_path / "alpaca.jsonl").write_text('{"instruction": "say hi", "output": "hi"}\n{"output": "x"}\n')
+    with pytest.raises(PassError, match="no 'instruction' field"):
+        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: alpaca.jsonl\n"))
+    with pytest.raises(PassError, match="exceeds the model's maximum of 256"):
+        _recover(damaged, root, **{"seq-len": 512})
+    with pytest.raises(PassError, match="needs it"):
+        _recover(damaged, root, **{"stage1-steps": 10}, loss="kd", reference='""')
+    with pytest.raises(PassError, match="stage 2 needs an instruction source"):
+        _recover(damaged, root, **{"stage1-steps": 10})
