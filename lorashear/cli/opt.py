@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-passes", action="store_true", help="print a timing report to stderr")
     parser.add_argument("--print-groups", action="store_true",
                         help="after the pipeline, print the removable groups by kind and layer")
+    parser.add_argument("--report", metavar="PATH",
+                        help="after success, write a pruning report: HTML (PATH ends in .html, "
+                        "inline SVG plots) or Markdown (.md)")
     parser.add_argument("--print-pipeline", action="store_true",
                         help="print the canonical pipeline text to stderr before running")
     add_common_options(parser)
@@ -72,13 +75,30 @@ def _run(args: argparse.Namespace) -> int:
     manager = PassManager.parse(args.passes)  # parse before loading: bad pipelines fail fast
     if args.print_pipeline:
         print(f"pipeline: {manager}", file=sys.stderr)
+    if args.report:
+        from lorashear.report import check_report_path
+
+        check_report_path(args.report)  # a bad name fails before the run, not after it
     module = load_ir(args.input)
 
     def show(pass_text: str, ir_text: str) -> None:
         print(f"// ----- IR after {pass_text} ----- //\n{ir_text}", file=sys.stderr)
 
-    manager.run(module, verify_each=args.verify_each,
-                print_ir_after_all=show if args.print_ir_after_all else None)
+    after_pass = show if args.print_ir_after_all else None
+    if args.report:
+        from lorashear.ir.core import clone_module
+        from lorashear.report import AttributeTracker, step_log_positions
+
+        before = clone_module(module)  # shares tensor storage: cheap, and passes replace params
+        tracker = AttributeTracker(module)
+        log_positions = step_log_positions(manager.passes)
+
+        def after_pass(pass_text: str, ir_text: str) -> None:
+            tracker.after_pass(pass_text, ir_text)
+            if args.print_ir_after_all:
+                show(pass_text, ir_text)
+
+    manager.run(module, verify_each=args.verify_each, print_ir_after_all=after_pass)
     if args.print_groups:
         from lorashear.passes.discover import summarize_groups
 
@@ -92,6 +112,11 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(print_module(module))
     elif args.output:
         save_ir(module, args.output)
+    if args.report:
+        from lorashear.report import build_report, read_step_log, write_report
+
+        write_report(build_report(before, module, manager.records, step_log=read_step_log(log_positions),
+                                  seen_attributes=tracker.last_seen), args.report)
     if args.time_passes:
         print(manager.timing_report(), file=sys.stderr)
     return 0
