@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from lorashear.ir.core import Module, Op, Param, Value
-from lorashear.ir.types import SymIntType, TensorType
+from lorashear.ir.types import TensorType
 from lorashear.passes.analysis import Analysis
 
 Ref = Value | Param
@@ -174,6 +174,8 @@ class _Builder:
         self.refs: dict[int, Ref] = {}
         self.head_factors: list[int] = []  # factors on an attention head axis
         self.embedding_factors: list[int] = []
+        self.contractions: list[tuple[Op, list[int]]] = []  # matmul: (op, contracted axis)
+        self.pending_reductions: list[tuple[Op, list[int]]] = []  # sum/mean: (op, reduced axis)
 
     # --- descriptors --------------------------------------------------------------------------
     def desc(self, ref: Ref) -> list[list[int]]:
@@ -292,12 +294,6 @@ class _Builder:
                     self.fs.unify(src[j], out[k], self.where(op))
 
     _bmm = _matmul
-
-    @property
-    def contractions(self) -> list:
-        if not hasattr(self, "_contractions"):
-            self._contractions = []
-        return self._contractions
 
     def _reshape(self, op: Op) -> None:
         x, out = op.args[0], op.results[0]
@@ -467,12 +463,6 @@ class _Builder:
 
     _mean = _sum
 
-    @property
-    def pending_reductions(self) -> list:
-        if not hasattr(self, "_pending"):
-            self._pending = []
-        return self._pending
-
     def _sdpa(self, op: Op) -> None:
         q, k, v = op.args[0], op.args[1], op.args[2]
         qd, kd, vd, out = self.desc(q), self.desc(k), self.desc(v), self.desc(op.results[0])
@@ -496,13 +486,6 @@ class _Builder:
         for axis in (qd[h + 2], vd[h + 2]):
             self.pin_all_axis(axis, reason)
         self.head_factors.extend(kd[h])
-        self.sdpa_ops.append(op)
-
-    @property
-    def sdpa_ops(self) -> list:
-        if not hasattr(self, "_sdpa_ops"):
-            self._sdpa_ops = []
-        return self._sdpa_ops
 
     # --- pass 2: zeros in the masked model ------------------------------------------------------
     def check_zeros(self, result: CouplingResult) -> None:
@@ -617,7 +600,3 @@ class _Builder:
                 seen.add((name, axis))
                 unique.append((name, axis, reason))
         result.unprunable = unique
-
-
-def value_is_tensor(v: Value) -> bool:
-    return not isinstance(v.type, SymIntType)

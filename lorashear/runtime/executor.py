@@ -108,13 +108,6 @@ class IRModel(nn.Module):
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def sync_to_ir(self) -> None:
-        """Write the current tensor values back into the IR module (after training)."""
-        from lorashear.ir.storage import DataStorage
-
-        for name, param in self.ir.params.items():
-            param.storage = DataStorage(self.tensor(name).detach().to("cpu").clone())
-
 
 def emit_torch(module: Module, *, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> IRModel:
