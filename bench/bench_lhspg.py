@@ -113,7 +113,7 @@ def main() -> int:
     start = time.perf_counter()
     trained = clone_module(module)
     PassManager.parse(f"lhspg{{ratio=0.2,periods={PERIODS},steps={STEPS},batch={BATCH},seq-len={SEQ},"
-                      f"metric=magnitude,lr=2e-3,data={train},progress=false}},compress").run(trained)
+                      f"metric=taylor,lr=1e-3,data={train},progress=false}},compress").run(trained)
     rows.append({"method": f"LHSPG ({tokens:,} training tokens)", "ppl": ppl(trained),
                  "seconds": time.perf_counter() - start})
     results["quality"] = rows
