@@ -104,3 +104,46 @@ def random_batch(vocab: int, batch: int = 3, seq: int = 11, seed: int = 1):
     if batch > 2:
         mask[2, seq - 3:] = 0
     return ids, mask
+
+
+def markov_tokens(n: int, multiplier: int = 5, offset: int = 3, seed: int = 0,
+                  vocab: int = 128) -> torch.Tensor:
+    """A learnable token stream: next = (multiplier * prev + offset) % vocab, 10% random."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dtype=torch.long)
+    out[0] = 1
+    noise = torch.rand(n, generator=g) < 0.1
+    rand = torch.randint(0, vocab, (n,), generator=g)
+    for i in range(1, n):
+        out[i] = rand[i] if noise[i] else (multiplier * out[i - 1] + offset) % vocab
+    return out
+
+
+def train_all_weights(model, windows: torch.Tensor, steps: int, seed: int, lr: float = 3e-3) -> None:
+    """Train every non-LoRA weight of an HF model on random batches of 8 windows (AdamW)."""
+    weights = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora" not in n]
+    opt = torch.optim.AdamW(weights, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(0, len(windows), (8,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def save_base_and_lower(base, model_dir: Path, adapter_dir: Path):
+    """Overwrite ``model_dir``'s weights with ``base``'s (a peft-wrapped HF model, tied
+    embeddings) and lower it with the adapter in ``adapter_dir``."""
+    from safetensors.torch import save_file
+
+    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.ir.lower import canonical_param_name
+
+    state = {canonical_param_name(n): p.detach().clone().contiguous()
+             for n, p in base.named_parameters() if "lora_" not in n}
+    state.pop("lm_head.weight", None)  # tied to the embedding
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    return lower_pretrained(model_dir, adapter=adapter_dir)

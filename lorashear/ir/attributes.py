@@ -27,6 +27,22 @@ class Attribute:
         raise NotImplementedError
 
 
+class RecordListAttr(Attribute):
+    """Base of attributes that are a list of JSON records (training logs); the subclass names
+    its one tuple field in ``records_field``."""
+
+    records_field: ClassVar[str]
+
+    def to_json(self) -> Any:
+        return list(getattr(self, self.records_field))
+
+    @classmethod
+    def from_json(cls, data: Any) -> RecordListAttr:
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise ValueError(f"{cls.kind} must be a JSON list of objects")
+        return cls(tuple(dict(d) for d in data))
+
+
 def register_attribute(cls: type[Attribute]) -> type[Attribute]:
     """Class decorator: make an attribute kind printable and parseable by its ``kind``."""
     existing = _ATTRIBUTE_KINDS.get(cls.kind)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from lorashear.errors import PassError
-from lorashear.ir.attributes import Attribute, register_attribute
+from lorashear.ir.attributes import RecordListAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
 from lorashear.kernels import GroupedWeight, group_norms, project_groups
@@ -55,20 +55,12 @@ from lorashear.runtime.executor import IRModel, lora_param_names
 
 @register_attribute
 @dataclass(frozen=True)
-class LhspgLogAttr(Attribute):
+class LhspgLogAttr(RecordListAttr):
     """What LHSPG did, per period: units chosen, mean loss, share of chosen groups at zero."""
 
     kind: ClassVar[str] = "lhspg-log"
+    records_field: ClassVar[str] = "periods"
     periods: tuple[dict, ...]
-
-    def to_json(self) -> Any:
-        return list(self.periods)
-
-    @classmethod
-    def from_json(cls, data: Any) -> LhspgLogAttr:
-        if not isinstance(data, list):
-            raise ValueError("lhspg-log must be a JSON list")
-        return cls(tuple(dict(d) for d in data))
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lorashear.errors import DataError, LorashearError, PassError
-from lorashear.ir.attributes import Attribute, SourceAttr, register_attribute
+from lorashear.ir.attributes import RecordListAttr, SourceAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
 from lorashear.passes.base import ModulePass, PassResult, option
@@ -59,20 +59,12 @@ from lorashear.runtime.executor import IRModel, lora_param_names
 
 @register_attribute
 @dataclass(frozen=True)
-class RecoverLogAttr(Attribute):
+class RecoverLogAttr(RecordListAttr):
     """What recovery measured: one entry per probe (step, per-source ppl, sampling weights)."""
 
     kind: ClassVar[str] = "recover-log"
+    records_field: ClassVar[str] = "probes"
     probes: tuple[dict, ...]
-
-    def to_json(self) -> Any:
-        return list(self.probes)
-
-    @classmethod
-    def from_json(cls, data: Any) -> RecoverLogAttr:
-        if not isinstance(data, list):
-            raise ValueError("recover-log must be a JSON list")
-        return cls(tuple(dict(d) for d in data))
 
 
 @dataclass

@@ -7,25 +7,12 @@ import torch
 
 from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
-from lorashear.ir.frontend import lower_pretrained
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
 from lorashear.passes.groups import param_units_numel
 from lorashear.passes.masking import zero_groups
 from lorashear.runtime.executor import emit_torch, lora_param_names
-from tests.conftest import build_tiny
-
-
-def markov_tokens(n: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
-    """A learnable token stream: next = (5 * prev + 3) % vocab, with 10% random tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n, dtype=torch.long)
-    out[0] = 1
-    noise = torch.rand(n, generator=g) < 0.1
-    rand = torch.randint(0, vocab, (n,), generator=g)
-    for i in range(1, n):
-        out[i] = rand[i] if noise[i] else (5 * out[i - 1] + 3) % vocab
-    return out
+from tests.conftest import build_tiny, markov_tokens, save_base_and_lower, train_all_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +23,10 @@ def trained(tmp_path_factory):
     (root / "train.ids").write_text(" ".join(map(str, tokens.tolist())))
     tm = build_tiny("llama", root, seed=3)
     base = tm.peft.get_base_model()
+    windows = tokens[: 6000 // 32 * 32].view(-1, 32)
     with tm.peft.disable_adapter():
-        weights = [p.requires_grad_(True) for n, p in base.named_parameters() if "lora" not in n]
-        opt = torch.optim.AdamW(weights, lr=3e-3)
-        windows = tokens[: 6000 // 32 * 32].view(-1, 32)
-        g = torch.Generator().manual_seed(0)
-        base.train()
-        for _ in range(150):
-            batch = windows[torch.randint(0, len(windows), (8,), generator=g)]
-            loss = base(input_ids=batch, labels=batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        base.eval()
-    from safetensors.torch import save_file
-
-    from lorashear.ir.lower import canonical_param_name
-
-    state = {canonical_param_name(n): p.detach().clone().contiguous()
-             for n, p in base.named_parameters() if "lora_" not in n}
-    state.pop("lm_head.weight", None)  # tied to the embedding
-    save_file(state, str(tm.model_dir / "model.safetensors"), metadata={"format": "pt"})
-    module = lower_pretrained(tm.model_dir, adapter=tm.adapter_dir)
+        train_all_weights(base, windows, 150, seed=0)
+    module = save_base_and_lower(base, tm.model_dir, tm.adapter_dir)
     PassManager.parse("discover").run(module)
     return module, root / "train.ids", windows
 

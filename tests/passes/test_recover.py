@@ -12,52 +12,13 @@ import torch
 from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
 from lorashear.ir.fileformat import save_ir
-from lorashear.ir.frontend import lower_pretrained
 from lorashear.passes import PassManager
 from lorashear.passes.groups import PruneMaskAttr
 from lorashear.passes.masking import zero_groups
 from lorashear.runtime.executor import lora_param_names
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, markov_tokens, save_base_and_lower, train_all_weights
 
 SEQ = 32
-
-
-def chain_tokens(n: int, multiplier: int, offset: int, seed: int, vocab: int = 128) -> torch.Tensor:
-    """A learnable stream: next = (multiplier * prev + offset) % vocab, with 10% random tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n, dtype=torch.long)
-    out[0] = 1
-    noise = torch.rand(n, generator=g) < 0.1
-    rand = torch.randint(0, vocab, (n,), generator=g)
-    for i in range(1, n):
-        out[i] = rand[i] if noise[i] else (multiplier * out[i - 1] + offset) % vocab
-    return out
-
-
-def _train(model, windows, steps: int, seed: int) -> None:
-    weights = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora" not in n]
-    opt = torch.optim.AdamW(weights, lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        batch = windows[torch.randint(0, len(windows), (8,), generator=g)]
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-def _save_and_lower(base, model_dir, adapter_dir):
-    from safetensors.torch import save_file
-
-    from lorashear.ir.lower import canonical_param_name
-
-    state = {canonical_param_name(n): p.detach().clone().contiguous()
-             for n, p in base.named_parameters() if "lora_" not in n}
-    state.pop("lm_head.weight", None)  # tied to the embedding
-    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    return lower_pretrained(model_dir, adapter=adapter_dir)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +27,7 @@ def recovery_setup(tmp_path_factory):
     model fine-tuned on A alone (it forgets B), then masked (some MLP groups zeroed)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("recover")
-    a, b = chain_tokens(5000, 5, 3, seed=0), chain_tokens(5000, 7, 11, seed=1)
+    a, b = markov_tokens(5000, 5, 3, seed=0), markov_tokens(5000, 7, 11, seed=1)
     (root / "a.ids").write_text(" ".join(map(str, a.tolist())))
     (root / "b.ids").write_text(" ".join(map(str, b.tolist())))
     (root / "spec.yaml").write_text("sources:\n  - path: a.ids\n    name: a\n  - path: b.ids\n    name: b\n")
@@ -74,12 +35,12 @@ def recovery_setup(tmp_path_factory):
     tm = build_tiny("llama", root, seed=3)
     base = tm.peft.get_base_model()
     with tm.peft.disable_adapter():
-        _train(base, torch.cat([windows_a, windows_b]), 150, seed=0)
-        reference = _save_and_lower(base, tm.model_dir, tm.adapter_dir)
+        train_all_weights(base, torch.cat([windows_a, windows_b]), 150, seed=0)
+        reference = save_base_and_lower(base, tm.model_dir, tm.adapter_dir)
         damaged_dir = root / "damaged-model"
         shutil.copytree(tm.model_dir, damaged_dir)
-        _train(base, windows_a, 40, seed=1)
-        damaged = _save_and_lower(base, damaged_dir, tm.adapter_dir)
+        train_all_weights(base, windows_a, 40, seed=1)
+        damaged = save_base_and_lower(base, damaged_dir, tm.adapter_dir)
     save_ir(clone_module(reference), root / "reference.ir")
     PassManager.parse("discover").run(damaged)
     groups = damaged.attributes["groups"]
