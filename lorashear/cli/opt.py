@@ -39,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _type_name(tp) -> str:
+    """Option types as a user reads them: ``float``, ``list of str``, ``one of a|b``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + "|".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or none"
+    if origin is tuple:
+        return "list of " + _type_name(typing.get_args(tp)[0])
+    return getattr(tp, "__name__", str(tp))
+
+
 def list_passes() -> str:
     """Every pass: name, one-line doc, and each option with its type and default."""
     from lorashear.passes.base import option_name
@@ -51,7 +67,7 @@ def list_passes() -> str:
         lines.append(f"{name}: {cls.summary()}")
         types = cls.option_types()
         for f in cls.option_fields():
-            tp = getattr(types[f.name], "__name__", str(types[f.name])).replace("typing.", "")
+            tp = _type_name(types[f.name])
             doc = f.metadata.get("doc", "")
             lines.append(f"    {option_name(f.name)}={format_value(f.default)}  ({tp}) {doc}")
     return "\n".join(lines)

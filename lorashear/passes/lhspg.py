@@ -49,7 +49,7 @@ from lorashear.passes.knowledge import protected_families
 from lorashear.passes.pipeline import format_pass
 from lorashear.passes.prune import FamilyBudget, choose_units
 from lorashear.passes.registry import register_pass
-from lorashear.passes.saliency import METRICS, MetricName, check_metric, score_groups
+from lorashear.passes.saliency import MetricName, check_metric, score_groups
 from lorashear.runtime.executor import IRModel, lora_param_names
 
 
@@ -139,7 +139,8 @@ class Lhspg(ModulePass):
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
     lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / steps")
     eps: float = option(0.0, "half-space margin: zero a group when <x~_g, W_g> < eps ||W_g||^2")
-    metric: MetricName = option("magnitude", f"saliency metric choosing the groups ({', '.join(METRICS)})")
+    metric: MetricName = option("taylor", "saliency metric choosing the groups (taylor: gradients on "
+                                "the training text; magnitude is worse than random on SmolLM2)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
     data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")

@@ -47,7 +47,6 @@ from lorashear.passes.knowledge import protected_families
 from lorashear.passes.masking import zero_groups
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import (
-    METRICS,
     OPTION_DOCS,
     MetricName,
     calibration_options,
@@ -178,7 +177,7 @@ class Prune(ModulePass):
     requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
     ratio: float = option(0.2, "share of the prunable parameters to remove, in [0, 1)")
     metric: MetricName | None = option(None, "saliency metric; default: the scores of an earlier "
-                                       f"saliency pass, else magnitude ({', '.join(METRICS)})")
+                                       "saliency pass, else magnitude")
     seed: int = option(0, OPTION_DOCS["seed"])
     scope: Literal["per-layer", "global"] = option(
         "per-layer", "per-layer: the same share of every family; global: compare normalised "
