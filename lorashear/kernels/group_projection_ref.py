@@ -102,6 +102,43 @@ def group_sq_norms_reference(weights: Sequence[GroupedWeight], num_groups: int,
     return sq_norm
 
 
+def _restrict(grouped: GroupedWeight, chosen: torch.Tensor):
+    """The part of a weight that chosen groups touch, and how to write it back.
+
+    When only rows (or only columns) of a weight are chosen, the projection needs just those
+    rows (columns) and the matching slice of B (A): computing on the slice instead of the whole
+    weight is what makes the CPU reference affordable inside a training step (LHSPG on
+    attention and MLP groups touches 1-D or row-only / column-only slices). Mixed weights
+    (a chosen row group and a chosen column group) are handled whole. Returns
+    ``(view, write_back)`` with ``write_back`` None when ``view`` is the weight itself.
+    """
+    members = _membership(grouped, chosen)
+    rows_chosen, cols_chosen = bool(members.row_member.any()), bool(members.col_chosen.any())
+    if rows_chosen == cols_chosen:
+        return grouped, None
+    if rows_chosen:
+        rows = torch.nonzero(members.row_member).flatten()
+        view = GroupedWeight(grouped.weight[rows], grouped.row_group[rows], grouped.col_group,
+                             None if grouped.lora_B is None else grouped.lora_B[rows],
+                             grouped.lora_A, grouped.lora_scale)
+
+        def write_back() -> None:
+            grouped.weight[rows] = view.weight
+            if grouped.lora_B is not None:
+                grouped.lora_B[rows] = view.lora_B
+        return view, write_back
+    cols = torch.nonzero(members.col_chosen).flatten()
+    view = GroupedWeight(grouped.weight[:, cols], grouped.row_group, grouped.col_group[cols],
+                         grouped.lora_B, None if grouped.lora_A is None else grouped.lora_A[:, cols],
+                         grouped.lora_scale)
+
+    def write_back() -> None:
+        grouped.weight[:, cols] = view.weight
+        if grouped.lora_A is not None:
+            grouped.lora_A[:, cols] = view.lora_A
+    return view, write_back
+
+
 def project_groups_reference(weights: Sequence[GroupedWeight], chosen: torch.Tensor,
                              lambdas: torch.Tensor, eps: float,
                              force: torch.Tensor) -> GroupProjectionStats:
@@ -114,6 +151,8 @@ def project_groups_reference(weights: Sequence[GroupedWeight], chosen: torch.Ten
     even when the groups span a whole model (hidden channels do).
     """
     num_groups = chosen.numel()
+    restricted = [_restrict(grouped, chosen) for grouped in weights]
+    weights = [view for view, _ in restricted]
     # Pass 1: the norms, which every shrink term below divides by.
     sq_norm = group_sq_norms_reference(weights, num_groups, chosen)
     coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
@@ -143,6 +182,9 @@ def project_groups_reference(weights: Sequence[GroupedWeight], chosen: torch.Ten
         if grouped.lora_B is not None and grouped.lora_A is not None:
             grouped.lora_B.masked_fill_(members.row_member[:, None], 0.0)
             grouped.lora_A.masked_fill_(members.col_chosen[None, :], 0.0)
+    for _, write_back in restricted:
+        if write_back is not None:
+            write_back()
 
     return GroupProjectionStats(sq_norm=sq_norm, inner=torch.where(chosen, inner, 0.0),
                                 zeroed=zeroed)
