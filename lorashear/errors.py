@@ -8,6 +8,15 @@ command-line tools to print one clear line instead of a traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (its type name, or ``default``, when empty):
+    what a one-line error report quotes of a library's multi-line message."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default
+
+
 class LorashearError(Exception):
     """Base class of all errors lorashear reports to a user."""
 

@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from lorashear.errors import LorashearError
+from lorashear.errors import LorashearError, first_line
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def run_command(prog: str, parser: argparse.ArgumentParser,
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
         if getattr(args, "debug", False):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, default="")
         print(f"{prog}: internal error: {type(exc).__name__}: {first} (rerun with --debug "
               "for the traceback)", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorashear.errors import DataError
+from lorashear.errors import DataError, first_line
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md"})
 JSON_SUFFIXES = frozenset({".json", ".jsonl", ".ndjson"})
@@ -193,7 +193,7 @@ def load_hub_records(name: str, *, split: str = "train") -> list[dict[str, Any]]
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 - hub/network/format errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"cannot load the hub dataset {name!r} (split {split!r}): {first}",
                         hint="hub datasets need internet (or the datasets cache); offline, use "
                         "a local file") from exc

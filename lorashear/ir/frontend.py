@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorashear.errors import LorashearError, ModelLoadError
+from lorashear.errors import LorashearError, ModelLoadError, first_line
 from lorashear.ir.attributes import SourceAttr
 from lorashear.ir.core import Module
 from lorashear.ir.lower import lower
@@ -83,12 +83,7 @@ def _load_config(model_dir: Path):
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds here
-        raise ModelLoadError(f"cannot read the config of {model_dir}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ModelLoadError(f"cannot read the config of {model_dir}: {first_line(exc)}") from None
 
 
 def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -99,7 +94,7 @@ def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     except ValueError as exc:
         raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
-                             f"transformers can build: {_first_line(exc)}") from None
+                             f"transformers can build: {first_line(exc)}") from None
     return model.to(dtype).eval()
 
 
@@ -111,7 +106,7 @@ def _adapter_config(adapter_dir: Path):
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as exc:
-        raise ModelLoadError(f"cannot read the adapter config in {adapter_dir}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot read the adapter config in {adapter_dir}: {first_line(exc)}") from None
     if not isinstance(config, LoraConfig):
         raise ModelLoadError(f"{adapter_dir} holds a {type(config).__name__}; only LoRA adapters are supported")
     if getattr(config, "use_dora", False):
@@ -169,7 +164,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
             model = get_peft_model(model, lora_config)
         except (ValueError, KeyError, TypeError) as exc:
             where = f"adapter {adapter}" if adapter is not None else "--lora-targets"
-            raise ModelLoadError(f"{where} does not fit {model_dir}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{where} does not fit {model_dir}: {first_line(exc)}") from None
 
     generator = torch.Generator().manual_seed(seed)
     used_adapter_keys: set[str] = set()
@@ -227,4 +222,4 @@ def lower_any(model_dir: str | os.PathLike, **kwargs) -> Module:
     except LorashearError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot lower {model_dir}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot lower {model_dir}: {type(exc).__name__}: {first_line(exc)}") from exc

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lorashear.errors import LoweringError
+from lorashear.errors import LoweringError, first_line
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
 from lorashear.ir.storage import DataStorage, MetaStorage, Storage
@@ -93,7 +93,7 @@ class _Lowering:
                                 "use_cache": None},
                 strict=False)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise LoweringError(f"torch.export could not trace {type(self.model).__name__}: {first}",
                                 hint="the model must be a causal LM whose forward takes input_ids "
                                 "and attention_mask") from exc

