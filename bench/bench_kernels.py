@@ -70,8 +70,9 @@ def _choose(num_groups: int, ratio: float, generator: torch.Generator) -> torch.
 
 def _useful_bytes(grouped: GroupedWeight, chosen: torch.Tensor) -> int:
     """Bytes of the fused design for this weight (its module docstring derives them)."""
-    rows = int(((grouped.row_group >= 0) & chosen[grouped.row_group.long().clamp(min=0)]).sum())
-    cols = int(((grouped.col_group >= 0) & chosen[grouped.col_group.long().clamp(min=0)]).sum())
+    row_group, col_group = grouped.row_group.cpu().long(), grouped.col_group.cpu().long()
+    rows = int(((row_group >= 0) & chosen.cpu()[row_group.clamp(min=0)]).sum())
+    cols = int(((col_group >= 0) & chosen.cpu()[col_group.clamp(min=0)]).sum())
     out_features, in_features = grouped.weight.shape
     if rows == 0 and cols == 0:
         return 0

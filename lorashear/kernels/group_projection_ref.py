@@ -43,9 +43,19 @@ class _Membership:
     """bool (out,): the row belongs to a chosen group."""
     col_chosen: torch.Tensor
     """bool (in,): the column belongs to a chosen group."""
-    col_member: torch.Tensor
+    col_member: torch.Tensor | None
     """bool (out, in): the element is in its column's chosen group and that group is not
-    already its row's group (membership is a set: an element counts once per group)."""
+    already its row's group (membership is a set: an element counts once per group). None
+    when no column is chosen: the (out, in) mask is the costly part of a membership."""
+    row_index: torch.Tensor
+    """int64 indices of the chosen rows (``row_member``'s nonzeros)."""
+    col_index: torch.Tensor
+    """int64 indices of the chosen columns (``col_chosen``'s nonzeros)."""
+
+    @property
+    def touches_chosen_group(self) -> bool:
+        """Whether any element lies in a chosen group (else the weight is skipped)."""
+        return bool(self.row_index.numel() or self.col_index.numel())
 
 
 def _membership(grouped: GroupedWeight, chosen: torch.Tensor) -> _Membership:
@@ -54,22 +64,23 @@ def _membership(grouped: GroupedWeight, chosen: torch.Tensor) -> _Membership:
     row_ids, col_ids = row_raw.clamp(min=0), col_raw.clamp(min=0)
     row_member = (row_raw >= 0) & chosen[row_ids]
     col_chosen = (col_raw >= 0) & chosen[col_ids]
-    col_member = col_chosen[None, :] & (col_raw[None, :] != row_raw[:, None])
-    return _Membership(row_ids, col_ids, row_member, col_chosen, col_member)
-
-
-def _touches_chosen_group(members: _Membership) -> bool:
-    """Whether any element of the weight lies in a chosen group (else the weight is skipped)."""
-    return bool(members.row_member.any() or members.col_chosen.any())
+    col_index = torch.nonzero(col_chosen).flatten()
+    col_member = None
+    if col_index.numel():
+        col_member = col_chosen[None, :] & (col_raw[None, :] != row_raw[:, None])
+    return _Membership(row_ids, col_ids, row_member, col_chosen, col_member,
+                       torch.nonzero(row_member).flatten(), col_index)
 
 
 def _add_group_sums(per_element: torch.Tensor, members: _Membership,
                     into: torch.Tensor) -> None:
     """Add the sum of ``per_element`` over each chosen group's elements of one weight."""
-    row_sums = per_element.sum(dim=1)
-    into.index_add_(0, members.row_ids[members.row_member], row_sums[members.row_member])
-    col_sums = torch.where(members.col_member, per_element, 0.0).sum(dim=0)
-    into.index_add_(0, members.col_ids[members.col_chosen], col_sums[members.col_chosen])
+    if members.row_index.numel():
+        row_sums = per_element[members.row_index].sum(dim=1)
+        into.index_add_(0, members.row_ids[members.row_index], row_sums)
+    if members.col_member is not None:
+        col_sums = torch.where(members.col_member, per_element, 0.0).sum(dim=0)
+        into.index_add_(0, members.col_ids[members.col_index], col_sums[members.col_index])
 
 
 def _lora_update(grouped: GroupedWeight) -> torch.Tensor | None:
@@ -84,8 +95,9 @@ def _trial_point(grouped: GroupedWeight, members: _Membership,
     """float32 ``x~ = W + D - (sum of c_g over the element's chosen groups) * W``."""
     base = grouped.weight.float()
     row_shrink = torch.where(members.row_member, coefficient[members.row_ids], 0.0)
-    col_shrink = torch.where(members.col_member, coefficient[members.col_ids][None, :], 0.0)
-    shrink = row_shrink[:, None] + col_shrink
+    shrink = row_shrink[:, None]
+    if members.col_member is not None:
+        shrink = shrink + torch.where(members.col_member, coefficient[members.col_ids][None, :], 0.0)
     lora_update = _lora_update(grouped)
     merged = base if lora_update is None else base + lora_update
     return merged - shrink * base
@@ -97,46 +109,113 @@ def group_sq_norms_reference(weights: Sequence[GroupedWeight], num_groups: int,
     sq_norm = torch.zeros(num_groups, dtype=torch.float32, device=chosen.device)
     for grouped in weights:
         members = _membership(grouped, chosen)
-        if _touches_chosen_group(members):
+        if members.touches_chosen_group:
             _add_group_sums(grouped.weight.float().square(), members, sq_norm)
     return sq_norm
 
 
-def _restrict(grouped: GroupedWeight, chosen: torch.Tensor):
-    """The part of a weight that chosen groups touch, and how to write it back.
+@dataclass(frozen=True)
+class PreparedWeight:
+    """One weight's share of a projection: what chosen groups touch, worked out once.
 
     When only rows (or only columns) of a weight are chosen, the projection needs just those
     rows (columns) and the matching slice of B (A): computing on the slice instead of the whole
     weight is what makes the CPU reference affordable inside a training step (LHSPG on
-    attention and MLP groups touches 1-D or row-only / column-only slices). Mixed weights
-    (a chosen row group and a chosen column group) are handled whole. Returns
-    ``(view, write_back)`` with ``write_back`` None when ``view`` is the weight itself.
+    attention and MLP groups touches row-only / column-only slices). Mixed weights (a chosen
+    row group and a chosen column group) are handled whole.
     """
-    members = _membership(grouped, chosen)
-    rows_chosen, cols_chosen = bool(members.row_member.any()), bool(members.col_chosen.any())
-    if rows_chosen == cols_chosen:
-        return grouped, None
-    if rows_chosen:
-        rows = torch.nonzero(members.row_member).flatten()
-        view = GroupedWeight(grouped.weight[rows], grouped.row_group[rows], grouped.col_group,
-                             None if grouped.lora_B is None else grouped.lora_B[rows],
-                             grouped.lora_A, grouped.lora_scale)
 
-        def write_back() -> None:
-            grouped.weight[rows] = view.weight
-            if grouped.lora_B is not None:
-                grouped.lora_B[rows] = view.lora_B
-        return view, write_back
-    cols = torch.nonzero(members.col_chosen).flatten()
-    view = GroupedWeight(grouped.weight[:, cols], grouped.row_group, grouped.col_group[cols],
-                         grouped.lora_B, None if grouped.lora_A is None else grouped.lora_A[:, cols],
-                         grouped.lora_scale)
+    grouped: GroupedWeight
+    rows: torch.Tensor | None
+    """Indices of the chosen rows when only rows are chosen, else None."""
+    cols: torch.Tensor | None
+    """Indices of the chosen columns when only columns are chosen, else None."""
+    members: _Membership
+    """Membership of the slice (of the whole weight when neither restriction applies)."""
 
-    def write_back() -> None:
-        grouped.weight[:, cols] = view.weight
-        if grouped.lora_A is not None:
-            grouped.lora_A[:, cols] = view.lora_A
-    return view, write_back
+    def view(self) -> GroupedWeight:
+        """The slice with the current values: a copy when restricted, else the weight itself."""
+        g = self.grouped
+        if self.rows is not None:
+            return GroupedWeight(g.weight[self.rows], g.row_group[self.rows], g.col_group,
+                                 None if g.lora_B is None else g.lora_B[self.rows], g.lora_A,
+                                 g.lora_scale)
+        if self.cols is not None:
+            return GroupedWeight(g.weight[:, self.cols], g.row_group, g.col_group[self.cols],
+                                 g.lora_B, None if g.lora_A is None else g.lora_A[:, self.cols],
+                                 g.lora_scale)
+        return g
+
+    def write_back(self, view: GroupedWeight) -> None:
+        g = self.grouped
+        if self.rows is not None:
+            g.weight[self.rows] = view.weight
+            if g.lora_B is not None:
+                g.lora_B[self.rows] = view.lora_B
+        elif self.cols is not None:
+            g.weight[:, self.cols] = view.weight
+            if g.lora_A is not None:
+                g.lora_A[:, self.cols] = view.lora_A
+
+
+def prepare_reference(weights: Sequence[GroupedWeight], chosen: torch.Tensor) -> list[PreparedWeight]:
+    """The weights that chosen groups touch, each restricted to its chosen rows or columns."""
+    prepared = []
+    for grouped in weights:
+        members = _membership(grouped, chosen)
+        rows_chosen, cols_chosen = bool(members.row_index.numel()), bool(members.col_index.numel())
+        if not (rows_chosen or cols_chosen):
+            continue
+        rows = members.row_index if rows_chosen and not cols_chosen else None
+        cols = members.col_index if cols_chosen and not rows_chosen else None
+        part = PreparedWeight(grouped, rows, cols, members)
+        if rows is not None or cols is not None:
+            part = PreparedWeight(grouped, rows, cols, _membership(part.view(), chosen))
+        prepared.append(part)
+    return prepared
+
+
+def project_prepared_reference(prepared: Sequence[PreparedWeight], chosen: torch.Tensor,
+                               lambdas: torch.Tensor, eps: float,
+                               force: torch.Tensor) -> GroupProjectionStats:
+    """:func:`project_groups_reference` over weights prepared by :func:`prepare_reference`
+    for the same ``chosen``: a training loop prepares once per set of chosen groups."""
+    num_groups = chosen.numel()
+    views = [part.view() for part in prepared]
+    # Pass 1: the norms, which every shrink term below divides by.
+    sq_norm = torch.zeros(num_groups, dtype=torch.float32, device=chosen.device)
+    for part, view in zip(prepared, views):
+        _add_group_sums(view.weight.float().square(), part.members, sq_norm)
+    coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
+
+    # Pass 2: the trial point x~ and its inner product with W per group.
+    inner = torch.zeros(num_groups, dtype=torch.float32, device=chosen.device)
+    for part, view in zip(prepared, views):
+        trial = _trial_point(view, part.members, coefficient)
+        _add_group_sums(trial * view.weight.float(), part.members, inner)
+
+    zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
+
+    # Pass 3: write W only where a chosen group lies, so every other element stays bit-identical.
+    for part, view in zip(prepared, views):
+        members = part.members
+        trial = _trial_point(view, members, coefficient)
+        row_zeroed = members.row_member & zeroed[members.row_ids]
+        element_zeroed = row_zeroed[:, None]
+        element_chosen = members.row_member[:, None]
+        if members.col_member is not None:
+            element_zeroed = element_zeroed | (members.col_member & zeroed[members.col_ids][None, :])
+            element_chosen = element_chosen | members.col_member
+        projected = torch.where(element_zeroed, 0.0, trial).to(view.weight.dtype)
+        view.weight.copy_(torch.where(element_chosen, projected, view.weight))
+        if view.lora_B is not None and view.lora_A is not None:
+            view.lora_B.masked_fill_(members.row_member[:, None], 0.0)
+            view.lora_A.masked_fill_(members.col_chosen[None, :], 0.0)
+    for part, view in zip(prepared, views):
+        part.write_back(view)
+
+    return GroupProjectionStats(sq_norm=sq_norm, inner=torch.where(chosen, inner, 0.0),
+                                zeroed=zeroed)
 
 
 def project_groups_reference(weights: Sequence[GroupedWeight], chosen: torch.Tensor,
@@ -150,41 +229,5 @@ def project_groups_reference(weights: Sequence[GroupedWeight], chosen: torch.Ten
     in the last pass instead of kept, so the temporaries stay the size of the largest weight
     even when the groups span a whole model (hidden channels do).
     """
-    num_groups = chosen.numel()
-    restricted = [_restrict(grouped, chosen) for grouped in weights]
-    weights = [view for view, _ in restricted]
-    # Pass 1: the norms, which every shrink term below divides by.
-    sq_norm = group_sq_norms_reference(weights, num_groups, chosen)
-    coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
-
-    # Pass 2: the trial point x~ and its inner product with W per group.
-    inner = torch.zeros(num_groups, dtype=torch.float32, device=chosen.device)
-    for grouped in weights:
-        members = _membership(grouped, chosen)
-        if _touches_chosen_group(members):
-            trial = _trial_point(grouped, members, coefficient)
-            _add_group_sums(trial * grouped.weight.float(), members, inner)
-
-    zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
-
-    # Pass 3: write W only where a chosen group lies, so every other element stays bit-identical.
-    for grouped in weights:
-        members = _membership(grouped, chosen)
-        if not _touches_chosen_group(members):
-            continue
-        trial = _trial_point(grouped, members, coefficient)
-        row_zeroed = members.row_member & zeroed[members.row_ids]
-        col_zeroed = members.col_member & zeroed[members.col_ids][None, :]
-        element_zeroed = row_zeroed[:, None] | col_zeroed
-        element_chosen = members.row_member[:, None] | members.col_member
-        projected = torch.where(element_zeroed, 0.0, trial).to(grouped.weight.dtype)
-        grouped.weight.copy_(torch.where(element_chosen, projected, grouped.weight))
-        if grouped.lora_B is not None and grouped.lora_A is not None:
-            grouped.lora_B.masked_fill_(members.row_member[:, None], 0.0)
-            grouped.lora_A.masked_fill_(members.col_chosen[None, :], 0.0)
-    for _, write_back in restricted:
-        if write_back is not None:
-            write_back()
-
-    return GroupProjectionStats(sq_norm=sq_norm, inner=torch.where(chosen, inner, 0.0),
-                                zeroed=zeroed)
+    return project_prepared_reference(prepare_reference(weights, chosen), chosen, lambdas, eps,
+                                      force)

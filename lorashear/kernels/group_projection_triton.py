@@ -273,6 +273,69 @@ def group_sq_norms_triton(weights: Sequence[GroupedWeight], num_groups: int,
     return sq_norm
 
 
+class PreparedTriton:
+    """The launches of one projection over a fixed ``chosen``: built once, with the only host
+    sync (which weights hold chosen rows or columns), so that running it syncs nothing and
+    can be captured in a CUDA graph."""
+
+    def __init__(self, weights: Sequence[GroupedWeight], chosen: torch.Tensor, *,
+                 block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N) -> None:
+        _check_launchable(weights, block_m, block_n)
+        self.chosen_bytes = chosen.to(torch.int8)
+        launches = [_Launch(grouped, block_m, block_n) for grouped in weights]
+        members = _chosen_members_per_weight(launches, chosen)
+        self.active = [(launch, has_rows, has_cols)
+                       for launch, (has_rows, has_cols) in zip(launches, members, strict=True)
+                       if has_rows or has_cols]
+        self.lora_masks = []
+        for grouped, launch in zip(weights, launches, strict=True):
+            if grouped.lora_B is not None and grouped.lora_A is not None:
+                row_member = (launch.row_group >= 0) & chosen[launch.row_group.clamp(min=0).long()]
+                col_chosen = (launch.col_group >= 0) & chosen[launch.col_group.clamp(min=0).long()]
+                self.lora_masks.append((grouped, row_member[:, None], col_chosen[None, :]))
+
+    def run(self, chosen: torch.Tensor, lambdas: torch.Tensor, eps: float,
+            force: torch.Tensor) -> GroupProjectionStats:
+        num_groups = chosen.numel()
+        device = chosen.device
+        chosen_bytes = self.chosen_bytes
+        sq_norm = torch.zeros(num_groups, dtype=torch.float32, device=device)
+        merged_inner = torch.zeros(num_groups, dtype=torch.float32, device=device)
+        for launch, _, _ in self.active:
+            _group_sums_kernel[launch.grid](
+                *launch.weight_args, *launch.lora_args, launch.row_group, launch.col_group,
+                chosen_bytes, sq_norm, merged_inner, launch.n_rows, launch.n_cols, launch.rank,
+                launch.lora_scale, WITH_INNER=True, HAS_LORA=launch.has_lora,
+                DOT_IN_FP32=launch.dot_in_fp32, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                BLOCK_R=launch.block_r, num_warps=DEFAULT_NUM_WARPS)
+        coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
+
+        correction = torch.zeros(num_groups, dtype=torch.float32, device=device)
+        for launch, has_rows, has_cols in self.active:
+            if has_rows and has_cols:
+                _overlap_correction_kernel[launch.grid](
+                    *launch.weight_args, launch.row_group, launch.col_group, chosen_bytes,
+                    coefficient, correction, launch.n_rows, launch.n_cols,
+                    BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_warps=DEFAULT_NUM_WARPS)
+        inner = torch.where(chosen, merged_inner - coefficient * sq_norm - correction, 0.0)
+        zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
+
+        zeroed_bytes = zeroed.to(torch.int8)
+        for launch, _, _ in self.active:
+            _project_kernel[launch.grid](
+                *launch.weight_args, *launch.lora_args, launch.row_group, launch.col_group,
+                chosen_bytes, coefficient, zeroed_bytes, launch.n_rows, launch.n_cols,
+                launch.rank, launch.lora_scale, HAS_LORA=launch.has_lora,
+                DOT_IN_FP32=launch.dot_in_fp32, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                BLOCK_R=launch.block_r, num_warps=DEFAULT_NUM_WARPS)
+
+        # The LoRA factors are cleared only after every W has been rewritten from them.
+        for grouped, row_member, col_chosen in self.lora_masks:
+            grouped.lora_B.masked_fill_(row_member, 0.0)
+            grouped.lora_A.masked_fill_(col_chosen, 0.0)
+        return GroupProjectionStats(sq_norm=sq_norm, inner=inner, zeroed=zeroed)
+
+
 def project_groups_triton(weights: Sequence[GroupedWeight], chosen: torch.Tensor,
                           lambdas: torch.Tensor, eps: float, force: torch.Tensor, *,
                           block_m: int = DEFAULT_BLOCK_M,
@@ -282,52 +345,5 @@ def project_groups_triton(weights: Sequence[GroupedWeight], chosen: torch.Tensor
     Arguments are already normalised as for
     :func:`~lorashear.kernels.group_projection_ref.project_groups_reference`.
     """
-    _check_launchable(weights, block_m, block_n)
-    num_groups = chosen.numel()
-    device = chosen.device
-    chosen_bytes = chosen.to(torch.int8)
-    launches = [_Launch(grouped, block_m, block_n) for grouped in weights]
-    members = _chosen_members_per_weight(launches, chosen)
-    active = [(launch, has_rows, has_cols)
-              for launch, (has_rows, has_cols) in zip(launches, members, strict=True)
-              if has_rows or has_cols]
-
-    sq_norm = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    merged_inner = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    for launch, _, _ in active:
-        _group_sums_kernel[launch.grid](
-            *launch.weight_args, *launch.lora_args, launch.row_group, launch.col_group,
-            chosen_bytes, sq_norm, merged_inner, launch.n_rows, launch.n_cols, launch.rank,
-            launch.lora_scale, WITH_INNER=True, HAS_LORA=launch.has_lora,
-            DOT_IN_FP32=launch.dot_in_fp32, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-            BLOCK_R=launch.block_r, num_warps=DEFAULT_NUM_WARPS)
-    coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
-
-    correction = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    for launch, has_rows, has_cols in active:
-        if has_rows and has_cols:
-            _overlap_correction_kernel[launch.grid](
-                *launch.weight_args, launch.row_group, launch.col_group, chosen_bytes,
-                coefficient, correction, launch.n_rows, launch.n_cols,
-                BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_warps=DEFAULT_NUM_WARPS)
-    inner = torch.where(chosen, merged_inner - coefficient * sq_norm - correction, 0.0)
-    zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
-
-    zeroed_bytes = zeroed.to(torch.int8)
-    for launch, _, _ in active:
-        _project_kernel[launch.grid](
-            *launch.weight_args, *launch.lora_args, launch.row_group, launch.col_group,
-            chosen_bytes, coefficient, zeroed_bytes, launch.n_rows, launch.n_cols, launch.rank,
-            launch.lora_scale, HAS_LORA=launch.has_lora, DOT_IN_FP32=launch.dot_in_fp32,
-            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_R=launch.block_r,
-            num_warps=DEFAULT_NUM_WARPS)
-
-    # The LoRA factors are cleared only after every W has been rewritten from them.
-    for grouped, launch in zip(weights, launches, strict=True):
-        if grouped.lora_B is not None and grouped.lora_A is not None:
-            row_member = (launch.row_group >= 0) & chosen[launch.row_group.clamp(min=0).long()]
-            col_chosen = (launch.col_group >= 0) & chosen[launch.col_group.clamp(min=0).long()]
-            grouped.lora_B.masked_fill_(row_member[:, None], 0.0)
-            grouped.lora_A.masked_fill_(col_chosen[None, :], 0.0)
-
-    return GroupProjectionStats(sq_norm=sq_norm, inner=inner, zeroed=zeroed)
+    prepared = PreparedTriton(weights, chosen, block_m=block_m, block_n=block_n)
+    return prepared.run(chosen, lambdas, eps, force)

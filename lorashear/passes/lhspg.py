@@ -6,7 +6,8 @@ chosen so far: each chosen group's LoRA part is merged into its base slice, the 
 by ``lambda_g * W_g / ||W_g||``, and it is zeroed once it leaves the half-space (always at
 its period's end). At the start of a period the next share of the target is chosen by
 saliency among the units not yet chosen. The kernels of :mod:`lorashear.kernels` do the
-projection (Triton on CUDA, the torch reference elsewhere).
+projection (Triton on CUDA, the torch reference elsewhere), through a
+:class:`~lorashear.kernels.ProjectionPlan` prepared once per period.
 
 ``lambda_g = lam * ||W_g||_0 / steps``, with ``||W_g||_0`` the group's norm when its period
 starts: a linear schedule that would reach zero at the period's end. DHSPG's gradient-
@@ -29,7 +30,7 @@ from lorashear.errors import PassError
 from lorashear.ir.attributes import RecordListAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
-from lorashear.kernels import GroupedWeight, group_norms, project_groups
+from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import (
     TOKEN_ID_SUFFIX,
@@ -112,7 +113,8 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
         a_name, b_name, scaling = lora_of.get(name, (None, None, 1.0))
         lora_a = model.tensor(a_name).data if a_name else None
         lora_b = model.tensor(b_name).data if b_name else None
-        weights.append(GroupedWeight(view, rows, cols, lora_b, lora_a, scaling))
+        weights.append(GroupedWeight(view, rows.to(view.device), cols.to(view.device),
+                                     lora_b, lora_a, scaling))
         touched += [n for n in (name, a_name, b_name) if n]
     return GroupIndex(offsets, total, weights, touched)
 
@@ -151,6 +153,8 @@ class Lhspg(ModulePass):
     checkpoint_dir: str = option("", "save a checkpoint here at every period's end and resume "
                                  "from it when present (a killed run continues exactly)")
     progress: bool = option(True, "show a progress bar per period")
+    cuda_graph: bool = option(False, "replay the per-step projection as a CUDA graph (Triton on "
+                              "CUDA; cuts launch overhead; not yet measured on a GPU)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -226,6 +230,9 @@ class Lhspg(ModulePass):
                         chosen[gid] = True
                 start_norms = group_norms(index.weights, index.num_groups)
                 lambdas = torch.where(current, self.lam * start_norms / self.steps, torch.zeros_like(start_norms))
+                # groups of earlier periods are exactly zero: the plan only clears their LoRA
+                plan = ProjectionPlan(index.weights, current, done=chosen & ~current,
+                                      cuda_graph=self.cuda_graph)
                 losses = []
                 bar = tqdm(range(self.steps), desc=f"lhspg period {period + 1}/{self.periods}",
                            disable=not self.progress, leave=False)
@@ -235,8 +242,7 @@ class Lhspg(ModulePass):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    stats = project_groups(index.weights, chosen, lambdas, eps=self.eps,
-                                           force=step == self.steps - 1)
+                    stats = plan.step(lambdas, eps=self.eps, force=step == self.steps - 1)
                     zero_share = float(stats.zeroed[chosen].float().mean()) if chosen.any() else 0.0
                     losses.append(loss.item())
                     first_loss = loss.item() if first_loss is None else first_loss

@@ -251,3 +251,49 @@ def chosen_element_masks(problem: ProjectionProblem,
         cols = chosen[torch.tensor(spec.col_group, device=device)]
         masks.append(rows[:, None] | cols[None, :])
     return masks
+
+
+def check_plan_matches_project_groups(problem: ProjectionProblem, *, device: str = "cpu",
+                                      backend: str = "torch", steps: int = 3,
+                                      cuda_graph: bool = False) -> None:
+    """A :class:`ProjectionPlan` over the current groups, with earlier groups ``done``, gives
+    over several training-like steps what :func:`project_groups` over all of them gives.
+
+    Half of the chosen groups (by a seeded draw) are made exactly zero first, as at the end of
+    an earlier period; between steps the LoRA factors move, as an optimizer step moves them.
+    """
+    from lorashear.kernels import ProjectionPlan, project_groups
+
+    chosen, lambdas = problem_vectors(problem, device)
+    generator = torch.Generator().manual_seed(problem.seed)
+    done = chosen & (torch.rand(chosen.shape, generator=generator) < 0.5).to(device)
+    current = chosen & ~done
+    lambdas = torch.where(current, lambdas, 0.0)
+    expected_weights = build_weights(problem, device=device)
+    plan_weights = build_weights(problem, device=device)
+    for weights in (expected_weights, plan_weights):
+        project_groups(weights, done, 0.0, force=True, backend=backend)
+    plan = ProjectionPlan(plan_weights, current, done=done, backend=backend,
+                          cuda_graph=cuda_graph)
+    for step in range(steps):
+        nudge = torch.Generator().manual_seed(problem.seed + step)
+        for expected, planned in zip(expected_weights, plan_weights, strict=True):
+            if expected.lora_B is not None and expected.lora_A is not None:
+                for a, b in ((expected.lora_B, planned.lora_B), (expected.lora_A, planned.lora_A)):
+                    delta = torch.randn(a.shape, generator=nudge).to(device) * 0.1
+                    a.add_(delta)
+                    b.add_(delta)
+        force = step == steps - 1
+        want = project_groups(expected_weights, chosen, lambdas, eps=problem.eps, force=force,
+                              backend=backend)
+        got = plan.step(lambdas, eps=problem.eps, force=force)
+        if not force and decision_is_close_call(want.sq_norm.tolist(), want.inner.tolist(),
+                                                problem):
+            return  # a decision on the threshold may go either way in the last bit
+        assert torch.equal(got.zeroed, want.zeroed), (got.zeroed, want.zeroed)
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-5, atol=1e-6)
+        for expected, planned in zip(expected_weights, plan_weights, strict=True):
+            torch.testing.assert_close(planned.weight, expected.weight, rtol=1e-5, atol=1e-6)
+            if expected.lora_B is not None:
+                torch.testing.assert_close(planned.lora_B, expected.lora_B, rtol=0, atol=0)
+                torch.testing.assert_close(planned.lora_A, expected.lora_A, rtol=0, atol=0)

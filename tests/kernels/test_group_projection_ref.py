@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from kernel_problems import (
     ProjectionProblem,
     build_weights,
+    check_plan_matches_project_groups,
     chosen_element_masks,
     decision_is_close_call,
     group_element_masks,
@@ -250,3 +251,9 @@ def test_trainable_parameters_are_projected_in_place() -> None:
     assert stats.zeroed.tolist() == [True]
     assert weight.detach().tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     assert lora_b.detach().tolist() == [[0.0], [1.0]] and weight.requires_grad
+
+
+@SETTINGS
+@given(projection_problems(max_dim=9))
+def test_a_plan_with_done_groups_steps_like_project_groups(problem: ProjectionProblem) -> None:
+    check_plan_matches_project_groups(problem)

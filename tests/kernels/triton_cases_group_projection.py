@@ -18,6 +18,7 @@ from kernel_problems import (
     ProjectionProblem,
     WeightSpec,
     build_weights,
+    check_plan_matches_project_groups,
     chosen_element_masks,
     decision_is_close_call,
     problem_vectors,
@@ -170,3 +171,14 @@ def test_public_entry_point_runs_the_triton_backend() -> None:
     assert torch.equal(actual.zeroed, expected.zeroed)
     for got, want in zip(triton_weights, reference_weights, strict=True):
         torch.testing.assert_close(got.weight, want.weight, **FLOAT32_TOLERANCE)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(projection_problems(max_dim=33, max_weights=3, max_groups=6, max_rank=20))
+def test_plan_with_done_groups_steps_like_project_groups(problem: ProjectionProblem) -> None:
+    """On CUDA the plan's later steps also replay a captured CUDA graph: this checks the replay."""
+    check_plan_matches_project_groups(problem, device=DEVICE, backend="triton", steps=4)
+    if not INTERPRETED:
+        check_plan_matches_project_groups(problem, device=DEVICE, backend="triton", steps=4,
+                                          cuda_graph=True)
