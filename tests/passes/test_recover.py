@@ -16,7 +16,14 @@ from lorashear.passes import PassManager
 from lorashear.passes.groups import PruneMaskAttr
 from lorashear.passes.masking import zero_groups
 from lorashear.runtime.executor import lora_param_names
-from tests.conftest import build_tiny, markov_tokens, save_base_and_lower, train_all_weights
+from tests.conftest import (
+    build_tiny,
+    fork_run,
+    kill_when,
+    markov_tokens,
+    save_base_and_lower,
+    train_all_weights,
+)
 
 SEQ = 32
 
@@ -104,6 +111,27 @@ def test_stage2_distils_logs_and_resumes(recovery_setup, tmp_path):
     for name in lora_param_names(damaged):
         assert torch.equal(first.params[name].storage.load(), again.params[name].storage.load())
     assert again.attributes["recover-log"] == first.attributes["recover-log"]
+
+
+def test_killed_run_resumes_to_the_same_result(recovery_setup, tmp_path):
+    """SIGKILL a real recover process after its first checkpoint (stage 1); resuming gives
+    bitwise the LoRA factors and the recover-log of an uninterrupted run (CPU, one thread),
+    across the switch to stage 2 (distillation)."""
+    damaged, root = recovery_setup
+    torch.set_num_threads(1)
+    ckpt, err = tmp_path / "ckpt", tmp_path / "err.txt"
+    opts = dict(steps=16, **{"stage1-steps": 8, "probe-every": 4, "checkpoint-dir": ckpt}, loss="kd")
+    kill_when(fork_run(lambda: _recover(damaged, root, **opts), err), ckpt / "state.json", err)
+    assert json.loads((ckpt / "state.json").read_text())["state"]["step"] < 16, "killed too late"
+
+    log = tmp_path / "resumed.jsonl"
+    resumed = _recover(damaged, root, **opts, log=log)
+    assert json.loads(log.read_text().splitlines()[0])["step"] > 0, "the resumed run started over"
+    straight = _recover(damaged, root, **{**opts, "checkpoint-dir": '""'})
+    assert resumed.attributes["recover-log"] == straight.attributes["recover-log"]
+    assert [p["step"] for p in straight.attributes["recover-log"].probes] == [0, 4, 8, 12, 16]
+    for name in lora_param_names(damaged):
+        assert torch.equal(resumed.params[name].storage.load(), straight.params[name].storage.load()), name
 
 
 def test_without_reference_the_start_model_is_the_reference(recovery_setup):
