@@ -165,3 +165,96 @@ def test_errors_before_training(recovery_setup, tmp_path):
         _recover(damaged, root, **{"stage1-steps": 10}, loss="kd", reference='""')
     with pytest.raises(PassError, match="stage 2 needs an instruction source"):
         _recover(damaged, root, **{"stage1-steps": 10})
+
+
+# --- stage 2 with a real tokenizer --------------------------------------------------------------
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "day": "night", "fast": "slow",
+             "old": "new", "open": "closed", "left": "right", "early": "late", "light": "dark",
+             "wet": "dry", "full": "empty"}
+
+
+@pytest.fixture(scope="module")
+def instruction_setup(tmp_path_factory):
+    """A tiny Llama whose directory holds a word-level tokenizer (trained here, offline, with
+    the `tokenizers` library), lowered so that recover finds the tokenizer through the
+    module's source; and Alpaca records (JSON Lines) in that tokenizer's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorashear.data.loaders import InstructionRecord
+    from lorashear.ir.frontend import lower_pretrained
+
+    root = tmp_path_factory.mktemp("instructions")
+    records = [{"instruction": f"Give the opposite of the word {word}.", "output": f"The opposite is {opposite}."}
+               for word, opposite in OPPOSITES.items()]
+    records += [{"instruction": "Give the opposite of this word.", "input": opposite,
+                 "output": f"The opposite is {word}."} for word, opposite in OPPOSITES.items()]
+    path = root / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    corpus = [InstructionRecord(**r).as_text() for r in records]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(
+        vocab_size=128, special_tokens=["<pad>", "<unk>", "</s>"]))
+    assert tokenizer.get_vocab_size() <= 128  # the tiny model's vocabulary
+    tm = build_tiny("llama", root, seed=5)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(tm.model_dir)
+    module = lower_pretrained(tm.model_dir, adapter=tm.adapter_dir)
+    return module, path, [InstructionRecord(**r) for r in records]
+
+
+def test_stage2_instruction_tuning_with_a_real_tokenizer(instruction_setup):
+    from transformers import AutoTokenizer
+
+    from lorashear.runtime.executor import emit_torch
+
+    module, path, records = instruction_setup
+    options = f"data={path},steps=30,stage1-steps=0,seq-len=64,batch=8,lr=1e-2,progress=false"
+    recover = PassManager.parse(f"recover{{{options}}}").passes[0]
+    windows, rows, _ = recover.load_data(module)
+    assert not windows and rows is not None and len(rows.input_ids) == len(records)
+    tokenizer = AutoTokenizer.from_pretrained(module.attributes["source"].model)
+    for row, record in enumerate(records):
+        prompt = tokenizer(record.alpaca_prompt(), add_special_tokens=False)["input_ids"]
+        response = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokenizer.unk_token_id not in prompt + response
+        labels, ids = rows.labels[row], rows.input_ids[row]
+        end = len(prompt) + len(response)
+        assert torch.all(labels[:len(prompt)] == -100), "a prompt token carries a label"
+        assert labels[len(prompt):end].tolist() == response == ids[len(prompt):end].tolist()
+        assert torch.all(labels[end:] == -100) and rows.attention_mask[row].sum() == end
+
+    def instruction_loss(m) -> float:
+        with torch.no_grad():
+            return emit_torch(m)(rows.input_ids, attention_mask=rows.attention_mask,
+                                 labels=rows.labels).loss.item()
+
+    trained = clone_module(module)
+    PassManager.parse(f"recover{{{options}}}").run(trained)
+    before, after = instruction_loss(module), instruction_loss(trained)
+    assert after < before - 0.5, (before, after)  # 4.98 -> 3.79 nats here
+
+
+def test_stage2_kd_moves_the_student_towards_the_teacher(recovery_setup):
+    """loss=kd with no instruction data: the KL divergence to the unpruned model falls."""
+    import torch.nn.functional as F
+
+    from lorashear.ir.fileformat import load_ir
+    from lorashear.runtime.executor import emit_torch
+
+    damaged, root = recovery_setup
+    teacher = emit_torch(load_ir(root / "reference.ir"))
+    tokens = torch.tensor([int(w) for w in (root / "b.ids").read_text().split()])
+    windows = tokens[-16 * SEQ:].view(16, SEQ)
+
+    def kl(m) -> float:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(windows).logits, -1).flatten(0, 1)
+            student = F.log_softmax(emit_torch(m)(windows).logits, -1).flatten(0, 1)
+            return F.kl_div(student, target, log_target=True, reduction="batchmean").item()
+
+    distilled = _recover(damaged, root, steps=20, **{"stage1-steps": 0, "probe-every": 20}, loss="kd")
+    before, after = kl(damaged), kl(distilled)
+    assert after < 0.7 * before, (before, after)
+    assert [p["stage"] for p in distilled.attributes["recover-log"].probes] == [2, 2]
