@@ -149,22 +149,35 @@ def _spec(tmp_path, body: str):
 
 
 def test_errors_before_training(recovery_setup, tmp_path):
+    """One clear error per bad input, naming the file, record or option, raised while the
+    data loads: no step runs and no checkpoint is written."""
     damaged, root = recovery_setup
     a = root / "a.ids"
-    with pytest.raises(PassError, match="does not exist"):
-        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {tmp_path}/missing.ids\n"))
+    ckpt = tmp_path / "ckpt"
+
+    def fails(match: str, **opts) -> None:
+        with pytest.raises(PassError, match=match):
+            _recover(damaged, root, **{"checkpoint-dir": ckpt}, **opts)
+        assert not ckpt.exists(), "training started before the error"
+
+    fails(r"data spec .*spec.yaml: data file .*missing\.ids does not exist",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: {tmp_path}/missing.ids\n"))
     (tmp_path / "empty.ids").write_text("")
-    with pytest.raises(PassError, match="is empty"):
-        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: empty.ids\n"))
+    fails(r"source empty \(.*empty\.ids\) is empty",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: empty.ids\n"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    fails(r"source .*blank\.txt is empty: it holds no text",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: blank.txt\n"))
+    (tmp_path / "none.jsonl").write_text("")
+    fails(r"source .*none\.jsonl is empty: it has no records",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: none.jsonl\n"))
     (tmp_path / "alpaca.jsonl").write_text('{"instruction": "say hi", "output": "hi"}\n{"output": "x"}\n')
-    with pytest.raises(PassError, match="no 'instruction' field"):
-        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: alpaca.jsonl\n"))
-    with pytest.raises(PassError, match="exceeds the model's maximum of 256"):
-        _recover(damaged, root, **{"seq-len": 512})
-    with pytest.raises(PassError, match="needs it"):
-        _recover(damaged, root, **{"stage1-steps": 10}, loss="kd", reference='""')
-    with pytest.raises(PassError, match="stage 2 needs an instruction source"):
-        _recover(damaged, root, **{"stage1-steps": 10})
+    fails(r"record 2 of .*alpaca\.jsonl has no 'instruction' field",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: alpaca.jsonl\n"))
+    fails(r"recover: seq-len 512 exceeds the model's maximum of 256 tokens \(max_position_embeddings\)",
+          **{"seq-len": 512})
+    fails("needs it", **{"stage1-steps": 10}, loss="kd", reference='""')
+    fails("stage 2 needs an instruction source", **{"stage1-steps": 10})
 
 
 # --- stage 2 with a real tokenizer --------------------------------------------------------------
