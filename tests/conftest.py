@@ -147,3 +147,43 @@ def save_base_and_lower(base, model_dir: Path, adapter_dir: Path):
     state.pop("lm_head.weight", None)  # tied to the embedding
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     return lower_pretrained(model_dir, adapter=adapter_dir)
+
+
+def fork_run(body, stderr_path: Path) -> int:
+    """Run ``body()`` in a forked child (it inherits the imported modules and the torch thread
+    count, so it starts at once and computes as this process does); its ``sys.stderr`` goes
+    line-buffered to ``stderr_path``. Returns the child's pid; its exit code is 0 on success."""
+    import os
+    import sys
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            sys.stderr = sys.stdout = open(stderr_path, "w", buffering=1)  # noqa: SIM115
+            code = int(body() or 0)
+        except BaseException:  # noqa: BLE001 - a child must never return into pytest
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def kill_when(pid: int, path: Path, stderr_path: Path, timeout: float = 120) -> None:
+    """SIGKILL the child ``pid`` as soon as ``path`` exists; fail if the child ended first."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.002)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert path.exists(), f"{path.name} never appeared: {stderr_path.read_text()[-2000:]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lorashear.cli._common import add_common_options, run_command
 
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "inline SVG plots) or Markdown (.md)")
     parser.add_argument("--print-pipeline", action="store_true",
                         help="print the canonical pipeline text to stderr before running")
+    parser.add_argument("--checkpoint-dir", metavar="DIR",
+                        help="save the module after every pass (and training passes' checkpoints) "
+                        "in DIR, so a killed run can continue with --resume; DIR must be empty")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose --checkpoint-dir DIR is given, from its last "
+                        "completed pass (and the next pass's own checkpoint): same result as an "
+                        "uninterrupted run")
     add_common_options(parser)
     return parser
 
@@ -88,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
         raise PassError("no input IR file given", hint="lorashear-opt IN.ir --passes=... -o OUT.ir")
     if not args.passes:
         raise PassError("no pipeline given", hint="--passes=discover,prune{ratio=0.2},compress")
+    if args.resume and not args.checkpoint_dir:
+        raise PassError("--resume needs the --checkpoint-dir of the run to continue")
     manager = PassManager.parse(args.passes)  # parse before loading: bad pipelines fail fast
     if args.print_pipeline:
         print(f"pipeline: {manager}", file=sys.stderr)
@@ -96,6 +106,14 @@ def _run(args: argparse.Namespace) -> int:
 
         check_report_path(args.report)  # a bad name fails before the run, not after it
     module = load_ir(args.input)
+    checkpoint = None
+    if args.checkpoint_dir:
+        from lorashear.passes.resume import PipelineCheckpoint, input_fingerprint
+
+        checkpoint = PipelineCheckpoint(
+            args.checkpoint_dir, input_key=input_fingerprint(args.input),
+            input_name=str(Path(args.input).resolve()), resume=args.resume,
+            notify=lambda line: print(f"lorashear-opt: {line}", file=sys.stderr))
 
     def show(pass_text: str, ir_text: str) -> None:
         print(f"// ----- IR after {pass_text} ----- //\n{ir_text}", file=sys.stderr)
@@ -114,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
             if args.print_ir_after_all:
                 show(pass_text, ir_text)
 
-    manager.run(module, verify_each=args.verify_each, print_ir_after_all=after_pass)
+    module = manager.run(module, verify_each=args.verify_each, print_ir_after_all=after_pass,
+                         checkpoint=checkpoint)
     if args.print_groups:
         from lorashear.passes.discover import summarize_groups
 
@@ -128,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(print_module(module))
     elif args.output:
         save_ir(module, args.output)
+    if checkpoint is not None:
+        checkpoint.close()
     if args.report:
         from lorashear.report import build_report, read_step_log, write_report
 

@@ -42,6 +42,30 @@ def vocabulary_size(module: Module) -> int | None:
     return None
 
 
+def model_max_length(module: Module) -> int | None:
+    """The longest sequence the module's model takes, from its HF config (``config`` attribute:
+    ``max_position_embeddings`` or its older names, also inside a ``text_config``)."""
+    config = getattr(module.attributes.get("config"), "config", None)
+    for table in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if not isinstance(table, dict):
+            continue
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = table.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_seq_len(module: Module, seq_len: int, who: str) -> int | None:
+    """Refuse a ``seq-len`` above the model's maximum before any data is read or trained on
+    (positions past it have no meaning, and RoPE models degrade silently); return the maximum."""
+    limit = model_max_length(module)
+    if limit is not None and seq_len > limit:
+        raise PassError(f"{who}: seq-len {seq_len} exceeds the model's maximum of {limit} tokens "
+                        "(max_position_embeddings)", hint=f"use seq-len <= {limit}")
+    return limit
+
+
 def read_token_ids(path: Path) -> torch.Tensor:
     """All integers of a ``.ids`` file, in order, as one long tensor."""
     try:
@@ -82,6 +106,7 @@ def calibration_batches(module: Module, options: CalibrationOptions, purpose: st
         raise PassError(f"{purpose}: calibration file {path} does not exist")
     if min(options.batches, options.batch) < 1 or options.seq_len < 2:
         raise PassError(f"{purpose}: need batches >= 1, batch >= 1 and seq-len >= 2")
+    check_seq_len(module, options.seq_len, purpose)
     ids = read_token_ids(path) if path.name.endswith(TOKEN_ID_SUFFIX) else tokenize_text_file(module, path)
     vocab = vocabulary_size(module)
     if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):

@@ -35,6 +35,7 @@ from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import (
     TOKEN_ID_SUFFIX,
     CalibrationOptions,
+    check_seq_len,
     read_token_ids,
     tokenize_text_file,
 )
@@ -168,6 +169,7 @@ class Lhspg(ModulePass):
 
     def training_windows(self, module: Module) -> torch.Tensor:
         """All non-overlapping ``seq_len`` windows of the training data, ``[N, seq_len]``."""
+        check_seq_len(module, self.seq_len, "lhspg")
         path = Path(self.data).expanduser()
         if not path.is_file():
             raise PassError(f"lhspg: training data {path} does not exist")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from lorashear.errors import LorashearError, PassError
 from lorashear.ir.core import Module
@@ -19,6 +19,9 @@ from lorashear.ir.verifier import verify
 from lorashear.passes.analysis import AnalysisManager
 from lorashear.passes.base import ModulePass, PassResult
 from lorashear.passes.pipeline import format_pass, format_pipeline, parse_pipeline
+
+if TYPE_CHECKING:
+    from lorashear.passes.resume import PipelineCheckpoint
 
 
 @dataclass
@@ -48,20 +51,31 @@ class PassManager:
 
     def run(self, module: Module, *, verify_each: bool = True,
             print_ir_after_all: Callable[[str, str], None] | None = None,
-            analyses: AnalysisManager | None = None) -> Module:
+            analyses: AnalysisManager | None = None,
+            checkpoint: PipelineCheckpoint | None = None) -> Module:
         """Run every pass over ``module`` in place and return it.
 
-        ``print_ir_after_all(pass_text, ir_text)`` is called after each pass.
+        ``print_ir_after_all(pass_text, ir_text)`` is called after each pass. With
+        ``checkpoint`` the module is saved there after every pass, training passes checkpoint
+        there too, and a resumed run starts from the last saved module: the module returned
+        is then that one (not ``module``), carried through the remaining passes.
         """
-        analyses = analyses or AnalysisManager(module)
         self.records = []
         done: list[str] = []
-        for p in self.passes:
+        first = 0
+        resumed = checkpoint.start(self.passes) if checkpoint is not None else None
+        if resumed is not None:
+            module, analyses, first = resumed.module, None, resumed.completed
+            self.records = [PassRecord(**r) for r in resumed.records]
+            done = [format_pass(p) for p in self.passes[:first]]
+        analyses = analyses or AnalysisManager(module)
+        for index, p in enumerate(self.passes[first:], first):
             text = format_pass(p)
             self._check_requirements(p, module, done)
+            running = checkpoint.configure(index, p) if checkpoint is not None else p
             start = time.perf_counter()
             try:
-                result = p.run(module, analyses)
+                result = running.run(module, analyses)
             except LorashearError as exc:
                 raise PassError(f"pass {text!r} failed{self._after(done)}: {exc.message}",
                                 hint=exc.hint) from exc
@@ -81,6 +95,8 @@ class PassManager:
                                         f"{self._after(done)}: {exc.message}") from exc
             self.records.append(PassRecord(text, seconds, result.modified, dict(result.statistics)))
             done.append(text)
+            if checkpoint is not None:
+                checkpoint.pass_done(index, p, module, [asdict(r) for r in self.records])
             if print_ir_after_all is not None:
                 print_ir_after_all(text, print_module(module))
         return module

@@ -43,7 +43,12 @@ from lorashear.ir.attributes import RecordListAttr, SourceAttr, register_attribu
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
 from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.calibration import TOKEN_ID_SUFFIX, read_token_ids, vocabulary_size
+from lorashear.passes.calibration import (
+    TOKEN_ID_SUFFIX,
+    check_seq_len,
+    read_token_ids,
+    vocabulary_size,
+)
 from lorashear.passes.checkpoint import (
     TrainingCheckpoint,
     load_checkpoint,
@@ -153,11 +158,7 @@ class Recover(ModulePass):
         """Stage-1 windows per text source, stage-2 instruction rows, the spec's weights."""
         from lorashear.data.spec import load_spec
 
-        config = module.attributes.get("config")
-        limit = config.config.get("max_position_embeddings") if config is not None else None
-        if isinstance(limit, int) and self.seq_len > limit:
-            raise PassError(f"recover: seq-len {self.seq_len} exceeds the model's maximum of "
-                            f"{limit} tokens (max_position_embeddings)", hint=f"use seq-len <= {limit}")
+        limit = check_seq_len(module, self.seq_len, "recover")
         try:
             spec = load_spec(self.data)
             text_sources, instruction_sources = [], []

@@ -95,6 +95,9 @@ def test_lhspg_errors(trained, lowered, tmp_path):
         _lhspg(module, tmp_path / "missing.ids")
     with pytest.raises(PassError, match=r"ratio must be in \[0, 1\)"):
         _lhspg(module, data, ratio=1.5)
+    with pytest.raises(PassError, match="lhspg: seq-len 512 exceeds the model's maximum of 256 "
+                       r"tokens \(max_position_embeddings\)"):
+        _lhspg(module, data, **{"seq-len": 512})
     plain = clone_module(lowered("llama", False))
     PassManager.parse("discover").run(plain)
     with pytest.raises(PassError, match="has none"):

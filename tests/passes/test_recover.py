@@ -16,7 +16,14 @@ from lorashear.passes import PassManager
 from lorashear.passes.groups import PruneMaskAttr
 from lorashear.passes.masking import zero_groups
 from lorashear.runtime.executor import lora_param_names
-from tests.conftest import build_tiny, markov_tokens, save_base_and_lower, train_all_weights
+from tests.conftest import (
+    build_tiny,
+    fork_run,
+    kill_when,
+    markov_tokens,
+    save_base_and_lower,
+    train_all_weights,
+)
 
 SEQ = 32
 
@@ -106,6 +113,27 @@ def test_stage2_distils_logs_and_resumes(recovery_setup, tmp_path):
     assert again.attributes["recover-log"] == first.attributes["recover-log"]
 
 
+def test_killed_run_resumes_to_the_same_result(recovery_setup, tmp_path):
+    """SIGKILL a real recover process after its first checkpoint (stage 1); resuming gives
+    bitwise the LoRA factors and the recover-log of an uninterrupted run (CPU, one thread),
+    across the switch to stage 2 (distillation)."""
+    damaged, root = recovery_setup
+    torch.set_num_threads(1)
+    ckpt, err = tmp_path / "ckpt", tmp_path / "err.txt"
+    opts = dict(steps=16, **{"stage1-steps": 8, "probe-every": 4, "checkpoint-dir": ckpt}, loss="kd")
+    kill_when(fork_run(lambda: _recover(damaged, root, **opts), err), ckpt / "state.json", err)
+    assert json.loads((ckpt / "state.json").read_text())["state"]["step"] < 16, "killed too late"
+
+    log = tmp_path / "resumed.jsonl"
+    resumed = _recover(damaged, root, **opts, log=log)
+    assert json.loads(log.read_text().splitlines()[0])["step"] > 0, "the resumed run started over"
+    straight = _recover(damaged, root, **{**opts, "checkpoint-dir": '""'})
+    assert resumed.attributes["recover-log"] == straight.attributes["recover-log"]
+    assert [p["step"] for p in straight.attributes["recover-log"].probes] == [0, 4, 8, 12, 16]
+    for name in lora_param_names(damaged):
+        assert torch.equal(resumed.params[name].storage.load(), straight.params[name].storage.load()), name
+
+
 def test_without_reference_the_start_model_is_the_reference(recovery_setup):
     damaged, root = recovery_setup
     result = _recover(damaged, root, steps=2, **{"stage1-steps": 2, "probe-every": 2}, reference='""')
@@ -121,19 +149,125 @@ def _spec(tmp_path, body: str):
 
 
 def test_errors_before_training(recovery_setup, tmp_path):
+    """One clear error per bad input, naming the file, record or option, raised while the
+    data loads: no step runs and no checkpoint is written."""
     damaged, root = recovery_setup
     a = root / "a.ids"
-    with pytest.raises(PassError, match="does not exist"):
-        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {tmp_path}/missing.ids\n"))
+    ckpt = tmp_path / "ckpt"
+
+    def fails(match: str, **opts) -> None:
+        with pytest.raises(PassError, match=match):
+            _recover(damaged, root, **{"checkpoint-dir": ckpt}, **opts)
+        assert not ckpt.exists(), "training started before the error"
+
+    fails(r"data spec .*spec.yaml: data file .*missing\.ids does not exist",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: {tmp_path}/missing.ids\n"))
     (tmp_path / "empty.ids").write_text("")
-    with pytest.raises(PassError, match="is empty"):
-        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: empty.ids\n"))
+    fails(r"source empty \(.*empty\.ids\) is empty",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: empty.ids\n"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    fails(r"source .*blank\.txt is empty: it holds no text",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: blank.txt\n"))
+    (tmp_path / "none.jsonl").write_text("")
+    fails(r"source .*none\.jsonl is empty: it has no records",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: none.jsonl\n"))
     (tmp_path / "alpaca.jsonl").write_text('{"instruction": "say hi", "output": "hi"}\n{"output": "x"}\n')
-    with pytest.raises(PassError, match="no 'instruction' field"):
-        _recover(damaged, root, data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: alpaca.jsonl\n"))
-    with pytest.raises(PassError, match="exceeds the model's maximum of 256"):
-        _recover(damaged, root, **{"seq-len": 512})
-    with pytest.raises(PassError, match="needs it"):
-        _recover(damaged, root, **{"stage1-steps": 10}, loss="kd", reference='""')
-    with pytest.raises(PassError, match="stage 2 needs an instruction source"):
-        _recover(damaged, root, **{"stage1-steps": 10})
+    fails(r"record 2 of .*alpaca\.jsonl has no 'instruction' field",
+          data=_spec(tmp_path, f"sources:\n  - path: {a}\n  - path: alpaca.jsonl\n"))
+    fails(r"recover: seq-len 512 exceeds the model's maximum of 256 tokens \(max_position_embeddings\)",
+          **{"seq-len": 512})
+    fails("needs it", **{"stage1-steps": 10}, loss="kd", reference='""')
+    fails("stage 2 needs an instruction source", **{"stage1-steps": 10})
+
+
+# --- stage 2 with a real tokenizer --------------------------------------------------------------
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "day": "night", "fast": "slow",
+             "old": "new", "open": "closed", "left": "right", "early": "late", "light": "dark",
+             "wet": "dry", "full": "empty"}
+
+
+@pytest.fixture(scope="module")
+def instruction_setup(tmp_path_factory):
+    """A tiny Llama whose directory holds a word-level tokenizer (trained here, offline, with
+    the `tokenizers` library), lowered so that recover finds the tokenizer through the
+    module's source; and Alpaca records (JSON Lines) in that tokenizer's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorashear.data.loaders import InstructionRecord
+    from lorashear.ir.frontend import lower_pretrained
+
+    root = tmp_path_factory.mktemp("instructions")
+    records = [{"instruction": f"Give the opposite of the word {word}.", "output": f"The opposite is {opposite}."}
+               for word, opposite in OPPOSITES.items()]
+    records += [{"instruction": "Give the opposite of this word.", "input": opposite,
+                 "output": f"The opposite is {word}."} for word, opposite in OPPOSITES.items()]
+    path = root / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    corpus = [InstructionRecord(**r).as_text() for r in records]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(
+        vocab_size=128, special_tokens=["<pad>", "<unk>", "</s>"]))
+    assert tokenizer.get_vocab_size() <= 128  # the tiny model's vocabulary
+    tm = build_tiny("llama", root, seed=5)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(tm.model_dir)
+    module = lower_pretrained(tm.model_dir, adapter=tm.adapter_dir)
+    return module, path, [InstructionRecord(**r) for r in records]
+
+
+def test_stage2_instruction_tuning_with_a_real_tokenizer(instruction_setup):
+    from transformers import AutoTokenizer
+
+    from lorashear.runtime.executor import emit_torch
+
+    module, path, records = instruction_setup
+    options = f"data={path},steps=30,stage1-steps=0,seq-len=64,batch=8,lr=1e-2,progress=false"
+    recover = PassManager.parse(f"recover{{{options}}}").passes[0]
+    windows, rows, _ = recover.load_data(module)
+    assert not windows and rows is not None and len(rows.input_ids) == len(records)
+    tokenizer = AutoTokenizer.from_pretrained(module.attributes["source"].model)
+    for row, record in enumerate(records):
+        prompt = tokenizer(record.alpaca_prompt(), add_special_tokens=False)["input_ids"]
+        response = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokenizer.unk_token_id not in prompt + response
+        labels, ids = rows.labels[row], rows.input_ids[row]
+        end = len(prompt) + len(response)
+        assert torch.all(labels[:len(prompt)] == -100), "a prompt token carries a label"
+        assert labels[len(prompt):end].tolist() == response == ids[len(prompt):end].tolist()
+        assert torch.all(labels[end:] == -100) and rows.attention_mask[row].sum() == end
+
+    def instruction_loss(m) -> float:
+        with torch.no_grad():
+            return emit_torch(m)(rows.input_ids, attention_mask=rows.attention_mask,
+                                 labels=rows.labels).loss.item()
+
+    trained = clone_module(module)
+    PassManager.parse(f"recover{{{options}}}").run(trained)
+    before, after = instruction_loss(module), instruction_loss(trained)
+    assert after < before - 0.5, (before, after)  # 4.98 -> 3.79 nats here
+
+
+def test_stage2_kd_moves_the_student_towards_the_teacher(recovery_setup):
+    """loss=kd with no instruction data: the KL divergence to the unpruned model falls."""
+    import torch.nn.functional as F
+
+    from lorashear.ir.fileformat import load_ir
+    from lorashear.runtime.executor import emit_torch
+
+    damaged, root = recovery_setup
+    teacher = emit_torch(load_ir(root / "reference.ir"))
+    tokens = torch.tensor([int(w) for w in (root / "b.ids").read_text().split()])
+    windows = tokens[-16 * SEQ:].view(16, SEQ)
+
+    def kl(m) -> float:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(windows).logits, -1).flatten(0, 1)
+            student = F.log_softmax(emit_torch(m)(windows).logits, -1).flatten(0, 1)
+            return F.kl_div(student, target, log_target=True, reduction="batchmean").item()
+
+    distilled = _recover(damaged, root, steps=20, **{"stage1-steps": 0, "probe-every": 20}, loss="kd")
+    before, after = kl(damaged), kl(distilled)
+    assert after < 0.7 * before, (before, after)
+    assert [p["stage"] for p in distilled.attributes["recover-log"].probes] == [2, 2]
