@@ -1,7 +1,8 @@
 """A pruning report of one ``lorashear-opt`` run, as a self-contained HTML page or Markdown.
 
 :func:`build_report` turns what a run left behind (the module before and after, the pass
-manager's records, the attributes seen along the way, the LHSPG step log) into a
+manager's records, the attributes seen along the way, the LHSPG step log, the recovery
+probes) into a
 :class:`Report`: sections of tables and plots, each present only when its data is. The same
 report renders as HTML with inline SVG plots (:mod:`lorashear.report_plots`) or as Markdown
 with the plots summarised in words. ``compress`` removes the ``groups`` and ``prune-mask``
@@ -25,6 +26,7 @@ from lorashear.passes.groups import GroupsAttr, PruneMaskAttr
 from lorashear.passes.knowledge import KnowledgeAttr
 from lorashear.passes.lhspg import LhspgLogAttr
 from lorashear.passes.manager import PassRecord
+from lorashear.passes.recover import RecoverLogAttr
 from lorashear.passes.saliency_attr import SaliencyAttr
 from lorashear.report_plots import (
     BarChart,
@@ -237,6 +239,33 @@ def _lhspg_section(log: LhspgLogAttr | None, step_log: list[dict]) -> Section:
     return Section("LHSPG training", items)
 
 
+def _recover_section(log: RecoverLogAttr) -> Section:
+    """Per-source probe perplexity against the unpruned reference, and the sampling weights
+    that followed the degradation, at every probe of ``recover``."""
+    probes = [p for p in log.probes if p.get("ppl")]
+    sources = sorted({name for p in probes for name in p["ppl"]})
+    xs = [float(p["step"]) for p in probes]
+    rows = []
+    for name in sources:
+        reference = next((p["reference_ppl"][name] for p in probes
+                          if name in p.get("reference_ppl", {})), None)
+        rows.append([name, format_number(reference) if reference is not None else "-",
+                     format_number(probes[0]["ppl"][name]), format_number(probes[-1]["ppl"][name]),
+                     format_number(probes[-1].get("weights", {}).get(name, float("nan")))])
+    items: list[str | Table | Plot] = [
+        f"{len(probes)} probes; stage 2 from step "
+        f"{next((int(p['step']) for p in probes if p.get('stage') == 2), '-')}",
+        Table(["source", "reference ppl", "first probe ppl", "last probe ppl", "last weight"], rows),
+        LineChart("Recovery: probe perplexity per source", "step", "perplexity",
+                  [(name, xs, [float(p["ppl"].get(name, float("nan"))) for p in probes])
+                   for name in sources])]
+    if any(p.get("weights") for p in probes):
+        items.append(LineChart("Recovery: sampling weight per source", "step", "weight",
+                               [(name, xs, [float(p.get("weights", {}).get(name, 0.0)) for p in probes])
+                                for name in sources]))
+    return Section("Knowledge recovery", items)
+
+
 def _knowledge_section(groups: GroupsAttr | None, knowledge: KnowledgeAttr) -> Section:
     def label(family_id: int) -> str:
         if groups is None or family_id >= len(groups.families):
@@ -278,6 +307,9 @@ def build_report(before: Module, after: Module, records: list[PassRecord], *,
         section = _lhspg_section(log, step_log or [])
         if section.items:
             sections.append(section)
+    recover_log = attrs.get("recover-log")
+    if isinstance(recover_log, RecoverLogAttr) and any(p.get("ppl") for p in recover_log.probes):
+        sections.append(_recover_section(recover_log))
     if isinstance(knowledge, KnowledgeAttr) and knowledge.loss_increase:
         sections.append(_knowledge_section(groups, knowledge))
     return Report("lorashear pruning report", sections)

@@ -133,6 +133,26 @@ def test_lhspg_and_knowledge_sections_from_attributes(lowered):
     assert f"{per_layer[1].size - 3} / {per_layer[1].size}" in md
 
 
+def test_recovery_section_plots_probe_perplexity_and_weights(lowered):
+    from lorashear.passes.recover import RecoverLogAttr
+
+    module = lowered("llama", True)
+    probes = tuple({"step": step, "stage": 1 if step < 8 else 2,
+                    "ppl": {"books": 30.0 - step, "code": 12.0 - step / 2},
+                    "reference_ppl": {"books": 20.0, "code": 10.0},
+                    "weights": {"books": 0.5 + step / 40, "code": 0.5 - step / 40}}
+                   for step in (0, 4, 8))
+    report = build_report(module, module, [], seen_attributes={"recover-log": RecoverLogAttr(probes)})
+    assert [s.title for s in report.sections] == ["Parameters", "Knowledge recovery"]
+    html = render_html(report).split("<h2>Knowledge recovery</h2>")[1]
+    assert html.count("<svg") == 2
+    assert "Recovery: sampling weight per source" in html
+    md = render_markdown(report)
+    assert "3 probes; stage 2 from step 8" in md
+    assert "| books | 20 | 30 | 22 | 0.7 |" in md
+    assert "| code | 10 | 12 | 8 | 0.3 |" in md
+
+
 def test_only_sections_with_data(lowered):
     module = lowered("llama", True)
     report = build_report(module, module, [], step_log=None, seen_attributes={})
