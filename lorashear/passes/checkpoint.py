@@ -75,4 +75,6 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.
         if not key.startswith("opt."):
             continue
         name, _, slot = key[4:].rpartition(".")
-        optimizer.state[params[name]][slot] = value.clone()
+        param = params[name]
+        # moments live with their parameter; AdamW's step counter stays a CPU tensor
+        optimizer.state[param][slot] = value.clone() if slot == "step" else value.to(param.device, copy=True)

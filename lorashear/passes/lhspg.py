@@ -14,6 +14,10 @@ starts: a linear schedule that would reach zero at the period's end. DHSPG's gra
 adaptive lambda is not implemented (base weights have no gradients here); the forced zeroing
 at each period's end keeps the guarantee. The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
+
+``device``, ``precision`` and ``grad-checkpoint`` and data parallelism under ``torchrun`` come
+from :mod:`lorashear.passes.training`: every rank trains on its slice of the same global batch,
+the LoRA gradients are all-reduced, and the projection runs on every rank alike.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from lorashear.errors import PassError
 from lorashear.ir.attributes import RecordListAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import torch_dtype
 from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import (
@@ -52,6 +57,15 @@ from lorashear.passes.pipeline import format_pass
 from lorashear.passes.prune import FamilyBudget, choose_units
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import MetricName, check_metric, score_groups
+from lorashear.passes.training import (
+    Precision,
+    TrainingRuntime,
+    check_device_text,
+    device_option,
+    grad_checkpoint_option,
+    precision_option,
+    tensors_of,
+)
 from lorashear.runtime.executor import IRModel, lora_param_names
 
 
@@ -108,7 +122,9 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
                 raise PassError(f"lhspg: @{m.param} axis {m.axis} belongs to two chosen families")
             axes[m.axis] = (unit + offsets[f]).to(torch.int32)
     weights, touched = [], []
+    device = model.device
     for name, (rows, cols) in ids.items():
+        rows, cols = rows.to(device), cols.to(device)
         tensor = model.tensor(name)
         view = tensor.data if tensor.dim() == 2 else tensor.data.view(-1, 1)
         a_name, b_name, scaling = lora_of.get(name, (None, None, 1.0))
@@ -156,6 +172,9 @@ class Lhspg(ModulePass):
     progress: bool = option(True, "show a progress bar per period")
     cuda_graph: bool = option(False, "replay the per-step projection as a CUDA graph (Triton on "
                               "CUDA; cuts launch overhead; not yet measured on a GPU)")
+    device: str = device_option()
+    precision: Precision = precision_option()
+    grad_checkpoint: bool = grad_checkpoint_option()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -166,6 +185,7 @@ class Lhspg(ModulePass):
         check_kinds(self.name, self.kinds)
         if not self.data:
             raise PassError("lhspg needs training data", hint="lhspg{data=book.txt} (or a .ids file)")
+        check_device_text(self.name, self.device)
 
     def training_windows(self, module: Module) -> torch.Tensor:
         """All non-overlapping ``seq_len`` windows of the training data, ``[N, seq_len]``."""
@@ -189,13 +209,17 @@ class Lhspg(ModulePass):
         if not lora_param_names(module):
             raise PassError("lhspg trains LoRA adapters, and the module has none",
                             hint="lower with --adapter DIR or --lora-rank R")
+        runtime = TrainingRuntime.create(self.name, self.device, self.precision, self.grad_checkpoint)
+        runtime.check_batch(self.batch)
         windows = self.training_windows(module)
         calibration = CalibrationOptions(self.data, min(4, max(1, len(windows) // self.batch)),
                                          self.batch, self.seq_len, self.seed)
-        scores = score_groups(module, groups, self.metric, seed=self.seed,
-                              family_ids=[f.id for f in families], calibration=calibration)
-        torch.manual_seed(self.seed)
-        model = IRModel(module).train()
+        # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
+        scores = runtime.broadcast_object(score_groups(
+            module, groups, self.metric, seed=self.seed, family_ids=[f.id for f in families],
+            calibration=calibration))
+        runtime.seed(self.seed)
+        model = runtime.build_model(module)
         index = build_group_index(module, model, groups, [f.id for f in families])
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
@@ -203,8 +227,11 @@ class Lhspg(ModulePass):
         chosen = torch.zeros(index.num_groups, dtype=torch.bool)
         period_log: list[dict] = []
         step_total, first_period, first_loss = 0, 0, None
-        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log=""))
+        # where and with how much memory a run trains does not change its result
+        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log="", device="auto",
+                                    grad_checkpoint=False))
         names = {id(p): n for n, p in model.named_parameters()}
+        synced = set(index.touched) | {names[id(p)] for p in trainable}
         resumed = load_checkpoint(self.checkpoint_dir, owner) if self.checkpoint_dir else None
         if resumed is not None:
             with torch.no_grad():
@@ -217,7 +244,8 @@ class Lhspg(ModulePass):
                     chosen[index.gid(f_id, u)] = True
             step_total, first_period = resumed.state["step_total"], resumed.state["period"] + 1
             period_log, first_loss = resumed.state["period_log"], resumed.state["first_loss"]
-        log_file = open(self.log, "a", encoding="utf-8") if self.log else None  # noqa: SIM115
+            runtime.restore_rng(resumed.tensors, self.seed, step_total)
+        log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         try:
             for period in range(first_period, self.periods):
                 target = self.ratio * (period + 1) / self.periods
@@ -230,35 +258,40 @@ class Lhspg(ModulePass):
                         gid = index.gid(f_id, u)
                         current[gid] = not chosen[gid]
                         chosen[gid] = True
+                chosen_here, current_here = runtime.to_device(chosen), runtime.to_device(current)
                 start_norms = group_norms(index.weights, index.num_groups)
-                lambdas = torch.where(current, self.lam * start_norms / self.steps, torch.zeros_like(start_norms))
+                lambdas = torch.where(current_here, self.lam * start_norms / self.steps,
+                                      torch.zeros_like(start_norms))
                 # groups of earlier periods are exactly zero: the plan only clears their LoRA
-                plan = ProjectionPlan(index.weights, current, done=chosen & ~current,
+                plan = ProjectionPlan(index.weights, current_here, done=chosen_here & ~current_here,
                                       cuda_graph=self.cuda_graph)
                 losses = []
                 bar = tqdm(range(self.steps), desc=f"lhspg period {period + 1}/{self.periods}",
-                           disable=not self.progress, leave=False)
+                           disable=not runtime.progress(self.progress), leave=False)
                 for step in bar:
-                    batch = batch_for_step(windows, self.batch, self.seed, step_total)
-                    loss = model(batch, labels=batch).loss
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    (batch,) = runtime.local(batch_for_step(windows, self.batch, self.seed, step_total))
+                    with runtime.autocast():
+                        loss = model(batch, labels=batch).loss
+                    # full windows: every rank holds the same number of tokens
+                    loss_value = runtime.step(loss, optimizer, trainable, 1.0 / runtime.world_size)
                     stats = plan.step(lambdas, eps=self.eps, force=step == self.steps - 1)
-                    zero_share = float(stats.zeroed[chosen].float().mean()) if chosen.any() else 0.0
-                    losses.append(loss.item())
-                    first_loss = loss.item() if first_loss is None else first_loss
+                    zero_share = float(stats.zeroed[chosen_here].float().mean()) if chosen.any() else 0.0
+                    losses.append(loss_value)
+                    first_loss = loss_value if first_loss is None else first_loss
                     step_total += 1
-                    bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero_share:.2f}")
-                    row = {"period": period, "step": step_total, "loss": loss.item(),
+                    bar.set_postfix(loss=f"{loss_value:.3f}", zero=f"{zero_share:.2f}")
+                    row = {"period": period, "step": step_total, "loss": loss_value,
                            "chosen": int(chosen.sum()), "chosen_zero_share": zero_share}
                     if log_file:
                         log_file.write(json.dumps(row) + "\n")
                 period_log.append({"period": period, "chosen": int(chosen.sum()), "new": int(current.sum()),
                                    "mean_loss": sum(losses) / len(losses), "last_loss": losses[-1]})
+                runtime.sync_tensors(tensors_of(model, synced))
                 if self.checkpoint_dir:
-                    tensors = {n: model.tensor(n) for n in set(index.touched) | {names[id(p)] for p in trainable}}
+                    tensors = {n: model.tensor(n) for n in synced}
                     tensors.update(optimizer_tensors(optimizer, names))
+                    tensors.update(runtime.rng_tensors())  # a collective: every rank takes part
+                if self.checkpoint_dir and runtime.is_main:
                     save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
                         "period": period, "step_total": step_total, "first_loss": first_loss,
                         "period_log": period_log,
@@ -268,7 +301,9 @@ class Lhspg(ModulePass):
                 log_file.close()
         with torch.no_grad():
             for name in set(index.touched) | {n for n, p in model.named_parameters() if p.requires_grad}:
-                module.params[name].storage = DataStorage(model.tensor(name).detach().to("cpu").clone())
+                ir_dtype = torch_dtype(module.params[name].type.dtype)
+                module.params[name].storage = DataStorage(
+                    model.tensor(name).detach().to(device="cpu", dtype=ir_dtype).clone())
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(chosen_units)
         module.attributes["lhspg-log"] = LhspgLogAttr(tuple(period_log))
         prunable = sum(param_units_numel(module, f) * f.size for f in families)

@@ -24,6 +24,11 @@ Only the LoRA factors train (AdamW). On a masked model (a ``prune-mask`` attribu
 every step (``zero_groups`` semantics on the live tensors), so ``compress`` stays exact.
 Per-source probe perplexities and weights go into the ``recover-log`` attribute and, with
 ``log=``, a JSON-lines file.
+
+``device``, ``precision``, ``grad-checkpoint`` and data parallelism under ``torchrun`` come from
+:mod:`lorashear.passes.training`. Under data parallelism every rank draws the same source and
+global batch and trains on its slice; stage-2 gradients are weighted by each slice's count of
+labelled tokens; probe losses are rank 0's on every rank, so all ranks sample alike.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from lorashear.errors import DataError, LorashearError, PassError
 from lorashear.ir.attributes import RecordListAttr, SourceAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import (
     TOKEN_ID_SUFFIX,
@@ -59,7 +65,16 @@ from lorashear.passes.checkpoint import (
 from lorashear.passes.lhspg import batch_for_step
 from lorashear.passes.pipeline import format_pass
 from lorashear.passes.registry import register_pass
-from lorashear.runtime.executor import IRModel, lora_param_names
+from lorashear.passes.training import (
+    Precision,
+    TrainingRuntime,
+    check_device_text,
+    device_option,
+    grad_checkpoint_option,
+    precision_option,
+    tensors_of,
+)
+from lorashear.runtime.executor import lora_param_names
 
 
 @register_attribute
@@ -106,6 +121,11 @@ def source_for_step(names: list[str], weights: dict[str, float], seed: int, step
     return names[int(torch.multinomial(probabilities, 1, generator=generator))]
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """Tokens the shifted LM loss counts: labels after the first position that are not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def _tokenizer(module: Module, what: str):
     source = module.attributes.get("source")
     if not isinstance(source, SourceAttr):
@@ -143,6 +163,9 @@ class Recover(ModulePass):
     log: str = option("", "append one JSON line per probe to this file")
     checkpoint_dir: str = option("", "save a checkpoint at every probe and resume from it when present")
     progress: bool = option(True, "show a progress bar")
+    device: str = device_option()
+    precision: Precision = precision_option()
+    grad_checkpoint: bool = grad_checkpoint_option()
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -152,6 +175,7 @@ class Recover(ModulePass):
                             f"steps={self.steps}, stage1-steps={self.stage1_steps}")
         if min(self.probe_every, self.batch, self.probe_windows) < 1 or self.seq_len < 2:
             raise PassError("recover needs probe-every, batch, probe-windows >= 1 and seq-len >= 2")
+        check_device_text(self.name, self.device)
 
     # --- data ------------------------------------------------------------------------------
     def load_data(self, module: Module) -> tuple[list[SourceWindows], InstructionRows | None, dict]:
@@ -256,6 +280,8 @@ class Recover(ModulePass):
         if not lora_param_names(module):
             raise PassError("recover trains LoRA adapters, and the module has none",
                             hint="lower with --adapter DIR or --lora-rank R")
+        runtime = TrainingRuntime.create(self.name, self.device, self.precision, self.grad_checkpoint)
+        runtime.check_batch(self.batch)
         windows, rows, spec_weights = self.load_data(module)
         self.check_plan(windows, rows)
         teacher = None
@@ -266,12 +292,12 @@ class Recover(ModulePass):
             if not path.is_file():
                 raise PassError(f"recover: reference model {path} does not exist")
             try:
-                teacher = IRModel(load_ir(path)).eval().requires_grad_(False)
+                teacher = runtime.build_model(load_ir(path), trainable=False)
             except LorashearError as exc:
                 raise PassError(f"recover: reference model {path}: {exc}") from None
         masks = self.lora_keep_masks(module)
-        torch.manual_seed(self.seed)
-        model = IRModel(module).train()
+        runtime.seed(self.seed)
+        model = runtime.build_model(module)
         trainable = [p for p in model.parameters() if p.requires_grad]
         names = {id(p): n for n, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
@@ -281,14 +307,18 @@ class Recover(ModulePass):
         static = {n: spec_weights[n] / total for n in source_names}
 
         def probe_losses(net: torch.nn.Module) -> dict[str, float]:
+            """Every source's probe loss; rank 0's on every rank, so all sample alike."""
             was_training = net.training
             net.eval()
-            with torch.no_grad():
-                out = {s.name: net(s.probe, labels=s.probe).loss.item() for s in windows}
+            with torch.no_grad(), runtime.autocast():
+                out = {s.name: net(probe, labels=probe).loss.item()
+                       for s, probe in ((s, runtime.to_device(s.probe)) for s in windows)}
             net.train(was_training)
-            return out
+            return runtime.broadcast_object(out)
 
-        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log=""))
+        # where and with how much memory a run trains does not change its result
+        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log="", device="auto",
+                                    grad_checkpoint=False))
         resumed = load_checkpoint(self.checkpoint_dir, owner) if self.checkpoint_dir else None
         if resumed is not None:
             with torch.no_grad():
@@ -298,11 +328,12 @@ class Recover(ModulePass):
             state = resumed.state
             step, probes, weights = state["step"], state["probes"], state["weights"]
             reference_losses, losses = state["reference_losses"], state["losses"]
+            runtime.restore_rng(resumed.tensors, self.seed, step)
         else:
             step, probes, losses = 0, [], []
             reference_losses = probe_losses(teacher if teacher is not None else model) if windows else {}
             weights = dict(static)
-        log_file = open(self.log, "a", encoding="utf-8") if self.log else None  # noqa: SIM115
+        log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
 
         def record_probe() -> None:
             nonlocal weights
@@ -319,48 +350,60 @@ class Recover(ModulePass):
                 log_file.flush()
 
         def save() -> None:
+            runtime.sync_tensors(tensors_of(model, (names[id(p)] for p in trainable)))
             tensors = {names[id(p)]: p for p in trainable}
             tensors.update(optimizer_tensors(optimizer, names))
-            save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
-                "step": step, "probes": probes, "weights": weights, "losses": losses,
-                "reference_losses": reference_losses}, tensors))
+            tensors.update(runtime.rng_tensors())  # a collective: every rank takes part
+            if runtime.is_main:
+                save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
+                    "step": step, "probes": probes, "weights": weights, "losses": losses,
+                    "reference_losses": reference_losses}, tensors))
 
         try:
             if resumed is None and windows:
                 record_probe()
-            bar = tqdm(range(step, self.steps), desc="recover", disable=not self.progress, leave=False)
+            bar = tqdm(range(step, self.steps), desc="recover", disable=not runtime.progress(self.progress),
+                       leave=False)
             for _ in bar:
+                share = 1.0 / runtime.world_size  # full windows: equal token counts per rank
                 if step < self.stage1_steps:
                     name = source_for_step(source_names, weights, self.seed, step)
                     index = source_names.index(name)
-                    batch = batch_for_step(by_name[name].train, self.batch, self.seed + index, step)
-                    loss = model(batch, labels=batch).loss
+                    (batch,) = runtime.local(batch_for_step(by_name[name].train, self.batch,
+                                                            self.seed + index, step))
+                    with runtime.autocast():
+                        loss = model(batch, labels=batch).loss
                 elif self.loss == "kd":
                     name = source_for_step(source_names, static, self.seed, step)
                     index = source_names.index(name)
-                    batch = batch_for_step(by_name[name].train, self.batch, self.seed + index, step)
-                    with torch.no_grad():
-                        target = F.log_softmax(teacher(batch).logits.float(), dim=-1)
-                    student = F.log_softmax(model(batch).logits.float(), dim=-1)
-                    loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
-                                    reduction="batchmean")
+                    (batch,) = runtime.local(batch_for_step(by_name[name].train, self.batch,
+                                                            self.seed + index, step))
+                    with runtime.autocast():
+                        with torch.no_grad():
+                            target = F.log_softmax(teacher(batch).logits.float(), dim=-1)
+                        student = F.log_softmax(model(batch).logits.float(), dim=-1)
+                        loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                                        reduction="batchmean")
                 else:
                     pick = self._instruction_rows(rows, step)
-                    loss = model(rows.input_ids[pick], attention_mask=rows.attention_mask[pick],
-                                 labels=rows.labels[pick]).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                    labels = rows.labels[pick]
+                    ids, mask, local_labels = runtime.local(rows.input_ids[pick], rows.attention_mask[pick],
+                                                            labels)
+                    # the loss is a mean over labelled tokens, which differ per slice
+                    share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
+                    with runtime.autocast():
+                        loss = model(ids, attention_mask=mask, labels=local_labels).loss
+                loss_value = runtime.step(loss, optimizer, trainable, share)
                 if masks:
                     with torch.no_grad():
                         for param_name, axis, keep in masks:
                             tensor = model.tensor(param_name)
                             shape = [1] * tensor.dim()
                             shape[axis] = -1
-                            tensor.mul_(keep.view(shape).to(tensor.dtype))
-                losses.append(loss.item())
+                            tensor.mul_(keep.view(shape).to(tensor.device, tensor.dtype))
+                losses.append(loss_value)
                 step += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
                 if windows and (step % self.probe_every == 0 or step == self.steps):
                     record_probe()
                     if self.checkpoint_dir:
@@ -370,7 +413,8 @@ class Recover(ModulePass):
                 log_file.close()
         with torch.no_grad():
             for p in trainable:
-                module.params[names[id(p)]].storage = DataStorage(p.detach().to("cpu").clone())
+                ir_dtype = torch_dtype(module.params[names[id(p)]].type.dtype)
+                module.params[names[id(p)]].storage = DataStorage(p.detach().to(device="cpu", dtype=ir_dtype).clone())
         module.attributes["recover-log"] = RecoverLogAttr(tuple(probes))
         statistics: dict[str, Any] = {"steps": step, "first loss": losses[0] if losses else None,
                                       "last loss": losses[-1] if losses else None}

@@ -89,6 +89,7 @@ class PipelineCheckpoint:
         self.notify = notify or (lambda line: None)
         self._origin: Path | None = None  # the pass dir a resumed module may still read lazily
         self._count = 0
+        self._writer = True  # whether this process writes (rank 0 under torchrun)
 
     # --- start ---------------------------------------------------------------------------------
     def start(self, passes: Sequence[ModulePass]) -> ResumePoint | None:
@@ -96,8 +97,16 @@ class PipelineCheckpoint:
 
         A fresh run needs an empty (or new) directory; a resume needs the directory of the
         same pipeline over the same input."""
+        from lorashear.passes.training import is_main_process
+
         d = self.directory
         self._count = len(passes)
+        # Under torchrun every rank resumes from the same point, and rank 0 alone writes: the
+        # other ranks neither check a fresh directory (rank 0 may already have written to it)
+        # nor write to it.
+        self._writer = is_main_process()
+        if not self._writer and not self.resume:
+            return None
         if d.exists() and not d.is_dir():
             raise PassError(f"checkpoint dir {d} is a file, not a directory")
         key = ",".join(result_text(p) for p in passes)
@@ -105,7 +114,8 @@ class PipelineCheckpoint:
         if not entries:
             if self.resume:
                 self.notify(f"--resume: {d} holds no checkpoint yet; starting from the first pass")
-            self._write_run(key)
+            if self._writer:
+                self._write_run(key)
             return None
         if not self.resume:
             raise PassError(f"checkpoint dir {d} is not empty (it holds "
@@ -126,8 +136,8 @@ class PipelineCheckpoint:
                             f"{run.get('input_name') or 'another file'}, and this input differs",
                             hint="resume with the same input IR file, or give a fresh "
                             "--checkpoint-dir")
-        for leftover in filter(_is_leftover, d.iterdir()):  # temporaries of a killed write
-            _remove(leftover)
+        for leftover in filter(_is_leftover, d.iterdir() if self._writer else ()):
+            _remove(leftover)  # temporaries of a killed write
         done = sorted((int(e.name[5:]), e) for e in entries
                       if e.name.startswith("pass-") and e.name[5:].isdigit()
                       and (e / PASS_FILE).is_file())
@@ -204,6 +214,8 @@ class PipelineCheckpoint:
         """Save the module after pass ``index`` (0-based) and drop what it supersedes."""
         from lorashear.ir.fileformat import save_ir
 
+        if not self._writer:
+            return
         folder = self.directory / f"pass-{index + 1}"
         try:
             with atomic_path(folder, directory=True) as tmp:
@@ -222,7 +234,7 @@ class PipelineCheckpoint:
 
     def close(self) -> None:
         """After the output is written: drop the module a resume loaded, if a newer one exists."""
-        if self._origin is not None and any(
+        if self._writer and self._origin is not None and any(
                 p.name[5:].isdigit() and p != self._origin for p in self.directory.glob("pass-*")):
             _remove(self._origin)
         self._origin = None

@@ -4,19 +4,27 @@
 op through the same code the verifier uses (:mod:`lorashear.ir.interpret`). Parameters are
 registered under their IR names, so ``state_dict()`` keys are the checkpoint's names. LoRA
 factors are trainable, everything else frozen: this is also what the training passes run.
+
+With ``gradient_checkpointing=True`` the forward runs each decoder layer (the contiguous ops
+whose provenance ``loc`` lies under ``...layers.<i>``) under ``torch.utils.checkpoint``: the
+layer's activations are dropped after the forward and recomputed in the backward pass.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
 from lorashear.errors import EmissionError
-from lorashear.ir.core import Module, Param
+from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.types import torch_dtype
 
@@ -30,17 +38,60 @@ def lora_param_names(module: Module) -> set[str]:
     return names
 
 
+_LAYER_LOC = re.compile(r"^(.*?(?:^|\.)layers\.\d+)(?:\.|$)")
+
+
+@dataclass
+class Segment:
+    """A contiguous run of ops; ``layer`` names its decoder layer (None: not in one).
+
+    ``inputs`` are the values it reads that ops before it made (or graph inputs), ``outputs``
+    the values it makes that later ops or the graph's outputs read."""
+
+    layer: str | None
+    ops: list[Op]
+    inputs: list[int]
+    outputs: list[int]
+
+
+def layer_segments(module: Module) -> list[Segment]:
+    """The graph's ops cut into runs of one decoder layer each (and the runs between them)."""
+    runs: list[tuple[str | None, list[Op]]] = []
+    for op in module.graph.ops:
+        match = _LAYER_LOC.match(op.loc or "")
+        layer = match.group(1) if match else None
+        if runs and runs[-1][0] == layer:
+            runs[-1][1].append(op)
+        else:
+            runs.append((layer, [op]))
+    read_after: set[int] = {id(v) for v in module.graph.outputs}
+    segments: list[Segment] = []
+    for layer, ops in reversed(runs):
+        made = {id(r) for op in ops for r in op.results}
+        reads = list(dict.fromkeys(id(v) for op in ops for v in op.operands()))
+        segments.append(Segment(layer, ops, [v for v in reads if v not in made],
+                                [id(r) for op in ops for r in op.results if id(r) in read_after]))
+        read_after |= set(reads)
+    return segments[::-1]
+
+
 class IRModel(nn.Module):
-    """Runs an IR :class:`Module`; ``forward`` follows ``transformers`` causal LMs."""
+    """Runs an IR :class:`Module`; ``forward`` follows ``transformers`` causal LMs.
+
+    ``dtype`` converts the floating parameters, except those named in ``keep_dtype`` (the
+    training passes keep LoRA factors in fp32 under bf16 base weights)."""
 
     def __init__(self, module: Module, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, keep_dtype: Collection[str] = (),
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.ir = module
+        self.gradient_checkpointing = gradient_checkpointing
+        self._segments = layer_segments(module)
         self._slots: dict[str, tuple[nn.Module, str]] = {}
         trainable = lora_param_names(module)
         for param in module.params.values():
-            tensor = self._load(param, device, dtype)
+            tensor = self._load(param, device, None if param.name in keep_dtype else dtype)
             owner, leaf = self._owner(param.name)
             if param.buffer:
                 owner.register_buffer(leaf, tensor, persistent=True)
@@ -99,14 +150,35 @@ class IRModel(nn.Module):
             env[id(v)] = inputs[v.name]
         tensors = {name: getattr(owner, leaf) for name, (owner, leaf) in self._slots.items()}
         device = input_ids.device
-        for op in self.ir.graph.ops:
-            run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            for segment in self._segments:
+                if segment.layer is None:
+                    self._run_ops(segment.ops, env, tensors, device)
+                    continue
+                values = checkpoint(self._run_segment, segment, tensors, device,
+                                    *(env[v] for v in segment.inputs), use_reentrant=False)
+                env.update(zip(segment.outputs, values, strict=True))
+        else:
+            self._run_ops(self.ir.graph.ops, env, tensors, device)
         logits = env[id(self.ir.graph.outputs[0])]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
+
+
+    def _run_ops(self, ops: list[Op], env: dict[int, Any], tensors: dict[str, torch.Tensor],
+                 device: torch.device) -> None:
+        for op in ops:
+            run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+
+    def _run_segment(self, segment: Segment, tensors: dict[str, torch.Tensor], device: torch.device,
+                     *inputs: Any) -> tuple[Any, ...]:
+        """One segment from its input values to its output values (what checkpoint reruns)."""
+        env = dict(zip(segment.inputs, inputs, strict=True))
+        self._run_ops(segment.ops, env, tensors, device)
+        return tuple(env[v] for v in segment.outputs)
 
 
 def emit_torch(module: Module, *, device: torch.device | str | None = None,

@@ -1,0 +1,289 @@
+"""The runtime the training passes share (``lhspg``, ``recover``): device, precision,
+activation checkpointing, and data parallelism under ``torchrun`` / ``accelerate launch``.
+
+A pass declares the three options with :func:`device_option`, :func:`precision_option` and
+:func:`grad_checkpoint_option`, builds a :class:`TrainingRuntime` at the start of ``run`` and
+lets it build the model, slice each global batch and take the optimizer step.
+
+Data parallelism (``WORLD_SIZE > 1``): every rank builds the same global batch (the passes'
+batches are functions of the step alone) and trains on its contiguous slice. The gradients of
+the LoRA factors are all-reduced so that the update equals the single-process update on the
+global batch; everything after the optimizer step (projection, masks, saliency and probe
+choices) then runs identically on every rank. Only rank 0 writes checkpoints, logs, progress
+bars and output files.
+
+With one process on the CPU in ``fp32`` the runtime adds nothing to what the passes did
+before: the same calls in the same order, so results stay bitwise identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from lorashear.errors import PassError
+from lorashear.ir.core import Module
+from lorashear.passes.base import option
+from lorashear.runtime.executor import IRModel, lora_param_names
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Optimizer state that stays on the CPU whatever the device (AdamW's step counter).
+_CPU_STATE = frozenset({"step"})
+
+
+def device_option() -> Any:
+    return option("auto", "where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:N "
+                  "(under torchrun, cuda means cuda:LOCAL_RANK)")
+
+
+def precision_option() -> Any:
+    return option("fp32", "fp32, or bf16/fp16 autocast of forward and loss on CUDA (bf16 also loads "
+                  "the frozen base weights in bf16; fp16 scales the loss); CPU trains in fp32")
+
+
+def grad_checkpoint_option() -> Any:
+    return option(False, "recompute each decoder layer's activations in the backward pass "
+                  "(less memory, about one more forward of compute)")
+
+
+def check_device_text(pass_name: str, device: str) -> None:
+    """Fail early on a device that is none of auto, cpu, cuda, cuda:N."""
+    if not _DEVICE_PATTERN.fullmatch(device):
+        raise PassError(f"{pass_name}: device={device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (always true outside ``torchrun``): the one that writes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_from_environment() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as ``torchrun`` and ``accelerate launch`` set them."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise PassError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers: {exc}") from None
+    return world, rank, local
+
+
+@dataclass
+class TrainingRuntime:
+    """Device, precision, checkpointing and the data-parallel group of one training pass.
+
+    Gradients are reduced by hand (one all-reduce of a flat buffer after ``backward``) rather
+    than by wrapping the model in ``DistributedDataParallel``: the passes' losses are token
+    means whose denominators differ between ranks (stage-2 instruction labels), so each rank's
+    gradient must be weighted by its token share before the sum, which DDP's plain average
+    does not do; the trainable LoRA factors are a few MB, so overlapping their reduction with
+    the backward pass would gain nothing; and the model stays a plain ``IRModel`` that
+    activation checkpointing, the in-place projection and the checkpoint code use unchanged.
+    """
+
+    pass_name: str
+    device: torch.device
+    precision: Precision
+    grad_checkpoint: bool
+    world_size: int = 1
+    rank: int = 0
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+
+    @classmethod
+    def create(cls, pass_name: str, device: str, precision: str, grad_checkpoint: bool) -> TrainingRuntime:
+        """Resolve the options and, under ``torchrun`` with WORLD_SIZE > 1, join (or start)
+        the process group: gloo on the CPU, nccl on CUDA."""
+        check_device_text(pass_name, device)
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise PassError(f"{pass_name}: precision={precision!r} is not one of fp32, bf16, fp16")
+        world, rank, local_rank = _world_from_environment()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise PassError(f"{pass_name}: device={device} but CUDA is not available",
+                                hint="use device=cpu (or auto)")
+            if device == "cuda":
+                device = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
+        resolved = torch.device(device)
+        if precision != "fp32" and resolved.type != "cuda":
+            raise PassError(f"{pass_name}: precision={precision} needs a CUDA device; on {resolved} "
+                            "the pass trains in fp32", hint="use precision=fp32, or device=cuda")
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_available():
+                raise PassError(f"{pass_name}: WORLD_SIZE={world} but this torch has no "
+                                "torch.distributed")
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+            world, rank = dist.get_world_size(), dist.get_rank()
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        return cls(pass_name, resolved, precision, grad_checkpoint, world, rank, scaler)
+
+    # --- who does what -----------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes checkpoints, logs, bars and outputs."""
+        return self.rank == 0
+
+    def seed(self, seed: int) -> None:
+        """Seed the global torch RNG (LoRA dropout). Rank 0 uses ``seed`` itself, so one
+        process sees exactly the stream it saw before; other ranks get streams of their own
+        (their slices would otherwise share dropout masks)."""
+        torch.manual_seed(seed if self.rank == 0 else seed + 7_919 * self.rank)
+
+    # --- the model ---------------------------------------------------------------------------
+    def build_model(self, module: Module, *, trainable: bool = True) -> IRModel:
+        """``module`` on the device. With bf16/fp16 the frozen base weights load in that dtype
+        while the LoRA factors and buffers (rotary frequencies) keep their IR dtype, so the
+        optimizer updates fp32 factors."""
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        keep = (lora_param_names(module) | {p.name for p in module.params.values() if p.buffer}
+                if dtype is not None else frozenset())
+        model = IRModel(module, device=self.device if self.device.type != "cpu" else None,
+                        dtype=dtype, keep_dtype=keep, gradient_checkpointing=self.grad_checkpoint)
+        return model.train() if trainable else model.eval().requires_grad_(False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast of forward and loss for bf16/fp16 on CUDA; nothing for fp32."""
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
+
+    # --- data parallelism --------------------------------------------------------------------
+    def check_batch(self, batch: int) -> None:
+        """A global batch must split evenly over the ranks."""
+        if batch % self.world_size:
+            raise PassError(f"{self.pass_name}: batch={batch} does not split over {self.world_size} "
+                            "data-parallel processes", hint=f"use a batch divisible by {self.world_size}")
+
+    def local_rows(self, rows: int) -> slice:
+        """This rank's contiguous share of a global batch of ``rows`` rows."""
+        self.check_batch(rows)
+        share = rows // self.world_size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def local(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor's local rows (all rows in one process), moved to the device."""
+        if self.distributed:
+            rows = self.local_rows(len(tensors[0]))
+            tensors = tuple(t[rows] for t in tensors)
+        return tuple(self.to_device(t) for t in tensors)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+             params: Sequence[torch.nn.Parameter], share: float = 1.0) -> float:
+        """Backward, gradient reduction and the optimizer step; returns the global loss.
+
+        ``loss`` is this rank's mean over its own tokens and ``share`` its tokens' fraction of
+        the global batch's, so the global mean loss is ``sum_r share_r * loss_r`` and so is its
+        gradient: each rank scales its gradients by its share and an all-reduce sums them. A
+        rank with no tokens (``share == 0``, its loss a NaN mean over nothing) adds zeros."""
+        optimizer.zero_grad(set_to_none=True)
+        if not self.distributed:
+            if self.scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            return loss.item()
+        import torch.distributed as dist
+
+        if share > 0:
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        local_loss = loss.detach().float() * share if share > 0 else torch.zeros((), device=self.device)
+        flat = torch.cat([g.flatten().float() for g in grads] + [local_loss.view(1).to(self.device)])
+        if share != 1.0:
+            flat[:-1].mul_(share)
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        return float(flat[-1])
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (saliency scores, probe losses): decisions that
+        steer training must be the same everywhere, even where float reductions are not."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def sync_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` with rank 0's, in place. CUDA reductions with atomics (the
+        Triton projection) may round differently per rank; a resync at period ends and
+        checkpoints keeps such last-bit drift from outliving a period."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=0)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def rng_tensors(self) -> dict[str, torch.Tensor]:
+        """Every rank's torch RNG state as checkpoint tensors (``rng.torch.rank<r>``), gathered
+        on all ranks; rank 0's is saved as ``rng.torch`` by the checkpoint code itself."""
+        if not self.distributed:
+            return {}
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(states, torch.get_rng_state())
+        return {f"rng.torch.rank{r}": s for r, s in enumerate(states) if r > 0}
+
+    def restore_rng(self, tensors: dict[str, torch.Tensor], seed: int, step: int) -> None:
+        """Rank r > 0 continues its own RNG stream from a checkpoint (``load_checkpoint``
+        restored rank 0's on every rank); a checkpoint of another world size has none for it,
+        and the rank reseeds from (seed, step, rank), deterministically."""
+        if self.rank == 0:
+            return
+        state = tensors.get(f"rng.torch.rank{self.rank}")
+        if state is not None:
+            torch.set_rng_state(state)
+        else:
+            torch.manual_seed(seed + 7_919 * self.rank + 1_000_003 * step)
+
+    def progress(self, wanted: bool) -> bool:
+        """Whether to show a progress bar: asked for, and this is rank 0."""
+        return wanted and self.is_main
+
+
+def tensors_of(model: IRModel, names: Iterable[str]) -> Iterator[torch.Tensor]:
+    """The live tensors of IR parameters ``names``, in sorted name order (the same on every rank)."""
+    for name in sorted(names):
+        yield model.tensor(name)
