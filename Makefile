@@ -31,6 +31,7 @@ demo: install
 	$(PYTHON) tools/demo.py
 
 bench: install
+	$(PIP) install -q -e '.[bench]'
 	$(PYTHON) bench/run_all.py
 
 clean:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import held_out_ppl, one_shot_pipeline, set_threads, token_ids
 
 SEQ = 128
 BATCH = 2
@@ -80,14 +81,13 @@ def main() -> int:
 
     from lorashear.data.cache import text_dir
     from lorashear.data.sources import fetch_sources
-    from lorashear.eval.perplexity import text_perplexity
     from lorashear.ir.core import clone_module
     from lorashear.ir.frontend import lower_pretrained
     from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    set_threads()
     out_dir = Path(__file__).parent / "out"
     out_dir.mkdir(exist_ok=True)
     model_dir = prepare_default_model()
@@ -103,16 +103,17 @@ def main() -> int:
     results["step"] = measure_step_cost(module, tokenizer, train)
 
     # --- 2. quality at 20% --------------------------------------------------------------------
+    heldout_ids = {"austen": token_ids(tokenizer, heldout, EVAL_WINDOWS * SEQ)}
+
     def ppl(m) -> float:
-        return text_perplexity(emit_torch(m), tokenizer, heldout, window_length=SEQ,
-                               max_windows=EVAL_WINDOWS, progress=False).ppl
+        return held_out_ppl(emit_torch(m), heldout_ids, window=SEQ, windows=EVAL_WINDOWS)["austen"]
 
     rows = [{"method": "dense", "ppl": ppl(module), "seconds": 0.0}]
-    common = f"ratio=0.2,kinds=attn,mlp,scope=per-layer,data={train},batches=4,batch=2,seq-len={SEQ}"
     for metric in ("random", "magnitude", "wanda", "taylor"):
         start = time.perf_counter()
         pruned = clone_module(module)
-        PassManager.parse(f"prune{{metric={metric},{common}}},compress").run(pruned)
+        text = one_shot_pipeline(metric, 0.2, train, calibration=f"batches=4,batch=2,seq-len={SEQ}")
+        PassManager.parse(f"{text},compress").run(pruned)
         rows.append({"method": f"one-shot {metric}", "ppl": ppl(pruned), "seconds": time.perf_counter() - start})
     tokens = PERIODS * STEPS * BATCH * SEQ
     start = time.perf_counter()

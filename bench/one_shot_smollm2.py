@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import held_out_ppl as held_out_perplexities
+from _common import one_shot_pipeline
 
 CACHE = Path("~/.cache/lorashear").expanduser()
 
@@ -43,7 +45,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from lorashear.eval.perplexity import perplexity, tokenize_text
+    from lorashear.eval.perplexity import tokenize_text
     from lorashear.ir.core import clone_module
     from lorashear.ir.frontend import lower_pretrained
     from lorashear.passes import PassManager
@@ -60,9 +62,9 @@ def main() -> int:
 
     def held_out_ppl(m) -> tuple[float, float]:
         begin = time.perf_counter()
-        result = perplexity(emit_torch(m), heldout, window_length=args.window,
-                            max_windows=args.windows, progress=False)
-        return result.ppl, time.perf_counter() - begin
+        ppl = held_out_perplexities(emit_torch(m), {"heldout": heldout}, window=args.window,
+                                    windows=args.windows)["heldout"]
+        return ppl, time.perf_counter() - begin
 
     print(f"lower {lower_s:.1f} s, discover {discover_s:.1f} s", flush=True)
     rows = []
@@ -72,8 +74,8 @@ def main() -> int:
         print(f"dense ppl {dense_ppl:.2f} ({dense_eval_s:.1f} s)", flush=True)
     for metric in args.metrics.split(","):
         pruned = clone_module(module)
-        text = (f'prune{{ratio={args.ratio},metric={metric},seed={args.seed},scope={args.scope},'
-                f'kinds={args.kinds},data="{args.train}",{args.calibration}}}')
+        text = one_shot_pipeline(metric, args.ratio, args.train, kinds=args.kinds, scope=args.scope,
+                                 seed=args.seed, calibration=args.calibration)
         manager = PassManager.parse(text)
         begin = time.perf_counter()
         manager.run(pruned)

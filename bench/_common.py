@@ -1,0 +1,117 @@
+"""Helpers the benchmark scripts share: timestamped progress, machine facts, token-id slices
+of the cached text sources, held-out perplexity, prefill speed and one-shot pipeline text.
+
+Not a benchmark itself (``run_all.py`` runs ``bench_*.py`` only). The scripts import it as a
+sibling module: Python puts a script's own folder first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+OUT_DIR = Path(__file__).parent / "out"
+_START = time.perf_counter()
+
+
+def log(tag: str, message: str) -> None:
+    """One progress line: wall-clock time, seconds since the script started, the message."""
+    elapsed = time.perf_counter() - _START
+    print(f"[{tag} {time.strftime('%H:%M:%S')} +{elapsed:5.0f}s] {message}", flush=True)
+
+
+def machine_info() -> dict[str, str | int]:
+    """Date, CPU model, logical cores, threads used and library versions, for a table header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "cores": os.cpu_count() or 0,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def set_threads() -> int:
+    """Use ``BENCH_THREADS`` threads (default 2, the cores this machine lends a benchmark)."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    return torch.get_num_threads()
+
+
+def source_text(name: str, split: str, chars: int | None = None) -> str:
+    """The cached text of a source's split (``lorashear data fetch`` puts it there), or its
+    first ``chars`` characters."""
+    from lorashear.data.cache import text_dir
+    from lorashear.data.sources import fetch_sources
+
+    path = text_dir() / name / f"{split}.txt"
+    if not path.is_file():
+        fetch_sources([name])
+    with path.open(encoding="utf-8") as handle:
+        return handle.read(chars) if chars else handle.read()
+
+
+def token_ids(tokenizer, text: str, min_tokens: int | None = None) -> list[int]:
+    """Token ids of ``text`` without special tokens (the perplexity protocol's tokenisation)."""
+    from lorashear.eval.perplexity import tokenize_text
+
+    return tokenize_text(tokenizer, text, min_tokens)
+
+
+def write_ids(path: Path, ids: Iterable[int]) -> Path:
+    """A ``.ids`` file (whitespace-separated token ids): every pass reads it without a tokenizer,
+    so all methods see exactly the same tokens."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(" ".join(map(str, ids)) + "\n")
+    return path
+
+
+def interleave(streams: Mapping[str, list[int]], block: int) -> list[int]:
+    """Round-robin blocks of ``block`` tokens from each stream until the shortest runs out:
+    one calibration/training stream that holds every source in equal shares."""
+    count = min(len(ids) for ids in streams.values()) // block
+    mixed: list[int] = []
+    for i in range(count):
+        for ids in streams.values():
+            mixed.extend(ids[i * block:(i + 1) * block])
+    return mixed
+
+
+def held_out_ppl(model, heldout: Mapping[str, list[int]], *, window: int, windows: int) -> dict[str, float]:
+    """Perplexity per source on the first ``windows`` windows of ``window`` held-out tokens."""
+    from lorashear.eval.perplexity import perplexity
+
+    return {name: perplexity(model, ids, window_length=window, max_windows=windows,
+                             progress=False).ppl for name, ids in heldout.items()}
+
+
+def prefill_tokens_per_second(run: Callable[[torch.Tensor], object], batch: int, seq: int,
+                              vocab: int, repeats: int = 2) -> float:
+    """Tokens per second of ``run`` on a random ``batch x seq`` prompt, after one warm-up."""
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        run(ids)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run(ids)
+    return batch * seq * repeats / (time.perf_counter() - start)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of a runnable model without its LoRA factors (tied weights counted once)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str = "attn,mlp",
+                      scope: str = "per-layer", seed: int = 0, calibration: str = "") -> str:
+    """Pipeline text of a one-shot ``prune`` with ``metric`` calibrated on ``data``."""
+    extra = f",{calibration}" if calibration else ""
+    return (f'prune{{ratio={ratio},metric={metric},seed={seed},scope={scope},kinds={kinds},'
+            f'data="{data}"{extra}}}')
