@@ -74,6 +74,13 @@ def main() -> int:
     from lorashear.ir.frontend import lower_pretrained
     from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
+    from lorashear.report import (
+        AttributeTracker,
+        build_report,
+        read_step_log,
+        step_log_positions,
+        write_report,
+    )
     from lorashear.runtime.executor import emit_torch
     from lorashear.runtime.hf import load_pretrained, save_model_dir
     from lorashear.runtime.onnx_emit import emit_onnx
@@ -109,15 +116,20 @@ def main() -> int:
     save_ir(dense, out / "dense.ir")  # recovery's reference: its perplexities and KD teacher
     pipeline = (f"discover,lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
                 f"batch={budget['batch']},seq-len={budget['seq_len']},metric=taylor,lr=1e-3,"
-                f"data={train_file}}},"
+                f"data={train_file},log={out / 'lhspg-steps.jsonl'}}},"
                 f"recover{{data={spec},steps={budget['recover_steps']},"
                 f"stage1-steps={budget['stage1_steps']},probe-every={budget['probe_every']},"
                 f"probe-windows=4,loss=kd,reference={out / 'dense.ir'},batch={budget['batch']},"
                 f"seq-len={budget['seq_len']},lr=1e-3}},compress")
     log(f"running {pipeline}")
     manager = PassManager.parse(pipeline)
-    manager.run(module)
+    tracker = AttributeTracker(module)
+    log_positions = step_log_positions(manager.passes)
+    manager.run(module, print_ir_after_all=tracker.after_pass)
     print(manager.timing_report())
+    write_report(build_report(dense, module, manager.records, step_log=read_step_log(log_positions),
+                              seen_attributes=tracker.last_seen), out / "report.html")
+    log(f"wrote the pruning report {out / 'report.html'}")
 
     log("emitting a Hugging Face directory and ONNX models (pruned and, for comparison, dense)")
     save_model_dir(module, out / "hf", merge=True)
@@ -162,7 +174,7 @@ def main() -> int:
     print(f"prompt: {PROMPT}")
     print(f"  dense : {greedy(big, tokenizer, PROMPT)}")
     print(f"  pruned: {greedy(small, tokenizer, PROMPT)}")
-    print(f"\noutputs in {out} (hf/, model.onnx); total {time.perf_counter() - t0:.0f} s, budget '{budget_name}'")
+    print(f"\noutputs in {out} (hf/, model.onnx, report.html); total {time.perf_counter() - t0:.0f} s, budget '{budget_name}'")
     return 0
 
 

@@ -30,6 +30,10 @@ from lorashear.kernels.grouped_weight import (
     shrink_coefficients,
 )
 
+TRIAL_CACHE_BYTES = 512 * 2**20
+"""Trial points of restricted slices kept between passes 2 and 3 (a few hundred MB at most;
+the rest are rebuilt, which costs a second ``B @ A`` per weight)."""
+
 
 @dataclass(frozen=True)
 class _Membership:
@@ -188,18 +192,26 @@ def project_prepared_reference(prepared: Sequence[PreparedWeight], chosen: torch
         _add_group_sums(view.weight.float().square(), part.members, sq_norm)
     coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
 
-    # Pass 2: the trial point x~ and its inner product with W per group.
+    # Pass 2: the trial point x~ and its inner product with W per group. The trial points of
+    # restricted slices are kept for pass 3 up to a memory budget; whole weights rebuild theirs.
     inner = torch.zeros(num_groups, dtype=torch.float32, device=chosen.device)
+    kept: list[torch.Tensor | None] = []
+    budget = TRIAL_CACHE_BYTES
     for part, view in zip(prepared, views):
         trial = _trial_point(view, part.members, coefficient)
         _add_group_sums(trial * view.weight.float(), part.members, inner)
+        restricted = part.rows is not None or part.cols is not None
+        keep = restricted and trial.numel() * trial.element_size() <= budget
+        budget -= trial.numel() * trial.element_size() if keep else 0
+        kept.append(trial if keep else None)
 
     zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
 
     # Pass 3: write W only where a chosen group lies, so every other element stays bit-identical.
-    for part, view in zip(prepared, views):
+    for part, view, trial in zip(prepared, views, kept):
         members = part.members
-        trial = _trial_point(view, members, coefficient)
+        if trial is None:
+            trial = _trial_point(view, members, coefficient)
         row_zeroed = members.row_member & zeroed[members.row_ids]
         element_zeroed = row_zeroed[:, None]
         element_chosen = members.row_member[:, None]
