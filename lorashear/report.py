@@ -253,7 +253,7 @@ def _recover_section(log: RecoverLogAttr) -> Section:
                      format_number(probes[0]["ppl"][name]), format_number(probes[-1]["ppl"][name]),
                      format_number(probes[-1].get("weights", {}).get(name, float("nan")))])
     items: list[str | Table | Plot] = [
-        f"{len(probes)} probes; stage 2 from step "
+        f"{len(probes)} probes; first probe in stage 2 at step "
         f"{next((int(p['step']) for p in probes if p.get('stage') == 2), '-')}",
         Table(["source", "reference ppl", "first probe ppl", "last probe ppl", "last weight"], rows),
         LineChart("Recovery: probe perplexity per source", "step", "perplexity",

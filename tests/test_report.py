@@ -148,7 +148,7 @@ def test_recovery_section_plots_probe_perplexity_and_weights(lowered):
     assert html.count("<svg") == 2
     assert "Recovery: sampling weight per source" in html
     md = render_markdown(report)
-    assert "3 probes; stage 2 from step 8" in md
+    assert "3 probes; first probe in stage 2 at step 8" in md
     assert "| books | 20 | 30 | 22 | 0.7 |" in md
     assert "| code | 10 | 12 | 8 | 0.3 |" in md
 
