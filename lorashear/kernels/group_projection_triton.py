@@ -287,9 +287,9 @@ class PreparedTriton:
         self.active = [(launch, has_rows, has_cols)
                        for launch, (has_rows, has_cols) in zip(launches, members, strict=True)
                        if has_rows or has_cols]
-        self.lora_masks = []
-        for grouped, launch in zip(weights, launches, strict=True):
-            if grouped.lora_B is not None and grouped.lora_A is not None:
+        self.lora_masks = []  # weights with no chosen row or column have nothing to clear
+        for grouped, launch, (has_rows, has_cols) in zip(weights, launches, members, strict=True):
+            if (has_rows or has_cols) and grouped.lora_B is not None and grouped.lora_A is not None:
                 row_member = (launch.row_group >= 0) & chosen[launch.row_group.clamp(min=0).long()]
                 col_chosen = (launch.col_group >= 0) & chosen[launch.col_group.clamp(min=0).long()]
                 self.lora_masks.append((grouped, row_member[:, None], col_chosen[None, :]))
