@@ -164,6 +164,13 @@ def step_ratio(device: torch.device, smoke: bool, ir_path: str | None) -> None:
         plans["triton plan"] = ProjectionPlan(index.weights, chosen, backend="triton")
         plans["triton plan, CUDA graph"] = ProjectionPlan(index.weights, chosen, backend="triton",
                                                           cuda_graph=True)
+    # lhspg{settle=...}: after its groups are zero a period only clears their LoRA rows/columns
+    nothing = torch.zeros_like(chosen)
+    plans["settle step, torch plan"] = ProjectionPlan(index.weights, nothing, done=chosen,
+                                                      backend="torch")
+    if device.type == "cuda":
+        plans["settle step, triton plan, CUDA graph"] = ProjectionPlan(
+            index.weights, nothing, done=chosen, backend="triton", cuda_graph=True)
     projections = {"plain LoRA AdamW": None,
                    "per call, torch": lambda: project_groups(index.weights, chosen, lambdas,
                                                              backend="torch")}

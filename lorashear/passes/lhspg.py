@@ -9,10 +9,18 @@ saliency among the units not yet chosen. The kernels of :mod:`lorashear.kernels`
 projection (Triton on CUDA, the torch reference elsewhere), through a
 :class:`~lorashear.kernels.ProjectionPlan` prepared once per period.
 
-``lambda_g = lam * ||W_g||_0 / steps``, with ``||W_g||_0`` the group's norm when its period
-starts: a linear schedule that would reach zero at the period's end. DHSPG's gradient-
+``lambda_g = lam * ||W_g||_0 / shrink steps``, with ``||W_g||_0`` the group's norm when its period
+starts: a linear schedule that would reach zero at the shrink's end. DHSPG's gradient-
 adaptive lambda is not implemented (base weights have no gradients here); the forced zeroing
-at each period's end keeps the guarantee. The result is the masked model plus the
+at each period's end keeps the guarantee.
+
+``settle`` splits each period: the shrink spans its first ``(1 - settle) * steps`` steps and
+ends with the forced zeroing; the remaining steps train LoRA with the period's groups held at
+zero, so the last period does not end the pass the very step its groups vanish. With
+``rescore`` the taylor scores of every period after the first are taken on the live model
+(trained LoRA, earlier groups at zero) instead of once before training.
+
+The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
 
 ``device``, ``precision`` and ``grad-checkpoint`` and data parallelism under ``torchrun`` come
@@ -40,6 +48,7 @@ from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import (
     TOKEN_ID_SUFFIX,
     CalibrationOptions,
+    calibration_batches,
     check_seq_len,
     read_token_ids,
     tokenize_text_file,
@@ -56,7 +65,7 @@ from lorashear.passes.knowledge import protected_families
 from lorashear.passes.pipeline import format_pass
 from lorashear.passes.prune import FamilyBudget, choose_units
 from lorashear.passes.registry import register_pass
-from lorashear.passes.saliency import MetricName, check_metric, score_groups
+from lorashear.passes.saliency import MetricName, check_metric, model_gradient_scores, score_groups
 from lorashear.passes.training import (
     Precision,
     TrainingRuntime,
@@ -158,8 +167,12 @@ class Lhspg(ModulePass):
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
     lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / steps")
     eps: float = option(0.0, "half-space margin: zero a group when <x~_g, W_g> < eps ||W_g||^2")
+    settle: float = option(0.0, "share of each period's steps that train LoRA after the period's "
+                           "groups are forced to zero (the shrink then spans the rest)")
     metric: MetricName = option("taylor", "saliency metric choosing the groups (taylor: gradients on "
                                 "the training text; magnitude is worse than random on SmolLM2)")
+    rescore: bool = option(False, "taylor: score the groups again at every period's start, on the "
+                           "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
     data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")
@@ -181,11 +194,21 @@ class Lhspg(ModulePass):
             raise PassError(f"lhspg ratio must be in [0, 1), got {self.ratio}")
         if self.periods < 1 or self.steps < 1:
             raise PassError("lhspg periods and steps must be at least 1")
+        if not 0.0 <= self.settle < 1.0:
+            raise PassError(f"lhspg settle must be in [0, 1), got {self.settle}")
         check_metric(self.metric)
+        if self.rescore and self.metric != "taylor":
+            raise PassError(f"lhspg rescore needs metric=taylor (got {self.metric}): only taylor "
+                            "scores the live model", hint="metric=taylor, or rescore=false")
         check_kinds(self.name, self.kinds)
         if not self.data:
             raise PassError("lhspg needs training data", hint="lhspg{data=book.txt} (or a .ids file)")
         check_device_text(self.name, self.device)
+
+    @property
+    def shrink_steps(self) -> int:
+        """Steps of a period that shrink its groups (the last one forces them to zero)."""
+        return max(1, self.steps - round(self.settle * self.steps))
 
     def training_windows(self, module: Module) -> torch.Tensor:
         """All non-overlapping ``seq_len`` windows of the training data, ``[N, seq_len]``."""
@@ -246,9 +269,15 @@ class Lhspg(ModulePass):
             period_log, first_loss = resumed.state["period_log"], resumed.state["first_loss"]
             runtime.restore_rng(resumed.tensors, self.seed, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
+        shrink_steps = self.shrink_steps
         try:
             for period in range(first_period, self.periods):
                 target = self.ratio * (period + 1) / self.periods
+                if self.rescore and period > 0:
+                    batches = calibration_batches(module, calibration, "lhspg rescore")
+                    scores = runtime.broadcast_object(model_gradient_scores(
+                        model, module, groups, [f.id for f in families],
+                        (runtime.to_device(b) for b in batches), autocast=runtime.autocast))
                 budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f),
                                         tuple(chosen_units.get(f.id, ()))) for f in families]
                 chosen_units = choose_units(budgets, target, self.scope)
@@ -260,7 +289,7 @@ class Lhspg(ModulePass):
                         chosen[gid] = True
                 chosen_here, current_here = runtime.to_device(chosen), runtime.to_device(current)
                 start_norms = group_norms(index.weights, index.num_groups)
-                lambdas = torch.where(current_here, self.lam * start_norms / self.steps,
+                lambdas = torch.where(current_here, self.lam * start_norms / shrink_steps,
                                       torch.zeros_like(start_norms))
                 # groups of earlier periods are exactly zero: the plan only clears their LoRA
                 plan = ProjectionPlan(index.weights, current_here, done=chosen_here & ~current_here,
@@ -274,7 +303,11 @@ class Lhspg(ModulePass):
                         loss = model(batch, labels=batch).loss
                     # full windows: every rank holds the same number of tokens
                     loss_value = runtime.step(loss, optimizer, trainable, 1.0 / runtime.world_size)
-                    stats = plan.step(lambdas, eps=self.eps, force=step == self.steps - 1)
+                    stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
+                    if step == shrink_steps - 1 and shrink_steps < self.steps:
+                        # settling: this period's groups are zero now and stay so, like earlier ones
+                        plan = ProjectionPlan(index.weights, torch.zeros_like(chosen_here),
+                                              done=chosen_here, cuda_graph=self.cuda_graph)
                     zero_share = float(stats.zeroed[chosen_here].float().mean()) if chosen.any() else 0.0
                     losses.append(loss_value)
                     first_loss = loss_value if first_loss is None else first_loss

@@ -178,32 +178,71 @@ def gradient_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int
     """LLM-Pruner group Taylor: ``sum over batches of |<E_g, dLoss/dW_g>|`` (E = W + s*B@A)."""
     from lorashear.runtime.executor import emit_torch
 
+    return model_gradient_scores(emit_torch(module), module, groups, family_ids, batches)
+
+
+def model_gradient_scores(model: torch.nn.Module, module: Module, groups: GroupsAttr,
+                          family_ids: Iterable[int], batches: Iterable[torch.Tensor], *,
+                          autocast: Any = None) -> dict[int, torch.Tensor]:
+    """:func:`gradient_scores` of a runnable ``model`` of ``module`` as it is now (a training
+    pass scores its live model: trained LoRA, groups already at zero).
+
+    Each base weight's gradient is consumed by a hook as soon as it is complete and freed, so
+    scoring needs one weight's gradient at a time, not a model's worth. ``requires_grad`` and
+    ``.grad`` of every parameter are as before when it returns. ``batches`` are on the
+    model's device; ``autocast`` is a context manager factory wrapped around the forward.
+    """
     family_ids = list(family_ids)
     by_param = _base_members(module, groups, family_ids)
     updates = lora_updates(module)
-    model = emit_torch(module)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in by_param:
-        model.tensor(name).requires_grad_(True)
     scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
-    for ids in batches:
-        for name in by_param:
-            model.tensor(name).grad = None
-        model(ids, labels=ids).loss.backward()
-        dots = {f: torch.zeros_like(s) for f, s in scores.items()}
+    dots = {f: torch.zeros_like(s) for f, s in scores.items()}
+
+    def consume(names: list[str], weight: torch.Tensor) -> None:
         with torch.no_grad():
-            for name, members in by_param.items():
-                weight = model.tensor(name)
-                if weight.grad is None:
-                    continue  # not on the loss path (an unused parameter)
-                delta = _lora_delta(module, updates.get(name), weight)
-                effective = weight if delta is None else weight + delta
+            for name in names:  # tied weights: one tensor, one gradient, several names
+                update = updates.get(name)
+                effective = weight.detach()
+                if update is not None:
+                    lora_a, lora_b = model.tensor(update.lora_A), model.tensor(update.lora_B)
+                    effective = effective + (lora_b.detach() @ lora_a.detach()).to(weight.dtype) * update.scaling
                 product = effective.float() * weight.grad.float()
-                for family, member in members:
-                    dots[family.id] += unit_sums(product, member, family.size)
-        for f in scores:
-            scores[f] += dots[f].abs()
+                for family, member in by_param[name]:
+                    dots[family.id] += unit_sums(product, member, family.size).cpu()
+        weight.grad = None
+
+    names_of: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name in by_param:
+        weight = model.tensor(name)
+        names_of.setdefault(id(weight), (weight, []))[1].append(name)
+    tensors = {id(p): p for p in model.parameters()} | {i: w for i, (w, _) in names_of.items()}
+    saved = {i: (t.requires_grad, t.grad) for i, t in tensors.items()}
+    handles = []
+    try:
+        for t in tensors.values():
+            t.requires_grad_(False)
+            t.grad = None
+        for weight, names in names_of.values():
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(
+                lambda w, names=names: consume(names, w)))
+        for ids in batches:
+            for d in dots.values():
+                d.zero_()
+            if autocast is None:
+                loss = model(ids, labels=ids).loss
+            else:
+                with autocast():
+                    loss = model(ids, labels=ids).loss
+            loss.backward()
+            for f in scores:
+                scores[f] += dots[f].abs()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for i, t in tensors.items():
+            t.requires_grad_(saved[i][0])
+            t.grad = saved[i][1]
     return scores
 
 

@@ -255,18 +255,19 @@ def chosen_element_masks(problem: ProjectionProblem,
 
 def check_plan_matches_project_groups(problem: ProjectionProblem, *, device: str = "cpu",
                                       backend: str = "torch", steps: int = 3,
-                                      cuda_graph: bool = False) -> None:
+                                      cuda_graph: bool = False, done_share: float = 0.5) -> None:
     """A :class:`ProjectionPlan` over the current groups, with earlier groups ``done``, gives
     over several training-like steps what :func:`project_groups` over all of them gives.
 
-    Half of the chosen groups (by a seeded draw) are made exactly zero first, as at the end of
-    an earlier period; between steps the LoRA factors move, as an optimizer step moves them.
+    ``done_share`` of the chosen groups (by a seeded draw) are made exactly zero first, as at
+    the end of an earlier period (1.0: all of them, lhspg's settle steps, where the plan holds
+    no current group); between steps the LoRA factors move, as an optimizer step moves them.
     """
     from lorashear.kernels import ProjectionPlan, project_groups
 
     chosen, lambdas = problem_vectors(problem, device)
     generator = torch.Generator().manual_seed(problem.seed)
-    done = chosen & (torch.rand(chosen.shape, generator=generator) < 0.5).to(device)
+    done = chosen & (torch.rand(chosen.shape, generator=generator) < done_share).to(device)
     current = chosen & ~done
     lambdas = torch.where(current, lambdas, 0.0)
     expected_weights = build_weights(problem, device=device)

@@ -179,6 +179,10 @@ def test_public_entry_point_runs_the_triton_backend() -> None:
 def test_plan_with_done_groups_steps_like_project_groups(problem: ProjectionProblem) -> None:
     """On CUDA the plan's later steps also replay a captured CUDA graph: this checks the replay."""
     check_plan_matches_project_groups(problem, device=DEVICE, backend="triton", steps=4)
+    check_plan_matches_project_groups(problem, device=DEVICE, backend="triton", steps=2,
+                                      done_share=1.0)  # lhspg's settle steps
     if not INTERPRETED:
         check_plan_matches_project_groups(problem, device=DEVICE, backend="triton", steps=4,
                                           cuda_graph=True)
+        check_plan_matches_project_groups(problem, device=DEVICE, backend="triton", steps=4,
+                                          cuda_graph=True, done_share=1.0)

@@ -45,9 +45,11 @@ def _lhspg(module, data, **opts):
     return result
 
 
-def test_chosen_zero_rest_alive_and_compress_exact(trained):
+@pytest.mark.parametrize(("settle", "rescore"), [(0.0, False), (0.4, True)])
+def test_chosen_zero_rest_alive_and_compress_exact(trained, settle, rescore, tmp_path):
     module, data, windows = trained
-    after = _lhspg(module, data)
+    log = tmp_path / "steps.jsonl"
+    after = _lhspg(module, data, settle=settle, rescore=str(rescore).lower(), log=log)
     groups = after.attributes["groups"]
     removed = after.attributes["prune-mask"].as_dict()
     families = [f for f in groups.families if f.kind in ("attn", "mlp")]
@@ -77,6 +79,18 @@ def test_chosen_zero_rest_alive_and_compress_exact(trained):
     assert (a - b).abs().max() <= 1e-4
     assert compressed.num_parameters() < module.num_parameters()
     assert [p["period"] for p in after.attributes["lhspg-log"].periods] == [0, 1]
+    # a period's groups are all zero from its last shrink step on (settle: 10 of its 25 steps)
+    import json
+
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 50
+    zero_from = 25 - round(settle * 25)
+    for row in rows:
+        in_period = (row["step"] - 1) % 25 + 1
+        if in_period >= zero_from:
+            assert row["chosen_zero_share"] == 1.0, row
+        elif row["period"] == 0:
+            assert row["chosen_zero_share"] < 1.0, row
 
 
 def test_lhspg_beats_one_shot_pruning_of_the_same_groups(trained):
@@ -95,6 +109,10 @@ def test_lhspg_errors(trained, lowered, tmp_path):
         _lhspg(module, tmp_path / "missing.ids")
     with pytest.raises(PassError, match=r"ratio must be in \[0, 1\)"):
         _lhspg(module, data, ratio=1.5)
+    with pytest.raises(PassError, match=r"settle must be in \[0, 1\)"):
+        _lhspg(module, data, settle=1.0)
+    with pytest.raises(PassError, match="rescore needs metric=taylor"):
+        _lhspg(module, data, rescore="true", metric="wanda")
     with pytest.raises(PassError, match="lhspg: seq-len 512 exceeds the model's maximum of 256 "
                        r"tokens \(max_position_embeddings\)"):
         _lhspg(module, data, **{"seq-len": 512})

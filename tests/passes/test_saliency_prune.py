@@ -205,6 +205,42 @@ def test_taylor_matches_hf_gradients(discovered, tiny_models, calibration_ids):
     torch.testing.assert_close(scores[2], expected, rtol=1e-3, atol=1e-7)
 
 
+def test_live_model_taylor_scores_it_as_it_is_and_leaves_its_training_state(discovered, calibration_ids):
+    """lhspg{rescore=true} scores its training model: the scores are those of a module holding
+    the model's current values, and requires_grad and .grad of every parameter are untouched."""
+    from lorashear.passes.saliency import model_gradient_scores
+    from lorashear.runtime.executor import lora_param_names
+
+    module = discovered("llama", True)
+    groups = module.attributes["groups"]
+    options = CalibrationOptions(str(calibration_ids), 2, 2, 16, 0)
+    model = emit_torch(module)
+    generator = torch.Generator().manual_seed(0)
+    markers = {}
+    with torch.no_grad():
+        for name in sorted(lora_param_names(module)):
+            tensor = model.tensor(name)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)  # "trained" LoRA
+            markers[name] = torch.full_like(tensor, 7.0)
+            tensor.grad = markers[name]
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    live = model_gradient_scores(model, module, groups, range(len(groups.families)),
+                                 calibration_batches(module, options, "test"))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert any(before.values()) and not all(before.values())
+    for name, marker in markers.items():
+        assert model.tensor(name).grad is marker
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in markers)
+    snapshot = clone_module(module)
+    for name in lora_param_names(module):
+        snapshot.params[name].storage = DataStorage(model.tensor(name).detach().clone())
+    expected = score_groups(snapshot, groups, "taylor", calibration=options)
+    fresh = score_groups(module, groups, "taylor", calibration=options)
+    for f, values in expected.items():
+        torch.testing.assert_close(live[f], values, rtol=1e-6, atol=1e-9)
+    assert any(not torch.allclose(live[f], fresh[f]) for f in fresh), "the LoRA change went unseen"
+
+
 # --- random ---------------------------------------------------------------------------------
 def test_random_is_seeded_and_independent_of_the_family_subset(discovered):
     module = discovered("llama", True)
