@@ -2,8 +2,8 @@
 
 1. Step time and peak memory: a plain LoRA AdamW step vs an LHSPG step (the same step plus
    the half-space projection over the chosen groups through the ProjectionPlan that lhspg
-   prepares once per period, torch reference kernel on CPU), same
-   model, same batch. Peak memory is the process's peak RSS growth during each phase.
+   prepares once per period, torch reference kernel on CPU) and vs a settle step (the groups
+   are zero; only their LoRA rows/columns are cleared), same model, same batch. Peak memory is the process's peak RSS growth during each phase.
 2. Quality at ratio 0.2 (attention + MLP groups, per layer): held-out perplexity on
    Persuasion of the dense model, of one-shot `prune` (magnitude, wanda, taylor, random) and
    of LHSPG at a stated token budget. The budget is small on 2 CPU cores; the numbers say
@@ -52,27 +52,32 @@ def measure_step_cost(module, tokenizer, train: Path) -> dict:
     pick = torch.randperm(index.num_groups, generator=torch.Generator().manual_seed(0))
     chosen[pick[: index.num_groups // 5]] = True
     plan = ProjectionPlan(index.weights, chosen)  # as lhspg does, once per period
+    # lhspg{settle=...}: once a period's groups are zero, a step only clears their LoRA
+    settle_plan = ProjectionPlan(index.weights, torch.zeros_like(chosen), done=chosen)
 
-    def step(project: bool) -> float:
+    def step(plan_to_run) -> float:
         start = time.perf_counter()
         loss = model(batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if project:
-            plan.step(1e-4)
+        if plan_to_run is not None:
+            plan_to_run.step(1e-4)
         return time.perf_counter() - start
 
-    step(False)
+    step(None)
     base_rss = rss_mb()
-    plain = [step(False) for _ in range(3)]
+    plain = [step(None) for _ in range(3)]
     plain_rss = rss_mb()
-    projected = [step(True) for _ in range(3)]
+    projected = [step(plan) for _ in range(3)]
     lhspg_rss = rss_mb()
+    settled = [step(settle_plan) for _ in range(2)]
     for _ in range(2):  # interleaved too, so that load from other processes hits both alike
-        plain.append(step(False))
-        projected.append(step(True))
+        plain.append(step(None))
+        projected.append(step(plan))
+        settled.append(step(settle_plan))
     return {"plain_s": min(plain), "lhspg_s": min(projected), "ratio": min(projected) / min(plain),
+            "settle_s": min(settled), "settle_ratio": min(settled) / min(plain),
             "peak_rss_mb_plain": plain_rss, "peak_rss_mb_lhspg": lhspg_rss, "rss_before_mb": base_rss}
 
 
@@ -130,6 +135,8 @@ def main() -> int:
     print(f"| plain LoRA AdamW | {s['plain_s']:.2f} | {s['peak_rss_mb_plain']:.0f} |")
     print(f"| LHSPG (+ projection, torch reference) | {s['lhspg_s']:.2f} ({s['ratio']:.2f}x) | "
           f"{s['peak_rss_mb_lhspg']:.0f} |")
+    print(f"| LHSPG settle step (clears the zeroed groups' LoRA) | {s['settle_s']:.2f} "
+          f"({s['settle_ratio']:.2f}x) | - |")
     print(f"\n| method at 20% (attn+MLP, per layer) | held-out ppl ({EVAL_WINDOWS}x{SEQ}) | seconds |\n|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['ppl']:.1f} | {r['seconds']:.0f} |")

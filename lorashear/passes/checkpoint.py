@@ -78,3 +78,33 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.
         param = params[name]
         # moments live with their parameter; AdamW's step counter stays a CPU tensor
         optimizer.state[param][slot] = value.clone() if slot == "step" else value.to(param.device, copy=True)
+
+
+def trim_log_after(path: str | os.PathLike, step: int) -> None:
+    """Drop the trailing JSON lines of a step log whose ``step`` is past ``step``.
+
+    A killed run may have logged steps after its last checkpoint; the resumed run does those
+    steps again, so without the trim the log would hold them twice. Only the file's tail is
+    trimmed: lines of earlier runs appended to the same file stay.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = len(lines)
+    while keep:
+        line = lines[keep - 1]
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line.endswith("\n"):
+                break  # not a log line of ours: leave it and what precedes it
+            keep -= 1  # the kill tore the last line
+            continue
+        logged = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(logged, int) or logged <= step:
+            break
+        keep -= 1
+    if keep < len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(lines[:keep]), encoding="utf-8")

@@ -59,6 +59,7 @@ from lorashear.passes.checkpoint import (
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
+    trim_log_after,
 )
 from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.passes.knowledge import protected_families
@@ -268,6 +269,8 @@ class Lhspg(ModulePass):
             step_total, first_period = resumed.state["step_total"], resumed.state["period"] + 1
             period_log, first_loss = resumed.state["period_log"], resumed.state["first_loss"]
             runtime.restore_rng(resumed.tensors, self.seed, step_total)
+            if self.log and runtime.is_main:
+                trim_log_after(self.log, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         shrink_steps = self.shrink_steps
         try:
@@ -315,8 +318,9 @@ class Lhspg(ModulePass):
                     bar.set_postfix(loss=f"{loss_value:.3f}", zero=f"{zero_share:.2f}")
                     row = {"period": period, "step": step_total, "loss": loss_value,
                            "chosen": int(chosen.sum()), "chosen_zero_share": zero_share}
-                    if log_file:
+                    if log_file:  # flushed: a live plot (or a kill) sees every finished step
                         log_file.write(json.dumps(row) + "\n")
+                        log_file.flush()
                 period_log.append({"period": period, "chosen": int(chosen.sum()), "new": int(current.sum()),
                                    "mean_loss": sum(losses) / len(losses), "last_loss": losses[-1]})
                 runtime.sync_tensors(tensors_of(model, synced))

@@ -61,6 +61,7 @@ from lorashear.passes.checkpoint import (
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
+    trim_log_after,
 )
 from lorashear.passes.lhspg import batch_for_step
 from lorashear.passes.pipeline import format_pass
@@ -329,6 +330,8 @@ class Recover(ModulePass):
             step, probes, weights = state["step"], state["probes"], state["weights"]
             reference_losses, losses = state["reference_losses"], state["losses"]
             runtime.restore_rng(resumed.tensors, self.seed, step)
+            if self.log and runtime.is_main:
+                trim_log_after(self.log, step)
         else:
             step, probes, losses = 0, [], []
             reference_losses = probe_losses(teacher if teacher is not None else model) if windows else {}

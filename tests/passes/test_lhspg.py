@@ -155,8 +155,9 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
     torch.set_num_threads(1)
     save_ir(clone_module(module), tmp_path / "m.ir")
     ckpt = tmp_path / "ckpt"
+    steps_log = tmp_path / "steps.jsonl"
     pipeline = (f"lhspg{{ratio=0.3,periods=3,steps=12,seq-len=32,batch=8,lr=5e-3,data={data},"
-                f"progress=false,checkpoint-dir={ckpt}}}")
+                f"progress=false,log={steps_log},checkpoint-dir={ckpt}}}")
     script = ("import torch; torch.set_num_threads(1)\n"
               "from lorashear.ir.fileformat import load_ir\nfrom lorashear.passes import PassManager\n"
               f"m = load_ir(r'{tmp_path / 'm.ir'}')\nPassManager.parse(r'{pipeline}').run(m)\n")
@@ -172,12 +173,27 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
     assert json.loads((ckpt / "state.json").read_text())["state"]["period"] < 2, "killed too late"
 
     resumed = clone_module(module)
-    steps_log = tmp_path / "resumed.jsonl"
-    PassManager.parse(pipeline.replace("progress=false", f"progress=false,log={steps_log}")).run(resumed)
-    first_step = json.loads(steps_log.read_text().splitlines()[0])["step"]
-    assert first_step > 12, "the resumed run started over instead of continuing"
+    PassManager.parse(pipeline).run(resumed)
+    # each step once: the resumed run neither started over nor left the killed run's extra steps
+    assert [json.loads(line)["step"] for line in steps_log.read_text().splitlines()] == list(range(1, 37))
     straight = clone_module(module)
-    PassManager.parse(pipeline.replace(f",checkpoint-dir={ckpt}", "")).run(straight)
+    PassManager.parse(pipeline.replace(f",log={steps_log},checkpoint-dir={ckpt}", "")).run(straight)
     assert resumed.attributes["prune-mask"] == straight.attributes["prune-mask"]
     for name, p in straight.params.items():
         assert torch.equal(resumed.params[name].storage.load(), p.storage.load()), name
+
+
+def test_trim_log_after_drops_only_the_killed_runs_tail(tmp_path):
+    import json
+
+    from lorashear.passes.checkpoint import trim_log_after
+
+    log = tmp_path / "steps.jsonl"
+    earlier = [json.dumps({"step": s}) + "\n" for s in (1, 2, 3)]  # another run, same file
+    killed = [json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5)]
+    log.write_text("".join(earlier + killed) + '{"step": 6, "lo')  # torn by the kill
+    trim_log_after(log, 3)
+    assert log.read_text() == "".join(earlier + killed[:3])
+    trim_log_after(log, 3)  # nothing past step 3 left: unchanged
+    assert log.read_text() == "".join(earlier + killed[:3])
+    trim_log_after(tmp_path / "absent.jsonl", 0)  # no log yet: nothing to do

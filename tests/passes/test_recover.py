@@ -120,13 +120,14 @@ def test_killed_run_resumes_to_the_same_result(recovery_setup, tmp_path):
     damaged, root = recovery_setup
     torch.set_num_threads(1)
     ckpt, err = tmp_path / "ckpt", tmp_path / "err.txt"
+    log = tmp_path / "probes.jsonl"
     opts = dict(steps=16, **{"stage1-steps": 8, "probe-every": 4, "checkpoint-dir": ckpt}, loss="kd")
-    kill_when(fork_run(lambda: _recover(damaged, root, **opts), err), ckpt / "state.json", err)
+    kill_when(fork_run(lambda: _recover(damaged, root, **opts, log=log), err), ckpt / "state.json", err)
     assert json.loads((ckpt / "state.json").read_text())["state"]["step"] < 16, "killed too late"
 
-    log = tmp_path / "resumed.jsonl"
     resumed = _recover(damaged, root, **opts, log=log)
-    assert json.loads(log.read_text().splitlines()[0])["step"] > 0, "the resumed run started over"
+    # each probe once: the resumed run neither started over nor repeated the killed run's probes
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 4, 8, 12, 16]
     straight = _recover(damaged, root, **{**opts, "checkpoint-dir": '""'})
     assert resumed.attributes["recover-log"] == straight.attributes["recover-log"]
     assert [p["step"] for p in straight.attributes["recover-log"].probes] == [0, 4, 8, 12, 16]
