@@ -4,7 +4,9 @@ Torch-Pruning vs the dense model, at 20% and 50% of the attention + MLP weights 
 Every method sees the same data (token-id files cut once from the cached sources) and, where
 it trains, the same number of training tokens:
 
-- lorashear: ``lhspg{metric=taylor}`` then ``compress``, then ``recover`` stage 1 (dynamic,
+- lorashear: ``lhspg{metric=taylor}`` (default ``settle=0.75``; one period at the default
+  budget, two at full: ``bench_lhspg_ablation.py`` found fewer periods better at small budgets)
+  then ``compress``, then ``recover`` stage 1 (dynamic,
   degradation-weighted sampling over the sources) and ``recover`` stage 2 (``loss=kd`` against
   the unpruned model, offline). Compressing before recovery gives the same function as
   recovering on the masked model and trains a smaller one.
@@ -98,10 +100,10 @@ BUDGETS = {
     "smoke": Budget(periods=1, lhspg_steps=1, stage1=1, stage2=1, batch=1, seq_len=32,
                     probe_every=1, probe_windows=1, eval_windows=1, eval_window=32,
                     task_items=2, speed_seq=32, source_chars=20_000, tp_timeout_s=300),
-    "default": Budget(periods=2, lhspg_steps=6, stage1=12, stage2=6, batch=2, seq_len=128,
+    "default": Budget(periods=1, lhspg_steps=12, stage1=12, stage2=6, batch=2, seq_len=128,
                       probe_every=6, probe_windows=4, eval_windows=4, eval_window=128,
                       task_items=10, speed_seq=128, source_chars=300_000, tp_timeout_s=600),
-    "full": Budget(periods=4, lhspg_steps=25, stage1=60, stage2=30, batch=4, seq_len=128,
+    "full": Budget(periods=2, lhspg_steps=50, stage1=60, stage2=30, batch=4, seq_len=128,
                    probe_every=20, probe_windows=8, eval_windows=16, eval_window=256,
                    task_items=100, speed_seq=128, source_chars=1_500_000, tp_timeout_s=900),
 }

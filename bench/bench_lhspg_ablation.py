@@ -1,0 +1,110 @@
+"""LHSPG variants against one-shot taylor pruning + recovery, at an equal token budget.
+
+The side-by-side benchmark found LHSPG alone behind one-shot taylor + recovery at 50% with a
+small budget (2 periods x 6 steps): every period forces its groups to zero at its last step, so
+the final model has trained zero steps in its final shape, while the one-shot model trains every
+step in it. This script measures the knobs that move that trade-off on SmolLM2-135M-Instruct
+(fresh LoRA r=8), each row trained on the same token-id data for the same number of steps:
+
+- ``lhspg`` with ``settle`` = 0 / 0.5 (share of each period's steps trained after its groups
+  are zero), ``lam`` (shrink strength) and ``periods``;
+- one-shot taylor (the same calibration as ``lhspg``'s) + ``recover{loss=lm}`` for as many steps.
+
+Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each. The side-by-side
+sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
+BENCH_RATIO (default 0.5); BENCH_VARIANTS narrows the rows by name. Writes
+bench/out/lhspg_ablation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    OUT_DIR,
+    held_out_ppl,
+    interleave,
+    log,
+    machine_info,
+    set_threads,
+    source_text,
+    token_ids,
+    write_ids,
+)
+
+TAG = "lhspg-ablation"
+SOURCES = ("austen", "web", "tdavid", "python-docs")
+EVAL_SOURCES = ("austen", "web")
+EVAL_WINDOWS, EVAL_WINDOW = 16, 128
+
+# name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps
+VARIANTS = {
+    "one-shot taylor + recover": "ONE_SHOT",
+    "lhspg P=2 settle=0": "lhspg{{ratio={ratio},periods=2,steps={half},{common}}}",
+    "lhspg P=2 settle=0.5": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.5,{common}}}",
+    "lhspg P=1 settle=0.5": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,{common}}}",
+    "lhspg P=1 settle=0.75": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,{common}}}",
+    "lhspg P=1 settle=0.9": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.9,{common}}}",
+    "lhspg P=2 settle=0.75": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.75,{common}}}",
+    "lhspg P=4 settle=0.5": "lhspg{{ratio={ratio},periods=4,steps={quarter},settle=0.5,{common}}}",
+    "lhspg P=2 settle=0.75 rescore": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.75,rescore=true,{common}}}",
+    "lhspg P=4 settle=0.5 rescore": "lhspg{{ratio={ratio},periods=4,steps={quarter},settle=0.5,rescore=true,{common}}}",
+    "lhspg P=2 lam=2": "lhspg{{ratio={ratio},periods=2,steps={half},lam=2,{common}}}",
+}
+
+
+def main() -> None:
+    from _common import one_shot_pipeline
+    from transformers import AutoTokenizer
+
+    from lorashear.ir.core import clone_module
+    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.models.default import prepare_default_model
+    from lorashear.passes import PassManager
+    from lorashear.runtime.executor import emit_torch
+
+    set_threads()
+    ratio = float(os.environ.get("BENCH_RATIO", "0.5"))
+    total = int(os.environ.get("BENCH_STEPS", "12"))
+    batch, seq = int(os.environ.get("BENCH_BATCH", "2")), 128
+    wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v] or list(VARIANTS)
+    work = Path(tempfile.mkdtemp(prefix="lhspg-ablation-"))
+    model_dir = prepare_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    need = EVAL_WINDOWS * EVAL_WINDOW
+    heldout = {s: token_ids(tokenizer, source_text(s, "heldout"), need)[:need] for s in EVAL_SOURCES}
+    train = {s: token_ids(tokenizer, source_text(s, "train", 300_000)) for s in SOURCES}
+    mix = write_ids(work / "mix.ids", interleave(train, seq))
+    base = lower_pretrained(model_dir, lora_rank=8)
+    PassManager.parse("discover").run(base)
+    common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
+    windows = len(mix.read_text().split()) // seq
+    calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
+    rows = []
+    for name in wanted:
+        template = VARIANTS[name]
+        module = clone_module(base)
+        if template == "ONE_SHOT":
+            text = (one_shot_pipeline("taylor", ratio, mix, calibration=calibration)
+                    + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
+                      f"seq-len={seq},probe-every=1000,progress=false}}")
+        else:
+            text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common)
+        start = time.perf_counter()
+        PassManager.parse(text + ",compress").run(module)
+        seconds = time.perf_counter() - start
+        ppl = held_out_ppl(emit_torch(module).eval(), heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
+        rows.append({"variant": name, "pipeline": text, "seconds": round(seconds, 1), "ppl": ppl})
+        log(TAG, f"{name}: " + ", ".join(f"{s} {v:.1f}" for s, v in ppl.items()) + f" ({seconds:.0f} s)")
+        OUT_DIR.mkdir(exist_ok=True)
+        (OUT_DIR / "lhspg_ablation.json").write_text(json.dumps(
+            {"machine": machine_info(), "ratio": ratio, "steps": total, "batch": batch, "seq_len": seq,
+             "eval": f"{EVAL_WINDOWS}x{EVAL_WINDOW} tokens per source", "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
