@@ -12,8 +12,9 @@ step in it. This script measures the knobs that move that trade-off on SmolLM2-1
 
 Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each. The side-by-side
 sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
-BENCH_RATIO (default 0.5); BENCH_VARIANTS narrows the rows by name. Writes
-bench/out/lhspg_ablation.json.
+BENCH_RATIO (default 0.5); BENCH_VARIANTS (names separated by ";") narrows the rows. Writes
+bench/out/lhspg_ablation_r{ratio}_s{steps}.json, where a rerun replaces its variants' rows and
+keeps the others.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main() -> None:
     common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
-    rows = []
+    out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}.json"
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     for name in wanted:
         template = VARIANTS[name]
         module = clone_module(base)
@@ -98,10 +100,11 @@ def main() -> None:
         PassManager.parse(text + ",compress").run(module)
         seconds = time.perf_counter() - start
         ppl = held_out_ppl(emit_torch(module).eval(), heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
+        rows = [r for r in rows if r["variant"] != name]
         rows.append({"variant": name, "pipeline": text, "seconds": round(seconds, 1), "ppl": ppl})
         log(TAG, f"{name}: " + ", ".join(f"{s} {v:.1f}" for s, v in ppl.items()) + f" ({seconds:.0f} s)")
         OUT_DIR.mkdir(exist_ok=True)
-        (OUT_DIR / "lhspg_ablation.json").write_text(json.dumps(
+        out.write_text(json.dumps(
             {"machine": machine_info(), "ratio": ratio, "steps": total, "batch": batch, "seq_len": seq,
              "eval": f"{EVAL_WINDOWS}x{EVAL_WINDOW} tokens per source", "rows": rows}, indent=1))
 
