@@ -9,7 +9,8 @@
    of LHSPG at a stated token budget. The budget is small on 2 CPU cores; the numbers say
    what this budget buys, not what the method reaches with a GPU's budget.
 
-Writes bench/out/lhspg.json and prints Markdown tables. Needs `make model` and
+Writes bench/out/lhspg.json and prints Markdown tables; BENCH_LHSPG_STEP_ONLY=1 measures and
+prints part 1 only. Needs `make model` and
 `lorashear data fetch --sources austen` (the script runs both if needed).
 """
 
@@ -106,6 +107,10 @@ def main() -> int:
     results: dict = {"seq_len": SEQ, "batch": BATCH, "threads": torch.get_num_threads()}
 
     results["step"] = measure_step_cost(module, tokenizer, train)
+    if os.environ.get("BENCH_LHSPG_STEP_ONLY") == "1":  # the step cost alone, a minute
+        s = results["step"]
+        print(json.dumps(s, indent=1))
+        return 0
 
     # --- 2. quality at 20% --------------------------------------------------------------------
     heldout_ids = {"austen": token_ids(tokenizer, heldout, EVAL_WINDOWS * SEQ)}

@@ -121,7 +121,8 @@ def test_killed_run_resumes_to_the_same_result(recovery_setup, tmp_path):
     torch.set_num_threads(1)
     ckpt, err = tmp_path / "ckpt", tmp_path / "err.txt"
     log = tmp_path / "probes.jsonl"
-    opts = dict(steps=16, **{"stage1-steps": 8, "probe-every": 4, "checkpoint-dir": ckpt}, loss="kd")
+    opts = dict(steps=16, **{"stage1-steps": 8, "probe-every": 4, "checkpoint-dir": ckpt}, loss="kd",
+                warmup=6)  # the learning rate is a function of the step: resumes exactly too
     kill_when(fork_run(lambda: _recover(damaged, root, **opts, log=log), err), ckpt / "state.json", err)
     assert json.loads((ckpt / "state.json").read_text())["state"]["step"] < 16, "killed too late"
 
@@ -133,6 +134,21 @@ def test_killed_run_resumes_to_the_same_result(recovery_setup, tmp_path):
     assert [p["step"] for p in straight.attributes["recover-log"].probes] == [0, 4, 8, 12, 16]
     for name in lora_param_names(damaged):
         assert torch.equal(resumed.params[name].storage.load(), straight.params[name].storage.load()), name
+
+
+def test_warmup_scales_the_first_steps(recovery_setup):
+    """AdamW's first step moves every element by about lr; warmup=10 makes that lr/10."""
+    damaged, root = recovery_setup
+    opts = dict(steps=1, **{"stage1-steps": 1, "probe-every": 1})
+    moved = {}
+    for warmup in (0, 10):
+        after = _recover(damaged, root, **opts, warmup=warmup)
+        moved[warmup] = max(float((after.params[n].storage.load() - damaged.params[n].storage.load())
+                                  .abs().max()) for n in lora_param_names(damaged))
+    assert moved[0] == pytest.approx(5e-3, rel=0.05)  # the lr of _recover
+    assert moved[10] == pytest.approx(moved[0] / 10, rel=0.05)
+    with pytest.raises(PassError, match="warmup must be >= 0"):
+        _recover(damaged, root, **opts, warmup=-2)
 
 
 def test_without_reference_the_start_model_is_the_reference(recovery_setup):
