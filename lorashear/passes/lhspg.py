@@ -169,7 +169,7 @@ class Lhspg(ModulePass):
     periods: int = option(3, "pruning periods; each chooses the next share of the target")
     steps: int = option(20, "optimizer steps per period")
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
-    lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / steps")
+    lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / shrink steps")
     eps: float = option(0.0, "half-space margin: zero a group when <x~_g, W_g> < eps ||W_g||^2")
     settle: float = option(0.75, "share of each period's steps that train LoRA after the period's "
                            "groups are forced to zero (the shrink spans the rest; 0: the "

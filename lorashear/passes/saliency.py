@@ -25,6 +25,7 @@ reduction to the member axis and an ``index_add`` over ``(r // stride) % size``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
@@ -229,11 +230,8 @@ def model_gradient_scores(model: torch.nn.Module, module: Module, groups: Groups
         for ids in batches:
             for d in dots.values():
                 d.zero_()
-            if autocast is None:
+            with (autocast or contextlib.nullcontext)():
                 loss = model(ids, labels=ids).loss
-            else:
-                with autocast():
-                    loss = model(ids, labels=ids).loss
             loss.backward()
             for f in scores:
                 scores[f] += dots[f].abs()
