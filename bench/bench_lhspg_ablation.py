@@ -44,7 +44,8 @@ EVAL_WINDOWS, EVAL_WINDOW = 16, 128
 
 # name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps
 VARIANTS = {
-    "one-shot taylor + recover": "ONE_SHOT",
+    "one-shot taylor + recover": "ONE_SHOT",  # recover's default warmup
+    "one-shot taylor + recover, no warmup": "ONE_SHOT warmup=0",
     "lhspg P=2 settle=0": "lhspg{{ratio={ratio},periods=2,steps={half},{common}}}",
     "lhspg P=2 settle=0.5": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.5,{common}}}",
     "lhspg P=1 settle=0.5": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,{common}}}",
@@ -90,10 +91,11 @@ def main() -> None:
     for name in wanted:
         template = VARIANTS[name]
         module = clone_module(base)
-        if template == "ONE_SHOT":
+        if template.startswith("ONE_SHOT"):
+            warmup = template.partition(" ")[2]
             text = (one_shot_pipeline("taylor", ratio, mix, calibration=calibration)
                     + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
-                      f"seq-len={seq},probe-every=1000,progress=false}}")
+                      f"seq-len={seq},probe-every=1000,progress=false{',' + warmup if warmup else ''}}}")
         else:
             text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common)
         start = time.perf_counter()
