@@ -19,7 +19,8 @@ ends with the forced zeroing; the remaining steps train LoRA with the period's g
 zero, so the last period does not end the pass the very step its groups vanish. The default
 0.75 is what ``bench/bench_lhspg_ablation.py`` measured best on SmolLM2 at 50% (48 steps:
 held-out Austen ppl 288 with one period, against 310 at 0.5, 340 at 0.9, 375 with two periods
-and no settling, and 353 for one-shot taylor + as many recovery steps). With
+and no settling; one-shot taylor + as many ``recover`` steps: 353 without a learning-rate
+warmup, 292 with recover's default warmup). With
 ``rescore`` the taylor scores of every period after the first are taken on the live model
 (trained LoRA, earlier groups at zero) instead of once before training.
 
