@@ -278,14 +278,15 @@ class Lhspg(ModulePass):
                 trim_log_after(self.log, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         shrink_steps = self.shrink_steps
+        # read once: every period's rescoring runs on the same calibration windows
+        rescore_batches = calibration_batches(module, calibration, "lhspg rescore") if self.rescore else None
         try:
             for period in range(first_period, self.periods):
                 target = self.ratio * (period + 1) / self.periods
-                if self.rescore and period > 0:
-                    batches = calibration_batches(module, calibration, "lhspg rescore")
+                if rescore_batches is not None and period > 0:
                     scores = runtime.broadcast_object(model_gradient_scores(
                         model, module, groups, [f.id for f in families],
-                        (runtime.to_device(b) for b in batches), autocast=runtime.autocast))
+                        (runtime.to_device(b) for b in rescore_batches), autocast=runtime.autocast))
                 budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f),
                                         tuple(chosen_units.get(f.id, ()))) for f in families]
                 chosen_units = choose_units(budgets, target, self.scope)
