@@ -55,6 +55,8 @@ VARIANTS = {
     "lhspg P=4 settle=0.5": "lhspg{{ratio={ratio},periods=4,steps={quarter},settle=0.5,{common}}}",
     "lhspg P=2 settle=0.75 rescore": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.75,rescore=true,{common}}}",
     "lhspg P=4 settle=0.5 rescore": "lhspg{{ratio={ratio},periods=4,steps={quarter},settle=0.5,rescore=true,{common}}}",
+    "lhspg P=1 settle=0.75 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,warmup=-1,{common}}}",
+    "lhspg P=1 settle=0.5 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,warmup=-1,{common}}}",
     "lhspg P=2 lam=2": "lhspg{{ratio={ratio},periods=2,steps={half},lam=2,{common}}}",
 }
 

@@ -70,10 +70,14 @@ from lorashear.passes.training import (
     Precision,
     TrainingRuntime,
     check_device_text,
+    check_warmup,
     device_option,
     grad_checkpoint_option,
     precision_option,
+    set_warmup_lr,
     tensors_of,
+    warmup_option,
+    warmup_steps,
 )
 from lorashear.runtime.executor import lora_param_names
 
@@ -157,9 +161,8 @@ class Recover(ModulePass):
     reference: str = option("", "IR file of the unpruned model (reference ppl, KD teacher); "
                             "without it the reference is the model at the pass's start")
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
-    warmup: int = option(-1, "steps over which the learning rate rises linearly to lr; -1: a "
-                         "third of the steps, at most 50 (a fresh AdamW's first steps move every "
-                         "LoRA element by about lr, which undid recovery at small budgets)")
+    warmup: int = warmup_option(-1, "a fresh AdamW's first steps move every LoRA element by "
+                                   "about lr, which undid recovery at small budgets")
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
     seed: int = option(0, "seed of the data order and the source draws")
@@ -179,8 +182,7 @@ class Recover(ModulePass):
                             f"steps={self.steps}, stage1-steps={self.stage1_steps}")
         if min(self.probe_every, self.batch, self.probe_windows) < 1 or self.seq_len < 2:
             raise PassError("recover needs probe-every, batch, probe-windows >= 1 and seq-len >= 2")
-        if self.warmup < -1:
-            raise PassError(f"recover warmup must be >= 0 steps (or -1: automatic), got {self.warmup}")
+        check_warmup(self.name, self.warmup)
         check_device_text(self.name, self.device)
 
     # --- data ------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ class Recover(ModulePass):
                     "step": step, "probes": probes, "weights": weights, "losses": losses,
                     "reference_losses": reference_losses}, tensors))
 
-        warmup = min(50, -(-self.steps // 3)) if self.warmup == -1 else self.warmup
+        warmup = warmup_steps(self.warmup, self.steps)
         try:
             if resumed is None and windows:
                 record_probe()
@@ -402,8 +404,7 @@ class Recover(ModulePass):
                     share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
                     with runtime.autocast():
                         loss = model(ids, attention_mask=mask, labels=local_labels).loss
-                for group in optimizer.param_groups:  # a function of the step: resumes exactly
-                    group["lr"] = self.lr * min(1.0, (step + 1) / warmup) if warmup else self.lr
+                set_warmup_lr(optimizer, self.lr, step, warmup)
                 loss_value = runtime.step(loss, optimizer, trainable, share)
                 if masks:
                     with torch.no_grad():

@@ -55,6 +55,28 @@ def grad_checkpoint_option() -> Any:
                   "(less memory, about one more forward of compute)")
 
 
+def warmup_option(default: int, why: str) -> Any:
+    return option(default, "steps over which the learning rate rises linearly to lr; -1: a third "
+                  f"of the steps, at most 50 ({why})")
+
+
+def check_warmup(pass_name: str, warmup: int) -> None:
+    if warmup < -1:
+        raise PassError(f"{pass_name} warmup must be >= 0 steps (or -1: automatic), got {warmup}")
+
+
+def warmup_steps(warmup: int, total_steps: int) -> int:
+    """The warmup length an option value means: ``-1`` is a third of the steps, at most 50."""
+    return min(50, -(-total_steps // 3)) if warmup == -1 else warmup
+
+
+def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, step: int, warmup: int) -> None:
+    """Linear warmup: step ``step`` (0-based) trains at ``lr * min(1, (step + 1) / warmup)``.
+    A function of the step alone, so a resumed run trains at the same rates."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
 def check_device_text(pass_name: str, device: str) -> None:
     """Fail early on a device that is none of auto, cpu, cuda, cuda:N."""
     if not _DEVICE_PATTERN.fullmatch(device):

@@ -103,6 +103,19 @@ def test_lhspg_beats_one_shot_pruning_of_the_same_groups(trained):
     assert recovered < pruned, (dense, pruned, recovered)
 
 
+def test_warmup_scales_the_first_step(trained):
+    """AdamW's first step moves every LoRA element by about lr; warmup=10 makes that lr/10
+    (ratio 0: no group is chosen, so the projection moves nothing)."""
+    module, data, _ = trained
+    moved = {}
+    for warmup in (0, 10):
+        after = _lhspg(module, data, ratio=0.0, periods=1, steps=1, warmup=warmup)
+        moved[warmup] = max(float((after.params[n].storage.load() - module.params[n].storage.load())
+                                  .abs().max()) for n in lora_param_names(module))
+    assert moved[0] == pytest.approx(5e-3, rel=0.05)  # the lr of _lhspg
+    assert moved[10] == pytest.approx(moved[0] / 10, rel=0.05)
+
+
 def test_lhspg_errors(trained, lowered, tmp_path):
     module, data, _ = trained
     with pytest.raises(PassError, match="does not exist"):
@@ -111,6 +124,8 @@ def test_lhspg_errors(trained, lowered, tmp_path):
         _lhspg(module, data, ratio=1.5)
     with pytest.raises(PassError, match=r"settle must be in \[0, 1\)"):
         _lhspg(module, data, settle=1.0)
+    with pytest.raises(PassError, match="lhspg warmup must be >= 0"):
+        _lhspg(module, data, warmup=-2)
     with pytest.raises(PassError, match="rescore needs metric=taylor"):
         _lhspg(module, data, rescore="true", metric="wanda")
     with pytest.raises(PassError, match="lhspg: seq-len 512 exceeds the model's maximum of 256 "
@@ -156,7 +171,8 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
     save_ir(clone_module(module), tmp_path / "m.ir")
     ckpt = tmp_path / "ckpt"
     steps_log = tmp_path / "steps.jsonl"
-    pipeline = (f"lhspg{{ratio=0.3,periods=3,steps=12,seq-len=32,batch=8,lr=5e-3,data={data},"
+    # warmup spans two periods: the learning rate is a function of the step, so it resumes too
+    pipeline = (f"lhspg{{ratio=0.3,periods=3,steps=12,seq-len=32,batch=8,lr=5e-3,data={data},warmup=20,"
                 f"progress=false,log={steps_log},checkpoint-dir={ckpt}}}")
     script = ("import torch; torch.set_num_threads(1)\n"
               "from lorashear.ir.fileformat import load_ir\nfrom lorashear.passes import PassManager\n"
