@@ -98,13 +98,17 @@ def _base_members(module: Module, groups: GroupsAttr, family_ids: Iterable[int]
     return by_param
 
 
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``s * B @ A``, computed in float32 and returned in ``dtype`` (the base weight's)."""
+    return ((lora_b.float() @ lora_a.float()) * scaling).to(dtype)
+
+
 def _lora_delta(module: Module, update: LoraUpdate | None, like: torch.Tensor) -> torch.Tensor | None:
-    """``s * B @ A`` in the dtype of ``like`` (the base weight), or None without LoRA."""
+    """The stored factors' ``s * B @ A`` in the dtype of ``like``, or None without LoRA."""
     if update is None:
         return None
-    lora_A = module.params[update.lora_A].storage.load().to(like.dtype)
-    lora_B = module.params[update.lora_B].storage.load().to(like.dtype)
-    return (lora_B @ lora_A) * update.scaling
+    return lora_delta(module.params[update.lora_A].storage.load(),
+                      module.params[update.lora_B].storage.load(), update.scaling, like.dtype)
 
 
 @dataclass
@@ -205,8 +209,9 @@ def model_gradient_scores(model: torch.nn.Module, module: Module, groups: Groups
                 update = updates.get(name)
                 effective = weight.detach()
                 if update is not None:
-                    lora_a, lora_b = model.tensor(update.lora_A), model.tensor(update.lora_B)
-                    effective = effective + (lora_b.detach() @ lora_a.detach()).to(weight.dtype) * update.scaling
+                    effective = effective + lora_delta(model.tensor(update.lora_A).detach(),
+                                                       model.tensor(update.lora_B).detach(),
+                                                       update.scaling, weight.dtype)
                 product = effective.float() * weight.grad.float()
                 for family, member in by_param[name]:
                     dots[family.id] += unit_sums(product, member, family.size).cpu()
