@@ -6,9 +6,10 @@ the final model has trained zero steps in its final shape, while the one-shot mo
 step in it. This script measures the knobs that move that trade-off on SmolLM2-135M-Instruct
 (fresh LoRA r=8), each row trained on the same token-id data for the same number of steps:
 
-- ``lhspg`` with ``settle`` = 0 / 0.5 (share of each period's steps trained after its groups
-  are zero), ``lam`` (shrink strength) and ``periods``;
-- one-shot taylor (the same calibration as ``lhspg``'s) + ``recover{loss=lm}`` for as many steps.
+- ``lhspg`` with ``settle`` = 0 / 0.5 / 0.75 / 0.9 (share of each period's steps trained after
+  its groups are zero), ``lam`` (shrink strength), ``periods``, ``rescore`` and ``warmup``;
+- one-shot taylor (the same calibration as ``lhspg``'s) + ``recover{loss=lm}`` for as many steps,
+  with and without ``recover``'s learning-rate warmup.
 
 Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each. The side-by-side
 sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
