@@ -274,7 +274,7 @@ class Lhspg(ModulePass):
         resumed = load_checkpoint(self.checkpoint_dir, owner) if self.checkpoint_dir else None
         if resumed is not None:
             with torch.no_grad():
-                for name in set(index.touched) | {names[id(p)] for p in trainable}:
+                for name in synced:
                     model.tensor(name).copy_(resumed.tensors[name])
             restore_optimizer(optimizer, dict(model.named_parameters()), resumed.tensors)
             chosen_units = {int(f): tuple(u) for f, u in resumed.state["chosen_units"].items()}
@@ -355,7 +355,7 @@ class Lhspg(ModulePass):
             if log_file:
                 log_file.close()
         with torch.no_grad():
-            for name in set(index.touched) | {n for n, p in model.named_parameters() if p.requires_grad}:
+            for name in synced:  # the projected base slices and the trained LoRA factors
                 ir_dtype = torch_dtype(module.params[name].type.dtype)
                 module.params[name].storage = DataStorage(
                     model.tensor(name).detach().to(device="cpu", dtype=ir_dtype).clone())
