@@ -26,9 +26,10 @@ PyTorch (lorashear's executor for dense and pruned alike) and ONNX Runtime (lora
 emission), measured for dense, lorashear and one-shot taylor (one-shot rows share shapes).
 
 BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script);
-BENCH_RATIOS=0.2 and BENCH_METRICS=taylor,random narrow a run; BENCH_THREADS (default 2). Writes
-bench/out/side_by_side.json and bench/out/side_by_side.md; ``bench/update_readme.py`` copies
-the table into README.md.
+BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and BENCH_TORCH_PRUNING=0
+narrow a run; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and
+bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ SOURCES = ("austen", "web", "tdavid", "python-docs")  # austen first: the headli
 RATIOS = (0.2, 0.5)
 METRICS = ("taylor", "wanda", "magnitude", "random")
 TAG = "side-by-side"
+OUT_NAME = os.environ.get("BENCH_NAME", "side_by_side")
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class Bench:
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
                 "source_train_tokens": getattr(self, "token_counts", {}),
                 "rows": self.rows, "phases": self.phases}
-        (OUT_DIR / "side_by_side.json").write_text(json.dumps(data, indent=1))
+        (OUT_DIR / f"{OUT_NAME}.json").write_text(json.dumps(data, indent=1))
 
     # --- pipelines -----------------------------------------------------------------------------
     def recover_text(self, steps: int, stage1: int, kd: bool, seed: int = 0) -> str:
@@ -523,13 +525,14 @@ def main() -> int:
             bench.lorashear(ratio)
             for metric in filter(None, metrics):
                 bench.one_shot(ratio, metric)
-            bench.torch_pruning(ratio)
+            if os.environ.get("BENCH_TORCH_PRUNING", "1") != "0":
+                bench.torch_pruning(ratio)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         bench.save()
-    data = json.loads((OUT_DIR / "side_by_side.json").read_text())
+    data = json.loads((OUT_DIR / f"{OUT_NAME}.json").read_text())
     table = markdown(data)
-    (OUT_DIR / "side_by_side.md").write_text(table)
+    (OUT_DIR / f"{OUT_NAME}.md").write_text(table)
     print("\n" + table)
     print("| phase | seconds |\n|---|---:|")
     for p in bench.phases:
