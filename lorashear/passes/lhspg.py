@@ -321,8 +321,8 @@ class Lhspg(ModulePass):
                     (batch,) = runtime.local(batch_for_step(windows, self.batch, self.seed, step_total))
                     with runtime.autocast():
                         loss = model(batch, labels=batch).loss
-                    # full windows: every rank holds the same number of tokens
                     set_warmup_lr(optimizer, self.lr, step_total, warmup)
+                    # full windows: every rank holds the same number of tokens
                     loss_value = runtime.step(loss, optimizer, trainable, 1.0 / runtime.world_size)
                     stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
                     if step == shrink_steps - 1 and shrink_steps < self.steps:
