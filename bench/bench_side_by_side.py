@@ -26,8 +26,8 @@ PyTorch (lorashear's executor for dense and pruned alike) and ONNX Runtime (lora
 emission), measured for dense, lorashear and one-shot taylor (one-shot rows share shapes).
 
 BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script);
-BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and BENCH_TORCH_PRUNING=0
-narrow a run; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and
+BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
+BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and
 bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
@@ -516,16 +516,22 @@ def main() -> int:
              f"({b.lhspg_tokens:,} in LHSPG); estimate {estimate_seconds(b) / 60:.0f} min")
     ratios = [float(r) for r in os.environ.get("BENCH_RATIOS", ",".join(map(str, RATIOS))).split(",")]
     metrics = os.environ.get("BENCH_METRICS", ",".join(METRICS)).split(",")
+    skip = set(filter(None, os.environ.get("BENCH_SKIP", "").split(",")))
+    if skip - {"dense", "lorashear", "torch-pruning"}:
+        print(f"BENCH_SKIP names dense, lorashear, torch-pruning; got {','.join(sorted(skip))}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="lorashear-side-by-side-"))
     bench = Bench(budget_name, work)
     try:
         bench.prepare()
-        bench.dense()
+        if "dense" not in skip:
+            bench.dense()
         for ratio in ratios:
-            bench.lorashear(ratio)
+            if "lorashear" not in skip:
+                bench.lorashear(ratio)
             for metric in filter(None, metrics):
                 bench.one_shot(ratio, metric)
-            if os.environ.get("BENCH_TORCH_PRUNING", "1") != "0":
+            if "torch-pruning" not in skip:
                 bench.torch_pruning(ratio)
     finally:
         shutil.rmtree(work, ignore_errors=True)
