@@ -53,7 +53,7 @@ def main() -> None:
     set_threads()
     ratio = float(os.environ.get("BENCH_RATIO", "0.2"))
     steps = int(os.environ.get("BENCH_STEPS", "12"))
-    kd_steps = int(os.environ.get("BENCH_KD_STEPS", "6"))
+    kd_steps = int(os.environ.get("BENCH_KD_STEPS", str(steps)))
     batch, seq = 2, 128
     work = Path(tempfile.mkdtemp(prefix="kd-teacher-"))
     model_dir = prepare_default_model()
