@@ -27,8 +27,8 @@ emission), measured for dense, lorashear and one-shot taylor (one-shot rows shar
 
 BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script);
 BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
-BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and
-bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
+steps; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -44,7 +44,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -130,8 +130,8 @@ def estimate_seconds(b: Budget) -> float:
 class Bench:
     """State of one run: the shared data, the base module, the rows, the timings."""
 
-    def __init__(self, budget_name: str, work: Path) -> None:
-        self.budget_name, self.budget = budget_name, BUDGETS[budget_name]
+    def __init__(self, budget_name: str, budget: Budget, work: Path) -> None:
+        self.budget_name, self.budget = budget_name, budget
         self.work = work
         self.rows: list[dict] = []
         self.phases: list[dict] = []
@@ -512,6 +512,14 @@ def main() -> int:
         return 2
     set_threads()
     b = BUDGETS[budget_name]
+    if os.environ.get("BENCH_LHSPG"):  # PxS: the LHSPG schedule, e.g. 1x100 for the full budget's 2x50
+        try:
+            periods, steps = map(int, os.environ["BENCH_LHSPG"].split("x"))
+        except ValueError:
+            print(f"BENCH_LHSPG must be PERIODSxSTEPS (e.g. 1x100), got {os.environ['BENCH_LHSPG']}",
+                  file=sys.stderr)
+            return 2
+        b = replace(b, periods=periods, lhspg_steps=steps)
     log(TAG, f"budget {budget_name}: {b.train_tokens:,} training tokens per method "
              f"({b.lhspg_tokens:,} in LHSPG); estimate {estimate_seconds(b) / 60:.0f} min")
     ratios = [float(r) for r in os.environ.get("BENCH_RATIOS", ",".join(map(str, RATIOS))).split(",")]
@@ -521,7 +529,7 @@ def main() -> int:
         print(f"BENCH_SKIP names dense, lorashear, torch-pruning; got {','.join(sorted(skip))}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="lorashear-side-by-side-"))
-    bench = Bench(budget_name, work)
+    bench = Bench(budget_name, b, work)
     try:
         bench.prepare()
         if "dense" not in skip:
