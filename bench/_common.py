@@ -115,3 +115,26 @@ def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str
     extra = f",{calibration}" if calibration else ""
     return (f'prune{{ratio={ratio},metric={metric},seed={seed},scope={scope},kinds={kinds},'
             f'data="{data}"{extra}}}')
+
+
+def smollm2_with_mix(work: Path, sources: Iterable[str], eval_sources: Iterable[str], eval_tokens: int,
+                     seq: int):
+    """The setup of the small ablations: SmolLM2-135M-Instruct lowered with a fresh LoRA r=8 and
+    discovered, ``eval_tokens`` held-out token ids per eval source, and a token-id file under
+    ``work`` that interleaves the sources' training text in ``seq``-token blocks.
+    Returns ``(module, heldout, mix_path)``."""
+    from transformers import AutoTokenizer
+
+    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.models.default import prepare_default_model
+    from lorashear.passes import PassManager
+
+    model_dir = prepare_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    heldout = {s: token_ids(tokenizer, source_text(s, "heldout"), eval_tokens)[:eval_tokens]
+               for s in eval_sources}
+    train = {s: token_ids(tokenizer, source_text(s, "train", 300_000)) for s in sources}
+    mix = write_ids(work / "mix.ids", interleave(train, seq))
+    base = lower_pretrained(model_dir, lora_rank=8)
+    PassManager.parse("discover").run(base)
+    return base, heldout, mix

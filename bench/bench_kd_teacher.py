@@ -22,17 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (
-    OUT_DIR,
-    held_out_ppl,
-    interleave,
-    log,
-    machine_info,
-    set_threads,
-    source_text,
-    token_ids,
-    write_ids,
-)
+from _common import OUT_DIR, held_out_ppl, log, machine_info, set_threads, smollm2_with_mix
 
 TAG = "kd-teacher"
 SOURCES = ("austen", "web", "tdavid", "python-docs")
@@ -41,12 +31,8 @@ EVAL_WINDOWS, EVAL_WINDOW = 16, 128
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
     from lorashear.ir.core import clone_module
     from lorashear.ir.fileformat import save_ir
-    from lorashear.ir.frontend import lower_pretrained
-    from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch
 
@@ -56,14 +42,7 @@ def main() -> None:
     kd_steps = int(os.environ.get("BENCH_KD_STEPS", str(steps)))
     batch, seq = 2, 128
     work = Path(tempfile.mkdtemp(prefix="kd-teacher-"))
-    model_dir = prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    need = EVAL_WINDOWS * EVAL_WINDOW
-    heldout = {s: token_ids(tokenizer, source_text(s, "heldout"), need)[:need] for s in EVAL_SOURCES}
-    train = {s: token_ids(tokenizer, source_text(s, "train", 300_000)) for s in SOURCES}
-    mix = write_ids(work / "mix.ids", interleave(train, seq))
-    base = lower_pretrained(model_dir, lora_rank=8)
-    PassManager.parse("discover").run(base)
+    base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq)
     rows: dict[str, dict[str, float]] = {}
 
     def measure(name: str, module) -> None:

@@ -26,17 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (
-    OUT_DIR,
-    held_out_ppl,
-    interleave,
-    log,
-    machine_info,
-    set_threads,
-    source_text,
-    token_ids,
-    write_ids,
-)
+from _common import OUT_DIR, held_out_ppl, log, machine_info, set_threads, smollm2_with_mix
 
 TAG = "lhspg-ablation"
 SOURCES = ("austen", "web", "tdavid", "python-docs")
@@ -64,11 +54,8 @@ VARIANTS = {
 
 def main() -> None:
     from _common import one_shot_pipeline
-    from transformers import AutoTokenizer
 
     from lorashear.ir.core import clone_module
-    from lorashear.ir.frontend import lower_pretrained
-    from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch
 
@@ -78,14 +65,7 @@ def main() -> None:
     batch, seq = int(os.environ.get("BENCH_BATCH", "2")), 128
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v] or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="lhspg-ablation-"))
-    model_dir = prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    need = EVAL_WINDOWS * EVAL_WINDOW
-    heldout = {s: token_ids(tokenizer, source_text(s, "heldout"), need)[:need] for s in EVAL_SOURCES}
-    train = {s: token_ids(tokenizer, source_text(s, "train", 300_000)) for s in SOURCES}
-    mix = write_ids(work / "mix.ids", interleave(train, seq))
-    base = lower_pretrained(model_dir, lora_rank=8)
-    PassManager.parse("discover").run(base)
+    base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq)
     common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
