@@ -1,8 +1,13 @@
-"""Side by side on SmolLM2-135M-Instruct (fresh LoRA r=8): lorashear vs one-shot pruning vs
-Torch-Pruning vs the dense model, at 20% and 50% of the attention + MLP weights removed.
+"""Side by side on SmolLM2-135M-Instruct with a LoRA r=8 trained on the sources: lorashear vs
+one-shot pruning vs Torch-Pruning vs the dense model, at 20% and 50% of the attention + MLP
+weights removed.
 
-Every method sees the same data (token-id files cut once from the cached sources) and, where
-it trains, the same number of training tokens:
+Every method starts from the same LoRA-adapted model, the tool's use case: before any pruning
+the LoRA trains ``adapt`` steps on the sources (static equal shares; ``BENCH_ADAPT=0`` starts
+from a fresh LoRA, as the tables before 2026-11-29 did). That model is the dense row and the
+KD teacher; ``bench_kd_teacher.py`` found that KD from the un-adapted base makes the pruned
+model worse. Every method sees the same data (token-id files cut once from the cached sources)
+and, where it trains, the same number of training tokens after the adaptation:
 
 - lorashear: ``lhspg{metric=taylor}`` (default ``settle=0.75``; one period at the default
   budget, two at full: ``bench_lhspg_ablation.py`` found fewer periods better at small budgets)
@@ -15,18 +20,19 @@ it trains, the same number of training tokens:
   stage 1 (so the total training tokens are equal); evaluated right after pruning, after as
   many recovery tokens as LHSPG used (the #4 question: LHSPG alone vs one-shot at equal
   tokens), and after the whole budget.
-- Torch-Pruning's LLM recipe (``_torch_pruning_worker.py``, its own process, under a timeout),
-  its pruned Hugging Face directory lowered by lorashear with fresh LoRA, then the same
-  recovery as the one-shot rows. Where it fails, the row holds the error text.
-- the dense model.
+- Torch-Pruning's LLM recipe (``_torch_pruning_worker.py``, its own process, under a timeout) on
+  the adapted model with its LoRA merged (a Hugging Face directory lorashear emits), its pruned
+  directory lowered by lorashear with a fresh LoRA, then the same recovery as the one-shot
+  rows. Where it fails, the row holds the error text.
+- the dense model: the base model before adaptation (perplexity only) and the adapted one.
 
 Metrics: held-out perplexity per source (Austen's Persuasion first), the local HellaSwag-style
 task on Persuasion, parameters, and prefill tokens/s of the compressed, LoRA-merged model in
 PyTorch (lorashear's executor for dense and pruned alike) and ONNX Runtime (lorashear's ONNX
 emission), measured for dense, lorashear and one-shot taylor (one-shot rows share shapes).
 
-BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script);
-BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
+BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script); BENCH_ADAPT
+overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
 steps; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
@@ -66,14 +72,16 @@ SOURCES = ("austen", "web", "tdavid", "python-docs")  # austen first: the headli
 RATIOS = (0.2, 0.5)
 METRICS = ("taylor", "wanda", "magnitude", "random")
 TAG = "side-by-side"
+ADAPT_SEED = 100  # the adaptation's data order, apart from recovery's seeds 0 and 1
 OUT_NAME = os.environ.get("BENCH_NAME", "side_by_side")
 
 
 @dataclass(frozen=True)
 class Budget:
     """Sizes of one run. Training tokens per method = (periods * lhspg_steps + stage1 +
-    stage2) * batch * seq_len."""
+    stage2) * batch * seq_len, after ``adapt`` steps that every method shares."""
 
+    adapt: int
     periods: int
     lhspg_steps: int
     stage1: int
@@ -99,13 +107,13 @@ class Budget:
 
 
 BUDGETS = {
-    "smoke": Budget(periods=1, lhspg_steps=1, stage1=1, stage2=1, batch=1, seq_len=32,
+    "smoke": Budget(adapt=1, periods=1, lhspg_steps=1, stage1=1, stage2=1, batch=1, seq_len=32,
                     probe_every=1, probe_windows=1, eval_windows=1, eval_window=32,
                     task_items=2, speed_seq=32, source_chars=20_000, tp_timeout_s=300),
-    "default": Budget(periods=1, lhspg_steps=12, stage1=12, stage2=6, batch=2, seq_len=128,
+    "default": Budget(adapt=48, periods=1, lhspg_steps=12, stage1=12, stage2=6, batch=2, seq_len=128,
                       probe_every=6, probe_windows=4, eval_windows=4, eval_window=128,
                       task_items=10, speed_seq=128, source_chars=300_000, tp_timeout_s=600),
-    "full": Budget(periods=2, lhspg_steps=50, stage1=60, stage2=30, batch=4, seq_len=128,
+    "full": Budget(adapt=200, periods=2, lhspg_steps=50, stage1=60, stage2=30, batch=4, seq_len=128,
                    probe_every=20, probe_windows=8, eval_windows=16, eval_window=256,
                    task_items=100, speed_seq=128, source_chars=1_500_000, tp_timeout_s=900),
 }
@@ -120,10 +128,11 @@ def estimate_seconds(b: Budget) -> float:
     """Rough wall time: training tokens (+30% for KD teacher and probes), evaluations, fixed costs."""
     methods = 2 + len(METRICS)  # lorashear, one-shot metrics, Torch-Pruning
     train = len(RATIOS) * methods * b.train_tokens * 1.3
-    evals = 1 + len(RATIOS) * (2 * methods + 2)  # + lorashear stage 1, one-shot taylor midway
+    evals = 2 + len(RATIOS) * (2 * methods + 2)  # + lorashear stage 1, one-shot taylor midway
     task_tokens = b.task_items * 4 * 100
     eval_tokens = len(SOURCES) * b.eval_windows * b.eval_window + task_tokens
-    return (FIXED_S + train / TRAIN_TOKENS_PER_S
+    adapt = b.adapt * b.batch * b.seq_len
+    return (FIXED_S + (train + adapt) / TRAIN_TOKENS_PER_S
             + evals * (EVAL_FIXED_S + eval_tokens / EVAL_TOKENS_PER_S))
 
 
@@ -168,6 +177,17 @@ class Bench:
         with self.phase("lower + discover"):
             self.base = lower_pretrained(self.model_dir, lora_rank=8)
             PassManager.parse("discover").run(self.base)
+        if b.adapt:
+            self.evaluate(self.base, self.add(method="base model", ratio=0.0, stage="fresh LoRA",
+                                              train_tokens=0, share_removed=0.0), task=False)
+            self.run_passes(self.base, (
+                f"recover{{data={self.spec},steps={b.adapt},stage1-steps={b.adapt},sampling=static,"
+                f"lr=0.001,seq-len={b.seq_len},batch={b.batch},probe-every={b.adapt},"
+                f"probe-windows={b.probe_windows},seed={ADAPT_SEED},progress=false}}"),
+                f"adapt the LoRA ({b.adapt} steps)")
+            self.base.attributes.pop("recover-log", None)  # the adaptation's, not a method's
+        self.adapted_hf = None  # Torch-Pruning's input, written when it first runs
+        with self.phase("reference"):
             dense = clone_module(self.base)
             dense.attributes.pop("groups", None)
             self.reference = save_ir(dense, self.work / "dense.ir")
@@ -195,8 +215,8 @@ class Bench:
     def phase(self, name: str) -> Bench._Phase:
         return self._Phase(self, name)
 
-    def evaluate(self, module_or_model, row: dict) -> dict:
-        """Held-out ppl per source, local-task accuracy, parameters: into ``row``."""
+    def evaluate(self, module_or_model, row: dict, task: bool = True) -> dict:
+        """Held-out ppl per source, local-task accuracy (with ``task``), parameters: into ``row``."""
         from lorashear.eval.local_task import score_multiple_choice
         from lorashear.runtime.executor import emit_torch
 
@@ -205,11 +225,13 @@ class Bench:
         model.eval()
         with self.phase(f"eval {row['method']} @{row['ratio']} [{row['stage']}]"):
             row["ppl"] = held_out_ppl(model, self.heldout, window=b.eval_window, windows=b.eval_windows)
-            row["task_acc"] = score_multiple_choice(model, self.tokenizer, self.items,
-                                                    progress=False).acc
+            if task:
+                row["task_acc"] = score_multiple_choice(model, self.tokenizer, self.items,
+                                                        progress=False).acc
             row["parameters"] = parameter_count(model)
+        acc = f", task acc {row['task_acc']:.3f}" if task else ""
         log(TAG, "  " + ", ".join(f"{s} {v:.1f}" for s, v in row["ppl"].items())
-            + f", task acc {row['task_acc']:.3f}, {row['parameters']:,} params")
+            + f"{acc}, {row['parameters']:,} params")
         return row
 
     def add(self, **row) -> dict:
@@ -277,7 +299,8 @@ class Bench:
     def dense(self) -> None:
         from lorashear.ir.core import clone_module
 
-        row = self.add(method="dense", ratio=0.0, stage="-", train_tokens=0, share_removed=0.0)
+        row = self.add(method="dense", ratio=0.0, stage="LoRA-adapted" if self.budget.adapt else "-",
+                       train_tokens=0, share_removed=0.0)
         try:
             self.evaluate(self.base, row)
             self.speed(clone_module(self.base), row)
@@ -373,11 +396,15 @@ class Bench:
         row = self.add(method=method, ratio=ratio, stage="pruned", train_tokens=0)
         out = self.work / f"tp-{ratio}"
         try:
+            if self.adapted_hf is None:
+                from lorashear.runtime.hf import save_model_dir
+
+                self.adapted_hf = save_model_dir(self.base, self.work / "adapted-hf", merge=True)
             with self.phase(f"{method} prune @{ratio}"):
                 worker = Path(__file__).parent / "_torch_pruning_worker.py"
                 try:
                     done = subprocess.run(
-                        [sys.executable, str(worker), str(self.model_dir), str(ratio), str(out),
+                        [sys.executable, str(worker), str(self.adapted_hf), str(ratio), str(out),
                          str(torch.get_num_threads())], capture_output=True, text=True,
                         timeout=self.budget.tp_timeout_s)
                 except subprocess.TimeoutExpired:
@@ -444,7 +471,10 @@ def versus(rows: list[dict], row: dict) -> str:
 
 def markdown(data: dict) -> str:
     rows, m, b = data["rows"], data["machine"], data["budget_sizes"]
-    head = (f"Side by side, SmolLM2-135M-Instruct + LoRA r=8; {m['date']}; {m['cpu']}, "
+    adapt = b.get("adapt", 0)  # tables before the adaptation stage started from a fresh LoRA
+    lora = (f"LoRA r=8 trained {adapt} steps ({adapt * b['batch'] * b['seq_len']:,} tokens) on the "
+            "sources, shared by every method" if adapt else "fresh LoRA r=8")
+    head = (f"Side by side, SmolLM2-135M-Instruct + {lora}; {m['date']}; {m['cpu']}, "
             f"{m['cores']} cores ({m['threads']} threads); torch {m['torch']}; budget "
             f"`{data['budget']}`: {data['train_tokens_per_method']:,} training tokens per "
             f"method (LHSPG {b['periods']}x{b['lhspg_steps']} steps, recovery stage 1 "
@@ -520,6 +550,8 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         b = replace(b, periods=periods, lhspg_steps=steps)
+    if os.environ.get("BENCH_ADAPT"):
+        b = replace(b, adapt=int(os.environ["BENCH_ADAPT"]))
     log(TAG, f"budget {budget_name}: {b.train_tokens:,} training tokens per method "
              f"({b.lhspg_tokens:,} in LHSPG); estimate {estimate_seconds(b) / 60:.0f} min")
     ratios = [float(r) for r in os.environ.get("BENCH_RATIOS", ",".join(map(str, RATIOS))).split(",")]
