@@ -118,10 +118,12 @@ def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str
 
 
 def smollm2_with_mix(work: Path, sources: Iterable[str], eval_sources: Iterable[str], eval_tokens: int,
-                     seq: int):
+                     seq: int, adapt: int = 0, batch: int = 2):
     """The setup of the small ablations: SmolLM2-135M-Instruct lowered with a fresh LoRA r=8 and
     discovered, ``eval_tokens`` held-out token ids per eval source, and a token-id file under
-    ``work`` that interleaves the sources' training text in ``seq``-token blocks.
+    ``work`` that interleaves the sources' training text in ``seq``-token blocks. With ``adapt``,
+    the LoRA first trains that many steps of ``batch`` windows on the mix (a LoRA-tuned model, as
+    a user brings it; ``recover``'s data order under a seed apart from the ablations' seed 0).
     Returns ``(module, heldout, mix_path)``."""
     from transformers import AutoTokenizer
 
@@ -137,4 +139,8 @@ def smollm2_with_mix(work: Path, sources: Iterable[str], eval_sources: Iterable[
     mix = write_ids(work / "mix.ids", interleave(train, seq))
     base = lower_pretrained(model_dir, lora_rank=8)
     PassManager.parse("discover").run(base)
+    if adapt:
+        PassManager.parse(f"recover{{data={mix},steps={adapt},stage1-steps={adapt},lr=0.001,batch={batch},"
+                          f"seq-len={seq},probe-every={adapt},seed=100,progress=false}}").run(base)
+        base.attributes.pop("recover-log", None)
     return base, heldout, mix

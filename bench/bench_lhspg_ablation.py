@@ -9,13 +9,17 @@ step in it. This script measures the knobs that move that trade-off on SmolLM2-1
 - ``lhspg`` with ``settle`` = 0 / 0.5 / 0.75 / 0.9 (share of each period's steps trained after
   its groups are zero), ``lam`` (shrink strength), ``periods``, ``rescore`` and ``warmup``;
 - one-shot taylor (the same calibration as ``lhspg``'s) + ``recover{loss=lm}`` for as many steps,
-  with and without ``recover``'s learning-rate warmup.
+  with and without ``recover``'s learning-rate warmup;
+- the allocation: both with MLP channels only (``kinds=mlp``), at the MLP share that removes as
+  many parameters as ``ratio`` of attention + MLP (DESIGN.md 9: one-shot at 20%, a KV group
+  per layer does most of the damage).
 
 Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each. The side-by-side
 sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
-BENCH_RATIO (default 0.5); BENCH_VARIANTS (names separated by ";") narrows the rows. Writes
-bench/out/lhspg_ablation_r{ratio}_s{steps}.json, where a rerun replaces its variants' rows and
-keeps the others.
+BENCH_RATIO (default 0.5); BENCH_VARIANTS (names separated by ";") narrows the rows; BENCH_ADAPT
+(default 0) first trains the LoRA that many steps on the mix, so every row starts from a
+LoRA-tuned model. Writes bench/out/lhspg_ablation_r{ratio}_s{steps}[_a{adapt}].json, where a rerun
+replaces its variants' rows and keeps the others.
 """
 
 from __future__ import annotations
@@ -26,17 +30,29 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import OUT_DIR, held_out_ppl, log, machine_info, set_threads, smollm2_with_mix
+from _common import (
+    OUT_DIR,
+    held_out_ppl,
+    log,
+    machine_info,
+    parameter_count,
+    set_threads,
+    smollm2_with_mix,
+)
 
 TAG = "lhspg-ablation"
 SOURCES = ("austen", "web", "tdavid", "python-docs")
 EVAL_SOURCES = ("austen", "web")
 EVAL_WINDOWS, EVAL_WINDOW = 16, 128
 
-# name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps
+# name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps, {mlp_ratio}
+# = the share of the MLP parameters that removes as many parameters as {ratio} of attn + MLP.
+# ONE_SHOT [mlp] [warmup=N]: one-shot taylor (MLP channels only with mlp) + recover.
 VARIANTS = {
+    "unpruned": "",  # the model every row starts from: the fresh or the adapted LoRA
     "one-shot taylor + recover": "ONE_SHOT",  # recover's default warmup
     "one-shot taylor + recover, no warmup": "ONE_SHOT warmup=0",
+    "one-shot taylor MLP only + recover": "ONE_SHOT mlp",
     "lhspg P=2 settle=0": "lhspg{{ratio={ratio},periods=2,steps={half},{common}}}",
     "lhspg P=2 settle=0.5": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.5,{common}}}",
     "lhspg P=1 settle=0.5": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,{common}}}",
@@ -49,7 +65,18 @@ VARIANTS = {
     "lhspg P=1 settle=0.75 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,warmup=-1,{common}}}",
     "lhspg P=1 settle=0.5 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,warmup=-1,{common}}}",
     "lhspg P=2 lam=2": "lhspg{{ratio={ratio},periods=2,steps={half},lam=2,{common}}}",
+    "lhspg P=1 settle=0.75 MLP only": "lhspg{{ratio={mlp_ratio},periods=1,steps={total},settle=0.75,kinds=mlp,{common}}}",
 }
+
+
+def kind_parameters(module) -> dict[str, int]:
+    """Prunable parameters per group kind (what ``ratio`` counts)."""
+    from lorashear.passes.groups import param_units_numel
+
+    totals: dict[str, int] = {}
+    for family in module.attributes["groups"].families:
+        totals[family.kind] = totals.get(family.kind, 0) + param_units_numel(module, family) * family.size
+    return totals
 
 
 def main() -> None:
@@ -63,34 +90,47 @@ def main() -> None:
     ratio = float(os.environ.get("BENCH_RATIO", "0.5"))
     total = int(os.environ.get("BENCH_STEPS", "12"))
     batch, seq = int(os.environ.get("BENCH_BATCH", "2")), 128
+    adapt = int(os.environ.get("BENCH_ADAPT", "0"))
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v] or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="lhspg-ablation-"))
-    base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq)
+    base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq,
+                                          adapt=adapt, batch=batch)
     common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
+    kinds = kind_parameters(base)
+    mlp_ratio = round(ratio * (kinds["attn"] + kinds["mlp"]) / kinds["mlp"], 6)
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
-    out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}.json"
+    out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}{f'_a{adapt}' if adapt else ''}.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     for name in wanted:
         template = VARIANTS[name]
         module = clone_module(base)
-        if template.startswith("ONE_SHOT"):
-            warmup = template.partition(" ")[2]
-            text = (one_shot_pipeline("taylor", ratio, mix, calibration=calibration)
+        if not template:
+            text = ""
+        elif template.startswith("ONE_SHOT"):
+            words = template.split()[1:]
+            warmup = next((w for w in words if w.startswith("warmup=")), "")
+            text = (one_shot_pipeline("taylor", mlp_ratio if "mlp" in words else ratio, mix,
+                                      kinds="mlp" if "mlp" in words else "attn,mlp", calibration=calibration)
                     + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
                       f"seq-len={seq},probe-every=1000,progress=false{',' + warmup if warmup else ''}}}")
         else:
-            text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common)
+            text = template.format(ratio=ratio, mlp_ratio=mlp_ratio, half=total // 2, quarter=total // 4,
+                                   total=total, common=common)
         start = time.perf_counter()
-        PassManager.parse(text + ",compress").run(module)
+        if text:
+            PassManager.parse(text + ",compress").run(module)
         seconds = time.perf_counter() - start
-        ppl = held_out_ppl(emit_torch(module).eval(), heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
+        model = emit_torch(module).eval()
+        ppl = held_out_ppl(model, heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
         rows = [r for r in rows if r["variant"] != name]
-        rows.append({"variant": name, "pipeline": text, "seconds": round(seconds, 1), "ppl": ppl})
+        rows.append({"variant": name, "pipeline": text, "seconds": round(seconds, 1), "ppl": ppl,
+                     "parameters": parameter_count(model)})
         log(TAG, f"{name}: " + ", ".join(f"{s} {v:.1f}" for s, v in ppl.items()) + f" ({seconds:.0f} s)")
         OUT_DIR.mkdir(exist_ok=True)
         out.write_text(json.dumps(
-            {"machine": machine_info(), "ratio": ratio, "steps": total, "batch": batch, "seq_len": seq,
+            {"machine": machine_info(), "ratio": ratio, "steps": total, "adapt_steps": adapt,
+             "batch": batch, "seq_len": seq,
              "eval": f"{EVAL_WINDOWS}x{EVAL_WINDOW} tokens per source", "rows": rows}, indent=1))
 
 
