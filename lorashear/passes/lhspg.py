@@ -71,7 +71,7 @@ from lorashear.passes.checkpoint import (
 from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.passes.knowledge import protected_families
 from lorashear.passes.pipeline import format_pass
-from lorashear.passes.prune import FamilyBudget, choose_units
+from lorashear.passes.prune import FamilyBudget, attn_share_option, check_attn_share, choose_units
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import MetricName, check_metric, model_gradient_scores, score_groups
 from lorashear.passes.training import (
@@ -190,6 +190,7 @@ class Lhspg(ModulePass):
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
+    attn_share: float = attn_share_option()
     data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
@@ -212,6 +213,7 @@ class Lhspg(ModulePass):
         if not 0.0 <= self.settle < 1.0:
             raise PassError(f"lhspg settle must be in [0, 1), got {self.settle}")
         check_warmup(self.name, self.warmup)
+        check_attn_share(self.name, self.attn_share, self.kinds)
         check_metric(self.metric)
         if self.rescore and self.metric != "taylor":
             raise PassError(f"lhspg rescore needs metric=taylor (got {self.metric}): only taylor "
@@ -288,6 +290,7 @@ class Lhspg(ModulePass):
                 trim_log_after(self.log, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         shrink_steps = self.shrink_steps
+        attn_share = check_attn_share(self.name, self.attn_share, self.kinds)
         warmup = warmup_steps(self.warmup, self.periods * self.steps)
         # read once: every period's rescoring runs on the same calibration windows
         rescore_batches = calibration_batches(module, calibration, "lhspg rescore") if self.rescore else None
@@ -300,7 +303,7 @@ class Lhspg(ModulePass):
                         (runtime.to_device(b) for b in rescore_batches), autocast=runtime.autocast))
                 budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f),
                                         tuple(chosen_units.get(f.id, ()))) for f in families]
-                chosen_units = choose_units(budgets, target, self.scope)
+                chosen_units = choose_units(budgets, target, self.scope, attn_share=attn_share)
                 current = torch.zeros_like(chosen)
                 for f_id, units in chosen_units.items():
                     for u in units:

@@ -103,6 +103,25 @@ def test_lhspg_beats_one_shot_pruning_of_the_same_groups(trained):
     assert recovered < pruned, (dense, pruned, recovered)
 
 
+def test_attn_share_zero_prunes_only_mlp_to_the_full_ratio(trained):
+    module, data, windows = trained
+    after = _lhspg(module, data, periods=2, steps=4, **{"attn-share": 0})
+    groups, removed = after.attributes["groups"], after.attributes["prune-mask"].as_dict()
+    assert not any(removed.get(f.id) for f in groups.families if f.kind == "attn")
+    families = [f for f in groups.families if f.kind in ("attn", "mlp")]
+    prunable = sum(param_units_numel(module, f) * f.size for f in families)
+    taken = sum(param_units_numel(module, f) * len(removed.get(f.id, ())) for f in families)
+    mlp = [f for f in families if f.kind == "mlp"]
+    assert abs(taken - 0.3 * prunable) <= len(mlp) * max(param_units_numel(module, f) for f in mlp) / 2
+    compressed = clone_module(after)
+    compress_module(compressed, groups, removed)
+    assert compressed.num_parameters() < module.num_parameters()
+    with torch.no_grad():
+        masked = emit_torch(after)(windows[:4]).logits
+        sliced = emit_torch(compressed)(windows[:4]).logits
+    assert torch.allclose(masked, sliced, atol=1e-4)
+
+
 def test_warmup_scales_the_first_step(trained):
     """AdamW's first step moves every LoRA element by about lr; warmup=10 makes that lr/10
     (ratio 0: no group is chosen, so the projection moves nothing)."""

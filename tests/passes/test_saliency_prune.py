@@ -340,6 +340,20 @@ def test_prune_uses_stored_scores_unless_another_metric_is_asked(discovered):
     assert other.attributes["prune-mask"] != random_mask
 
 
+def test_attn_share_zero_takes_the_whole_ratio_from_the_mlp(discovered):
+    module = discovered("llama", True)
+    stats = prune(module, "prune{ratio=0.3,metric=magnitude,attn-share=0}")
+    assert "attn groups removed" not in stats or stats["attn groups removed"] == 0
+    assert stats["mlp groups removed"] > 0
+    removed = module.attributes["prune-mask"].as_dict()
+    groups = module.attributes["groups"]
+    mlp_unit = max(param_units_numel(module, f) for f in groups.families if f.kind == "mlp")
+    mlp_families = sum(f.kind == "mlp" for f in groups.families)
+    assert not any(removed.get(f.id) for f in groups.families if f.kind == "attn")
+    # the ratio still counts attention + MLP: the MLP takes all of it
+    assert abs(stats["parameters removed"] - 0.3 * stats["prunable parameters"]) <= mlp_families * mlp_unit / 2
+
+
 def test_second_prune_keeps_earlier_removals(discovered):
     module = discovered("llama", True)
     prune(module, "prune{ratio=0.2,metric=random}")
@@ -360,9 +374,11 @@ def test_choose_units_never_empties_a_family():
 @settings(max_examples=150, deadline=None)
 @given(layers=st.integers(1, 4), kv_groups=st.integers(2, 4), channels=st.integers(8, 48),
        ratio=st.floats(0.0, 0.95), scope=st.sampled_from(["per-layer", "global"]),
-       seed=st.integers(0, 2 ** 16))
-def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed):
-    """Random layouts: no family emptied, per-layer shapes uniform, the share near the ratio."""
+       seed=st.integers(0, 2 ** 16),
+       attn_share=st.one_of(st.none(), st.just(0.0), st.floats(0.0, 1.0)))
+def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed, attn_share):
+    """Random layouts: no family emptied, per-layer shapes uniform, the share near the ratio,
+    attention's part near ``attn_share`` of it (none at all at 0)."""
     generator = torch.Generator().manual_seed(seed)
     budgets = []
     for layer in range(layers):
@@ -370,7 +386,7 @@ def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed
             family = GroupFamily(len(budgets), kind, layer, size, (FamilyMember("w", 0, 1),))
             budgets.append(FamilyBudget(family, torch.rand(size, generator=generator, dtype=torch.float64),
                                         numel, ()))
-    removed = choose_units(budgets, ratio, scope)
+    removed = choose_units(budgets, ratio, scope, attn_share=attn_share)
     counts = {b.family.id: len(removed[b.family.id]) for b in budgets}
     assert all(counts[b.family.id] < b.family.size for b in budgets)
     for b in budgets:  # the lowest-scored units go
@@ -387,6 +403,13 @@ def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed
         assert abs(taken - ratio * prunable) <= 40 / 2 + 3 / 2
     if scope == "per-layer" and all(0 < c < size - 1 for c, size in mlp_counts):
         assert abs(taken - ratio * prunable) <= layers * 3 / 2  # half an MLP unit per layer
+    if attn_share is not None:
+        attn_taken = sum(b.unit_numel * counts[b.family.id] for b in budgets if b.family.kind == "attn")
+        if attn_share == 0.0:
+            assert attn_taken == 0
+        if all(c < kv_groups - 1 for b in budgets if b.family.kind == "attn"
+               for c in [counts[b.family.id]]):  # no family at its floor
+            assert abs(attn_taken - attn_share * ratio * prunable) <= layers * 40  # a KV unit per layer
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -402,6 +425,10 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     ("prune{kinds=heads}", "kinds must be among"),
     ("saliency{metric=fisher}", "expected one of magnitude"),
     ("saliency{metric=combined,weights=1,2}", "takes 5 weights"),
+    ("prune{attn-share=1.5}", "attn-share must be in [0, 1] or -1"),
+    ("prune{attn-share=0,kinds=mlp}", "needs attn among the kinds"),
+    ("prune{attn-share=0.5,kinds=attn}", "kinds=attn has none"),
+    ("lhspg{attn-share=-0.5}", "attn-share must be in [0, 1] or -1"),
 ])
 def test_bad_options_fail_at_parse_time(text, message):
     with pytest.raises(PassError) as exc:
