@@ -10,9 +10,9 @@ step in it. This script measures the knobs that move that trade-off on SmolLM2-1
   its groups are zero), ``lam`` (shrink strength), ``periods``, ``rescore`` and ``warmup``;
 - one-shot taylor (the same calibration as ``lhspg``'s) + ``recover{loss=lm}`` for as many steps,
   with and without ``recover``'s learning-rate warmup;
-- the allocation: both with MLP channels only (``kinds=mlp``), at the MLP share that removes as
-  many parameters as ``ratio`` of attention + MLP (DESIGN.md 9: one-shot at 20%, a KV group
-  per layer does most of the damage).
+- the allocation: both with MLP channels only (``attn-share=0``: the same ``ratio`` of attention
+  + MLP, all of it from the MLP; DESIGN.md 9: one-shot at 20%, a KV group per layer does most
+  of the damage).
 
 Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each. The side-by-side
 sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
@@ -45,9 +45,8 @@ SOURCES = ("austen", "web", "tdavid", "python-docs")
 EVAL_SOURCES = ("austen", "web")
 EVAL_WINDOWS, EVAL_WINDOW = 16, 128
 
-# name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps, {mlp_ratio}
-# = the share of the MLP parameters that removes as many parameters as {ratio} of attn + MLP.
-# ONE_SHOT [mlp] [warmup=N]: one-shot taylor (MLP channels only with mlp) + recover.
+# name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps.
+# ONE_SHOT [mlp] [warmup=N]: one-shot taylor (MLP channels only with mlp: attn-share=0) + recover.
 VARIANTS = {
     "unpruned": "",  # the model every row starts from: the fresh or the adapted LoRA
     "one-shot taylor + recover": "ONE_SHOT",  # recover's default warmup
@@ -65,18 +64,8 @@ VARIANTS = {
     "lhspg P=1 settle=0.75 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,warmup=-1,{common}}}",
     "lhspg P=1 settle=0.5 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,warmup=-1,{common}}}",
     "lhspg P=2 lam=2": "lhspg{{ratio={ratio},periods=2,steps={half},lam=2,{common}}}",
-    "lhspg P=1 settle=0.75 MLP only": "lhspg{{ratio={mlp_ratio},periods=1,steps={total},settle=0.75,kinds=mlp,{common}}}",
+    "lhspg P=1 settle=0.75 MLP only": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=0,{common}}}",
 }
-
-
-def kind_parameters(module) -> dict[str, int]:
-    """Prunable parameters per group kind (what ``ratio`` counts)."""
-    from lorashear.passes.groups import param_units_numel
-
-    totals: dict[str, int] = {}
-    for family in module.attributes["groups"].families:
-        totals[family.kind] = totals.get(family.kind, 0) + param_units_numel(module, family) * family.size
-    return totals
 
 
 def main() -> None:
@@ -96,8 +85,6 @@ def main() -> None:
     base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq,
                                           adapt=adapt, batch=batch)
     common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
-    kinds = kind_parameters(base)
-    mlp_ratio = round(ratio * (kinds["attn"] + kinds["mlp"]) / kinds["mlp"], 6)
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
     out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}{f'_a{adapt}' if adapt else ''}.json"
@@ -110,13 +97,12 @@ def main() -> None:
         elif template.startswith("ONE_SHOT"):
             words = template.split()[1:]
             warmup = next((w for w in words if w.startswith("warmup=")), "")
-            text = (one_shot_pipeline("taylor", mlp_ratio if "mlp" in words else ratio, mix,
-                                      kinds="mlp" if "mlp" in words else "attn,mlp", calibration=calibration)
+            text = (one_shot_pipeline("taylor", ratio, mix, calibration=calibration,
+                                      attn_share=0 if "mlp" in words else None)
                     + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
                       f"seq-len={seq},probe-every=1000,progress=false{',' + warmup if warmup else ''}}}")
         else:
-            text = template.format(ratio=ratio, mlp_ratio=mlp_ratio, half=total // 2, quarter=total // 4,
-                                   total=total, common=common)
+            text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common)
         start = time.perf_counter()
         if text:
             PassManager.parse(text + ",compress").run(module)

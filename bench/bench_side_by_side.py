@@ -34,7 +34,8 @@ emission), measured for dense, lorashear and one-shot taylor (one-shot rows shar
 BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script); BENCH_ADAPT
 overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
-steps; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+steps; BENCH_ATTN_SHARE=0 sets ``attn-share`` of ``lhspg`` and every one-shot ``prune`` (default: the
+passes' proportional allocation); BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -145,6 +146,8 @@ class Bench:
         self.rows: list[dict] = []
         self.phases: list[dict] = []
         self.info = machine_info()
+        share = os.environ.get("BENCH_ATTN_SHARE")
+        self.attn_share = float(share) if share else None  # None: the passes' proportional default
 
     # --- data ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -244,6 +247,7 @@ class Bench:
         data = {"machine": self.info, "budget": self.budget_name, "budget_sizes": asdict(self.budget),
                 "train_tokens_per_method": self.budget.train_tokens,
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
+                "attn_share": self.attn_share,
                 "source_train_tokens": getattr(self, "token_counts", {}),
                 "rows": self.rows, "phases": self.phases}
         (OUT_DIR / f"{OUT_NAME}.json").write_text(json.dumps(data, indent=1))
@@ -314,10 +318,11 @@ class Bench:
         module = clone_module(self.base)
         method = "lorashear"
         row = self.add(method=method, ratio=ratio, stage="LHSPG", train_tokens=b.lhspg_tokens)
+        share = "" if self.attn_share is None else f",attn-share={self.attn_share}"
         try:
             stats = self.run_passes(module, (
                 f"lhspg{{ratio={ratio},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
-                f"seq-len={b.seq_len},metric=taylor,lr=0.001,data={self.mix},progress=false}},"
+                f"seq-len={b.seq_len},metric=taylor,lr=0.001,data={self.mix},progress=false{share}}},"
                 "compress"), f"{method} lhspg @{ratio}")
             row["share_removed"] = stats["lhspg"].get("parameter share removed")
             row["lhspg_stats"] = _jsonable(stats["lhspg"])
@@ -375,7 +380,8 @@ class Bench:
         method = f"one-shot {metric}"
         row = self.add(method=method, ratio=ratio, stage="pruned", train_tokens=0)
         try:
-            text = one_shot_pipeline(metric, ratio, self.mix, calibration=self.calibration)
+            text = one_shot_pipeline(metric, ratio, self.mix, calibration=self.calibration,
+                                     attn_share=self.attn_share)
             stats = self.run_passes(module, f"{text},compress", f"{method} prune @{ratio}")
             row["share_removed"] = stats["prune"].get("parameter share removed")
             self.evaluate(module, row)
@@ -483,6 +489,8 @@ def markdown(data: dict) -> str:
             f"{b['stage2']} steps); held-out ppl on {b['eval_windows']}x{b['eval_window']} tokens "
             f"per source; local task {b['task_items']} items on Persuasion; prefill "
             f"batch 1/8 x {b['speed_seq']} tokens, PyTorch = lorashear's executor.")
+    if data.get("attn_share") is not None:
+        head += f" lorashear and one-shot prune with `attn-share={data['attn_share']:g}`."
     cols = ["ratio", "method", "stage", "train tokens", "removed", "params",
             *[f"ppl {s}" for s in data["sources"]], "task acc", "PyTorch tok/s 1/8",
             "ORT tok/s 1/8", "better ppl ({})".format(data["sources"][0])]
