@@ -119,14 +119,36 @@ def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str
             f'data="{data}"{extra}}}')
 
 
-def smollm2_with_mix(work: Path, sources: Iterable[str], eval_sources: Iterable[str], eval_tokens: int,
-                     seq: int, adapt: int = 0, batch: int = 2):
+#: The small ablations' setup: training sources, eval sources, held-out windows x tokens.
+SMALL_SOURCES = ("austen", "web", "tdavid", "python-docs")
+SMALL_EVAL_SOURCES = ("austen", "web")
+SMALL_EVAL_WINDOWS, SMALL_EVAL_WINDOW = 16, 128
+SMALL_EVAL = f"{SMALL_EVAL_WINDOWS}x{SMALL_EVAL_WINDOW} tokens per source"
+
+
+def small_held_out_ppl(model, heldout: Mapping[str, list[int]]) -> dict[str, float]:
+    """:func:`held_out_ppl` on the small ablations' held-out windows."""
+    return held_out_ppl(model, heldout, window=SMALL_EVAL_WINDOW, windows=SMALL_EVAL_WINDOWS)
+
+
+def adapt_lora(module, data: Path, steps: int, batch: int, seq: int) -> None:
+    """Train ``module``'s LoRA ``steps`` steps on ``data`` in place (a LoRA-tuned model, as a
+    user brings it), with ``recover``'s data order under seed 100, apart from the ablations'
+    seed 0."""
+    from lorashear.passes import PassManager
+
+    PassManager.parse(f"recover{{data={data},steps={steps},stage1-steps={steps},lr=0.001,batch={batch},"
+                      f"seq-len={seq},probe-every={steps},seed=100,progress=false}}").run(module)
+    module.attributes.pop("recover-log", None)
+
+
+def smollm2_with_mix(work: Path, seq: int, adapt: int = 0, batch: int = 2):
     """The setup of the small ablations: SmolLM2-135M-Instruct lowered with a fresh LoRA r=8 and
-    discovered, ``eval_tokens`` held-out token ids per eval source, and a token-id file under
-    ``work`` that interleaves the sources' training text in ``seq``-token blocks. With ``adapt``,
-    the LoRA first trains that many steps of ``batch`` windows on the mix (a LoRA-tuned model, as
-    a user brings it; ``recover``'s data order under a seed apart from the ablations' seed 0).
-    Returns ``(module, heldout, mix_path)``."""
+    discovered, the held-out token ids of ``SMALL_EVAL_SOURCES`` (``SMALL_EVAL_WINDOWS`` windows of
+    ``SMALL_EVAL_WINDOW``), and a token-id file under ``work`` that interleaves the training text
+    of ``SMALL_SOURCES`` in ``seq``-token blocks. With ``adapt``, the LoRA first trains that many
+    steps of ``batch`` windows on the mix (:func:`adapt_lora`).
+    Returns ``(module, heldout, mix_path)``; :func:`small_held_out_ppl` evaluates on ``heldout``."""
     from transformers import AutoTokenizer
 
     from lorashear.ir.frontend import lower_pretrained
@@ -135,14 +157,12 @@ def smollm2_with_mix(work: Path, sources: Iterable[str], eval_sources: Iterable[
 
     model_dir = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    heldout = {s: token_ids(tokenizer, source_text(s, "heldout"), eval_tokens)[:eval_tokens]
-               for s in eval_sources}
-    train = {s: token_ids(tokenizer, source_text(s, "train", 300_000)) for s in sources}
+    need = SMALL_EVAL_WINDOWS * SMALL_EVAL_WINDOW
+    heldout = {s: token_ids(tokenizer, source_text(s, "heldout"), need)[:need] for s in SMALL_EVAL_SOURCES}
+    train = {s: token_ids(tokenizer, source_text(s, "train", 300_000)) for s in SMALL_SOURCES}
     mix = write_ids(work / "mix.ids", interleave(train, seq))
     base = lower_pretrained(model_dir, lora_rank=8)
     PassManager.parse("discover").run(base)
     if adapt:
-        PassManager.parse(f"recover{{data={mix},steps={adapt},stage1-steps={adapt},lr=0.001,batch={batch},"
-                          f"seq-len={seq},probe-every={adapt},seed=100,progress=false}}").run(base)
-        base.attributes.pop("recover-log", None)
+        adapt_lora(base, mix, adapt, batch, seq)
     return base, heldout, mix

@@ -22,12 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import OUT_DIR, held_out_ppl, log, machine_info, set_threads, smollm2_with_mix
+from _common import (
+    OUT_DIR,
+    SMALL_EVAL,
+    log,
+    machine_info,
+    set_threads,
+    small_held_out_ppl,
+    smollm2_with_mix,
+)
 
 TAG = "kd-teacher"
-SOURCES = ("austen", "web", "tdavid", "python-docs")
-EVAL_SOURCES = ("austen", "web")
-EVAL_WINDOWS, EVAL_WINDOW = 16, 128
 
 
 def main() -> None:
@@ -42,11 +47,11 @@ def main() -> None:
     kd_steps = int(os.environ.get("BENCH_KD_STEPS", str(steps)))
     batch, seq = 2, 128
     work = Path(tempfile.mkdtemp(prefix="kd-teacher-"))
-    base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq)
+    base, heldout, mix = smollm2_with_mix(work, seq)
     rows: dict[str, dict[str, float]] = {}
 
     def measure(name: str, module) -> None:
-        rows[name] = held_out_ppl(emit_torch(module).eval(), heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
+        rows[name] = small_held_out_ppl(emit_torch(module).eval(), heldout)
         log(TAG, f"{name}: " + ", ".join(f"{s} {v:.1f}" for s, v in rows[name].items()))
 
     def recover(total: int, kd: bool, reference: Path | None = None) -> str:
@@ -74,7 +79,7 @@ def main() -> None:
     out = OUT_DIR / f"kd_teacher_r{ratio}.json"
     out.write_text(json.dumps(
         {"machine": machine_info(), "ratio": ratio, "steps": steps, "kd_steps": kd_steps, "batch": batch,
-         "seq_len": seq, "eval": f"{EVAL_WINDOWS}x{EVAL_WINDOW} tokens per source",
+         "seq_len": seq, "eval": SMALL_EVAL,
          "seconds": round(time.perf_counter() - start, 1), "ppl": rows}, indent=1))
     log(TAG, f"wrote {out}")
 

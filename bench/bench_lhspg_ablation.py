@@ -32,18 +32,16 @@ from pathlib import Path
 
 from _common import (
     OUT_DIR,
-    held_out_ppl,
+    SMALL_EVAL,
     log,
     machine_info,
     parameter_count,
     set_threads,
+    small_held_out_ppl,
     smollm2_with_mix,
 )
 
 TAG = "lhspg-ablation"
-SOURCES = ("austen", "web", "tdavid", "python-docs")
-EVAL_SOURCES = ("austen", "web")
-EVAL_WINDOWS, EVAL_WINDOW = 16, 128
 
 # name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps.
 # ONE_SHOT [mlp] [warmup=N]: one-shot taylor (MLP channels only with mlp: attn-share=0) + recover.
@@ -82,8 +80,7 @@ def main() -> None:
     adapt = int(os.environ.get("BENCH_ADAPT", "0"))
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v] or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="lhspg-ablation-"))
-    base, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, seq,
-                                          adapt=adapt, batch=batch)
+    base, heldout, mix = smollm2_with_mix(work, seq, adapt=adapt, batch=batch)
     common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
@@ -108,7 +105,7 @@ def main() -> None:
             PassManager.parse(text + ",compress").run(module)
         seconds = time.perf_counter() - start
         model = emit_torch(module).eval()
-        ppl = held_out_ppl(model, heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
+        ppl = small_held_out_ppl(model, heldout)
         rows = [r for r in rows if r["variant"] != name]
         rows.append({"variant": name, "pipeline": text, "seconds": round(seconds, 1), "ppl": ppl,
                      "parameters": parameter_count(model)})
@@ -117,7 +114,7 @@ def main() -> None:
         out.write_text(json.dumps(
             {"machine": machine_info(), "ratio": ratio, "steps": total, "adapt_steps": adapt,
              "batch": batch, "seq_len": seq,
-             "eval": f"{EVAL_WINDOWS}x{EVAL_WINDOW} tokens per source", "rows": rows}, indent=1))
+             "eval": SMALL_EVAL, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,18 +26,18 @@ from pathlib import Path
 
 from _common import (
     OUT_DIR,
-    held_out_ppl,
+    SMALL_EVAL,
+    adapt_lora,
     log,
     machine_info,
     one_shot_pipeline,
     set_threads,
+    small_held_out_ppl,
     smollm2_with_mix,
 )
 
 TAG = "saliency-adapted"
-SOURCES = ("austen", "web", "tdavid", "python-docs")
-EVAL_SOURCES = ("austen", "web")
-EVAL_WINDOWS, EVAL_WINDOW, BATCH, SEQ = 16, 128, 2, 128
+BATCH, SEQ = 2, 128
 
 
 def chosen_units(module) -> set[tuple[int, int]]:
@@ -55,11 +55,9 @@ def main() -> None:
     ratio = float(os.environ.get("BENCH_RATIO", "0.2"))
     adapt = int(os.environ.get("BENCH_ADAPT", "48"))
     work = Path(tempfile.mkdtemp(prefix="saliency-adapted-"))
-    fresh, heldout, mix = smollm2_with_mix(work, SOURCES, EVAL_SOURCES, EVAL_WINDOWS * EVAL_WINDOW, SEQ)
+    fresh, heldout, mix = smollm2_with_mix(work, SEQ)
     adapted = clone_module(fresh)
-    PassManager.parse(f"recover{{data={mix},steps={adapt},stage1-steps={adapt},lr=0.001,batch={BATCH},"
-                      f"seq-len={SEQ},probe-every={adapt},seed=100,progress=false}}").run(adapted)
-    adapted.attributes.pop("recover-log", None)
+    adapt_lora(adapted, mix, adapt, BATCH, SEQ)
     windows = len(mix.read_text().split()) // SEQ
     batches = min(4, max(1, windows // BATCH))
     calibration = f"batches={batches},batch={BATCH},seq-len={SEQ}"
@@ -72,7 +70,7 @@ def main() -> None:
             PassManager.parse(pipeline).run(module)
             choices[f"{model_name} {choice}"] = chosen_units(module)
             PassManager.parse("compress").run(module)
-        ppl = held_out_ppl(emit_torch(module).eval(), heldout, window=EVAL_WINDOW, windows=EVAL_WINDOWS)
+        ppl = small_held_out_ppl(emit_torch(module).eval(), heldout)
         rows.append({"model": model_name, "groups": choice, "pipeline": pipeline, "ppl": ppl})
         log(TAG, f"{model_name}, {choice}: " + ", ".join(f"{s} {v:.1f}" for s, v in ppl.items()))
 
@@ -97,7 +95,7 @@ def main() -> None:
     out = OUT_DIR / f"saliency_adapted_r{ratio}.json"
     out.write_text(json.dumps(
         {"machine": machine_info(), "ratio": ratio, "adapt_steps": adapt, "batch": BATCH, "seq_len": SEQ,
-         "calibration": calibration, "eval": f"{EVAL_WINDOWS}x{EVAL_WINDOW} tokens per source",
+         "calibration": calibration, "eval": SMALL_EVAL,
          "taylor_jaccard_fresh_vs_adapted": round(overlap, 4),
          "seconds": round(time.perf_counter() - start, 1), "rows": rows}, indent=1))
     log(TAG, f"wrote {out}")
