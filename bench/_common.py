@@ -131,15 +131,16 @@ def small_held_out_ppl(model, heldout: Mapping[str, list[int]]) -> dict[str, flo
     return held_out_ppl(model, heldout, window=SMALL_EVAL_WINDOW, windows=SMALL_EVAL_WINDOWS)
 
 
-def adapt_lora(module, data: Path, steps: int, batch: int, seq: int) -> None:
+def adapt_lora(module, data: Path, steps: int, batch: int, seq: int, options: str = "") -> None:
     """Train ``module``'s LoRA ``steps`` steps on ``data`` in place (a LoRA-tuned model, as a
-    user brings it), with ``recover``'s data order under seed 100, apart from the ablations'
-    seed 0."""
+    user brings it), with ``recover``'s data order under seed 100, apart from the benchmarks'
+    recovery seeds 0 and 1; ``options`` adds ``recover`` options (``sampling=static,...``)."""
     from lorashear.passes import PassManager
 
+    extra = f",{options}" if options else ""
     PassManager.parse(f"recover{{data={data},steps={steps},stage1-steps={steps},lr=0.001,batch={batch},"
-                      f"seq-len={seq},probe-every={steps},seed=100,progress=false}}").run(module)
-    module.attributes.pop("recover-log", None)
+                      f"seq-len={seq},probe-every={steps},seed=100,progress=false{extra}}}").run(module)
+    module.attributes.pop("recover-log", None)  # the adaptation's, not a method's
 
 
 def smollm2_with_mix(work: Path, seq: int, adapt: int = 0, batch: int = 2):

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 from _common import (
     OUT_DIR,
+    adapt_lora,
     held_out_ppl,
     interleave,
     log,
@@ -73,7 +74,6 @@ SOURCES = ("austen", "web", "tdavid", "python-docs")  # austen first: the headli
 RATIOS = (0.2, 0.5)
 METRICS = ("taylor", "wanda", "magnitude", "random")
 TAG = "side-by-side"
-ADAPT_SEED = 100  # the adaptation's data order, apart from recovery's seeds 0 and 1
 OUT_NAME = os.environ.get("BENCH_NAME", "side_by_side")
 
 
@@ -183,12 +183,9 @@ class Bench:
         if b.adapt:
             self.evaluate(self.base, self.add(method="base model", ratio=0.0, stage="fresh LoRA",
                                               train_tokens=0, share_removed=0.0), task=False)
-            self.run_passes(self.base, (
-                f"recover{{data={self.spec},steps={b.adapt},stage1-steps={b.adapt},sampling=static,"
-                f"lr=0.001,seq-len={b.seq_len},batch={b.batch},probe-every={b.adapt},"
-                f"probe-windows={b.probe_windows},seed={ADAPT_SEED},progress=false}}"),
-                f"adapt the LoRA ({b.adapt} steps)")
-            self.base.attributes.pop("recover-log", None)  # the adaptation's, not a method's
+            with self.phase(f"adapt the LoRA ({b.adapt} steps)"):
+                adapt_lora(self.base, self.spec, b.adapt, b.batch, b.seq_len,
+                           f"sampling=static,probe-windows={b.probe_windows}")
         self.adapted_hf = None  # Torch-Pruning's input, written when it first runs
         with self.phase("reference"):
             dense = clone_module(self.base)

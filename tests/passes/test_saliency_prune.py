@@ -407,8 +407,7 @@ def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed
         attn_taken = sum(b.unit_numel * counts[b.family.id] for b in budgets if b.family.kind == "attn")
         if attn_share == 0.0:
             assert attn_taken == 0
-        if all(c < kv_groups - 1 for b in budgets if b.family.kind == "attn"
-               for c in [counts[b.family.id]]):  # no family at its floor
+        if all(counts[b.family.id] < kv_groups - 1 for b in budgets if b.family.kind == "attn"):  # none at its floor
             assert abs(attn_taken - attn_share * ratio * prunable) <= layers * 40  # a KV unit per layer
 
 
