@@ -57,7 +57,8 @@ def _type_name(tp) -> str:
         return "one of " + "|".join(map(str, typing.get_args(tp)))
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(inner[0])} or none"
+        names = " or ".join(_type_name(a) for a in inner)
+        return f"{names} or none" if len(inner) < len(typing.get_args(tp)) else names
     if origin is tuple:
         return "list of " + _type_name(typing.get_args(tp)[0])
     return getattr(tp, "__name__", str(tp))

@@ -71,7 +71,16 @@ from lorashear.passes.checkpoint import (
 from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.passes.knowledge import protected_families
 from lorashear.passes.pipeline import format_pass
-from lorashear.passes.prune import FamilyBudget, attn_share_option, check_attn_share, choose_units
+from lorashear.passes.prune import (
+    AttnShare,
+    FamilyBudget,
+    attn_share_option,
+    check_attn_share,
+    choose_units,
+    fixed_attn_share,
+    masked_loss_fn,
+    search_attn_share,
+)
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import MetricName, check_metric, model_gradient_scores, score_groups
 from lorashear.passes.training import (
@@ -190,7 +199,7 @@ class Lhspg(ModulePass):
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
-    attn_share: float = attn_share_option()
+    attn_share: AttnShare = attn_share_option()
     data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
@@ -290,7 +299,11 @@ class Lhspg(ModulePass):
                 trim_log_after(self.log, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         shrink_steps = self.shrink_steps
-        attn_share = check_attn_share(self.name, self.attn_share, self.kinds)
+        if resumed is not None and "split" in resumed.state:  # the split the killed run settled on
+            attn_share, split_stats = resumed.state["attn_share"], resumed.state["split"]
+        else:
+            attn_share, split_stats = self.choose_split(module, groups, model, runtime, scores,
+                                                        families, calibration)
         warmup = warmup_steps(self.warmup, self.periods * self.steps)
         # read once: every period's rescoring runs on the same calibration windows
         rescore_batches = calibration_batches(module, calibration, "lhspg rescore") if self.rescore else None
@@ -352,7 +365,7 @@ class Lhspg(ModulePass):
                 if self.checkpoint_dir and runtime.is_main:
                     save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
                         "period": period, "step_total": step_total, "first_loss": first_loss,
-                        "period_log": period_log,
+                        "period_log": period_log, "attn_share": attn_share, "split": split_stats,
                         "chosen_units": {str(f): list(u) for f, u in chosen_units.items()}}, tensors))
         finally:
             if log_file:
@@ -368,4 +381,22 @@ class Lhspg(ModulePass):
         taken = sum(param_units_numel(module, f) * len(chosen_units.get(f.id, ())) for f in families)
         return PassResult(True, frozenset(), {
             "groups zeroed": int(chosen.sum()), "parameter share removed": round(taken / prunable, 6),
-            "first loss": first_loss, "last loss": period_log[-1]["last_loss"]})
+            "first loss": first_loss, "last loss": period_log[-1]["last_loss"], **split_stats})
+
+    def choose_split(self, module: Module, groups: GroupsAttr, model: IRModel, runtime: TrainingRuntime,
+                     scores: dict[int, torch.Tensor], families: list, calibration: CalibrationOptions,
+                     ) -> tuple[float | None, dict]:
+        """The fixed attention share every period allocates with (None: proportional) and the
+        statistics of the search when ``attn-share=auto``: the split of the whole ``ratio``
+        whose masked model has the least loss on the calibration windows, before training."""
+        if self.attn_share != "auto":
+            return fixed_attn_share(self.attn_share), {}
+        if not any(f.kind == "attn" for f in families):
+            return None, {}
+        budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f), ())
+                   for f in families]
+        batches = [runtime.to_device(b) for b in calibration_batches(module, calibration, "lhspg attn-share=auto")]
+        loss_of = masked_loss_fn(model, module, groups, batches, autocast=runtime.autocast)
+        # every rank measures alike; rank 0's choice counts, so all ranks prune the same units
+        split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope, 1, loss_of))
+        return split.share, split.statistics()

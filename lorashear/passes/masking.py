@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from lorashear.errors import PassError
@@ -60,3 +64,26 @@ def zero_groups(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int
         param.storage = DataStorage(tensor)
         touched += 1
     return touched
+
+
+@contextlib.contextmanager
+def units_zeroed(model: Any, module: Module, groups: GroupsAttr,
+                 removed: dict[int, tuple[int, ...]]) -> Iterator[None]:
+    """Zero the removed units' slices in the live tensors of ``model`` (an executor model:
+    ``model.tensor(name)``) for the duration of the block, then restore them bit-exactly.
+    A cheap look at the masked model without copying the module."""
+    validate_removal(groups, removed)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for (name, axis), keep in keep_masks(module, groups, removed).items():
+                tensor = model.tensor(name)
+                saved.append((tensor, tensor.detach().clone()))
+                shape = [1] * tensor.dim()
+                shape[axis] = -1
+                tensor.mul_(keep.view(shape).to(device=tensor.device, dtype=tensor.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in reversed(saved):
+                tensor.copy_(original)

@@ -152,9 +152,15 @@ def convert_option(tp: Any, texts: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(texts) == 1 and texts[0].lower() == "none":
+        if len(texts) == 1 and texts[0].lower() == "none" and len(args) < len(typing.get_args(tp)):
             return None
-        return convert_option(args[0], texts)
+        wanted = []
+        for arg in args:  # the first member type that takes the text (float | Literal["auto"])
+            try:
+                return convert_option(arg, texts)
+            except ValueError as exc:  # "expected a number, got 'x'": keep what each expected
+                wanted.append(str(exc).removeprefix("expected ").rsplit(", got ", 1)[0])
+        raise ValueError(f"expected {' or '.join(wanted)}, got {','.join(texts)!r}")
     if origin is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_scalar(item, t) for t in texts)

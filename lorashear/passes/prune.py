@@ -28,8 +28,10 @@ the ratio. The result is the masked model plus a ``prune-mask`` attribute that
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -38,6 +40,7 @@ import torch
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
+from lorashear.passes.calibration import calibration_batches
 from lorashear.passes.coupling import DimensionCoupling
 from lorashear.passes.groups import (
     GroupFamily,
@@ -47,7 +50,7 @@ from lorashear.passes.groups import (
     param_units_numel,
 )
 from lorashear.passes.knowledge import protected_families
-from lorashear.passes.masking import zero_groups
+from lorashear.passes.masking import units_zeroed, zero_groups
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import (
     OPTION_DOCS,
@@ -57,6 +60,7 @@ from lorashear.passes.saliency import (
     score_groups,
 )
 from lorashear.passes.saliency_attr import SaliencyAttr
+from lorashear.runtime.executor import emit_torch
 
 #: Kinds whose units are whole blocks already; ``align`` leaves them alone.
 UNALIGNED_KINDS = frozenset({"attn", "hidden"})
@@ -184,27 +188,110 @@ def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: i
     return removed
 
 
-def attn_share_option() -> Any:
+#: What ``attn-share`` takes: a share in [0, 1], ``proportional`` or ``auto``.
+AttnShare = float | Literal["proportional", "auto"]
+#: The fixed shares that ``attn-share=auto`` tries besides the proportional allocation.
+AUTO_SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def attn_share_option(default: AttnShare = "proportional") -> Any:
     """The ``attn-share`` option that ``prune`` and ``lhspg`` share."""
-    return option(-1.0, "share of the removed parameters taken from attention groups, in [0, 1] "
-                  "(0: MLP and the other kinds only); -1: in proportion to the parameters "
-                  "of each kind")
+    return option(default, "share of the removed parameters taken from attention groups: a number "
+                  "in [0, 1] (0: MLP and the other kinds only); proportional: each kind in "
+                  "proportion to its parameters; auto: of proportional and "
+                  f"{', '.join(map(str, AUTO_SHARES))}, the split whose masked model has the least "
+                  "loss on the calibration text")
 
 
-def check_attn_share(pass_name: str, attn_share: float, kinds: tuple[str, ...]) -> float | None:
-    """``attn_share`` as ``choose_units`` takes it (None: proportional), or a :class:`PassError`
-    naming the pass when it is out of range or has nothing to act on."""
-    if attn_share == -1.0:
-        return None
+def check_attn_share(pass_name: str, attn_share: AttnShare, kinds: tuple[str, ...]) -> None:
+    """A :class:`PassError` naming the pass when ``attn_share`` is out of range or has nothing
+    to act on."""
+    if attn_share == "proportional" or attn_share == "auto" and "attn" not in kinds:
+        return  # auto with no attention to split off is the proportional allocation
+    if attn_share == "auto":
+        if set(kinds) <= {"attn"}:
+            raise PassError(f"{pass_name} attn-share=auto has nothing to split: kinds=attn only",
+                            hint="add mlp to kinds")
+        return
     if not 0.0 <= attn_share <= 1.0:
-        raise PassError(f"{pass_name} attn-share must be in [0, 1] or -1 (proportional), got {attn_share}")
+        raise PassError(f"{pass_name} attn-share must be in [0, 1], proportional or auto, got {attn_share}")
     if "attn" not in kinds:
         raise PassError(f"{pass_name} attn-share={attn_share} needs attn among the kinds, got "
                         f"kinds={','.join(kinds)}")
     if attn_share < 1.0 and set(kinds) <= {"attn"}:
         raise PassError(f"{pass_name} attn-share={attn_share} leaves {1 - attn_share:.0%} of the "
                         "removal to other kinds, and kinds=attn has none", hint="add mlp to kinds")
-    return attn_share
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """The allocation ``attn-share=auto`` settled on and what it measured on the way."""
+
+    share: float | None  # None: proportional
+    removed: dict[int, tuple[int, ...]]
+    #: (candidate, attention units it removes, masked calibration loss), in the order tried
+    tried: tuple[tuple[str, int, float], ...]
+
+    @property
+    def label(self) -> str:
+        return "proportional" if self.share is None else f"{self.share:g}"
+
+    def statistics(self) -> dict[str, Any]:
+        return {"attn-share chosen": self.label,
+                "attn-share losses": {c: round(loss, 4) for c, _, loss in self.tried}}
+
+
+def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, align: int,
+                      loss_of: Callable[[dict[int, tuple[int, ...]]], float]) -> SplitChoice:
+    """``attn-share=auto``: of the proportional split and each of :data:`AUTO_SHARES`, the one
+    whose removal leaves the least loss (``loss_of`` the masked model). Splits that choose the
+    same units are measured once; on a tie the earlier candidate (proportional first) wins."""
+    attn = {b.family.id for b in budgets if b.family.kind == "attn"}
+    seen: dict[tuple, float] = {}
+    tried: list[tuple[str, int, float]] = []
+    best: SplitChoice | None = None
+    best_loss = math.inf
+    for share in (None, *AUTO_SHARES):
+        removed = choose_units(budgets, ratio, scope, align, share)
+        key = tuple(sorted(removed.items()))
+        if key in seen:
+            continue
+        seen[key] = loss = float(loss_of(removed))
+        choice = SplitChoice(share, removed, ())
+        tried.append((choice.label, sum(len(removed[f]) for f in attn), loss))
+        if loss < best_loss:
+            best, best_loss = choice, loss
+    if best is None:  # every candidate gave a NaN loss
+        raise PassError("attn-share=auto: the masked model's calibration loss is NaN for every split",
+                        hint="check the calibration data, or give attn-share a number")
+    return SplitChoice(best.share, best.removed, tuple(tried))
+
+
+def fixed_attn_share(attn_share: AttnShare) -> float | None:
+    """A fixed ``attn-share`` as ``choose_units`` takes it (None: proportional)."""
+    if attn_share == "auto":
+        raise ValueError("attn-share=auto is searched, not fixed: use search_attn_share")
+    return None if attn_share == "proportional" else float(attn_share)
+
+
+def masked_loss_fn(model: torch.nn.Module, module: Module, groups: GroupsAttr,
+                   batches: Iterable[torch.Tensor], autocast: Callable[[], Any] = contextlib.nullcontext,
+                   ) -> Callable[[dict[int, tuple[int, ...]]], float]:
+    """``loss_of(removed)``: the mean LM loss over ``batches`` of ``model`` with those units
+    zeroed in place, restored bit-exactly afterwards. It runs in eval mode (no LoRA dropout:
+    the measure is deterministic, and a training pass's RNG stream is left as it was)."""
+    batches = list(batches)
+
+    def loss_of(removed: dict[int, tuple[int, ...]]) -> float:
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), units_zeroed(model, module, groups, removed), autocast():
+                return sum(float(model(b, labels=b).loss) for b in batches) / len(batches)
+        finally:
+            model.train(training)
+
+    return loss_of
 
 
 @register_pass
@@ -223,7 +310,7 @@ class Prune(ModulePass):
         "scores across the families of a kind")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden, other)")
     align: int = option(1, "round each MLP family's kept count to a multiple of this")
-    attn_share: float = attn_share_option()
+    attn_share: AttnShare = attn_share_option()
     weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0, 1.0), OPTION_DOCS["weights"])
     data: str = option("", OPTION_DOCS["data"])
     batches: int = option(8, OPTION_DOCS["batches"])
@@ -239,6 +326,9 @@ class Prune(ModulePass):
         if self.align < 1:
             raise PassError(f"prune align must be at least 1, got {self.align}")
         check_attn_share(self.name, self.attn_share, self.kinds)
+        if self.attn_share == "auto" and "attn" in self.kinds and not self.data:
+            raise PassError("prune attn-share=auto compares splits by their loss on calibration "
+                            "text, and no data is given", hint="prune{attn-share=auto,data=PATH}")
 
     def scores(self, module: Module, groups: GroupsAttr, family_ids: list[int]) -> tuple[str, dict]:
         """(metric, scores by family id): an earlier saliency pass's if it fits, else fresh."""
@@ -270,8 +360,16 @@ class Prune(ModulePass):
         already = mask.as_dict() if isinstance(mask, PruneMaskAttr) else {}
         budgets = [FamilyBudget(f, scores[f.id], param_units_numel(module, f),
                                 tuple(already.get(f.id, ()))) for f in families]
-        removed = {**already, **choose_units(budgets, self.ratio, self.scope, self.align,
-                                             check_attn_share(self.name, self.attn_share, self.kinds))}
+        split = None
+        if self.attn_share == "auto" and any(b.family.kind == "attn" for b in budgets):
+            batches = calibration_batches(module, calibration_options(self), "prune attn-share=auto")
+            loss_of = masked_loss_fn(emit_torch(module), module, groups, batches)
+            split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)
+            chosen = split.removed
+        else:
+            share = None if self.attn_share == "auto" else fixed_attn_share(self.attn_share)
+            chosen = choose_units(budgets, self.ratio, self.scope, self.align, share)
+        removed = {**already, **chosen}
         zero_groups(module, groups, removed)
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
         prunable = sum(b.unit_numel * b.family.size for b in budgets)
@@ -283,4 +381,5 @@ class Prune(ModulePass):
         statistics.update({"metric": metric, "prunable parameters": prunable,
                            "parameters removed": taken,
                            "parameter share removed": round(taken / prunable, 6) if prunable else 0.0})
+        statistics.update(split.statistics() if split else {})
         return PassResult(True, frozenset({DimensionCoupling.name}), statistics)

@@ -122,6 +122,24 @@ def test_attn_share_zero_prunes_only_mlp_to_the_full_ratio(trained):
     assert torch.allclose(masked, sliced, atol=1e-4)
 
 
+def test_attn_share_auto_trains_with_the_split_it_measured_best(trained):
+    """auto measures the splits of the whole ratio before training, then runs exactly as the
+    fixed share it chose would: same masks, bitwise the same weights."""
+    module, data, _ = trained
+    text = f"lhspg{{ratio=0.3,periods=2,steps=4,seq-len=32,batch=8,lr=5e-3,data={data},progress=false"
+    auto = clone_module(module)
+    manager = PassManager.parse(text + ",attn-share=auto}")
+    manager.run(auto)
+    stats = manager.records[-1].statistics
+    losses = stats["attn-share losses"]
+    assert len(losses) >= 2 and stats["attn-share chosen"] == min(losses, key=losses.get)
+    fixed = clone_module(module)
+    PassManager.parse(text + f",attn-share={stats['attn-share chosen']}}}").run(fixed)
+    assert auto.attributes["prune-mask"] == fixed.attributes["prune-mask"]
+    for name, p in fixed.params.items():
+        assert torch.equal(auto.params[name].storage.load(), p.storage.load()), name
+
+
 def test_warmup_scales_the_first_step(trained):
     """AdamW's first step moves every LoRA element by about lr; warmup=10 makes that lr/10
     (ratio 0: no group is chosen, so the projection moves nothing)."""
@@ -191,7 +209,9 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
     ckpt = tmp_path / "ckpt"
     steps_log = tmp_path / "steps.jsonl"
     # warmup spans two periods: the learning rate is a function of the step, so it resumes too
+    # attn-share=auto: the split measured before training is part of the checkpoint
     pipeline = (f"lhspg{{ratio=0.3,periods=3,steps=12,seq-len=32,batch=8,lr=5e-3,data={data},warmup=20,"
+                "attn-share=auto,"
                 f"progress=false,log={steps_log},checkpoint-dir={ckpt}}}")
     script = ("import torch; torch.set_num_threads(1)\n"
               "from lorashear.ir.fileformat import load_ir\nfrom lorashear.passes import PassManager\n"

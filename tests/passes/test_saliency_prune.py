@@ -19,7 +19,13 @@ from lorashear.ir.types import TensorType
 from lorashear.passes import PassManager, parse_pipeline
 from lorashear.passes.calibration import CalibrationOptions, calibration_batches
 from lorashear.passes.groups import FamilyMember, GroupFamily, GroupsAttr, param_units_numel
-from lorashear.passes.prune import FamilyBudget, align_count, choose_units
+from lorashear.passes.prune import (
+    AUTO_SHARES,
+    FamilyBudget,
+    align_count,
+    choose_units,
+    search_attn_share,
+)
 from lorashear.passes.saliency import METRICS, Saliency, score_groups
 from lorashear.passes.saliency_attr import SaliencyAttr
 from lorashear.runtime.executor import emit_torch
@@ -354,6 +360,57 @@ def test_attn_share_zero_takes_the_whole_ratio_from_the_mlp(discovered):
     assert abs(stats["parameters removed"] - 0.3 * stats["prunable parameters"]) <= mlp_families * mlp_unit / 2
 
 
+def test_attn_share_auto_keeps_the_split_whose_masked_model_has_the_least_loss(discovered, calibration_ids):
+    """Each split it reports is the one a fixed ``attn-share`` gives, its loss is the loss of
+    that masked module measured independently, and the least of them is the one kept."""
+    data = f'data="{calibration_ids}",batches=2,batch=2,seq-len=16'
+    module = discovered("llama", True)
+    stats = prune(module, f"prune{{ratio=0.3,metric=magnitude,attn-share=auto,{data}}}")
+    losses = stats["attn-share losses"]
+    assert len(losses) >= 2  # the tiny Llama gives at least two distinct splits
+    assert stats["attn-share chosen"] == min(losses, key=losses.get)
+    batches = calibration_batches(module, CalibrationOptions(str(calibration_ids), 2, 2, 16, 0), "test")
+    for label, loss in losses.items():
+        fixed = discovered("llama", True)
+        prune(fixed, f"prune{{ratio=0.3,metric=magnitude,attn-share={label}}}")
+        with torch.no_grad():
+            model = emit_torch(fixed)
+            measured = sum(model(b, labels=b).loss.item() for b in batches) / len(batches)
+        assert measured == pytest.approx(loss, abs=1e-4), label
+        if label == stats["attn-share chosen"]:
+            assert fixed.attributes["prune-mask"] == module.attributes["prune-mask"]
+            for name, p in fixed.params.items():  # the search restored every weight it zeroed
+                assert torch.equal(p.storage.load(), module.params[name].storage.load()), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers=st.integers(1, 3), kv_groups=st.integers(2, 4), ratio=st.floats(0.05, 0.9),
+       seed=st.integers(0, 2 ** 16))
+def test_search_attn_share_measures_each_split_once_and_keeps_the_least(layers, kv_groups, ratio, seed):
+    generator = torch.Generator().manual_seed(seed)
+    budgets = []
+    for layer in range(layers):
+        for kind, size, numel in (("attn", kv_groups, 40), ("mlp", 24, 3)):
+            family = GroupFamily(len(budgets), kind, layer, size, (FamilyMember("w", 0, 1),))
+            budgets.append(FamilyBudget(family, torch.rand(size, generator=generator, dtype=torch.float64),
+                                        numel, ()))
+    measured = []
+
+    def loss_of(removed):  # a made-up loss: any function of the removal will do
+        key = tuple(sorted(removed.items()))
+        measured.append(key)
+        return float(hash(key) % 1000) / 7
+
+    split = search_attn_share(budgets, ratio, "per-layer", 1, loss_of)
+    assert len(set(measured)) == len(measured) == len(split.tried)
+    candidates = {tuple(sorted(choose_units(budgets, ratio, "per-layer", 1, s).items()))
+                  for s in (None, *AUTO_SHARES)}
+    assert set(measured) == candidates
+    best = min(loss for _, _, loss in split.tried)
+    assert loss_of(split.removed) == best
+    assert split.removed == choose_units(budgets, ratio, "per-layer", 1, split.share)
+
+
 def test_second_prune_keeps_earlier_removals(discovered):
     module = discovered("llama", True)
     prune(module, "prune{ratio=0.2,metric=random}")
@@ -424,10 +481,13 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     ("prune{kinds=heads}", "kinds must be among"),
     ("saliency{metric=fisher}", "expected one of magnitude"),
     ("saliency{metric=combined,weights=1,2}", "takes 5 weights"),
-    ("prune{attn-share=1.5}", "attn-share must be in [0, 1] or -1"),
+    ("prune{attn-share=1.5}", "attn-share must be in [0, 1], proportional or auto"),
+    ("prune{attn-share=half}", "expected a number or one of proportional, auto, got 'half'"),
+    ("prune{attn-share=auto}", "no data is given"),
+    ("lhspg{attn-share=auto,kinds=attn,data=x.ids}", "nothing to split"),
     ("prune{attn-share=0,kinds=mlp}", "needs attn among the kinds"),
     ("prune{attn-share=0.5,kinds=attn}", "kinds=attn has none"),
-    ("lhspg{attn-share=-0.5}", "attn-share must be in [0, 1] or -1"),
+    ("lhspg{attn-share=-0.5,data=x.ids}", "attn-share must be in [0, 1], proportional or auto"),
 ])
 def test_bad_options_fail_at_parse_time(text, message):
     with pytest.raises(PassError) as exc:
