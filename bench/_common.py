@@ -111,7 +111,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str = "attn,mlp",
                       scope: str = "per-layer", seed: int = 0, calibration: str = "",
-                      attn_share: float | None = None) -> str:
+                      attn_share: float | str | None = None) -> str:
     """Pipeline text of a one-shot ``prune`` with ``metric`` calibrated on ``data``."""
     extra = f",{calibration}" if calibration else ""
     extra += f",attn-share={attn_share}" if attn_share is not None else ""

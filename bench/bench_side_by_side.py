@@ -34,8 +34,8 @@ emission), measured for dense, lorashear and one-shot taylor (one-shot rows shar
 BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script); BENCH_ADAPT
 overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
-steps; BENCH_ATTN_SHARE=0 sets ``attn-share`` of ``lhspg`` and every one-shot ``prune`` (default: the
-passes' proportional allocation); BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
+``prune`` alike (default: each pass's own default); BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -147,7 +147,7 @@ class Bench:
         self.phases: list[dict] = []
         self.info = machine_info()
         share = os.environ.get("BENCH_ATTN_SHARE")
-        self.attn_share = float(share) if share else None  # None: the passes' proportional default
+        self.attn_share = share or None  # a number, proportional or auto; None: the passes' default
 
     # --- data ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -487,7 +487,7 @@ def markdown(data: dict) -> str:
             f"per source; local task {b['task_items']} items on Persuasion; prefill "
             f"batch 1/8 x {b['speed_seq']} tokens, PyTorch = lorashear's executor.")
     if data.get("attn_share") is not None:
-        head += f" lorashear and one-shot prune with `attn-share={data['attn_share']:g}`."
+        head += f" lorashear and one-shot prune with `attn-share={data['attn_share']}`."
     cols = ["ratio", "method", "stage", "train tokens", "removed", "params",
             *[f"ppl {s}" for s in data["sources"]], "task acc", "PyTorch tok/s 1/8",
             "ORT tok/s 1/8", "better ppl ({})".format(data["sources"][0])]

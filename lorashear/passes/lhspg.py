@@ -27,6 +27,12 @@ the learning rate linearly, as in ``recover``; it is off by default because on a
 ablation measured it worse (48 steps, settle 0.75: 350 with a 16-step warmup against 288
 without): a slow start leaves the shrink nobody to hand its knowledge to.
 
+``attn-share`` splits the removal between attention and the other kinds as in ``prune``;
+with ``auto`` the split of the whole ``ratio`` is measured once, before training, on the
+model as it comes (the calibration windows that score the groups, each distinct split's units
+zeroed on the live model and restored), and every period allocates with the share chosen;
+a checkpoint keeps the choice.
+
 The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
 
