@@ -84,6 +84,7 @@ from lorashear.passes.prune import (
     check_attn_share,
     choose_units,
     fixed_attn_share,
+    has_split,
     masked_loss_fn,
     search_attn_share,
 )
@@ -205,7 +206,7 @@ class Lhspg(ModulePass):
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
-    attn_share: AttnShare = attn_share_option()
+    attn_share: AttnShare = attn_share_option("auto")  # lhspg always has data to measure on
     data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
@@ -397,10 +398,10 @@ class Lhspg(ModulePass):
         whose masked model has the least loss on the calibration windows, before training."""
         if self.attn_share != "auto":
             return fixed_attn_share(self.attn_share), {}
-        if not any(f.kind == "attn" for f in families):
-            return None, {}
         budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f), ())
                    for f in families]
+        if not has_split(budgets):
+            return None, {}
         batches = [runtime.to_device(b) for b in calibration_batches(module, calibration, "lhspg attn-share=auto")]
         loss_of = masked_loss_fn(model, module, groups, batches, autocast=runtime.autocast)
         # every rank measures alike; rank 0's choice counts, so all ranks prune the same units

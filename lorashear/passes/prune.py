@@ -212,13 +212,8 @@ def attn_share_option(default: AttnShare = "proportional") -> Any:
 def check_attn_share(pass_name: str, attn_share: AttnShare, kinds: tuple[str, ...]) -> None:
     """A :class:`PassError` naming the pass when ``attn_share`` is out of range or has nothing
     to act on."""
-    if attn_share == "proportional" or attn_share == "auto" and "attn" not in kinds:
-        return  # auto with no attention to split off is the proportional allocation
-    if attn_share == "auto":
-        if set(kinds) <= {"attn"}:
-            raise PassError(f"{pass_name} attn-share=auto has nothing to split: kinds=attn only",
-                            hint="add mlp to kinds")
-        return
+    if attn_share in ("proportional", "auto"):
+        return  # auto with attention alone, or none, has one split: the proportional one
     if not 0.0 <= attn_share <= 1.0:
         raise PassError(f"{pass_name} attn-share must be in [0, 1], proportional or auto, got {attn_share}")
     if "attn" not in kinds:
@@ -271,6 +266,12 @@ def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, ali
         raise PassError("attn-share=auto: the masked model's calibration loss is NaN for every split",
                         hint="check the calibration data, or give attn-share a number")
     return SplitChoice(best.share, best.removed, tuple(tried))
+
+
+def has_split(budgets: list[FamilyBudget]) -> bool:
+    """Whether there is a split to search: attention families beside families of other kinds."""
+    kinds = {b.family.kind for b in budgets}
+    return "attn" in kinds and len(kinds) > 1
 
 
 def fixed_attn_share(attn_share: AttnShare) -> float | None:
@@ -332,7 +333,7 @@ class Prune(ModulePass):
         if self.align < 1:
             raise PassError(f"prune align must be at least 1, got {self.align}")
         check_attn_share(self.name, self.attn_share, self.kinds)
-        if self.attn_share == "auto" and "attn" in self.kinds and not self.data:
+        if self.attn_share == "auto" and "attn" in self.kinds and len(self.kinds) > 1 and not self.data:
             raise PassError("prune attn-share=auto compares splits by their loss on calibration "
                             "text, and no data is given", hint="prune{attn-share=auto,data=PATH}")
 
@@ -367,7 +368,7 @@ class Prune(ModulePass):
         budgets = [FamilyBudget(f, scores[f.id], param_units_numel(module, f),
                                 tuple(already.get(f.id, ()))) for f in families]
         split = None
-        if self.attn_share == "auto" and any(b.family.kind == "attn" for b in budgets):
+        if self.attn_share == "auto" and has_split(budgets):
             batches = calibration_batches(module, calibration_options(self), "prune attn-share=auto")
             loss_of = masked_loss_fn(emit_torch(module), module, groups, batches)
             split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)

@@ -383,6 +383,15 @@ def test_attn_share_auto_keeps_the_split_whose_masked_model_has_the_least_loss(d
                 assert torch.equal(p.storage.load(), module.params[name].storage.load()), name
 
 
+@pytest.mark.parametrize("kinds", ["attn", "mlp"])
+def test_attn_share_auto_with_one_kind_is_the_proportional_split_and_needs_no_data(discovered, kinds):
+    auto, proportional = discovered("llama", True), discovered("llama", True)
+    stats = prune(auto, f"prune{{ratio=0.3,metric=magnitude,kinds={kinds},attn-share=auto}}")
+    prune(proportional, f"prune{{ratio=0.3,metric=magnitude,kinds={kinds}}}")
+    assert "attn-share chosen" not in stats
+    assert auto.attributes["prune-mask"] == proportional.attributes["prune-mask"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(layers=st.integers(1, 3), kv_groups=st.integers(2, 4), ratio=st.floats(0.05, 0.9),
        seed=st.integers(0, 2 ** 16))
@@ -484,7 +493,6 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     ("prune{attn-share=1.5}", "attn-share must be in [0, 1], proportional or auto"),
     ("prune{attn-share=half}", "expected a number or one of proportional, auto, got 'half'"),
     ("prune{attn-share=auto}", "no data is given"),
-    ("lhspg{attn-share=auto,kinds=attn,data=x.ids}", "nothing to split"),
     ("prune{attn-share=0,kinds=mlp}", "needs attn among the kinds"),
     ("prune{attn-share=0.5,kinds=attn}", "kinds=attn has none"),
     ("lhspg{attn-share=-0.5,data=x.ids}", "attn-share must be in [0, 1], proportional or auto"),
