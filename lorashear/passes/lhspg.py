@@ -308,6 +308,9 @@ class Lhspg(ModulePass):
         shrink_steps = self.shrink_steps
         if resumed is not None and "split" in resumed.state:  # the split the killed run settled on
             attn_share, split_stats = resumed.state["attn_share"], resumed.state["split"]
+        elif resumed is not None:  # written before attn-share=auto, whose default was proportional
+            attn_share = None if self.attn_share == "auto" else fixed_attn_share(self.attn_share)
+            split_stats = {}
         else:
             attn_share, split_stats = self.choose_split(module, groups, model, runtime, scores,
                                                         families, calibration)
