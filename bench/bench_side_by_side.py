@@ -35,7 +35,8 @@ BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script)
 overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
 steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
-``prune`` alike (default: each pass's own default); BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+``prune`` alike (default: each pass's own default); BENCH_LHSPG_METRIC (default taylor) the saliency
+metric of ``lhspg``; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -148,6 +149,7 @@ class Bench:
         self.info = machine_info()
         share = os.environ.get("BENCH_ATTN_SHARE")
         self.attn_share = share or None  # a number, proportional or auto; None: the passes' default
+        self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "taylor")
 
     # --- data ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -244,7 +246,7 @@ class Bench:
         data = {"machine": self.info, "budget": self.budget_name, "budget_sizes": asdict(self.budget),
                 "train_tokens_per_method": self.budget.train_tokens,
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
-                "attn_share": self.attn_share,
+                "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
                 "source_train_tokens": getattr(self, "token_counts", {}),
                 "rows": self.rows, "phases": self.phases}
         (OUT_DIR / f"{OUT_NAME}.json").write_text(json.dumps(data, indent=1))
@@ -319,7 +321,8 @@ class Bench:
         try:
             stats = self.run_passes(module, (
                 f"lhspg{{ratio={ratio},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
-                f"seq-len={b.seq_len},metric=taylor,lr=0.001,data={self.mix},progress=false{share}}},"
+                f"seq-len={b.seq_len},metric={self.lhspg_metric},lr=0.001,data={self.mix},"
+                f"progress=false{share}}},"
                 "compress"), f"{method} lhspg @{ratio}")
             row["share_removed"] = stats["lhspg"].get("parameter share removed")
             row["lhspg_stats"] = _jsonable(stats["lhspg"])
@@ -381,6 +384,7 @@ class Bench:
                                      attn_share=self.attn_share)
             stats = self.run_passes(module, f"{text},compress", f"{method} prune @{ratio}")
             row["share_removed"] = stats["prune"].get("parameter share removed")
+            row["prune_stats"] = _jsonable(stats["prune"])
             self.evaluate(module, row)
         except Exception as exc:  # noqa: BLE001
             self.fail(row, exc)
@@ -444,7 +448,10 @@ class Bench:
 
 
 def _jsonable(stats: dict) -> dict:
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    """The statistics JSON can hold: scalars, and tables of scalars (auto's split losses)."""
+    scalar = (int, float, str, bool, type(None))
+    return {k: v for k, v in stats.items() if isinstance(v, scalar)
+            or isinstance(v, dict) and all(isinstance(x, scalar) for x in v.values())}
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -486,6 +493,8 @@ def markdown(data: dict) -> str:
             f"{b['stage2']} steps); held-out ppl on {b['eval_windows']}x{b['eval_window']} tokens "
             f"per source; local task {b['task_items']} items on Persuasion; prefill "
             f"batch 1/8 x {b['speed_seq']} tokens, PyTorch = lorashear's executor.")
+    if data.get("lhspg_metric", "taylor") != "taylor":
+        head += f" lorashear's `lhspg` chooses groups by `metric={data['lhspg_metric']}`."
     if data.get("attn_share") is not None:
         head += f" lorashear and one-shot prune with `attn-share={data['attn_share']}`."
     cols = ["ratio", "method", "stage", "train tokens", "removed", "params",
@@ -508,7 +517,23 @@ def markdown(data: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(closing_line(rows))
+    splits = split_line(rows)
+    if splits:
+        lines += ["", splits]
     return "\n".join(lines) + "\n"
+
+
+def split_line(rows: list[dict]) -> str:
+    """What ``attn-share=auto`` chose for each method and ratio (empty when it did not run)."""
+    chosen = []
+    for row in rows:
+        stats = row.get("lhspg_stats") or row.get("prune_stats") or {}
+        if "attn-share chosen" in stats:
+            losses = ", ".join(f"{k} {v:.2f}" for k, v in stats.get("attn-share losses", {}).items())
+            chosen.append(f"{row['method']} @{row['ratio']}: {stats['attn-share chosen']}"
+                          + (f" ({losses})" if losses else ""))
+    return ("`attn-share=auto` chose (calibration loss of each split tried): " + "; ".join(chosen) + "."
+            ) if chosen else ""
 
 
 def _share(row: dict) -> str:
