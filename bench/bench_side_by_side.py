@@ -9,7 +9,7 @@ KD teacher; ``bench_kd_teacher.py`` found that KD from the un-adapted base makes
 model worse. Every method sees the same data (token-id files cut once from the cached sources)
 and, where it trains, the same number of training tokens after the adaptation:
 
-- lorashear: ``lhspg{metric=taylor}`` (default ``settle=0.75``; one period at the default
+- lorashear: ``lhspg`` (``metric`` from BENCH_LHSPG_METRIC, default ``settle=0.75``; one period at the default
   budget, two at full: ``bench_lhspg_ablation.py`` found fewer periods better at small budgets)
   then ``compress``, then ``recover`` stage 1 (dynamic,
   degradation-weighted sampling over the sources) and ``recover`` stage 2 (``loss=kd`` against
@@ -35,8 +35,8 @@ BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script)
 overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
 steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
-``prune`` alike (default: each pass's own default); BENCH_LHSPG_METRIC (default taylor) the saliency
-metric of ``lhspg``; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+``prune`` alike (default: each pass's own default); BENCH_LHSPG_METRIC (default wanda, ``lhspg``'s own
+default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -149,7 +149,7 @@ class Bench:
         self.info = machine_info()
         share = os.environ.get("BENCH_ATTN_SHARE")
         self.attn_share = share or None  # a number, proportional or auto; None: the passes' default
-        self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "taylor")
+        self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "wanda")  # lhspg's default
 
     # --- data ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -493,8 +493,8 @@ def markdown(data: dict) -> str:
             f"{b['stage2']} steps); held-out ppl on {b['eval_windows']}x{b['eval_window']} tokens "
             f"per source; local task {b['task_items']} items on Persuasion; prefill "
             f"batch 1/8 x {b['speed_seq']} tokens, PyTorch = lorashear's executor.")
-    if data.get("lhspg_metric", "taylor") != "taylor":
-        head += f" lorashear's `lhspg` chooses groups by `metric={data['lhspg_metric']}`."
+    # runs before BENCH_LHSPG_METRIC existed chose by taylor
+    head += f" lorashear's `lhspg` chooses groups by `metric={data.get('lhspg_metric', 'taylor')}`."
     if data.get("attn_share") is not None:
         head += f" lorashear and one-shot prune with `attn-share={data['attn_share']}`."
     cols = ["ratio", "method", "stage", "train tokens", "removed", "params",

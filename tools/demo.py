@@ -115,7 +115,7 @@ def main() -> int:
     dense = clone_module(module)
     save_ir(dense, out / "dense.ir")  # recovery's reference: its perplexities and KD teacher
     pipeline = (f"discover,lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
-                f"batch={budget['batch']},seq-len={budget['seq_len']},metric=taylor,lr=1e-3,"
+                f"batch={budget['batch']},seq-len={budget['seq_len']},lr=1e-3,"
                 f"data={train_file},log={out / 'lhspg-steps.jsonl'}}},"
                 f"recover{{data={spec},steps={budget['recover_steps']},"
                 f"stage1-steps={budget['stage1_steps']},probe-every={budget['probe_every']},"

@@ -31,7 +31,10 @@ without): a slow start leaves the shrink nobody to hand its knowledge to.
 with ``auto`` the split of the whole ``ratio`` is measured once, before training, on the
 model as it comes (the calibration windows that score the groups, each distinct split's units
 zeroed on the live model and restored), and every period allocates with the share chosen;
-a checkpoint keeps the choice.
+a checkpoint keeps the choice. ``metric`` defaults to ``wanda``: with the split measured, it
+chose better units than ``taylor`` on SmolLM2 at 20% and 50% in both benchmarks that compared them
+(held-out Austen after the pass, 12 steps from an adapted LoRA: 87.6 vs 100.4 and 248.0 vs 303.4
+in the side-by-side, 89.9 vs 98.5 and 220.4 vs 245.6 in the ablation).
 
 The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
@@ -200,8 +203,9 @@ class Lhspg(ModulePass):
     settle: float = option(0.75, "share of each period's steps that train LoRA after the period's "
                            "groups are forced to zero (the shrink spans the rest; 0: the "
                            "groups reach zero at the period's last step)")
-    metric: MetricName = option("taylor", "saliency metric choosing the groups (taylor: gradients on "
-                                "the training text; magnitude is worse than random on SmolLM2)")
+    metric: MetricName = option("wanda", "saliency metric choosing the groups (wanda: weights x "
+                                "activation norms on the training text; taylor: gradients there; "
+                                "magnitude is worse than random on SmolLM2)")
     rescore: bool = option(False, "taylor: score the groups again at every period's start, on the "
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")

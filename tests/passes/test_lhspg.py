@@ -49,7 +49,9 @@ def _lhspg(module, data, **opts):
 def test_chosen_zero_rest_alive_and_compress_exact(trained, settle, rescore, tmp_path):
     module, data, windows = trained
     log = tmp_path / "steps.jsonl"
-    after = _lhspg(module, data, settle=settle, rescore=str(rescore).lower(), log=log)
+    # rescore scores the live model by its gradients: taylor (the default metric is wanda)
+    after = _lhspg(module, data, settle=settle, rescore=str(rescore).lower(), log=log,
+                   metric="taylor" if rescore else "wanda")
     groups = after.attributes["groups"]
     removed = after.attributes["prune-mask"].as_dict()
     families = [f for f in groups.families if f.kind in ("attn", "mlp")]
