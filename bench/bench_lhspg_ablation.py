@@ -12,7 +12,9 @@ step in it. This script measures the knobs that move that trade-off on SmolLM2-1
   with and without ``recover``'s learning-rate warmup;
 - the allocation: both with MLP channels only (``attn-share=0``: the same ``ratio`` of attention
   + MLP, all of it from the MLP; DESIGN.md 9: one-shot at 20%, a KV group per layer does most
-  of the damage).
+  of the damage), and ``lhspg`` with ``attn-share=auto``, by taylor and by wanda scores. Since
+  ``lhspg``'s default became ``auto`` (2026-11-29), the variants that name no ``attn-share`` run
+  with it; the README's rows for them were measured with the proportional default before.
 
 Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each. The side-by-side
 sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
@@ -43,7 +45,8 @@ from _common import (
 
 TAG = "lhspg-ablation"
 
-# name -> (pipeline template); {common} = data/batch/seq-len, {total} = total steps.
+# name -> (pipeline template); {common} = metric=taylor + data/batch/seq-len ({bare}: without
+# the metric), {total} = total steps.
 # ONE_SHOT [mlp] [warmup=N]: one-shot taylor (MLP channels only with mlp: attn-share=0) + recover.
 VARIANTS = {
     "unpruned": "",  # the model every row starts from: the fresh or the adapted LoRA
@@ -63,6 +66,8 @@ VARIANTS = {
     "lhspg P=1 settle=0.5 warmup": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,warmup=-1,{common}}}",
     "lhspg P=2 lam=2": "lhspg{{ratio={ratio},periods=2,steps={half},lam=2,{common}}}",
     "lhspg P=1 settle=0.75 MLP only": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=0,{common}}}",
+    "lhspg P=1 settle=0.75 auto": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,{common}}}",
+    "lhspg P=1 settle=0.75 auto wanda": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
 }
 
 
@@ -81,7 +86,8 @@ def main() -> None:
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v] or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="lhspg-ablation-"))
     base, heldout, mix = smollm2_with_mix(work, seq, adapt=adapt, batch=batch)
-    common = f"batch={batch},seq-len={seq},metric=taylor,lr=0.001,data={mix},progress=false"
+    bare = f"batch={batch},seq-len={seq},lr=0.001,data={mix},progress=false"  # {bare}: no metric
+    common = f"metric=taylor,{bare}"
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
     out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}{f'_a{adapt}' if adapt else ''}.json"
@@ -99,7 +105,8 @@ def main() -> None:
                     + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
                       f"seq-len={seq},probe-every=1000,progress=false{',' + warmup if warmup else ''}}}")
         else:
-            text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common)
+            text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common,
+                                   bare=bare)
         start = time.perf_counter()
         if text:
             PassManager.parse(text + ",compress").run(module)
