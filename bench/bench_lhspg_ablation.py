@@ -47,12 +47,14 @@ TAG = "lhspg-ablation"
 
 # name -> (pipeline template); {common} = metric=taylor + data/batch/seq-len ({bare}: without
 # the metric), {total} = total steps.
-# ONE_SHOT [mlp] [warmup=N]: one-shot taylor (MLP channels only with mlp: attn-share=0) + recover.
+# ONE_SHOT [wanda] [mlp|auto] [warmup=N]: one-shot taylor (wanda with wanda; MLP channels only
+# with mlp: attn-share=0; the measured split with auto) + recover.
 VARIANTS = {
     "unpruned": "",  # the model every row starts from: the fresh or the adapted LoRA
     "one-shot taylor + recover": "ONE_SHOT",  # recover's default warmup
     "one-shot taylor + recover, no warmup": "ONE_SHOT warmup=0",
     "one-shot taylor MLP only + recover": "ONE_SHOT mlp",
+    "one-shot wanda auto + recover": "ONE_SHOT wanda auto",
     "lhspg P=2 settle=0": "lhspg{{ratio={ratio},periods=2,steps={half},{common}}}",
     "lhspg P=2 settle=0.5": "lhspg{{ratio={ratio},periods=2,steps={half},settle=0.5,{common}}}",
     "lhspg P=1 settle=0.5": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.5,{common}}}",
@@ -100,8 +102,9 @@ def main() -> None:
         elif template.startswith("ONE_SHOT"):
             words = template.split()[1:]
             warmup = next((w for w in words if w.startswith("warmup=")), "")
-            text = (one_shot_pipeline("taylor", ratio, mix, calibration=calibration,
-                                      attn_share=0 if "mlp" in words else None)
+            share = 0 if "mlp" in words else "auto" if "auto" in words else None
+            text = (one_shot_pipeline("wanda" if "wanda" in words else "taylor", ratio, mix,
+                                      calibration=calibration, attn_share=share)
                     + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
                       f"seq-len={seq},probe-every=1000,progress=false{',' + warmup if warmup else ''}}}")
         else:
