@@ -46,7 +46,9 @@ the LoRA gradients are all-reduced, and the projection runs on every rank alike.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -310,17 +312,18 @@ class Lhspg(ModulePass):
                 trim_log_after(self.log, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         shrink_steps = self.shrink_steps
+        # read at most once, and only when the split search or rescoring needs them
+        read_calibration = functools.cache(lambda: calibration_batches(module, calibration, "lhspg"))
         if resumed is not None and "split" in resumed.state:  # the split the killed run settled on
             attn_share, split_stats = resumed.state["attn_share"], resumed.state["split"]
         elif resumed is not None:  # written before attn-share=auto, whose default was proportional
-            attn_share = None if self.attn_share == "auto" else fixed_attn_share(self.attn_share)
-            split_stats = {}
+            attn_share, split_stats = fixed_attn_share(self.attn_share), {}
         else:
             attn_share, split_stats = self.choose_split(module, groups, model, runtime, scores,
-                                                        families, calibration)
+                                                        families, read_calibration)
         warmup = warmup_steps(self.warmup, self.periods * self.steps)
-        # read once: every period's rescoring runs on the same calibration windows
-        rescore_batches = calibration_batches(module, calibration, "lhspg rescore") if self.rescore else None
+        # every period's rescoring runs on the same calibration windows
+        rescore_batches = read_calibration() if self.rescore else None
         try:
             for period in range(first_period, self.periods):
                 target = self.ratio * (period + 1) / self.periods
@@ -398,18 +401,16 @@ class Lhspg(ModulePass):
             "first loss": first_loss, "last loss": period_log[-1]["last_loss"], **split_stats})
 
     def choose_split(self, module: Module, groups: GroupsAttr, model: IRModel, runtime: TrainingRuntime,
-                     scores: dict[int, torch.Tensor], families: list, calibration: CalibrationOptions,
-                     ) -> tuple[float | None, dict]:
+                     scores: dict[int, torch.Tensor], families: list,
+                     read_calibration: Callable[[], torch.Tensor]) -> tuple[float | None, dict]:
         """The fixed attention share every period allocates with (None: proportional) and the
         statistics of the search when ``attn-share=auto``: the split of the whole ``ratio``
         whose masked model has the least loss on the calibration windows, before training."""
-        if self.attn_share != "auto":
-            return fixed_attn_share(self.attn_share), {}
         budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f), ())
                    for f in families]
-        if not has_split(budgets):
-            return None, {}
-        batches = [runtime.to_device(b) for b in calibration_batches(module, calibration, "lhspg attn-share=auto")]
+        if self.attn_share != "auto" or not has_split(budgets):
+            return fixed_attn_share(self.attn_share), {}
+        batches = [runtime.to_device(b) for b in read_calibration()]
         loss_of = masked_loss_fn(model, module, groups, batches, autocast=runtime.autocast)
         # every rank measures alike; rank 0's choice counts, so all ranks prune the same units
         split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope, 1, loss_of))

@@ -275,10 +275,10 @@ def has_split(budgets: list[FamilyBudget]) -> bool:
 
 
 def fixed_attn_share(attn_share: AttnShare) -> float | None:
-    """A fixed ``attn-share`` as ``choose_units`` takes it (None: proportional)."""
-    if attn_share == "auto":
-        raise ValueError("attn-share=auto is searched, not fixed: use search_attn_share")
-    return None if attn_share == "proportional" else float(attn_share)
+    """``attn-share`` as ``choose_units`` takes it when no search runs (None: proportional).
+    ``auto`` unsearched -- nothing to split, or a run from before auto existed -- is the
+    proportional split."""
+    return None if attn_share in ("proportional", "auto") else float(attn_share)
 
 
 def masked_loss_fn(model: torch.nn.Module, module: Module, groups: GroupsAttr,
@@ -374,8 +374,8 @@ class Prune(ModulePass):
             split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)
             chosen = split.removed
         else:
-            share = None if self.attn_share == "auto" else fixed_attn_share(self.attn_share)
-            chosen = choose_units(budgets, self.ratio, self.scope, self.align, share)
+            chosen = choose_units(budgets, self.ratio, self.scope, self.align,
+                                  fixed_attn_share(self.attn_share))
         removed = {**already, **chosen}
         zero_groups(module, groups, removed)
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
