@@ -1,4 +1,6 @@
-"""Calibration data for the data-driven saliency metrics: token windows from one local file.
+"""Token windows from one local file: calibration data for the data-driven saliency metrics
+and the split search, and ``lhspg``'s training data (:func:`token_windows` reads a file once;
+:func:`draw_batches` draws calibration batches from windows already read).
 
 ``data=`` names either a plain text file, tokenised with the tokenizer saved next to the model
 the module was lowered from (``source`` attribute), or, when the name ends in ``.ids``, a file
@@ -93,32 +95,51 @@ def tokenize_text_file(module: Module, path: Path) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_batches(module: Module, options: CalibrationOptions, purpose: str) -> torch.Tensor:
-    """A ``[batches, batch, seq_len]`` tensor of token ids drawn from ``options.data``.
+def token_windows(module: Module, data: str, seq_len: int, purpose: str) -> torch.Tensor:
+    """All non-overlapping ``seq_len`` windows of the data file ``data``, ``[N, seq_len]``.
 
-    ``purpose`` names what needs the data (``"metric 'taylor'"``) in error messages.
+    A text file is tokenised with the source model's tokenizer, a ``.ids`` file read as token
+    ids; the ids must index the module's embedding. ``purpose`` names what needs the data
+    (``"metric 'taylor'"``, ``"lhspg"``) in error messages.
     """
-    if not options.data:
+    if not data:
         raise PassError(f"{purpose} needs calibration text: data=PATH (a text file, or a "
                         f"{TOKEN_ID_SUFFIX} file of token ids)")
-    path = Path(options.data).expanduser()
+    path = Path(data).expanduser()
     if not path.is_file():
-        raise PassError(f"{purpose}: calibration file {path} does not exist")
-    if min(options.batches, options.batch) < 1 or options.seq_len < 2:
-        raise PassError(f"{purpose}: need batches >= 1, batch >= 1 and seq-len >= 2")
-    check_seq_len(module, options.seq_len, purpose)
+        raise PassError(f"{purpose}: data file {path} does not exist")
+    if seq_len < 2:
+        raise PassError(f"{purpose}: need seq-len >= 2, got {seq_len}")
+    check_seq_len(module, seq_len, purpose)
     ids = read_token_ids(path) if path.name.endswith(TOKEN_ID_SUFFIX) else tokenize_text_file(module, path)
     vocab = vocabulary_size(module)
     if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
         raise PassError(f"{path}: token ids must lie in [0, {vocab}), found {int(ids.min())}.."
                         f"{int(ids.max())}")
-    wanted = options.batches * options.batch
-    available = ids.numel() // options.seq_len
+    count = ids.numel() // seq_len
+    return ids[:count * seq_len].view(count, seq_len)
+
+
+def draw_batches(windows: torch.Tensor, batches: int, batch: int, seed: int, data: str) -> torch.Tensor:
+    """``batches x batch`` of ``windows`` (``[N, seq_len]``, from :func:`token_windows` of the
+    file ``data``), drawn at random under ``seed``, as ``[batches, batch, seq_len]``."""
+    wanted = batches * batch
+    available, seq_len = windows.shape
     if available < wanted:
-        raise PassError(f"{path} holds {ids.numel()} tokens: {available} windows of {options.seq_len}, "
-                        f"fewer than the {wanted} asked for (batches x batch)",
+        raise PassError(f"{data} holds {available} windows of {seq_len} tokens, fewer than the "
+                        f"{wanted} asked for (batches x batch)",
                         hint="lower batches, batch or seq-len, or give more text")
-    windows = ids[:available * options.seq_len].view(available, options.seq_len)
-    generator = torch.Generator().manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available, generator=generator)[:wanted]
-    return windows[chosen].view(options.batches, options.batch, options.seq_len)
+    return windows[chosen].view(batches, batch, seq_len)
+
+
+def calibration_batches(module: Module, options: CalibrationOptions, purpose: str) -> torch.Tensor:
+    """A ``[batches, batch, seq_len]`` tensor of token ids drawn from ``options.data``.
+
+    ``purpose`` names what needs the data (``"metric 'taylor'"``) in error messages.
+    """
+    if min(options.batches, options.batch) < 1:
+        raise PassError(f"{purpose}: need batches >= 1 and batch >= 1")
+    windows = token_windows(module, options.data, options.seq_len, purpose)
+    return draw_batches(windows, options.batches, options.batch, options.seed, options.data)

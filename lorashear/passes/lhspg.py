@@ -46,11 +46,8 @@ the LoRA gradients are all-reduced, and the projection runs on every rank alike.
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -63,14 +60,7 @@ from lorashear.ir.storage import DataStorage
 from lorashear.ir.types import torch_dtype
 from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
 from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.calibration import (
-    TOKEN_ID_SUFFIX,
-    CalibrationOptions,
-    calibration_batches,
-    check_seq_len,
-    read_token_ids,
-    tokenize_text_file,
-)
+from lorashear.passes.calibration import draw_batches, token_windows
 from lorashear.passes.checkpoint import (
     TrainingCheckpoint,
     load_checkpoint,
@@ -252,16 +242,11 @@ class Lhspg(ModulePass):
 
     def training_windows(self, module: Module) -> torch.Tensor:
         """All non-overlapping ``seq_len`` windows of the training data, ``[N, seq_len]``."""
-        check_seq_len(module, self.seq_len, "lhspg")
-        path = Path(self.data).expanduser()
-        if not path.is_file():
-            raise PassError(f"lhspg: training data {path} does not exist")
-        ids = read_token_ids(path) if path.name.endswith(TOKEN_ID_SUFFIX) else tokenize_text_file(module, path)
-        count = ids.numel() // self.seq_len
-        if count < self.batch:
-            raise PassError(f"{path} holds {ids.numel()} tokens: fewer than one batch of "
-                            f"{self.batch} x {self.seq_len}", hint="lower batch or seq-len")
-        return ids[:count * self.seq_len].view(count, self.seq_len)
+        windows = token_windows(module, self.data, self.seq_len, "lhspg")
+        if len(windows) < self.batch:
+            raise PassError(f"{self.data} holds {len(windows)} windows of {self.seq_len} tokens: fewer than "
+                            f"one batch of {self.batch}", hint="lower batch or seq-len")
+        return windows
 
     def run(self, module: Module, analyses) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
@@ -275,12 +260,13 @@ class Lhspg(ModulePass):
         runtime = TrainingRuntime.create(self.name, self.device, self.precision, self.grad_checkpoint)
         runtime.check_batch(self.batch)
         windows = self.training_windows(module)
-        calibration = CalibrationOptions(self.data, min(4, max(1, len(windows) // self.batch)),
-                                         self.batch, self.seq_len, self.seed)
+        # the data is read once: these windows score the groups, choose the split and rescore
+        calibration = draw_batches(windows, min(4, len(windows) // self.batch), self.batch, self.seed,
+                                   self.data)
         # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=[f.id for f in families],
-            calibration=calibration))
+            batches=calibration))
         runtime.seed(self.seed)
         model = runtime.build_model(module)
         index = build_group_index(module, model, groups, [f.id for f in families])
@@ -312,18 +298,16 @@ class Lhspg(ModulePass):
                 trim_log_after(self.log, step_total)
         log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
         shrink_steps = self.shrink_steps
-        # read at most once, and only when the split search or rescoring needs them
-        read_calibration = functools.cache(lambda: calibration_batches(module, calibration, "lhspg"))
         if resumed is not None and "split" in resumed.state:  # the split the killed run settled on
             attn_share, split_stats = resumed.state["attn_share"], resumed.state["split"]
         elif resumed is not None:  # written before attn-share=auto, whose default was proportional
             attn_share, split_stats = fixed_attn_share(self.attn_share), {}
         else:
             attn_share, split_stats = self.choose_split(module, groups, model, runtime, scores,
-                                                        families, read_calibration)
+                                                        families, calibration)
         warmup = warmup_steps(self.warmup, self.periods * self.steps)
         # every period's rescoring runs on the same calibration windows
-        rescore_batches = read_calibration() if self.rescore else None
+        rescore_batches = calibration if self.rescore else None
         try:
             for period in range(first_period, self.periods):
                 target = self.ratio * (period + 1) / self.periods
@@ -402,7 +386,7 @@ class Lhspg(ModulePass):
 
     def choose_split(self, module: Module, groups: GroupsAttr, model: IRModel, runtime: TrainingRuntime,
                      scores: dict[int, torch.Tensor], families: list,
-                     read_calibration: Callable[[], torch.Tensor]) -> tuple[float | None, dict]:
+                     calibration: torch.Tensor) -> tuple[float | None, dict]:
         """The fixed attention share every period allocates with (None: proportional) and the
         statistics of the search when ``attn-share=auto``: the split of the whole ``ratio``
         whose masked model has the least loss on the calibration windows, before training."""
@@ -410,7 +394,7 @@ class Lhspg(ModulePass):
                    for f in families]
         if self.attn_share != "auto" or not has_split(budgets):
             return fixed_attn_share(self.attn_share), {}
-        batches = [runtime.to_device(b) for b in read_calibration()]
+        batches = [runtime.to_device(b) for b in calibration]
         loss_of = masked_loss_fn(model, module, groups, batches, autocast=runtime.autocast)
         # every rank measures alike; rank 0's choice counts, so all ranks prune the same units
         split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope, 1, loss_of))

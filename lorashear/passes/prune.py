@@ -33,6 +33,7 @@ the ratio. The result is the masked model plus a ``prune-mask`` attribute that
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -57,6 +58,7 @@ from lorashear.passes.knowledge import protected_families
 from lorashear.passes.masking import units_zeroed, zero_groups
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import (
+    DATA_METRICS,
     OPTION_DOCS,
     MetricName,
     calibration_options,
@@ -337,8 +339,10 @@ class Prune(ModulePass):
             raise PassError("prune attn-share=auto compares splits by their loss on calibration "
                             "text, and no data is given", hint="prune{attn-share=auto,data=PATH}")
 
-    def scores(self, module: Module, groups: GroupsAttr, family_ids: list[int]) -> tuple[str, dict]:
-        """(metric, scores by family id): an earlier saliency pass's if it fits, else fresh."""
+    def scores(self, module: Module, groups: GroupsAttr, family_ids: list[int],
+               read_batches: Callable[[], torch.Tensor]) -> tuple[str, dict]:
+        """(metric, scores by family id): an earlier saliency pass's if it fits, else fresh (the
+        data-driven metrics on the calibration windows ``read_batches`` gives)."""
         stored = module.attributes.get("saliency")
         if isinstance(stored, SaliencyAttr) and self.metric in (None, stored.metric):
             mismatch = stored.matches({f.id: f.size for f in groups.families})
@@ -348,9 +352,9 @@ class Prune(ModulePass):
             values = stored.as_dict()
             return stored.metric, {f: torch.tensor(values[f], dtype=torch.float64) for f in family_ids}
         metric = self.metric or "magnitude"
-        return metric, score_groups(module, groups, metric, weights=self.weights,
-                                    calibration=calibration_options(self), seed=self.seed,
-                                    family_ids=family_ids)
+        return metric, score_groups(module, groups, metric, weights=self.weights, seed=self.seed,
+                                    family_ids=family_ids,
+                                    batches=read_batches() if metric in DATA_METRICS else None)
 
     def run(self, module: Module, analyses) -> PassResult:
         groups = module.attributes["groups"]
@@ -362,15 +366,16 @@ class Prune(ModulePass):
             found = sorted({f.kind for f in groups.families})
             raise PassError(f"no group families of kinds {','.join(self.kinds)} to prune "
                             f"(discover found {','.join(found) or 'none'})")
-        metric, scores = self.scores(module, groups, [f.id for f in families])
+        # read at most once, for scoring and the split search alike, and only if one needs it
+        read_batches = functools.cache(lambda: calibration_batches(module, calibration_options(self), "prune"))
+        metric, scores = self.scores(module, groups, [f.id for f in families], read_batches)
         mask = module.attributes.get("prune-mask")
         already = mask.as_dict() if isinstance(mask, PruneMaskAttr) else {}
         budgets = [FamilyBudget(f, scores[f.id], param_units_numel(module, f),
                                 tuple(already.get(f.id, ()))) for f in families]
         split = None
         if self.attn_share == "auto" and has_split(budgets):
-            batches = calibration_batches(module, calibration_options(self), "prune attn-share=auto")
-            loss_of = masked_loss_fn(emit_torch(module), module, groups, batches)
+            loss_of = masked_loss_fn(emit_torch(module), module, groups, read_batches())
             split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)
             chosen = split.removed
         else:

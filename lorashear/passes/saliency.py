@@ -334,8 +334,12 @@ def random_scores(groups: GroupsAttr, family_ids: Iterable[int], seed: int) -> d
 
 def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
                  weights: tuple[float, ...] = (1.0,) * 5, calibration: CalibrationOptions | None = None,
-                 seed: int = 0, family_ids: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+                 seed: int = 0, family_ids: Iterable[int] | None = None,
+                 batches: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """float64 scores per unit for each family (all of them unless ``family_ids`` is given).
+
+    The data-driven metrics run on ``batches`` (``[batches, batch, seq_len]`` token ids) when a
+    caller has read them already, else on windows read from ``calibration``.
 
     Raises :class:`PassError` for an unknown metric, a LoRA-proxy metric on a module without
     LoRA, and a data-driven metric without a calibration file.
@@ -353,9 +357,10 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
     if metric == "random":
         return random_scores(groups, family_ids, seed)
     if metric in DATA_METRICS:
-        if calibration is None:
+        if batches is None and calibration is None:
             raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
-        batches = calibration_batches(module, calibration, f"metric {metric!r}")
+        if batches is None:
+            batches = calibration_batches(module, calibration, f"metric {metric!r}")
         scorer = gradient_scores if metric == "taylor" else activation_scores
         return scorer(module, groups, family_ids, batches)
     stats = weight_statistics(module, groups, family_ids)

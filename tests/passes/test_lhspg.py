@@ -174,6 +174,28 @@ def test_lhspg_errors(trained, lowered, tmp_path):
     PassManager.parse("discover").run(plain)
     with pytest.raises(PassError, match="has none"):
         _lhspg(plain, data)
+    # training ids outside the embedding fail by name before any step, not inside the model
+    outside = tmp_path / "outside.ids"
+    outside.write_text(" ".join(["1"] * 200 + ["100000"]))
+    with pytest.raises(PassError, match=r"outside\.ids: token ids must lie in \[0, \d+\), found 1\.\.100000"):
+        _lhspg(module, outside)
+    short = tmp_path / "short.ids"
+    short.write_text(" ".join(["1"] * 40))
+    with pytest.raises(PassError, match=r"short\.ids holds 1 windows of 32 tokens: fewer than one batch"):
+        _lhspg(module, short)
+
+
+def test_lhspg_reads_its_data_once(trained, monkeypatch):
+    """Scoring, the split search and rescoring share the training windows: one read of the file."""
+    from lorashear.passes import calibration
+
+    module, data, _ = trained
+    reads = []
+    real = calibration.read_token_ids
+    monkeypatch.setattr(calibration, "read_token_ids", lambda path: reads.append(path) or real(path))
+    _lhspg(module, data, ratio=0.3, periods=2, steps=2, metric="taylor", rescore="true",
+           **{"attn-share": "auto"})
+    assert reads == [data]
 
 
 def test_knowledge_protects_the_most_sensitive_families(trained):

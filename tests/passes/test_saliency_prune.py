@@ -383,6 +383,19 @@ def test_attn_share_auto_keeps_the_split_whose_masked_model_has_the_least_loss(d
                 assert torch.equal(p.storage.load(), module.params[name].storage.load()), name
 
 
+def test_prune_reads_calibration_once_for_scores_and_split(discovered, calibration_ids, monkeypatch):
+    """wanda scores and the split search run on the same windows, read from the file once."""
+    from lorashear.passes import calibration
+
+    reads = []
+    real = calibration.read_token_ids
+    monkeypatch.setattr(calibration, "read_token_ids", lambda path: reads.append(path) or real(path))
+    module = discovered("llama", True)
+    stats = prune(module, f'prune{{ratio=0.3,metric=wanda,attn-share=auto,data="{calibration_ids}",'
+                          "batches=2,batch=2,seq-len=16}")
+    assert len(stats["attn-share losses"]) >= 2 and len(reads) == 1
+
+
 @pytest.mark.parametrize("kinds", ["attn", "mlp"])
 def test_attn_share_auto_with_one_kind_is_the_proportional_split_and_needs_no_data(discovered, kinds):
     auto, proportional = discovered("llama", True), discovered("llama", True)
