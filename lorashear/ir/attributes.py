@@ -61,6 +61,7 @@ BUILTIN_ATTRIBUTE_MODULES: dict[str, str] = {
     "lhspg-log": "lorashear.passes.lhspg",
     "knowledge": "lorashear.passes.knowledge",
     "recover-log": "lorashear.passes.recover",
+    "recover-cursor": "lorashear.passes.recover",
 }
 
 

@@ -136,6 +136,31 @@ def test_killed_run_resumes_to_the_same_result(recovery_setup, tmp_path):
         assert torch.equal(resumed.params[name].storage.load(), straight.params[name].storage.load()), name
 
 
+def test_a_second_run_draws_the_windows_after_the_first(recovery_setup, monkeypatch):
+    """Two chained runs (stage 1, then a KD stage 2 as its own pass) draw exactly the windows
+    one run of both lengths draws, not the first run's windows again; the cursor that says
+    where to go on prints and parses with the module."""
+    from lorashear.ir.parser import parse_module
+    from lorashear.ir.printer import print_module
+    from lorashear.passes import recover
+
+    damaged, root = recovery_setup
+    drawn = []
+    real = recover.batch_for_step
+    monkeypatch.setattr(recover, "batch_for_step", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    opts = dict(sampling="static", loss="kd", **{"probe-every": 100})
+    _recover(damaged, root, steps=7, **{"stage1-steps": 4}, **opts)
+    whole, drawn[:] = list(drawn), []
+    first = _recover(damaged, root, steps=4, **{"stage1-steps": 4}, **opts)
+    assert first.attributes["recover-cursor"].steps == 4
+    second = _recover(first, root, steps=3, **{"stage1-steps": 0}, **opts)
+    assert len(drawn) == len(whole) == 7
+    assert all(torch.equal(a, b) for a, b in zip(drawn, whole, strict=True))
+    assert not torch.equal(drawn[4], drawn[0])  # the second run's first batch is a new one
+    assert second.attributes["recover-cursor"].steps == 7
+    assert parse_module(print_module(second)).attributes["recover-cursor"] == second.attributes["recover-cursor"]
+
+
 def test_warmup_scales_the_first_steps(recovery_setup):
     """AdamW's first step moves every element by about lr; warmup=10 makes that lr/10."""
     damaged, root = recovery_setup
