@@ -73,6 +73,7 @@ from lorashear.passes.pipeline import format_pass
 from lorashear.passes.registry import register_pass
 from lorashear.passes.training import (
     Precision,
+    Schedule,
     TrainingRuntime,
     check_device_text,
     check_warmup,
@@ -191,6 +192,8 @@ class Recover(ModulePass):
     reference: str = option("", "IR file of the unpruned model (reference ppl, KD teacher); "
                             "without it the reference is the model at the pass's start")
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
+    schedule: Schedule = option("constant", "learning rate after the warmup: constant, or cosine "
+                                "(decays to 0 over the run's steps)")
     warmup: int = warmup_option(-1, "a fresh AdamW's first steps move every LoRA element by "
                                    "about lr, which undid recovery at small budgets")
     seq_len: int = option(128, "tokens per training window")
@@ -435,7 +438,7 @@ class Recover(ModulePass):
                     share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
                     with runtime.autocast():
                         loss = model(ids, attention_mask=mask, labels=local_labels).loss
-                set_warmup_lr(optimizer, self.lr, step, warmup)
+                set_warmup_lr(optimizer, self.lr, step, warmup, self.schedule, self.steps)
                 loss_value = runtime.step(loss, optimizer, trainable, share)
                 if masks:
                     with torch.no_grad():

@@ -19,6 +19,7 @@ before: the same calls in the same order, so results stay bitwise identical.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -70,11 +71,21 @@ def warmup_steps(warmup: int, total_steps: int) -> int:
     return min(50, -(-total_steps // 3)) if warmup == -1 else warmup
 
 
-def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, step: int, warmup: int) -> None:
-    """Linear warmup: step ``step`` (0-based) trains at ``lr * min(1, (step + 1) / warmup)``.
-    A function of the step alone, so a resumed run trains at the same rates."""
+#: Learning-rate schedules after the warmup: ``constant`` keeps ``lr``; ``cosine`` decays it
+#: along half a cosine from ``lr`` at the first step after the warmup towards 0 at the end.
+Schedule = Literal["constant", "cosine"]
+
+
+def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, step: int, warmup: int,
+                  schedule: Schedule = "constant", total: int = 0) -> None:
+    """Linear warmup: step ``step`` (0-based) trains at ``lr * min(1, (step + 1) / warmup)``; then
+    ``schedule`` over the ``total`` steps. A function of the step alone, so a resumed run trains
+    at the same rates."""
+    rate = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+    if schedule == "cosine" and step >= warmup and total > warmup:
+        rate = lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
     for group in optimizer.param_groups:
-        group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        group["lr"] = rate
 
 
 def check_device_text(pass_name: str, device: str) -> None:

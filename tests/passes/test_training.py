@@ -222,3 +222,29 @@ def test_lhspg_bf16_and_recover_fp16_on_cuda(setup):
     assert all(torch.isfinite(torch.tensor(list(p["ppl"].values()))).all() for p in probes)
     assert any(not torch.equal(after.params[n].storage.load(), recovered.params[n].storage.load())
                for n in lora_param_names(module)), "recover did not train"
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_cosine_schedule_decays_from_lr_after_the_warmup(warmup):
+    """The rates of every step: the warmup's linear rise, then lr falling along half a cosine
+    (lr/2 halfway, above 0 at the last step); constant keeps lr."""
+    from lorashear.passes.training import set_warmup_lr
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    total, lr = 11, 0.4
+
+    def rates(schedule):
+        out = []
+        for step in range(total):
+            set_warmup_lr(optimizer, lr, step, warmup, schedule, total)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    cosine, constant = rates("cosine"), rates("constant")
+    rise = [lr * (s + 1) / warmup for s in range(warmup)]
+    assert constant == pytest.approx(rise + [lr] * (total - warmup))
+    assert cosine[:warmup + 1] == pytest.approx(rise + [lr])
+    decay = cosine[warmup:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] > 0
+    if (total - warmup) % 2 == 0:
+        assert decay[(total - warmup) // 2] == pytest.approx(lr / 2)
