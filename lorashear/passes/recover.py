@@ -10,9 +10,9 @@ step's source is drawn with those weights from a generator seeded by ``seed`` an
 and its windows follow :func:`batch_for_step`, so a resumed run sees the same data. The
 ``recover-cursor`` attribute counts the steps of data that recover runs on the module have
 drawn; a later run (stage 2 as a second ``recover``, a second round of recovery) draws from
-there on instead of training on the same windows again, which made held-out perplexity worse
-(SmolLM2, 20%: 18 more steps on the first 18 steps' windows 101.1 on Austen, on fresh windows
-87.8, from 85.3).
+there on instead of training on the same windows again (SmolLM2 at 20%, 18 more steps after 36:
+held-out Austen 87.7 on the same windows against 85.0 on the next ones in
+``bench/bench_recover_chain.py``, 101.1 against 87.8 in a first ad-hoc run).
 
 The reference: with ``reference=PATH.ir`` (the module before pruning) the reference probe
 losses are computed once on that model. Without it, the reference is the model as it is when
