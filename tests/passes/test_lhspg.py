@@ -262,6 +262,52 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
         assert torch.equal(resumed.params[name].storage.load(), p.storage.load()), name
 
 
+def test_checkpoint_from_before_attn_share_auto_resumes_with_the_proportional_split(trained, tmp_path,
+                                                                                 monkeypatch):
+    """A checkpoint written when the default split was proportional (no "split" in its state)
+    resumes under today's default, auto, with the proportional split it was trained with: the
+    result is bitwise a straight proportional run's."""
+    import json
+    from dataclasses import replace
+
+    from lorashear.passes import lhspg
+    from lorashear.passes.pipeline import format_pass
+
+    module, data, _ = trained
+    ckpt = tmp_path / "ckpt"
+    # at 0.2 auto measures share 0.5 best on this model, so the two splits differ
+    common = f"ratio=0.2,periods=2,steps=4,seq-len=32,batch=8,lr=5e-3,data={data},progress=false"
+    proportional = f"lhspg{{{common},attn-share=proportional}}"
+
+    class Stop(Exception):
+        pass
+
+    real = lhspg.save_checkpoint
+
+    def save_then_stop(directory, checkpoint):
+        real(directory, checkpoint)
+        raise Stop
+
+    monkeypatch.setattr(lhspg, "save_checkpoint", save_then_stop)
+    with pytest.raises(PassError, match="crashed.*Stop"):  # the manager names the exception
+        PassManager.parse(proportional.replace("}", f",checkpoint-dir={ckpt}}}")).run(clone_module(module))
+    monkeypatch.setattr(lhspg, "save_checkpoint", real)
+    # forge the old checkpoint: the default options' owner, no split in the state
+    default_pass = PassManager.parse(f"lhspg{{{common}}}").passes[0]
+    state = json.loads((ckpt / "state.json").read_text())
+    state["owner"] = format_pass(replace(default_pass, progress=True))
+    del state["state"]["split"], state["state"]["attn_share"]
+    assert state["state"]["period"] == 0
+    (ckpt / "state.json").write_text(json.dumps(state))
+    resumed = clone_module(module)
+    PassManager.parse(f"lhspg{{{common},checkpoint-dir={ckpt}}}").run(resumed)
+    straight = clone_module(module)
+    PassManager.parse(proportional).run(straight)
+    assert resumed.attributes["prune-mask"] == straight.attributes["prune-mask"]
+    for name, p in straight.params.items():
+        assert torch.equal(resumed.params[name].storage.load(), p.storage.load()), name
+
+
 def test_trim_log_after_drops_only_the_killed_runs_tail(tmp_path):
     import json
 
