@@ -403,6 +403,15 @@ class Recover(ModulePass):
                     "step": step, "probes": probes, "weights": weights, "losses": losses,
                     "reference_losses": reference_losses}, tensors))
 
+        def text_batch(source_weights: dict[str, float]) -> torch.Tensor:
+            """This rank's slice of the step's text batch: a source drawn with ``source_weights``,
+            then its windows, both at the step's place in the data after the cursor."""
+            name = source_for_step(source_names, source_weights, self.seed, first + step)
+            index = source_names.index(name)
+            (batch,) = runtime.local(batch_for_step(by_name[name].train, self.batch, self.seed + index,
+                                                    first + step))
+            return batch
+
         warmup = warmup_steps(self.warmup, self.steps)
         try:
             if resumed is None and windows:
@@ -412,17 +421,11 @@ class Recover(ModulePass):
             for _ in bar:
                 share = 1.0 / runtime.world_size  # full windows: equal token counts per rank
                 if step < self.stage1_steps:
-                    name = source_for_step(source_names, weights, self.seed, first + step)
-                    index = source_names.index(name)
-                    (batch,) = runtime.local(batch_for_step(by_name[name].train, self.batch,
-                                                            self.seed + index, first + step))
+                    batch = text_batch(weights)
                     with runtime.autocast():
                         loss = model(batch, labels=batch).loss
                 elif self.loss == "kd":
-                    name = source_for_step(source_names, static, self.seed, first + step)
-                    index = source_names.index(name)
-                    (batch,) = runtime.local(batch_for_step(by_name[name].train, self.batch,
-                                                            self.seed + index, first + step))
+                    batch = text_batch(static)
                     with runtime.autocast():
                         with torch.no_grad():
                             target = F.log_softmax(teacher(batch).logits.float(), dim=-1)

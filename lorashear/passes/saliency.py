@@ -357,9 +357,9 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
     if metric == "random":
         return random_scores(groups, family_ids, seed)
     if metric in DATA_METRICS:
-        if batches is None and calibration is None:
-            raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
         if batches is None:
+            if calibration is None:
+                raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
             batches = calibration_batches(module, calibration, f"metric {metric!r}")
         scorer = gradient_scores if metric == "taylor" else activation_scores
         return scorer(module, groups, family_ids, batches)
