@@ -2,7 +2,8 @@
 
 Zero each family of groups as a whole (one layer's attention, one layer's MLP) on held-out
 calibration text, measure how much the LM loss rises, and mark the most sensitive ``gamma``
-share of the families unprunable: ``prune`` and ``lhspg`` leave them alone. The first and
+share of the families unprunable: ``prune`` and ``lhspg`` leave them alone and take their
+``ratio`` from the other families, so the model shrinks as much as without the analysis. The first and
 last layers usually come out on top. Families are zeroed in place on one executor and
 restored bit-exactly, so the analysis costs one forward pass per family.
 """

@@ -31,7 +31,9 @@ without): a slow start leaves the shrink nobody to hand its knowledge to.
 with ``auto`` the split of the whole ``ratio`` is measured once, before training, on the
 model as it comes (the calibration windows that score the groups, each distinct split's units
 zeroed on the live model and restored), and every period allocates with the share chosen;
-a checkpoint keeps the choice. ``metric`` defaults to ``wanda``: with the split measured, it
+a checkpoint keeps the choice. ``ratio`` counts the parameters of every family of ``kinds``,
+as in ``prune``: families a ``knowledge`` analysis protects give none, the others the more.
+``metric`` defaults to ``wanda``: with the split measured, it
 chose better units than ``taylor`` on SmolLM2 at 20% and 50% in both benchmarks that compared them
 (held-out Austen after the pass, 12 steps from an adapted LoRA: 87.6 vs 100.4 and 248.0 vs 303.4
 in the side-by-side, 89.9 vs 98.5 and 220.4 vs 245.6 in the ablation).
@@ -77,7 +79,9 @@ from lorashear.passes.prune import (
     FamilyBudget,
     attn_share_option,
     check_attn_share,
+    check_reachable,
     choose_units,
+    family_budgets,
     fixed_attn_share,
     has_split,
     masked_loss_fn,
@@ -184,7 +188,7 @@ class Lhspg(ModulePass):
 
     name: ClassVar[str] = "lhspg"
     requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
-    ratio: float = option(0.2, "share of the prunable parameters to remove, in [0, 1)")
+    ratio: float = option(0.2, "share of the parameters of the chosen kinds to remove, in [0, 1)")
     periods: int = option(3, "pruning periods; each chooses the next share of the target")
     steps: int = option(20, "optimizer steps per period")
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
@@ -250,10 +254,15 @@ class Lhspg(ModulePass):
 
     def run(self, module: Module, analyses) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
-        protected = protected_families(module)  # a knowledge analysis may shield some
-        families = [f for f in groups.families if f.kind in self.kinds and f.id not in protected]
-        if not families:
+        of_kinds = [f for f in groups.families if f.kind in self.kinds]
+        # a knowledge analysis may shield some: they give no units but count in the ratio's base
+        protected = protected_families(module) & {f.id for f in of_kinds}
+        families = [f for f in of_kinds if f.id not in protected]  # the ones that may lose units
+        if not of_kinds:
             raise PassError(f"no group families of kinds {','.join(self.kinds)}")
+        if not families:
+            raise PassError(f"every family of kinds {','.join(self.kinds)} is protected by the knowledge "
+                            "analysis", hint="lower knowledge's gamma")
         if not lora_param_names(module):
             raise PassError("lhspg trains LoRA adapters, and the module has none",
                             hint="lower with --adapter DIR or --lora-rank R")
@@ -267,6 +276,7 @@ class Lhspg(ModulePass):
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=[f.id for f in families],
             batches=calibration))
+        check_reachable(family_budgets(module, of_kinds, scores, {}, protected), self.ratio)
         runtime.seed(self.seed)
         model = runtime.build_model(module)
         index = build_group_index(module, model, groups, [f.id for f in families])
@@ -303,8 +313,9 @@ class Lhspg(ModulePass):
         elif resumed is not None:  # written before attn-share=auto, whose default was proportional
             attn_share, split_stats = fixed_attn_share(self.attn_share), {}
         else:
-            attn_share, split_stats = self.choose_split(module, groups, model, runtime, scores,
-                                                        families, calibration)
+            attn_share, split_stats = self.choose_split(
+                module, groups, model, runtime, family_budgets(module, of_kinds, scores, {}, protected),
+                calibration)
         warmup = warmup_steps(self.warmup, self.periods * self.steps)
         # every period's rescoring runs on the same calibration windows
         rescore_batches = calibration if self.rescore else None
@@ -315,8 +326,7 @@ class Lhspg(ModulePass):
                     scores = runtime.broadcast_object(model_gradient_scores(
                         model, module, groups, [f.id for f in families],
                         (runtime.to_device(b) for b in rescore_batches), autocast=runtime.autocast))
-                budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f),
-                                        tuple(chosen_units.get(f.id, ()))) for f in families]
+                budgets = family_budgets(module, of_kinds, scores, chosen_units, protected)
                 chosen_units = choose_units(budgets, target, self.scope, attn_share=attn_share)
                 current = torch.zeros_like(chosen)
                 for f_id, units in chosen_units.items():
@@ -378,20 +388,18 @@ class Lhspg(ModulePass):
                     model.tensor(name).detach().to(device="cpu", dtype=ir_dtype).clone())
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(chosen_units)
         module.attributes["lhspg-log"] = LhspgLogAttr(tuple(period_log))
-        prunable = sum(param_units_numel(module, f) * f.size for f in families)
-        taken = sum(param_units_numel(module, f) * len(chosen_units.get(f.id, ())) for f in families)
+        prunable = sum(param_units_numel(module, f) * f.size for f in of_kinds)
+        taken = sum(param_units_numel(module, f) * len(chosen_units.get(f.id, ())) for f in of_kinds)
         return PassResult(True, frozenset(), {
             "groups zeroed": int(chosen.sum()), "parameter share removed": round(taken / prunable, 6),
             "first loss": first_loss, "last loss": period_log[-1]["last_loss"], **split_stats})
 
     def choose_split(self, module: Module, groups: GroupsAttr, model: IRModel, runtime: TrainingRuntime,
-                     scores: dict[int, torch.Tensor], families: list,
+                     budgets: list[FamilyBudget],
                      calibration: torch.Tensor) -> tuple[float | None, dict]:
         """The fixed attention share every period allocates with (None: proportional) and the
         statistics of the search when ``attn-share=auto``: the split of the whole ``ratio``
         whose masked model has the least loss on the calibration windows, before training."""
-        budgets = [FamilyBudget(f, scores[f.id].double(), param_units_numel(module, f), ())
-                   for f in families]
         if self.attn_share != "auto" or not has_split(budgets):
             return fixed_attn_share(self.attn_share), {}
         batches = [runtime.to_device(b) for b in calibration]

@@ -26,7 +26,10 @@ No family ever loses every unit. ``align=N`` rounds each MLP (and ``other``) fam
 count to a multiple of N; attention and hidden families are left in whole units (a KV head
 already is a hardware-friendly block; the hidden size is one global choice). Units an
 earlier pass already removed (an existing ``prune-mask``) stay removed and count towards
-the ratio. The result is the masked model plus a ``prune-mask`` attribute that
+the ratio. Families a ``knowledge`` analysis protects give no units, but their parameters stay
+in the ratio's base: after ``knowledge{gamma=0.1}``, ``ratio=0.2`` still removes 20% of the
+attention + MLP parameters, all of it from the other families (an error names the ratio the
+unprotected families cannot reach). The result is the masked model plus a ``prune-mask`` attribute that
 ``compress`` slices away.
 """
 
@@ -78,12 +81,17 @@ def _half_up(x: float) -> int:
 
 @dataclass(frozen=True)
 class FamilyBudget:
-    """One family as the allocation sees it: its scores, unit size and fixed removals."""
+    """One family as the allocation sees it: its scores, unit size and fixed removals.
+
+    A ``protected`` family (a knowledge analysis shielded it) gives no units, but its
+    parameters still count in the base of the ratio, so the other families give that much more.
+    """
 
     family: GroupFamily
     scores: torch.Tensor
     unit_numel: int
     already: tuple[int, ...]
+    protected: bool = False
 
     def ranked(self) -> list[int]:
         """Units in removal order: already removed first, then by ascending score."""
@@ -113,13 +121,15 @@ def _select_per_layer(budgets: list[FamilyBudget], target: float, remaining: flo
     finer kinds served later a remainder they can absorb (``0 <= rest <= later_capacity``),
     then whichever is nearest to ``target``. One KV group too many per layer cannot be taken
     back by MLP channels, so a coarse kind must not overshoot what the rest can balance."""
-    total = sum(b.unit_numel * b.family.size for b in budgets)
+    free = [b for b in budgets if not b.protected]
+    total = sum(b.unit_numel * b.family.size for b in free)
     share = min(max(target / total, 0.0), 1.0) if total else 0.0
     best: tuple[float, float] | None = None
     chosen: dict[int, int] = {}
     for rounding in (_half_up, math.floor, math.ceil):
-        counts = {b.family.id: min(max(rounding(share * b.family.size), len(b.already)), b.family.size - 1)
-                  for b in budgets}
+        counts = {b.family.id: len(b.already) for b in budgets if b.protected}
+        counts.update({b.family.id: min(max(rounding(share * b.family.size), len(b.already)), b.family.size - 1)
+                       for b in free})
         taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
         rest = remaining - taken
         cost = (max(0.0, -rest) + max(0.0, rest - later_capacity), abs(taken - target))
@@ -133,6 +143,8 @@ def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]
     removed = sum(b.unit_numel * len(b.already) for b in budgets)
     candidates = []
     for b in budgets:
+        if b.protected:
+            continue
         normalised = b.normalised()
         candidates += [(float(normalised[u]), b.family.id, u, b) for u in b.ranked()[len(b.already):]]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
@@ -147,7 +159,8 @@ def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]
 
 def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: int = 1,
                  attn_share: float | None = None) -> dict[int, tuple[int, ...]]:
-    """Units to remove per family id: ``ratio`` of the prunable parameters, lowest scores first.
+    """Units to remove per family id: ``ratio`` of the parameters of the ``budgets``' families
+    (protected ones included, though they give no units), lowest scores first.
 
     With ``attn_share``, the attention kind is served first and takes that share of the
     parameters to remove (rounded to whole units); the other kinds split the rest as usual.
@@ -163,7 +176,8 @@ def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: i
     kind_params = {k: sum(b.unit_numel * b.family.size for b in bs) for k, bs in by_kind.items()}
     # coarsest units first; finer kinds absorb the rounding of coarser ones
     order = sorted(by_kind, key=lambda k: -kind_params[k] / sum(b.family.size for b in by_kind[k]))
-    capacity = {k: sum(b.unit_numel * (b.family.size - 1) for b in bs) for k, bs in by_kind.items()}
+    capacity = {k: sum(b.unit_numel * (b.family.size - 1) for b in bs if not b.protected)
+                for k, bs in by_kind.items()}
     remaining = ratio * sum(kind_params.values())
     fixed: dict[str, float] = {}
     if attn_share is not None and "attn" in by_kind:
@@ -185,7 +199,7 @@ def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: i
             counts = _select_global(kind_budgets, target)
         for b in kind_budgets:
             count = counts[b.family.id]
-            if kind not in UNALIGNED_KINDS and align > 1:
+            if kind not in UNALIGNED_KINDS and align > 1 and not b.protected:
                 count = align_count(count, b.family.size, align, len(b.already))
             removed[b.family.id] = tuple(sorted(b.ranked()[:count]))
             remaining -= count * b.unit_numel
@@ -244,6 +258,29 @@ class SplitChoice:
                 "attn-share losses": {c: round(loss, 4) for c, _, loss in self.tried}}
 
 
+def family_budgets(module: Module, families: Iterable[GroupFamily], scores: dict[int, torch.Tensor],
+                   removed: dict[int, tuple[int, ...]], protected: set[int]) -> list[FamilyBudget]:
+    """The budgets of ``families``: a protected one needs no scores (it gives no units)."""
+    return [FamilyBudget(f, torch.zeros(f.size, dtype=torch.float64) if f.id in protected
+                         else scores[f.id].double(),
+                         param_units_numel(module, f),
+                         tuple(removed.get(f.id, ())), f.id in protected) for f in families]
+
+
+def check_reachable(budgets: list[FamilyBudget], ratio: float) -> None:
+    """Fail when the families a knowledge analysis left prunable cannot give ``ratio`` of the
+    parameters (each keeps at least one unit), rather than prune less than asked."""
+    if not any(b.protected for b in budgets):
+        return
+    total = sum(b.unit_numel * b.family.size for b in budgets)
+    free = sum(b.unit_numel * (len(b.already) if b.protected else b.family.size - 1) for b in budgets)
+    if ratio * total > free:
+        shielded = sum(b.protected for b in budgets)
+        raise PassError(f"ratio={ratio:g} asks for {ratio * total:,.0f} of {total:,} parameters, "
+                        f"but with the {shielded} families the knowledge analysis protects the rest can give "
+                        f"at most {free:,}", hint="lower ratio or knowledge's gamma")
+
+
 def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, align: int,
                       loss_of: Callable[[dict[int, tuple[int, ...]]], float]) -> SplitChoice:
     """``attn-share=auto``: of the proportional split and each of :data:`AUTO_SHARES`, the one
@@ -272,7 +309,7 @@ def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, ali
 
 def has_split(budgets: list[FamilyBudget]) -> bool:
     """Whether there is a split to search: attention families beside families of other kinds."""
-    kinds = {b.family.kind for b in budgets}
+    kinds = {b.family.kind for b in budgets if not b.protected}
     return "attn" in kinds and len(kinds) > 1
 
 
@@ -310,7 +347,7 @@ class Prune(ModulePass):
 
     name: ClassVar[str] = "prune"
     requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
-    ratio: float = option(0.2, "share of the prunable parameters to remove, in [0, 1)")
+    ratio: float = option(0.2, "share of the parameters of the chosen kinds to remove, in [0, 1)")
     metric: MetricName | None = option(None, "saliency metric; default: the scores of an earlier "
                                        "saliency pass, else magnitude")
     seed: int = option(0, OPTION_DOCS["seed"])
@@ -360,19 +397,24 @@ class Prune(ModulePass):
         groups = module.attributes["groups"]
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
-        protected = protected_families(module)  # a knowledge analysis may shield some
-        families = [f for f in groups.families if f.kind in self.kinds and f.id not in protected]
+        families = [f for f in groups.families if f.kind in self.kinds]
         if not families:
             found = sorted({f.kind for f in groups.families})
             raise PassError(f"no group families of kinds {','.join(self.kinds)} to prune "
                             f"(discover found {','.join(found) or 'none'})")
+        # a knowledge analysis may shield some: they give no units but count in the ratio's base
+        protected = protected_families(module) & {f.id for f in families}
+        free = [f.id for f in families if f.id not in protected]
+        if not free:
+            raise PassError(f"every family of kinds {','.join(self.kinds)} is protected by the knowledge "
+                            "analysis", hint="lower knowledge's gamma")
         # read at most once, for scoring and the split search alike, and only if one needs it
         read_batches = functools.cache(lambda: calibration_batches(module, calibration_options(self), "prune"))
-        metric, scores = self.scores(module, groups, [f.id for f in families], read_batches)
+        metric, scores = self.scores(module, groups, free, read_batches)
         mask = module.attributes.get("prune-mask")
         already = mask.as_dict() if isinstance(mask, PruneMaskAttr) else {}
-        budgets = [FamilyBudget(f, scores[f.id], param_units_numel(module, f),
-                                tuple(already.get(f.id, ()))) for f in families]
+        budgets = family_budgets(module, families, scores, already, protected)
+        check_reachable(budgets, self.ratio)
         split = None
         if self.attn_share == "auto" and has_split(budgets):
             loss_of = masked_loss_fn(emit_torch(module), module, groups, read_batches())
@@ -390,6 +432,8 @@ class Prune(ModulePass):
         for b in budgets:
             per_kind[b.family.kind] += len(removed.get(b.family.id, ()))
         statistics = {f"{kind} groups removed": n for kind, n in sorted(per_kind.items())}
+        if protected:
+            statistics["families protected"] = len(protected)
         statistics.update({"metric": metric, "prunable parameters": prunable,
                            "parameters removed": taken,
                            "parameter share removed": round(taken / prunable, 6) if prunable else 0.0})

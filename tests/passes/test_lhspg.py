@@ -198,13 +198,22 @@ def test_lhspg_reads_its_data_once(trained, monkeypatch):
     assert reads == [data]
 
 
+def _removed_share(module) -> tuple[float, int]:
+    """(share of the attention + MLP parameters the prune-mask removes, largest unit's size)."""
+    families = [f for f in module.attributes["groups"].families if f.kind in ("attn", "mlp")]
+    removed = module.attributes["prune-mask"].as_dict()
+    total = sum(param_units_numel(module, f) * f.size for f in families)
+    taken = sum(param_units_numel(module, f) * len(removed.get(f.id, ())) for f in families)
+    return taken / total, max(param_units_numel(module, f) for f in families) / total
+
+
 def test_knowledge_protects_the_most_sensitive_families(trained):
     from lorashear.passes.knowledge import KnowledgeAttr
 
     module, data, _ = trained
+    analyse = f"knowledge{{gamma=0.5,data={data},seq-len=32,batch=4,batches=2,progress=false}}"
     analysed = clone_module(module)
-    PassManager.parse(f"knowledge{{gamma=0.5,data={data},seq-len=32,batch=4,batches=2,"
-                      "progress=false},prune{ratio=0.3}").run(analysed)
+    PassManager.parse(analyse).run(analysed)
     knowledge = analysed.attributes["knowledge"]
     assert isinstance(knowledge, KnowledgeAttr)
     increase = dict(knowledge.loss_increase)
@@ -212,8 +221,28 @@ def test_knowledge_protects_the_most_sensitive_families(trained):
     assert min(increase[f] for f in knowledge.protected) >= max(
         d for f, d in increase.items() if f not in knowledge.protected)
     assert max(increase.values()) > 0  # removing a whole layer's attention or MLP hurts
-    removed = analysed.attributes["prune-mask"].as_dict()
-    assert removed and not set(removed) & set(knowledge.protected)
+    # the protected families give no units, and the ratio still counts their parameters: the
+    # others give that much more, so the model shrinks as much as without the analysis
+    for text in ("prune{ratio=0.15,metric=magnitude}", f"lhspg{{ratio=0.15,periods=1,steps=4,seq-len=32,"
+                                                        f"batch=8,data={data},progress=false}}"):
+        pruned = clone_module(analysed)
+        PassManager.parse(text).run(pruned)
+        removed = pruned.attributes["prune-mask"].as_dict()
+        assert removed and not set(removed) & set(knowledge.protected)
+        share, unit = _removed_share(pruned)
+        assert abs(share - 0.15) <= unit, text
+
+
+def test_knowledge_protection_that_leaves_too_little_to_prune_is_an_error(trained):
+    module, data, _ = trained
+    analysed = clone_module(module)
+    PassManager.parse(f"knowledge{{gamma=0.5,data={data},seq-len=32,batch=4,batches=2,progress=false}}"
+                      ).run(analysed)
+    for text in ("prune{ratio=0.45,metric=magnitude}",
+                 f"lhspg{{ratio=0.45,periods=1,steps=4,seq-len=32,batch=8,data={data},progress=false}}"):
+        with pytest.raises(PassError, match=r"ratio=0\.45 asks for .* the 2 families the knowledge analysis "
+                                            r"protects .*lower ratio or knowledge's gamma"):
+            PassManager.parse(text).run(clone_module(analysed))
 
 
 def test_killed_run_resumes_to_the_same_result(trained, tmp_path):

@@ -490,6 +490,37 @@ def test_choose_units_properties(layers, kv_groups, channels, ratio, scope, seed
             assert abs(attn_taken - attn_share * ratio * prunable) <= layers * 40  # a KV unit per layer
 
 
+@settings(max_examples=100, deadline=None)
+@given(layers=st.integers(2, 4), channels=st.integers(8, 48), ratio=st.floats(0.0, 0.4),
+       scope=st.sampled_from(["per-layer", "global"]), align=st.sampled_from([1, 4]),
+       seed=st.integers(0, 2 ** 16), data=st.data())
+def test_choose_units_takes_the_ratio_from_the_unprotected_families(layers, channels, ratio, scope, align,
+                                                                    seed, data):
+    """Families a knowledge analysis protects lose nothing (``align`` included), yet count in the
+    ratio's base: the others make up the whole ratio of every family's parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    protected = data.draw(st.sets(st.integers(0, 2 * layers - 1), max_size=layers - 1))
+    budgets = []
+    for layer in range(layers):
+        for kind, size, numel in (("attn", 3, 40), ("mlp", channels, 3)):
+            family = GroupFamily(len(budgets), kind, layer, size, (FamilyMember("w", 0, 1),))
+            budgets.append(FamilyBudget(family, torch.rand(size, generator=generator, dtype=torch.float64),
+                                        numel, (), family.id in protected))
+    removed = choose_units(budgets, ratio, scope, align)
+    counts = {b.family.id: len(removed[b.family.id]) for b in budgets}
+    assert all(counts[f] == 0 for f in protected)
+    free = [b for b in budgets if not b.protected]
+    if scope == "per-layer":
+        for kind in ("attn", "mlp"):
+            assert len({counts[b.family.id] for b in free if b.family.kind == kind}) <= 1
+    total = sum(b.unit_numel * b.family.size for b in budgets)
+    taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
+    mlp = [b for b in free if b.family.kind == "mlp"]
+    if align == 1 and mlp and all(0 < counts[b.family.id] < b.family.size - 1 for b in mlp):
+        # the MLP families absorb the rest: within half a unit each (global: one unit in all)
+        assert abs(taken - ratio * total) <= (len(mlp) * 3 / 2 if scope == "per-layer" else 40 / 2 + 3 / 2)
+
+
 # --- errors ---------------------------------------------------------------------------------
 def one_line(exc: pytest.ExceptionInfo) -> str:
     text = str(exc.value)
