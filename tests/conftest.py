@@ -149,6 +149,21 @@ def save_base_and_lower(base, model_dir: Path, adapter_dir: Path):
     return lower_pretrained(model_dir, adapter=adapter_dir)
 
 
+def save_word_tokenizer(model_dir: Path, corpus: list[str], vocab_size: int) -> None:
+    """Train a word-level fast tokenizer on ``corpus`` (offline, the `tokenizers` library) and
+    save it in ``model_dir``, so that passes reading text find it through the module's source."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>"]))
+    assert tokenizer.get_vocab_size() <= vocab_size
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(model_dir)
+
+
 def fork_run(body, stderr_path: Path) -> int:
     """Run ``body()`` in a forked child (it inherits the imported modules and the torch thread
     count, so it starts at once and computes as this process does); its ``sys.stderr`` goes

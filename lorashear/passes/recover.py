@@ -87,6 +87,9 @@ from lorashear.passes.training import (
 )
 from lorashear.runtime.executor import lora_param_names
 
+#: Suffixes of a single data file that can hold no instruction records.
+PLAIN_TEXT_SUFFIXES = (".txt", TOKEN_ID_SUFFIX)
+
 
 @register_attribute
 @dataclass(frozen=True)
@@ -217,6 +220,16 @@ class Recover(ModulePass):
             raise PassError("recover needs probe-every, batch, probe-windows >= 1 and seq-len >= 2")
         check_warmup(self.name, self.warmup)
         check_device_text(self.name, self.device)
+        # what is plain from the options alone fails while the pipeline parses, before any
+        # earlier pass has spent its time; the data spec's contents are checked when it loads
+        if self.steps > self.stage1_steps:
+            if self.loss == "kd" and not self.reference:
+                raise PassError("recover: loss=kd distils the unpruned model's logits and needs it",
+                                hint="give reference=PATH.ir (the module before pruning)")
+            if self.loss == "lm" and Path(self.data).suffix.lower() in PLAIN_TEXT_SUFFIXES:
+                raise PassError(f"recover: stage 2 (loss=lm) tunes on instruction records, and data={self.data} "
+                                "is plain text", hint="distil the unpruned model instead (loss=kd,reference="
+                                "PATH.ir), or train stage 1 only (stage1-steps equal to steps)")
 
     # --- data ------------------------------------------------------------------------------
     def load_data(self, module: Module) -> tuple[list[SourceWindows], InstructionRows | None, dict]:

@@ -4,6 +4,7 @@ faster than uniform sampling; stage 2 distils; masked groups stay zero; errors c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -22,6 +23,7 @@ from tests.conftest import (
     kill_when,
     markov_tokens,
     save_base_and_lower,
+    save_word_tokenizer,
     train_all_weights,
 )
 
@@ -222,6 +224,21 @@ def test_errors_before_training(recovery_setup, tmp_path):
     fails("stage 2 needs an instruction source", **{"stage1-steps": 10})
 
 
+def test_stage2_without_its_data_fails_while_the_pipeline_parses(tmp_path):
+    """A plain text file cannot feed instruction tuning, and KD needs its teacher: both are plain
+    from the options, so the pipeline is refused before its first pass runs."""
+    ahead = "discover,lhspg{ratio=0.2,data=book.txt},"
+    for data in ("book.txt", "book.IDS"):
+        with pytest.raises(PassError, match=r"stage 2 \(loss=lm\) tunes on instruction records, and "
+                                            rf"data={re.escape(data)} is plain text.*loss=kd,reference="):
+            PassManager.parse(f"{ahead}recover{{data={data}}}")
+    with pytest.raises(PassError, match="loss=kd distils the unpruned model's logits and needs it"):
+        PassManager.parse(f"{ahead}recover{{data=book.txt,loss=kd}}")
+    for ok in ("recover{data=book.txt,loss=kd,reference=model.ir}", "recover{data=book.txt,stage1-steps=40}",
+               "recover{data=sources.yaml}"):
+        PassManager.parse(ahead + ok)
+
+
 # --- stage 2 with a real tokenizer --------------------------------------------------------------
 OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "day": "night", "fast": "slow",
              "old": "new", "open": "closed", "left": "right", "early": "late", "light": "dark",
@@ -233,9 +250,6 @@ def instruction_setup(tmp_path_factory):
     """A tiny Llama whose directory holds a word-level tokenizer (trained here, offline, with
     the `tokenizers` library), lowered so that recover finds the tokenizer through the
     module's source; and Alpaca records (JSON Lines) in that tokenizer's vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from lorashear.data.loaders import InstructionRecord
     from lorashear.ir.frontend import lower_pretrained
 
@@ -246,15 +260,9 @@ def instruction_setup(tmp_path_factory):
                  "output": f"The opposite is {word}."} for word, opposite in OPPOSITES.items()]
     path = root / "alpaca.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    corpus = [InstructionRecord(**r).as_text() for r in records]
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(
-        vocab_size=128, special_tokens=["<pad>", "<unk>", "</s>"]))
-    assert tokenizer.get_vocab_size() <= 128  # the tiny model's vocabulary
     tm = build_tiny("llama", root, seed=5)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(tm.model_dir)
+    save_word_tokenizer(tm.model_dir, [InstructionRecord(**r).as_text() for r in records],
+                        vocab_size=128)  # the tiny model's vocabulary
     module = lower_pretrained(tm.model_dir, adapter=tm.adapter_dir)
     return module, path, [InstructionRecord(**r) for r in records]
 
