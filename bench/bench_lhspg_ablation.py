@@ -47,8 +47,9 @@ TAG = "lhspg-ablation"
 
 # name -> (pipeline template); {common} = metric=taylor + data/batch/seq-len ({bare}: without
 # the metric), {total} = total steps.
-# ONE_SHOT [wanda] [mlp|auto] [warmup=N]: one-shot taylor (wanda with wanda; MLP channels only
-# with mlp: attn-share=0; the measured split with auto) + recover.
+# ONE_SHOT [wanda] [mlp|auto] [knowledge] [warmup=N]: one-shot taylor (wanda with wanda; MLP
+# channels only with mlp: attn-share=0; the measured split with auto; after knowledge{gamma=0.1}
+# with knowledge) + recover.
 VARIANTS = {
     "unpruned": "",  # the model every row starts from: the fresh or the adapted LoRA
     "one-shot taylor + recover": "ONE_SHOT",  # recover's default warmup
@@ -70,6 +71,10 @@ VARIANTS = {
     "lhspg P=1 settle=0.75 MLP only": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=0,{common}}}",
     "lhspg P=1 settle=0.75 auto": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,{common}}}",
     "lhspg P=1 settle=0.75 auto wanda": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
+    "lhspg P=1 settle=0.75 auto wanda global": "lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,scope=global,{bare}}}",
+    "knowledge 0.1 + lhspg P=1 settle=0.75 auto wanda": "knowledge{{gamma=0.1,data={mix},progress=false}},lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
+    "knowledge 0.2 + lhspg P=1 settle=0.75 auto wanda": "knowledge{{gamma=0.2,data={mix},progress=false}},lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
+    "knowledge 0.1 + one-shot wanda auto + recover": "ONE_SHOT wanda auto knowledge",
 }
 
 
@@ -103,13 +108,14 @@ def main() -> None:
             words = template.split()[1:]
             warmup = next((w for w in words if w.startswith("warmup=")), "")
             share = 0 if "mlp" in words else "auto" if "auto" in words else None
-            text = (one_shot_pipeline("wanda" if "wanda" in words else "taylor", ratio, mix,
+            text = (("knowledge{gamma=0.1,data=" + str(mix) + ",progress=false}," if "knowledge" in words else "")
+                    + one_shot_pipeline("wanda" if "wanda" in words else "taylor", ratio, mix,
                                       calibration=calibration, attn_share=share)
                     + f",recover{{data={mix},steps={total},stage1-steps={total},loss=lm,lr=0.001,batch={batch},"
                       f"seq-len={seq},probe-every=1000,progress=false{',' + warmup if warmup else ''}}}")
         else:
             text = template.format(ratio=ratio, half=total // 2, quarter=total // 4, total=total, common=common,
-                                   bare=bare)
+                                   bare=bare, mix=mix)
         start = time.perf_counter()
         if text:
             PassManager.parse(text + ",compress").run(module)

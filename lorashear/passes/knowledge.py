@@ -5,7 +5,11 @@ calibration text, measure how much the LM loss rises, and mark the most sensitiv
 share of the families unprunable: ``prune`` and ``lhspg`` leave them alone and take their
 ``ratio`` from the other families, so the model shrinks as much as without the analysis. The first and
 last layers usually come out on top. Families are zeroed in place on one executor and
-restored bit-exactly, so the analysis costs one forward pass per family.
+restored bit-exactly, so the analysis costs one forward pass per family and batch.
+
+On SmolLM2-135M from an adapted LoRA (``bench/bench_lhspg_ablation.py``), ``gamma=0.1`` before
+``lhspg`` took held-out Austen from 89.9 to 78.7 at 20% and from 220.4 to 179.0 at 50%, with
+the same parameters removed; ``gamma=0.2`` gave 192.2 at 50%.
 """
 
 from __future__ import annotations
