@@ -9,7 +9,8 @@ KD teacher; ``bench_kd_teacher.py`` found that KD from the un-adapted base makes
 model worse. Every method sees the same data (token-id files cut once from the cached sources)
 and, where it trains, the same number of training tokens after the adaptation:
 
-- lorashear: ``lhspg`` (``metric`` from BENCH_LHSPG_METRIC, default ``settle=0.75``; one period at the default
+- lorashear: ``knowledge{gamma=0.1}`` (BENCH_KNOWLEDGE sets gamma, 0 leaves it out; the one-shot rows
+  stand for LLM-Pruner / Wanda-sp and have none), then ``lhspg`` (``metric`` from BENCH_LHSPG_METRIC, default ``settle=0.75``; one period at the default
   budget, two at full: ``bench_lhspg_ablation.py`` found fewer periods better at small budgets)
   then ``compress``, then ``recover`` stage 1 (dynamic,
   degradation-weighted sampling over the sources) and ``recover`` stage 2 (``loss=kd`` against
@@ -150,6 +151,8 @@ class Bench:
         share = os.environ.get("BENCH_ATTN_SHARE")
         self.attn_share = share or None  # a number, proportional or auto; None: the passes' default
         self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "wanda")  # lhspg's default
+        # knowledge{gamma} before lhspg (0: none); lorashear only: the one-shot rows are the peers
+        self.knowledge = float(os.environ.get("BENCH_KNOWLEDGE", "0.1"))
 
     # --- data ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -247,6 +250,7 @@ class Bench:
                 "train_tokens_per_method": self.budget.train_tokens,
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
                 "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
+                "knowledge_gamma": self.knowledge,
                 "source_train_tokens": getattr(self, "token_counts", {}),
                 "rows": self.rows, "phases": self.phases}
         (OUT_DIR / f"{OUT_NAME}.json").write_text(json.dumps(data, indent=1))
@@ -318,14 +322,18 @@ class Bench:
         method = "lorashear"
         row = self.add(method=method, ratio=ratio, stage="LHSPG", train_tokens=b.lhspg_tokens)
         share = "" if self.attn_share is None else f",attn-share={self.attn_share}"
+        knowledge = (f"knowledge{{gamma={self.knowledge:g},data={self.mix},progress=false}},"
+                     if self.knowledge else "")
         try:
             stats = self.run_passes(module, (
-                f"lhspg{{ratio={ratio},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
+                f"{knowledge}lhspg{{ratio={ratio},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
                 f"seq-len={b.seq_len},metric={self.lhspg_metric},lr=0.001,data={self.mix},"
                 f"progress=false{share}}},"
                 "compress"), f"{method} lhspg @{ratio}")
             row["share_removed"] = stats["lhspg"].get("parameter share removed")
             row["lhspg_stats"] = _jsonable(stats["lhspg"])
+            if "knowledge" in stats:
+                row["knowledge_stats"] = _jsonable(stats["knowledge"])
             self.evaluate(module, row)
             row = self.add(method=method, ratio=ratio, stage="+ stage 1 (dynamic)",
                            train_tokens=b.lhspg_tokens + b.stage1 * b.batch * b.seq_len,
@@ -494,7 +502,11 @@ def markdown(data: dict) -> str:
             f"per source; local task {b['task_items']} items on Persuasion; prefill "
             f"batch 1/8 x {b['speed_seq']} tokens, PyTorch = lorashear's executor.")
     # runs before BENCH_LHSPG_METRIC existed chose by taylor
-    head += f" lorashear's `lhspg` chooses groups by `metric={data.get('lhspg_metric', 'taylor')}`."
+    head += f" lorashear's `lhspg` chooses groups by `metric={data.get('lhspg_metric', 'taylor')}`"
+    # runs before BENCH_KNOWLEDGE existed had no knowledge analysis
+    gamma = data.get("knowledge_gamma", 0)
+    head += (f", after `knowledge{{gamma={gamma:g}}}` (its calibration: no training tokens); the one-shot "
+             "rows have no knowledge analysis, like the methods they stand for." if gamma else ".")
     if data.get("attn_share") is not None:
         head += f" lorashear and one-shot prune with `attn-share={data['attn_share']}`."
     cols = ["ratio", "method", "stage", "train tokens", "removed", "params",
