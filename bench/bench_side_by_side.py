@@ -456,9 +456,11 @@ class Bench:
 
 
 def _jsonable(stats: dict) -> dict:
-    """The statistics JSON can hold: scalars, and tables of scalars (auto's split losses)."""
+    """The statistics JSON can hold: scalars, lists of scalars (knowledge's protected layers) and
+    tables of scalars (auto's split losses)."""
     scalar = (int, float, str, bool, type(None))
     return {k: v for k, v in stats.items() if isinstance(v, scalar)
+            or isinstance(v, list | tuple) and all(isinstance(x, scalar) for x in v)
             or isinstance(v, dict) and all(isinstance(x, scalar) for x in v.values())}
 
 
