@@ -72,7 +72,6 @@ from lorashear.passes.checkpoint import (
     trim_log_after,
 )
 from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
-from lorashear.passes.knowledge import protected_families
 from lorashear.passes.pipeline import format_pass
 from lorashear.passes.prune import (
     AttnShare,
@@ -81,6 +80,7 @@ from lorashear.passes.prune import (
     check_attn_share,
     check_reachable,
     choose_units,
+    families_to_prune,
     family_budgets,
     fixed_attn_share,
     has_split,
@@ -254,15 +254,8 @@ class Lhspg(ModulePass):
 
     def run(self, module: Module, analyses) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
-        of_kinds = [f for f in groups.families if f.kind in self.kinds]
-        # a knowledge analysis may shield some: they give no units but count in the ratio's base
-        protected = protected_families(module) & {f.id for f in of_kinds}
+        of_kinds, protected = families_to_prune(module, groups, self.kinds)
         families = [f for f in of_kinds if f.id not in protected]  # the ones that may lose units
-        if not of_kinds:
-            raise PassError(f"no group families of kinds {','.join(self.kinds)}")
-        if not families:
-            raise PassError(f"every family of kinds {','.join(self.kinds)} is protected by the knowledge "
-                            "analysis", hint="lower knowledge's gamma")
         if not lora_param_names(module):
             raise PassError("lhspg trains LoRA adapters, and the module has none",
                             hint="lower with --adapter DIR or --lora-rank R")
@@ -276,7 +269,8 @@ class Lhspg(ModulePass):
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=[f.id for f in families],
             batches=calibration))
-        check_reachable(family_budgets(module, of_kinds, scores, {}, protected), self.ratio)
+        start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
+        check_reachable(start_budgets, self.ratio)
         runtime.seed(self.seed)
         model = runtime.build_model(module)
         index = build_group_index(module, model, groups, [f.id for f in families])
@@ -313,9 +307,8 @@ class Lhspg(ModulePass):
         elif resumed is not None:  # written before attn-share=auto, whose default was proportional
             attn_share, split_stats = fixed_attn_share(self.attn_share), {}
         else:
-            attn_share, split_stats = self.choose_split(
-                module, groups, model, runtime, family_budgets(module, of_kinds, scores, {}, protected),
-                calibration)
+            attn_share, split_stats = self.choose_split(module, groups, model, runtime, start_budgets,
+                                                        calibration)
         warmup = warmup_steps(self.warmup, self.periods * self.steps)
         # every period's rescoring runs on the same calibration windows
         rescore_batches = calibration if self.rescore else None

@@ -258,6 +258,22 @@ class SplitChoice:
                 "attn-share losses": {c: round(loss, 4) for c, _, loss in self.tried}}
 
 
+def families_to_prune(module: Module, groups: GroupsAttr, kinds: tuple[str, ...]
+                      ) -> tuple[list[GroupFamily], set[int]]:
+    """The families of ``kinds`` and the ids of those a knowledge analysis protects (they give
+    no units but count in the ratio's base); fails when there are none, or all are protected."""
+    families = [f for f in groups.families if f.kind in kinds]
+    if not families:
+        found = sorted({f.kind for f in groups.families})
+        raise PassError(f"no group families of kinds {','.join(kinds)} to prune "
+                        f"(discover found {','.join(found) or 'none'})")
+    protected = protected_families(module) & {f.id for f in families}
+    if len(protected) == len(families):
+        raise PassError(f"every family of kinds {','.join(kinds)} is protected by the knowledge analysis",
+                        hint="lower knowledge's gamma")
+    return families, protected
+
+
 def family_budgets(module: Module, families: Iterable[GroupFamily], scores: dict[int, torch.Tensor],
                    removed: dict[int, tuple[int, ...]], protected: set[int]) -> list[FamilyBudget]:
     """The budgets of ``families``: a protected one needs no scores (it gives no units)."""
@@ -397,17 +413,8 @@ class Prune(ModulePass):
         groups = module.attributes["groups"]
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
-        families = [f for f in groups.families if f.kind in self.kinds]
-        if not families:
-            found = sorted({f.kind for f in groups.families})
-            raise PassError(f"no group families of kinds {','.join(self.kinds)} to prune "
-                            f"(discover found {','.join(found) or 'none'})")
-        # a knowledge analysis may shield some: they give no units but count in the ratio's base
-        protected = protected_families(module) & {f.id for f in families}
+        families, protected = families_to_prune(module, groups, self.kinds)
         free = [f.id for f in families if f.id not in protected]
-        if not free:
-            raise PassError(f"every family of kinds {','.join(self.kinds)} is protected by the knowledge "
-                            "analysis", hint="lower knowledge's gamma")
         # read at most once, for scoring and the split search alike, and only if one needs it
         read_batches = functools.cache(lambda: calibration_batches(module, calibration_options(self), "prune"))
         metric, scores = self.scores(module, groups, free, read_batches)
