@@ -16,7 +16,8 @@ distinct split and calibration batch, no copy of the weights.
 
 - ``scope=per-layer``: every family of a kind loses the same share of its units (the same
   count when the families are the same size), the lowest-scoring ones; shapes stay uniform
-  across layers, so a stock ``config.json`` still describes the model. The price: when one
+  across layers, so a stock ``config.json`` still describes the model (unless a ``knowledge``
+  analysis protects some families: they keep their full size). The price: when one
   coarse unit per layer is more than the finer kinds can balance (a tiny MLP beside a KV
   head), the total can miss the ratio by up to half a coarse unit per layer.
 - ``scope=global``: units of one kind compete across families on scores normalised by
