@@ -301,10 +301,7 @@ class Recover(ModulePass):
         if self.stage1_steps and not windows:
             raise PassError("recover: stage 1 needs at least one text source in the data spec")
         if self.steps > self.stage1_steps:
-            if self.loss == "kd":
-                if not self.reference:
-                    raise PassError("recover: loss=kd distils the unpruned model's logits and needs it",
-                                    hint="give reference=PATH.ir (the module before pruning)")
+            if self.loss == "kd":  # its reference was checked with the options
                 if not windows:
                     raise PassError("recover: loss=kd needs text sources to distil on")
             elif rows is None:

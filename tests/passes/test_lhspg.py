@@ -36,6 +36,15 @@ def _loss(module, windows) -> float:
         return emit_torch(module)(windows[:64], labels=windows[:64]).loss.item()
 
 
+def _removed_share(module) -> tuple[float, float]:
+    """(share of the attention + MLP parameters the prune-mask removes, largest unit's share)."""
+    families = [f for f in module.attributes["groups"].families if f.kind in ("attn", "mlp")]
+    removed = module.attributes["prune-mask"].as_dict()
+    total = sum(param_units_numel(module, f) * f.size for f in families)
+    taken = sum(param_units_numel(module, f) * len(removed.get(f.id, ())) for f in families)
+    return taken / total, max(param_units_numel(module, f) for f in families) / total
+
+
 def _lhspg(module, data, **opts):
     text = ",".join(f"{k}={v}" for k, v in {"ratio": 0.3, "periods": 2, "steps": 25, "seq-len": 32,
                                             "batch": 8, "lr": 5e-3, "data": data,
@@ -55,10 +64,8 @@ def test_chosen_zero_rest_alive_and_compress_exact(trained, settle, rescore, tmp
     groups = after.attributes["groups"]
     removed = after.attributes["prune-mask"].as_dict()
     families = [f for f in groups.families if f.kind in ("attn", "mlp")]
-    prunable = sum(param_units_numel(module, f) * f.size for f in families)
-    taken = sum(param_units_numel(module, f) * len(removed.get(f.id, ())) for f in families)
-    largest_unit = max(param_units_numel(module, f) for f in families)
-    assert abs(taken - 0.3 * prunable) <= largest_unit
+    share, unit = _removed_share(after)
+    assert abs(share - 0.3) <= unit
     for f in families:
         for m in f.members:
             tensor = after.params[m.param].storage.load()
@@ -196,15 +203,6 @@ def test_lhspg_reads_its_data_once(trained, monkeypatch):
     _lhspg(module, data, ratio=0.3, periods=2, steps=2, metric="taylor", rescore="true",
            **{"attn-share": "auto"})
     assert reads == [data]
-
-
-def _removed_share(module) -> tuple[float, int]:
-    """(share of the attention + MLP parameters the prune-mask removes, largest unit's size)."""
-    families = [f for f in module.attributes["groups"].families if f.kind in ("attn", "mlp")]
-    removed = module.attributes["prune-mask"].as_dict()
-    total = sum(param_units_numel(module, f) * f.size for f in families)
-    taken = sum(param_units_numel(module, f) * len(removed.get(f.id, ())) for f in families)
-    return taken / total, max(param_units_numel(module, f) for f in families) / total
 
 
 def test_knowledge_protects_the_most_sensitive_families(trained):
