@@ -10,6 +10,8 @@ step in it. This script measures the knobs that move that trade-off on SmolLM2-1
   its groups are zero), ``lam`` (shrink strength), ``periods``, ``rescore`` and ``warmup``;
 - one-shot taylor (the same calibration as ``lhspg``'s) + ``recover{loss=lm}`` for as many steps,
   with and without ``recover``'s learning-rate warmup;
+- the knowledge analysis before ``lhspg`` or one-shot: ``gamma`` (families protected) and
+  ``spread`` (the others' shares graded by their loss increase);
 - the allocation: both with MLP channels only (``attn-share=0``: the same ``ratio`` of attention
   + MLP, all of it from the MLP; DESIGN.md 9: one-shot at 20%, a KV group per layer does most
   of the damage), and ``lhspg`` with ``attn-share=auto``, by taylor and by wanda scores. Since
@@ -75,6 +77,8 @@ VARIANTS = {
     "knowledge 0.1 + lhspg P=1 settle=0.75 auto wanda": "knowledge{{gamma=0.1,data={mix},progress=false}},lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
     "knowledge 0.2 + lhspg P=1 settle=0.75 auto wanda": "knowledge{{gamma=0.2,data={mix},progress=false}},lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
     "knowledge 0.1 + one-shot wanda auto + recover": "ONE_SHOT wanda auto knowledge",
+    "knowledge 0.1 spread 0.25 + lhspg P=1 settle=0.75 auto wanda": "knowledge{{gamma=0.1,spread=0.25,data={mix},progress=false}},lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
+    "knowledge 0.1 spread 0.5 + lhspg P=1 settle=0.75 auto wanda": "knowledge{{gamma=0.1,spread=0.5,data={mix},progress=false}},lhspg{{ratio={ratio},periods=1,steps={total},settle=0.75,attn-share=auto,metric=wanda,{bare}}}",
 }
 
 

@@ -275,9 +275,17 @@ def _knowledge_section(groups: GroupsAttr | None, knowledge: KnowledgeAttr) -> S
 
     protected = set(knowledge.protected)
     rows = [[str(f), label(f), format_number(d), _cell(f in protected)] for f, d in knowledge.loss_increase]
+    headers = ["family", "group", "loss increase", "protected"]
+    summary = f"base loss {format_number(knowledge.base_loss)}; {len(protected)} families protected"
+    if knowledge.spread and groups is not None:  # graded: each family's multiplier of its kind's share
+        weights = knowledge.share_weights(groups.families)
+        headers.append("share weight")
+        for row, (f, _) in zip(rows, knowledge.loss_increase, strict=True):
+            row.append(format_number(weights.get(f, 1.0)))
+        summary += f"; the others' shares graded by spread {format_number(knowledge.spread)}"
     return Section("Knowledge distribution", [
-        f"base loss {format_number(knowledge.base_loss)}; {len(protected)} families protected",
-        Table(["family", "group", "loss increase", "protected"], rows),
+        summary,
+        Table(headers, rows),
         BarChart("Loss increase when each family is removed", "family", "loss increase",
                  [label(f) for f, _ in knowledge.loss_increase],
                  [("loss increase", [d for _, d in knowledge.loss_increase])])])

@@ -112,7 +112,7 @@ def test_lhspg_and_knowledge_sections_from_attributes(lowered):
         "groups": groups,
         "prune-mask": PruneMaskAttr.from_dict({per_layer[1].id: [0, 1, 2]}),
         "knowledge": KnowledgeAttr(4.0, tuple((f.id, 0.1 * i) for i, f in enumerate(per_layer)),
-                                   (per_layer[-1].id,)),
+                                   (per_layer[-1].id,), 0.2),
         "lhspg-log": LhspgLogAttr(({"period": 0, "chosen": 3, "new": 3, "mean_loss": 4.5, "last_loss": 4.2},
                                    {"period": 1, "chosen": 5, "new": 2, "mean_loss": 4.1, "last_loss": 4.0})),
     }
@@ -129,7 +129,9 @@ def test_lhspg_and_knowledge_sections_from_attributes(lowered):
     assert "| 0 | 3 | 3 | 4.5 | 4.2 |" in md
     assert "- loss: 4 points, first 4.9 (at 1), last 4.6 (at 4), min 4.6 (at 4)" in md
     assert f"| {per_layer[-1].id} | L{per_layer[-1].layer} {per_layer[-1].kind} | " in md
-    assert "base loss 4; 1 families protected" in md
+    assert "base loss 4; 1 families protected; the others' shares graded by spread 0.2" in md
+    # the least sensitive family of its kind (increase 0) gives 1.2 times its kind's share
+    assert f"| {per_layer[0].id} | L{per_layer[0].layer} {per_layer[0].kind} | 0 | no | 1.2 |" in md
     assert f"{per_layer[1].size - 3} / {per_layer[1].size}" in md
 
 

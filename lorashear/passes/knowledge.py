@@ -7,6 +7,12 @@ share of the families unprunable: ``prune`` and ``lhspg`` leave them alone and t
 last layers usually come out on top. Families are zeroed in place on one executor and
 restored bit-exactly, so the analysis costs one forward pass per family and batch.
 
+``spread=S`` grades the rest as well (OWL-style, Yin et al. 2024, on the loss increases rather
+than outlier counts): within each kind the unprotected families are ranked by loss increase and
+the least sensitive prunes ``1 + S`` times the kind's average share, the most sensitive ``1 - S``
+times it, linearly by rank in between; the kind still gives its share in total. ``spread=0`` (the
+default) leaves every unprotected family the same share.
+
 On SmolLM2-135M from an adapted LoRA (``bench/bench_lhspg_ablation.py``), ``gamma=0.1`` before
 ``lhspg`` took held-out Austen from 89.9 to 78.7 at 20% and from 220.4 to 179.0 at 50%, with
 the same parameters removed; ``gamma=0.2`` gave 192.2 at 50%.
@@ -15,6 +21,7 @@ the same parameters removed; ``gamma=0.2`` gave 192.2 at 50%.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +33,7 @@ from lorashear.ir.attributes import Attribute, register_attribute
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import CalibrationOptions, calibration_batches
-from lorashear.passes.groups import GroupsAttr, check_kinds
+from lorashear.passes.groups import GroupFamily, GroupsAttr, check_kinds
 from lorashear.passes.registry import register_pass
 from lorashear.runtime.executor import emit_torch
 
@@ -40,23 +47,58 @@ class KnowledgeAttr(Attribute):
     base_loss: float
     loss_increase: tuple[tuple[int, float], ...]
     protected: tuple[int, ...]
+    spread: float = 0.0
+
+    def share_weights(self, families: Iterable[GroupFamily]) -> dict[int, float]:
+        """Each family's multiplier of its kind's pruning share: ``1 + spread`` for the least
+        sensitive unprotected family of a kind down to ``1 - spread`` for the most sensitive,
+        linear in rank (ties broken by family id), so a kind of equal-size families keeps its
+        total. 1.0 when ``spread`` is 0, and for families protected or not analysed."""
+        families = list(families)
+        weights = {f.id: 1.0 for f in families}
+        if not self.spread:
+            return weights
+        increase, protected = dict(self.loss_increase), set(self.protected)
+        by_kind: dict[str, list[int]] = {}
+        for f in families:
+            if f.id in increase and f.id not in protected:
+                by_kind.setdefault(f.kind, []).append(f.id)
+        for ids in by_kind.values():
+            ranked = sorted(ids, key=lambda f: (increase[f], f))  # least sensitive first
+            for rank, f in enumerate(ranked):
+                position = rank / (len(ranked) - 1) if len(ranked) > 1 else 0.5
+                weights[f] = 1.0 + self.spread * (1.0 - 2.0 * position)
+        return weights
 
     def to_json(self) -> Any:
-        return {"base_loss": self.base_loss, "loss_increase": {str(f): d for f, d in self.loss_increase},
+        data = {"base_loss": self.base_loss, "loss_increase": {str(f): d for f, d in self.loss_increase},
                 "protected": list(self.protected)}
+        if self.spread:  # analyses from before spread existed read back unchanged
+            data["spread"] = self.spread
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> KnowledgeAttr:
         if not isinstance(data, dict):
             raise ValueError("knowledge must be a JSON object")
         increase = tuple(sorted((int(k), float(v)) for k, v in data["loss_increase"].items()))
-        return cls(float(data["base_loss"]), increase, tuple(int(f) for f in data["protected"]))
+        return cls(float(data["base_loss"]), increase, tuple(int(f) for f in data["protected"]),
+                   float(data.get("spread", 0.0)))
 
 
 def protected_families(module: Module) -> set[int]:
     """Family ids a knowledge analysis marked unprunable (none if it did not run)."""
     attr = module.attributes.get("knowledge")
     return set(attr.protected) if isinstance(attr, KnowledgeAttr) else set()
+
+
+def allocation_weights(module: Module, families: Iterable[GroupFamily]) -> dict[int, float]:
+    """The module's knowledge analysis's :meth:`KnowledgeAttr.share_weights` for ``families``
+    (1.0 each when no analysis ran)."""
+    attr = module.attributes.get("knowledge")
+    if isinstance(attr, KnowledgeAttr):
+        return attr.share_weights(families)
+    return {f.id: 1.0 for f in families}
 
 
 @register_pass
@@ -67,6 +109,8 @@ class Knowledge(ModulePass):
     name: ClassVar[str] = "knowledge"
     requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
     gamma: float = option(0.1, "share of the families (of the chosen kinds) to protect, in [0, 1)")
+    spread: float = option(0.0, "grade the other families' pruning shares within a kind from 1+spread "
+                           "(least sensitive) to 1-spread (most) times the average, in [0, 1); 0: equal shares")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "family kinds to analyse")
     data: str = option("", "held-out text: a text file (model's tokenizer) or a .ids file of token ids")
     batches: int = option(4, "calibration batches")
@@ -78,6 +122,8 @@ class Knowledge(ModulePass):
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma < 1.0:
             raise PassError(f"knowledge gamma must be in [0, 1), got {self.gamma}")
+        if not 0.0 <= self.spread < 1.0:
+            raise PassError(f"knowledge spread must be in [0, 1), got {self.spread}")
         check_kinds(self.name, self.kinds)
 
     def run(self, module: Module, analyses) -> PassResult:
@@ -109,7 +155,8 @@ class Knowledge(ModulePass):
         count = math.ceil(self.gamma * len(families)) if self.gamma > 0 else 0
         ranked = sorted(increase, key=lambda f: -increase[f])
         protected = tuple(sorted(ranked[:count]))
-        module.attributes["knowledge"] = KnowledgeAttr(base, tuple(sorted(increase.items())), protected)
+        module.attributes["knowledge"] = KnowledgeAttr(base, tuple(sorted(increase.items())), protected,
+                                                     self.spread)
         layers = sorted({groups.families[f].layer for f in protected if groups.families[f].layer is not None})
         return PassResult(True, frozenset({"*"}), {"families analysed": len(families),
                                                    "families protected": len(protected),

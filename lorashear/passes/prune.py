@@ -30,8 +30,10 @@ earlier pass already removed (an existing ``prune-mask``) stay removed and count
 the ratio. Families a ``knowledge`` analysis protects give no units, but their parameters stay
 in the ratio's base: after ``knowledge{gamma=0.1}``, ``ratio=0.2`` still removes 20% of the
 attention + MLP parameters, all of it from the other families (an error names the ratio the
-unprotected families cannot reach). The result is the masked model plus a ``prune-mask`` attribute that
-``compress`` slices away.
+unprotected families cannot reach). A graded analysis (``knowledge{spread=S}``) also weights the
+other families' shares: per-layer, a family takes its kind's share times its weight (the share
+solved so that the kind still gives its part); global, its normalised scores are divided by its
+weight. The result is the masked model plus a ``prune-mask`` attribute that ``compress`` slices away.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from lorashear.passes.groups import (
     check_kinds,
     param_units_numel,
 )
-from lorashear.passes.knowledge import protected_families
+from lorashear.passes.knowledge import allocation_weights, protected_families
 from lorashear.passes.masking import units_zeroed, zero_groups
 from lorashear.passes.registry import register_pass
 from lorashear.passes.saliency import (
@@ -86,6 +88,8 @@ class FamilyBudget:
 
     A ``protected`` family (a knowledge analysis shielded it) gives no units, but its
     parameters still count in the base of the ratio, so the other families give that much more.
+    ``weight`` multiplies the share of its units the family gives relative to the others of its
+    kind (a graded knowledge analysis, ``spread``; 1.0: the same share as every other).
     """
 
     family: GroupFamily
@@ -93,6 +97,7 @@ class FamilyBudget:
     unit_numel: int
     already: tuple[int, ...]
     protected: bool = False
+    weight: float = 1.0
 
     def ranked(self) -> list[int]:
         """Units in removal order: already removed first, then by ascending score."""
@@ -123,20 +128,42 @@ def _select_per_layer(budgets: list[FamilyBudget], target: float, remaining: flo
     then whichever is nearest to ``target``. One KV group too many per layer cannot be taken
     back by MLP channels, so a coarse kind must not overshoot what the rest can balance."""
     free = [b for b in budgets if not b.protected]
-    total = sum(b.unit_numel * b.family.size for b in free)
-    share = min(max(target / total, 0.0), 1.0) if total else 0.0
+    share = _weighted_share(free, target)
     best: tuple[float, float] | None = None
     chosen: dict[int, int] = {}
     for rounding in (_half_up, math.floor, math.ceil):
         counts = {b.family.id: len(b.already) for b in budgets if b.protected}
-        counts.update({b.family.id: min(max(rounding(share * b.family.size), len(b.already)), b.family.size - 1)
-                       for b in free})
+        counts.update({b.family.id: min(max(rounding(share * b.weight * b.family.size), len(b.already)),
+                                        b.family.size - 1) for b in free})
         taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
         rest = remaining - taken
         cost = (max(0.0, -rest) + max(0.0, rest - later_capacity), abs(taken - target))
         if best is None or cost < best:
             best, chosen = cost, counts
     return chosen
+
+
+def _weighted_share(free: list[FamilyBudget], target: float) -> float:
+    """The share ``s`` of units that, taken as ``s * weight`` of each family (at most all but
+    one unit), removes ``target`` parameters; with every weight 1 simply target / parameters.
+    A family that a large weight caps leaves its excess to the others (bisection)."""
+    total = sum(b.unit_numel * b.weight * b.family.size for b in free)
+    if not total:
+        return 0.0
+    share = min(max(target / total, 0.0), 1.0)
+    if all(b.weight == 1.0 for b in free):
+        return share
+
+    def removed(s: float) -> float:
+        return sum(b.unit_numel * min(s * b.weight * b.family.size, b.family.size - 1) for b in free)
+
+    low, high = share, 1.0 / min(b.weight for b in free)
+    if removed(low) >= target:
+        return low
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed(middle) < target else (low, middle)
+    return high
 
 
 def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]:
@@ -146,7 +173,7 @@ def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]
     for b in budgets:
         if b.protected:
             continue
-        normalised = b.normalised()
+        normalised = b.normalised() / b.weight  # a family that gives more ranks its units lower
         candidates += [(float(normalised[u]), b.family.id, u, b) for u in b.ranked()[len(b.already):]]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     for _, family_id, _, b in candidates:
@@ -277,11 +304,14 @@ def families_to_prune(module: Module, groups: GroupsAttr, kinds: tuple[str, ...]
 
 def family_budgets(module: Module, families: Iterable[GroupFamily], scores: dict[int, torch.Tensor],
                    removed: dict[int, tuple[int, ...]], protected: set[int]) -> list[FamilyBudget]:
-    """The budgets of ``families``: a protected one needs no scores (it gives no units)."""
+    """The budgets of ``families``: a protected one needs no scores (it gives no units); the
+    weights come from the module's knowledge analysis (all 1.0 without a graded one)."""
+    families = list(families)
+    weights = allocation_weights(module, families)
     return [FamilyBudget(f, torch.zeros(f.size, dtype=torch.float64) if f.id in protected
                          else scores[f.id].double(),
                          param_units_numel(module, f),
-                         tuple(removed.get(f.id, ())), f.id in protected) for f in families]
+                         tuple(removed.get(f.id, ())), f.id in protected, weights[f.id]) for f in families]
 
 
 def check_reachable(budgets: list[FamilyBudget], ratio: float) -> None:

@@ -231,6 +231,29 @@ def test_knowledge_protects_the_most_sensitive_families(trained):
         assert abs(share - 0.15) <= unit, text
 
 
+def test_graded_knowledge_takes_more_from_the_less_sensitive_layer(trained):
+    """``knowledge{spread=0.5}``: of the two MLP families the one whose removal hurt less gives
+    three times the share of the other (1.5 vs 0.5), and the ratio still holds."""
+    module, data, _ = trained
+    analysed = clone_module(module)
+    PassManager.parse(f"knowledge{{gamma=0,spread=0.5,data={data},seq-len=32,batch=4,batches=2,progress=false}}"
+                      ).run(analysed)
+    knowledge = analysed.attributes["knowledge"]
+    groups = analysed.attributes["groups"]
+    increase = dict(knowledge.loss_increase)
+    mlp = sorted((f for f in groups.families if f.kind == "mlp"), key=lambda f: increase[f.id])
+    assert len(mlp) == 2 and knowledge.share_weights(mlp) == {mlp[0].id: 1.5, mlp[1].id: 0.5}
+    for text in ("prune{ratio=0.2,metric=magnitude,attn-share=0}",
+                 f"lhspg{{ratio=0.2,periods=1,steps=4,seq-len=32,batch=8,attn-share=0,data={data},progress=false}}"):
+        pruned = clone_module(analysed)
+        PassManager.parse(text).run(pruned)
+        removed = pruned.attributes["prune-mask"].as_dict()
+        light, heavy = len(removed.get(mlp[0].id, ())), len(removed.get(mlp[1].id, ()))
+        assert abs(light - 3 * heavy) <= 2 and heavy > 0, (text, light, heavy)
+        share, unit = _removed_share(pruned)
+        assert abs(share - 0.2) <= unit, text
+
+
 def test_knowledge_protection_that_leaves_too_little_to_prune_is_an_error(trained):
     module, data, _ = trained
     analysed = clone_module(module)

@@ -521,6 +521,67 @@ def test_choose_units_takes_the_ratio_from_the_unprotected_families(layers, chan
         assert abs(taken - ratio * total) <= (len(mlp) * 3 / 2 if scope == "per-layer" else 40 / 2 + 3 / 2)
 
 
+@settings(max_examples=100, deadline=None)
+@given(layers=st.integers(2, 5), channels=st.integers(8, 48), ratio=st.floats(0.05, 0.6),
+       spread=st.floats(0.05, 0.9), scope=st.sampled_from(["per-layer", "global"]),
+       seed=st.integers(0, 2 ** 16), data=st.data())
+def test_graded_weights_keep_the_ratio_and_take_more_from_the_lighter_weighted(layers, channels, ratio, spread,
+                                                                             scope, seed, data):
+    """``knowledge{spread}``: the weights of a kind's families span 1 +- spread with mean 1; a
+    heavier-weighted family never gives fewer units than a lighter one of its kind (per-layer),
+    and the total still lands within half an MLP unit per family of the ratio."""
+    from lorashear.passes.knowledge import KnowledgeAttr
+
+    generator = torch.Generator().manual_seed(seed)
+    families = [GroupFamily(2 * layer + i, kind, layer, size, (FamilyMember("w", 0, 1),))
+                for layer in range(layers) for i, (kind, size) in enumerate((("attn", 3), ("mlp", channels)))]
+    increase = data.draw(st.lists(st.floats(-0.1, 5.0), min_size=len(families), max_size=len(families)))
+    protected = data.draw(st.sets(st.sampled_from([f.id for f in families]), max_size=1))
+    attr = KnowledgeAttr(3.0, tuple(enumerate(increase)), tuple(sorted(protected)), spread)
+    weights = attr.share_weights(families)
+    for kind in ("attn", "mlp"):
+        graded = sorted((increase[f.id], f.id) for f in families if f.kind == kind and f.id not in protected)
+        ws = [weights[f] for _, f in graded]
+        assert ws == sorted(ws, reverse=True)  # the least sensitive gives the most
+        assert math.isclose(sum(ws) / len(ws), 1.0) and max(ws) <= 1 + spread + 1e-12
+        if len(ws) > 1:
+            assert math.isclose(ws[0], 1 + spread) and math.isclose(ws[-1], 1 - spread)
+    assert all(weights[f] == 1.0 for f in protected)
+    assert KnowledgeAttr.from_json(attr.to_json()) == attr
+    budgets = [FamilyBudget(f, torch.rand(f.size, generator=generator, dtype=torch.float64), 40 if f.kind == "attn"
+                            else 3, (), f.id in protected, weights[f.id]) for f in families]
+    removed = choose_units(budgets, ratio, scope, attn_share=0.0)
+    counts = {b.family.id: len(removed[b.family.id]) for b in budgets}
+    assert all(counts[f] == 0 for f in protected) and all(counts[b.family.id] < b.family.size for b in budgets)
+    mlp = [b for b in budgets if b.family.kind == "mlp" and not b.protected]
+    total = sum(b.unit_numel * b.family.size for b in budgets)
+    taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
+    if ratio * total <= sum(3 * (b.family.size - 1) for b in mlp):  # reachable: capped families' excess
+        assert abs(taken - ratio * total) <= (len(mlp) * 3 / 2 if scope == "per-layer" else 3 / 2)
+    if scope == "per-layer":
+        for a in mlp:
+            for b in mlp:
+                if a.weight > b.weight:
+                    assert counts[a.family.id] >= counts[b.family.id]
+        if len(mlp) > 1 and all(counts[b.family.id] < b.family.size - 1 for b in mlp):  # none capped
+            share = ratio * total / sum(3 * b.weight * b.family.size for b in mlp)
+            heavy, light = max(mlp, key=lambda b: b.weight), min(mlp, key=lambda b: b.weight)
+            assert counts[heavy.family.id] - counts[light.family.id] >= share * (
+                heavy.weight - light.weight) * channels - 1
+
+
+def test_spread_zero_and_old_analyses_leave_every_share_equal():
+    from lorashear.passes.knowledge import KnowledgeAttr
+
+    families = [GroupFamily(i, "mlp", i, 8, (FamilyMember("w", 0, 1),)) for i in range(3)]
+    old = KnowledgeAttr.from_json({"base_loss": 3.0, "loss_increase": {"0": 0.5, "1": 0.1, "2": 0.9},
+                                   "protected": [2]})
+    assert old.spread == 0.0 and "spread" not in old.to_json()
+    assert old.share_weights(families) == {0: 1.0, 1: 1.0, 2: 1.0}
+    graded = KnowledgeAttr(3.0, old.loss_increase, (2,), 0.25)
+    assert graded.share_weights(families) == {0: 0.75, 1: 1.25, 2: 1.0}
+
+
 # --- errors ---------------------------------------------------------------------------------
 def one_line(exc: pytest.ExceptionInfo) -> str:
     text = str(exc.value)
