@@ -137,8 +137,7 @@ class IRModel(nn.Module):
     def device(self) -> torch.device:
         return next(iter(self.parameters())).device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
+    def _input_env(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[int, Any]:
         inputs = {"input_ids": input_ids}
         if "attention_mask" in self._input_names:
             inputs["attention_mask"] = attention_mask if attention_mask is not None \
@@ -148,7 +147,20 @@ class IRModel(nn.Module):
             if v.name not in inputs:
                 raise EmissionError(f"the graph needs input {v.name!r}, which forward() does not take")
             env[id(v)] = inputs[v.name]
-        tensors = {name: getattr(owner, leaf) for name, (owner, leaf) in self._slots.items()}
+        return env
+
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(owner, leaf) for name, (owner, leaf) in self._slots.items()}
+
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
+        env = self._input_env(input_ids, attention_mask)
+        tensors = self._live_tensors()
         device = input_ids.device
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             for segment in self._segments:
@@ -161,10 +173,7 @@ class IRModel(nn.Module):
         else:
             self._run_ops(self.ir.graph.ops, env, tensors, device)
         logits = env[id(self.ir.graph.outputs[0])]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = self._lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss=loss, logits=logits)
 
 
@@ -179,6 +188,72 @@ class IRModel(nn.Module):
         env = dict(zip(segment.inputs, inputs, strict=True))
         self._run_ops(segment.ops, env, tensors, device)
         return tuple(env[v] for v in segment.outputs)
+
+
+class SuffixLoss:
+    """The mean LM loss of ``model`` over fixed ``batches`` after a change to a few parameters,
+    rerunning only the segments from the first one that reads them.
+
+    One forward per batch (at construction, ``base``) records the values live at each segment
+    boundary: made before it and read at or after it (a decoder layer's residual stream, the
+    rotary tables, the mask), shared by reference, not copied. ``loss(names)`` then starts each
+    batch at the boundary before the first op that reads any parameter in ``names``; the ops
+    before it read none of them, so their values are the recorded ones and the result is what a
+    full forward gives, bit for bit on one device and thread count. Zeroing one layer's
+    attention costs the layers from it to the end and the head, not the whole model. Runs
+    without gradients, in the model's current mode."""
+
+    def __init__(self, model: IRModel, batches: list[torch.Tensor]) -> None:
+        if not batches:
+            raise ValueError("SuffixLoss needs at least one batch")
+        self.model = model
+        self.batches = list(batches)
+        segments = model._segments
+        made_in = {id(v): -1 for v in model.ir.graph.inputs}
+        for k, segment in enumerate(segments):
+            made_in.update({id(r): k for op in segment.ops for r in op.results})
+        #: live[k]: ids of the values the segments from k on read that earlier segments made
+        live: list[set[int]] = [set() for _ in segments]
+        reads_after: set[int] = {id(v) for v in model.ir.graph.outputs}
+        for k in reversed(range(len(segments))):
+            reads_after |= set(segments[k].inputs)
+            live[k] = {v for v in reads_after if made_in.get(v, -1) < k}
+        self._first_reader: dict[str, int] = {}
+        for k, segment in enumerate(segments):
+            for op in segment.ops:
+                for param in op.params():
+                    self._first_reader.setdefault(param.name, k)
+        self._snapshots: list[list[dict[int, Any]]] = []  # per batch, per segment boundary
+        self._output = id(model.ir.graph.outputs[0])
+        total = 0.0
+        with torch.no_grad():
+            tensors = model._live_tensors()
+            for batch in self.batches:
+                env = model._input_env(batch, None)
+                boundaries = []
+                for k, segment in enumerate(segments):
+                    boundaries.append({v: env[v] for v in live[k]})
+                    model._run_ops(segment.ops, env, tensors, batch.device)
+                total += float(model._lm_loss(env[self._output], batch))
+                self._snapshots.append(boundaries)
+        #: the mean loss with the parameters as they were at construction
+        self.base = total / len(self.batches)
+
+    def loss(self, names: Collection[str]) -> float:
+        """The mean loss now, assuming only the parameters ``names`` changed since construction."""
+        start = min((self._first_reader[n] for n in names if n in self._first_reader),
+                    default=len(self.model._segments))
+        if start == len(self.model._segments):
+            return self.base  # no op reads them
+        total = 0.0
+        with torch.no_grad():
+            tensors = self.model._live_tensors()
+            for batch, boundaries in zip(self.batches, self._snapshots, strict=True):
+                env = dict(boundaries[start])
+                for segment in self.model._segments[start:]:
+                    self.model._run_ops(segment.ops, env, tensors, batch.device)
+                total += float(self.model._lm_loss(env[self._output], batch))
+        return total / len(self.batches)
 
 
 def emit_torch(module: Module, *, device: torch.device | str | None = None,
