@@ -22,7 +22,9 @@ Held-out perplexity on Austen (headline) and the WEB bible, 16 x 128 tokens each
 sizes (``default``: 12 steps of 2 x 128 tokens) unless BENCH_STEPS / BENCH_BATCH say otherwise;
 BENCH_RATIO (default 0.5); BENCH_VARIANTS (names separated by ";") narrows the rows; BENCH_ADAPT
 (default 0) first trains the LoRA that many steps on the mix, so every row starts from a
-LoRA-tuned model. Writes bench/out/lhspg_ablation_r{ratio}_s{steps}[_a{adapt}].json, where a rerun
+LoRA-tuned model; BENCH_SEED (default 0) sets ``lhspg``'s seed in the ``{bare}`` rows (its
+scoring windows and batch order; the adaptation and ``knowledge``'s windows stay as they are).
+Writes bench/out/lhspg_ablation_r{ratio}_s{steps}[_a{adapt}][_seed{seed}].json, where a rerun
 replaces its variants' rows and keeps the others.
 """
 
@@ -97,11 +99,13 @@ def main() -> None:
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v] or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="lhspg-ablation-"))
     base, heldout, mix = smollm2_with_mix(work, seq, adapt=adapt, batch=batch)
-    bare = f"batch={batch},seq-len={seq},lr=0.001,data={mix},progress=false"  # {bare}: no metric
+    seed = int(os.environ.get("BENCH_SEED", "0"))  # lhspg's: its scoring windows and batch order
+    bare = (f"batch={batch},seq-len={seq},lr=0.001,data={mix},progress=false"  # {bare}: no metric
+            + (f",seed={seed}" if seed else ""))
     common = f"metric=taylor,{bare}"
     windows = len(mix.read_text().split()) // seq
     calibration = f"batches={min(4, max(1, windows // batch))},batch={batch},seq-len={seq}"
-    out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}{f'_a{adapt}' if adapt else ''}.json"
+    out = OUT_DIR / f"lhspg_ablation_r{ratio}_s{total}{f'_a{adapt}' if adapt else ''}{f'_seed{seed}' if seed else ''}.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     for name in wanted:
         template = VARIANTS[name]
