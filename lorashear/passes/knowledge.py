@@ -16,7 +16,8 @@ the least sensitive prunes ``1 + S`` times the kind's average share, the most se
 times it, linearly by rank in between; the kind still gives its share in total. ``spread=0`` (the
 default) leaves every unprotected family the same share: on SmolLM2 after ``gamma=0.1`` (the
 ablation below), spread 0.25 gave 79.4 at 20% and 173.0 at 50%, spread 0.5 79.6 and 183.6,
-against 78.7 and 179.0 without -- no clear gain at that precision.
+against 78.7 and 179.0 without; a second seed at 50% gave 172.2 with spread 0.25 and 175.7
+without. A 2-3% gain at 50% and none at 20% do not make it the default.
 
 On SmolLM2-135M from an adapted LoRA (``bench/bench_lhspg_ablation.py``), ``gamma=0.1`` before
 ``lhspg`` took held-out Austen from 89.9 to 78.7 at 20% and from 220.4 to 179.0 at 50%, with
