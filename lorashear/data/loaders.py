@@ -22,6 +22,8 @@ TEXT_SUFFIXES = frozenset({".txt", ".text", ".md"})
 JSON_SUFFIXES = frozenset({".json", ".jsonl", ".ndjson"})
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
 DATA_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+#: A file of whitespace-separated token ids, which the passes read without a tokenizer.
+TOKEN_ID_SUFFIX = ".ids"
 
 #: ``auto`` picks ``instruction`` when records have an ``instruction`` field, else ``text``.
 FORMATS = ("auto", "text", "instruction")

@@ -35,6 +35,7 @@ from lorashear.data._text import split_documents
 from lorashear.data.loaders import (
     DATA_SUFFIXES,
     FORMATS,
+    TOKEN_ID_SUFFIX,
     InstructionRecord,
     load_documents,
     load_instruction_records,
@@ -139,7 +140,7 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any] | DataSpec, *,
     if suffix in SPEC_SUFFIXES:
         return parse_spec(_read_yaml(path), origin=str(path), base_dir=path.parent,
                           cache_dir=cache_dir, check_files=check_files)
-    if suffix in DATA_SUFFIXES or path.exists():
+    if suffix in DATA_SUFFIXES or suffix == TOKEN_ID_SUFFIX or path.exists():
         single = {"path": text} if suffix in DATA_SUFFIXES else {"path": text, "format": "text"}
         return parse_spec({"sources": [single]}, origin=text, base_dir=Path.cwd(),
                           cache_dir=cache_dir, check_files=check_files)

@@ -118,7 +118,8 @@ class Knowledge(ModulePass):
     spread: float = option(0.0, "grade the other families' pruning shares within a kind from 1+spread "
                            "(least sensitive) to 1-spread (most) times the average, in [0, 1); 0: equal shares")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "family kinds to analyse")
-    data: str = option("", "held-out text: a text file (model's tokenizer) or a .ids file of token ids")
+    data: str = option("", "held-out text: a text/JSON/Parquet file (model's tokenizer), a .ids file "
+                       "of token ids, a cached source name, or a YAML data spec")
     batches: int = option(4, "calibration batches")
     batch: int = option(2, "windows per batch")
     seq_len: int = option(128, "tokens per window")

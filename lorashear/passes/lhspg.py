@@ -62,7 +62,7 @@ from lorashear.ir.storage import DataStorage
 from lorashear.ir.types import torch_dtype
 from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
 from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.calibration import draw_batches, token_windows
+from lorashear.passes.calibration import TextData, text_data
 from lorashear.passes.checkpoint import (
     TrainingCheckpoint,
     load_checkpoint,
@@ -172,15 +172,6 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
     return GroupIndex(offsets, total, weights, touched)
 
 
-def batch_for_step(windows: torch.Tensor, batch: int, seed: int, step: int) -> torch.Tensor:
-    """The windows of training step ``step``: epochs over a seeded permutation, fresh each
-    epoch. A function of the step alone, so a resumed run sees exactly the same data."""
-    per_epoch = len(windows) // batch
-    epoch, index = divmod(step, per_epoch)
-    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return windows[perm[index * batch:(index + 1) * batch]]
-
-
 @register_pass
 @dataclass(frozen=True)
 class Lhspg(ModulePass):
@@ -207,7 +198,8 @@ class Lhspg(ModulePass):
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
     attn_share: AttnShare = attn_share_option("auto")  # lhspg always has data to measure on
-    data: str = option("", "training text: a text file (model's tokenizer) or a .ids file of token ids")
+    data: str = option("", "training text: a text/JSON/Parquet file (model's tokenizer), a .ids file "
+                       "of token ids, a cached source name, or a YAML data spec (steps draw sources by weight)")
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
     seed: int = option(0, "seed of data order and the random metric")
@@ -244,13 +236,11 @@ class Lhspg(ModulePass):
         """Steps of a period that shrink its groups (the last one forces them to zero)."""
         return max(1, self.steps - round(self.settle * self.steps))
 
-    def training_windows(self, module: Module) -> torch.Tensor:
-        """All non-overlapping ``seq_len`` windows of the training data, ``[N, seq_len]``."""
-        windows = token_windows(module, self.data, self.seq_len, "lhspg")
-        if len(windows) < self.batch:
-            raise PassError(f"{self.data} holds {len(windows)} windows of {self.seq_len} tokens: fewer than "
-                            f"one batch of {self.batch}", hint="lower batch or seq-len")
-        return windows
+    def training_data(self, module: Module) -> TextData:
+        """Every source's non-overlapping ``seq_len`` windows of the training data."""
+        data = text_data(module, self.data, self.seq_len, "lhspg")
+        data.check_batch(self.batch, "lhspg")
+        return data
 
     def run(self, module: Module, analyses) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
@@ -261,10 +251,9 @@ class Lhspg(ModulePass):
                             hint="lower with --adapter DIR or --lora-rank R")
         runtime = TrainingRuntime.create(self.name, self.device, self.precision, self.grad_checkpoint)
         runtime.check_batch(self.batch)
-        windows = self.training_windows(module)
+        data = self.training_data(module)
         # the data is read once: these windows score the groups, choose the split and rescore
-        calibration = draw_batches(windows, min(4, len(windows) // self.batch), self.batch, self.seed,
-                                   self.data)
+        calibration = data.draw(min(4, data.count // self.batch), self.batch, self.seed)
         # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=[f.id for f in families],
@@ -338,7 +327,7 @@ class Lhspg(ModulePass):
                 bar = tqdm(range(self.steps), desc=f"lhspg period {period + 1}/{self.periods}",
                            disable=not runtime.progress(self.progress), leave=False)
                 for step in bar:
-                    (batch,) = runtime.local(batch_for_step(windows, self.batch, self.seed, step_total))
+                    (batch,) = runtime.local(data.training_batch(self.batch, self.seed, step_total))
                     with runtime.autocast():
                         loss = model(batch, labels=batch).loss
                     set_warmup_lr(optimizer, self.lr, step_total, warmup)

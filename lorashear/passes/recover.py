@@ -49,16 +49,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lorashear.errors import DataError, LorashearError, PassError
-from lorashear.ir.attributes import Attribute, RecordListAttr, SourceAttr, register_attribute
+from lorashear.ir.attributes import Attribute, RecordListAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
 from lorashear.ir.types import torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.calibration import (
     TOKEN_ID_SUFFIX,
+    batch_for_step,
     check_seq_len,
-    read_token_ids,
-    vocabulary_size,
+    lazy_tokenizer,
+    source_for_step,
+    source_token_ids,
 )
 from lorashear.passes.checkpoint import (
     TrainingCheckpoint,
@@ -68,7 +70,6 @@ from lorashear.passes.checkpoint import (
     save_checkpoint,
     trim_log_after,
 )
-from lorashear.passes.lhspg import batch_for_step
 from lorashear.passes.pipeline import format_pass
 from lorashear.passes.registry import register_pass
 from lorashear.passes.training import (
@@ -153,30 +154,9 @@ def degradation_weights(current: dict[str, float], reference: dict[str, float]) 
     return {name: ratio / total for name, ratio in ratios.items()}
 
 
-def source_for_step(names: list[str], weights: dict[str, float], seed: int, step: int) -> str:
-    """The source of step ``step``: drawn with ``weights``, a function of seed, step and weights."""
-    probabilities = torch.tensor([weights[n] for n in names], dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_919)
-    return names[int(torch.multinomial(probabilities, 1, generator=generator))]
-
-
 def labelled_tokens(labels: torch.Tensor) -> int:
     """Tokens the shifted LM loss counts: labels after the first position that are not -100."""
     return int((labels[:, 1:] != -100).sum())
-
-
-def _tokenizer(module: Module, what: str):
-    source = module.attributes.get("source")
-    if not isinstance(source, SourceAttr):
-        raise PassError(f"recover: cannot tokenize {what}: the module does not record its source model",
-                        hint=f"give {TOKEN_ID_SUFFIX} files of token ids instead")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.model)
-    except (OSError, ValueError) as exc:
-        raise PassError(f"recover: no tokenizer next to the source model {source.model} to tokenize "
-                        f"{what}: {type(exc).__name__}", hint=f"give {TOKEN_ID_SUFFIX} files") from None
 
 
 @register_pass
@@ -242,29 +222,20 @@ class Recover(ModulePass):
             text_sources, instruction_sources = [], []
             for source in spec.sources:
                 suffix = source.path.suffix.lower() if source.path is not None else ""
-                if suffix == TOKEN_ID_SUFFIX:
-                    text_sources.append((source, read_token_ids(source.path)))
-                elif source.format == "instruction" or (
+                if suffix != TOKEN_ID_SUFFIX and (source.format == "instruction" or (
                         source.format == "auto" and suffix in (".json", ".jsonl", ".ndjson")
-                        and self._looks_like_instructions(source)):
+                        and self._looks_like_instructions(source))):
                     instruction_sources.append((source, source.load_instruction_records()))
                 else:
-                    text_sources.append((source, source.load_documents()))
+                    text_sources.append(source)
         except DataError as exc:
             raise PassError(f"recover: {exc.message}", hint=exc.hint) from None
-        vocab = vocabulary_size(module)
         windows: list[SourceWindows] = []
-        for index, (source, content) in enumerate(text_sources):
-            if isinstance(content, torch.Tensor):
-                ids = content
-            else:
-                from lorashear.data.blocks import tokenize_documents
-
-                ids = tokenize_documents(content, _tokenizer(module, source.location()))
+        tokenizer = lazy_tokenizer(module, "recover")
+        for index, source in enumerate(text_sources):
+            ids = source_token_ids(module, source, "recover", tokenizer)
             if ids.numel() == 0:
                 raise PassError(f"recover: source {source.name} ({source.location()}) is empty")
-            if int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab):
-                raise PassError(f"recover: source {source.name}: token ids must lie in [0, {vocab})")
             count = ids.numel() // self.seq_len
             if count < self.probe_windows + self.batch:
                 raise PassError(f"recover: source {source.name} holds {ids.numel()} tokens: {count} "
@@ -281,12 +252,12 @@ class Recover(ModulePass):
 
             records = [r for _, recs in instruction_sources for r in recs]
             try:
-                encoded = encode_instructions(records, _tokenizer(module, "instruction records"),
+                encoded = encode_instructions(records, tokenizer("instruction records"),
                                               self.seq_len, max_length=limit)
             except DataError as exc:
                 raise PassError(f"recover: {exc.message}", hint=exc.hint) from None
             rows = InstructionRows(encoded.input_ids, encoded.labels, encoded.attention_mask)
-        weights = {s.name: w for s, w in ((s, s.weight) for s, _ in text_sources)}
+        weights = {s.name: s.weight for s in text_sources}
         return windows, rows, weights
 
     @staticmethod

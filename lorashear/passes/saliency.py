@@ -373,8 +373,8 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
 #: scores the groups itself when no earlier ``saliency`` did).
 OPTION_DOCS = {
     "weights": "combined: coefficients of magnitude, avg-magnitude, cosine, taylor1, taylor2",
-    "data": "taylor/wanda: calibration text file (tokenised with the source model's tokenizer), "
-            "or a .ids file of whitespace-separated token ids",
+    "data": "taylor/wanda: calibration text: a text/JSON/Parquet file (the source model's tokenizer), "
+            "a .ids file of token ids, a cached source name, or a YAML data spec",
     "batches": "taylor/wanda: calibration batches",
     "batch": "taylor/wanda: windows per calibration batch",
     "seq_len": "taylor/wanda: tokens per calibration window",
