@@ -228,7 +228,7 @@ class Lhspg(ModulePass):
                             "scores the live model", hint="metric=taylor, or rescore=false")
         check_kinds(self.name, self.kinds)
         if not self.data:
-            raise PassError("lhspg needs training data", hint="lhspg{data=book.txt} (or a .ids file)")
+            raise PassError("lhspg needs training data", hint="lhspg{data=book.txt}, a .ids file, a cached source (data=austen) or a YAML data spec")
         check_device_text(self.name, self.device)
 
     @property
