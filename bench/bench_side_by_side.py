@@ -36,7 +36,8 @@ BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script)
 overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
 steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
-``prune`` alike (default: each pass's own default); BENCH_LHSPG_METRIC (default wanda, ``lhspg``'s own
+``prune`` alike (default auto, the split the README's table uses; empty: each pass's own default,
+which for ``prune`` is proportional); BENCH_LHSPG_METRIC (default wanda, ``lhspg``'s own
 default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
@@ -148,7 +149,8 @@ class Bench:
         self.rows: list[dict] = []
         self.phases: list[dict] = []
         self.info = machine_info()
-        share = os.environ.get("BENCH_ATTN_SHARE")
+        # auto by default: a one-shot run on prune's proportional default once went unnoticed
+        share = os.environ.get("BENCH_ATTN_SHARE", "auto")
         self.attn_share = share or None  # a number, proportional or auto; None: the passes' default
         self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "wanda")  # lhspg's default
         # knowledge{gamma} before lhspg (0: none); lorashear only: the one-shot rows are the peers
