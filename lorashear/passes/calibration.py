@@ -164,8 +164,7 @@ class TextData:
         """Every source must fill one batch, since a training step reads one source."""
         for source in self.sources:
             if len(source.windows) < batch:
-                where = self.data if len(self.sources) == 1 else f"source {source.name} ({source.location}) of {self.data}"
-                raise PassError(f"{purpose}: {where} holds {len(source.windows)} windows of "
+                raise PassError(f"{purpose}: {self._where(source)} holds {len(source.windows)} windows of "
                                 f"{source.windows.shape[1]} tokens: fewer than one batch of {batch}",
                                 hint="lower batch or seq-len, or give more text")
 
@@ -187,10 +186,13 @@ class TextData:
         mixed = torch.cat(drawn)[torch.randperm(wanted, generator=torch.Generator().manual_seed(seed))]
         return mixed.view(batches, batch, mixed.shape[1])
 
+    def _where(self, source: TextWindows) -> str:
+        """How an error names ``source``: the data itself when it is the only one."""
+        return self.data if len(self.sources) == 1 else f"source {source.name} ({source.location}) of {self.data}"
+
     def _check_enough(self, source: TextWindows, wanted: int, why: str) -> None:
         if len(source.windows) < wanted:
-            where = self.data if len(self.sources) == 1 else f"source {source.name} ({source.location}) of {self.data}"
-            raise PassError(f"{where} holds {len(source.windows)} windows of {source.windows.shape[1]} "
+            raise PassError(f"{self._where(source)} holds {len(source.windows)} windows of {source.windows.shape[1]} "
                             f"tokens, fewer than the {wanted} asked for{why or ' (batches x batch)'}",
                             hint="lower batches, batch or seq-len, or give more text")
 
