@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from lorashear.data.spec import SourceSpec
 
 
-
 @dataclass(frozen=True)
 class CalibrationOptions:
     """Where calibration windows come from and how many: ``batches`` x ``batch`` x ``seq_len``."""
@@ -121,7 +120,7 @@ def lazy_tokenizer(module: Module, purpose: str) -> Callable[[str], Any]:
 
 
 def source_token_ids(module: Module, source: SourceSpec, purpose: str,
-                     tokenizer: Callable[[str], Any] | None = None) -> torch.Tensor:
+                     tokenizer: Callable[[str], Any]) -> torch.Tensor:
     """One data-spec source's token stream: a ``.ids`` file read as ids, anything else loaded as
     documents and tokenised (``tokenizer``: a :func:`lazy_tokenizer`), an EOS after each document."""
     from lorashear.data.blocks import tokenize_documents
@@ -133,7 +132,7 @@ def source_token_ids(module: Module, source: SourceSpec, purpose: str,
             documents = source.load_documents()
         except DataError as exc:
             raise PassError(f"{purpose}: {exc.message}", hint=exc.hint) from None
-        ids = tokenize_documents(documents, (tokenizer or lazy_tokenizer(module, purpose))(source.location()))
+        ids = tokenize_documents(documents, tokenizer(source.location()))
     check_token_ids(module, ids, f"{purpose}: {source.location()}")
     return ids
 
