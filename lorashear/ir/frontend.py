@@ -177,7 +177,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
             if adapter is not None:
                 return _bind(name, shape, adapter_tensors, f"adapter {adapter}", used_adapter_keys,
                              meta=meta, mismatch="was made for another base model")
-            return MetaStorage() if meta else DataStorage(_fresh_lora(name, shape, generator))
+            return MetaStorage() if meta else DataStorage(fresh_lora_factor(name, shape, generator))
         return _bind(name, shape, checkpoint, f"model {model_dir}", None, meta=meta,
                      mismatch="does not match its config")
 
@@ -207,8 +207,9 @@ def _bind(name: str, shape: tuple[int, ...], index: dict, what: str, used: set[s
     return FileStorage(path, key)
 
 
-def _fresh_lora(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (the adapter starts as a no-op)."""
+def fresh_lora_factor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """peft's default init of the factor ``name`` (``...lora_A...`` or ``...lora_B...``):
+    A ~ kaiming-uniform(a=sqrt(5)), B = 0 (the adapter starts as a no-op)."""
     if ".lora_B." in name:
         return torch.zeros(shape)
     bound = 1.0 / math.sqrt(shape[1])

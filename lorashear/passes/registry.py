@@ -23,6 +23,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "saliency": "lorashear.passes.saliency:Saliency",
     "prune": "lorashear.passes.prune:Prune",
     "merge-lora": "lorashear.passes.merge_lora:MergeLora",
+    "lora": "lorashear.passes.lora:Lora",
     "discover": "lorashear.passes.discover:Discover",
     "compress": "lorashear.passes.compress:Compress",
     "lhspg": "lorashear.passes.lhspg:Lhspg",
