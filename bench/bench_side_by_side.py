@@ -252,7 +252,7 @@ class Bench:
                 "train_tokens_per_method": self.budget.train_tokens,
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
                 "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
-                "knowledge_gamma": self.knowledge,
+                "knowledge_gamma": self.knowledge, "speed_timing": "median of 5 runs",
                 "source_train_tokens": getattr(self, "token_counts", {}),
                 "rows": self.rows, "phases": self.phases}
         (OUT_DIR / f"{OUT_NAME}.json").write_text(json.dumps(data, indent=1))
@@ -504,7 +504,8 @@ def markdown(data: dict) -> str:
             f"one-shot and Torch-Pruning recover {b['periods'] * b['lhspg_steps'] + b['stage1']} + "
             f"{b['stage2']} steps); held-out ppl on {b['eval_windows']}x{b['eval_window']} tokens "
             f"per source; local task {b['task_items']} items on Persuasion; prefill "
-            f"batch 1/8 x {b['speed_seq']} tokens, PyTorch = lorashear's executor.")
+            f"batch 1/8 x {b['speed_seq']} tokens ({data.get('speed_timing', 'mean of 2 runs')}), "
+            "PyTorch = lorashear's executor.")
     # runs before BENCH_LHSPG_METRIC existed chose by taylor
     head += f" lorashear's `lhspg` chooses groups by `metric={data.get('lhspg_metric', 'taylor')}`"
     # runs before BENCH_KNOWLEDGE existed had no knowledge analysis
@@ -513,6 +514,8 @@ def markdown(data: dict) -> str:
              "rows have no knowledge analysis, like the methods they stand for." if gamma else ".")
     if data.get("attn_share") is not None:
         head += f" lorashear and one-shot prune with `attn-share={data['attn_share']}`."
+    else:  # the passes' own defaults: say which, a row's split is no longer visible otherwise
+        head += " Each pass with its default `attn-share` (`lhspg`: auto, `prune`: proportional)."
     cols = ["ratio", "method", "stage", "train tokens", "removed", "params",
             *[f"ppl {s}" for s in data["sources"]], "task acc", "PyTorch tok/s 1/8",
             "ORT tok/s 1/8", "better ppl ({})".format(data["sources"][0])]
