@@ -60,7 +60,8 @@ def rerank_lora(module: Module, rank: int, *, alpha: float = 0.0, seed: int = 0)
 
 
 def _shared_factors(module: Module) -> list[str]:
-    """LoRA factors read by more than one op (rewriting one op's would change another's)."""
+    """Adapter weights and factors read by more than one op (rewriting them for one op would
+    change the others)."""
     seen: dict[str, int] = {}
     for op in module.graph.ops:
         for param in op.params():
