@@ -96,10 +96,7 @@ def main() -> None:
         bench.prepare()
         bench.budget = budget
         bench.base = load_ir(adapted)
-        dense = clone_module(bench.base)
-        dense.attributes.pop("groups", None)
-        bench.reference = save_ir(dense, work / "dense.ir")
-        del dense
+        bench.save_reference()  # prepare wrote the un-adapted one
     else:
         bench.prepare()
         save_ir(bench.base, adapted)

@@ -161,8 +161,6 @@ class Bench:
         from transformers import AutoTokenizer
 
         from lorashear.eval.local_task import build_local_task
-        from lorashear.ir.core import clone_module
-        from lorashear.ir.fileformat import save_ir
         from lorashear.ir.frontend import lower_pretrained
         from lorashear.models.default import prepare_default_model
         from lorashear.passes import PassManager
@@ -195,13 +193,19 @@ class Bench:
                            f"sampling=static,probe-windows={b.probe_windows}")
         self.adapted_hf = None  # Torch-Pruning's input, written when it first runs
         with self.phase("reference"):
-            dense = clone_module(self.base)
-            dense.attributes.pop("groups", None)
-            self.reference = save_ir(dense, self.work / "dense.ir")
-            del dense
+            self.save_reference()
         mix_windows = len(self.mix.read_text().split()) // b.seq_len
         # lhspg calibrates taylor on min(4, windows // batch) batches of its data: the same here
         self.calibration = f"batches={min(4, max(1, mix_windows // b.batch))},batch={b.batch},seq-len={b.seq_len}"
+
+    def save_reference(self) -> None:
+        """The unpruned model (``self.base`` as it is now) as the KD teacher's IR file."""
+        from lorashear.ir.core import clone_module
+        from lorashear.ir.fileformat import save_ir
+
+        dense = clone_module(self.base)
+        dense.attributes.pop("groups", None)
+        self.reference = save_ir(dense, self.work / "dense.ir")
 
     # --- bookkeeping ---------------------------------------------------------------------------
     class _Phase:

@@ -28,7 +28,7 @@ from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.masking import zero_groups
-from lorashear.passes.merge_lora import merged_weight
+from lorashear.passes.merge_lora import fold_adapter
 from lorashear.passes.registry import register_pass
 from lorashear.runtime.executor import lora_param_names
 
@@ -44,9 +44,7 @@ def rerank_lora(module: Module, rank: int, *, alpha: float = 0.0, seed: int = 0)
         if op.kind != "lora_linear":
             continue
         _, weight, _, lora_a, lora_b = op.args
-        real = weight.storage.has_data and lora_a.storage.has_data and lora_b.storage.has_data
-        weight.storage = (DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
-                          if real else MetaStorage())
+        real = fold_adapter(op)
         out_features, in_features = weight.type.shape
         for factor, shape in ((lora_a, (rank, in_features)), (lora_b, (out_features, rank))):
             factor.type = TensorType(factor.type.dtype, shape)

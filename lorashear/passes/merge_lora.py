@@ -25,17 +25,24 @@ def merged_weight(weight: Param, lora_a: Param, lora_b: Param, scaling: float) -
     return (w + scaling * delta).to(torch_dtype(weight.type.dtype))
 
 
+def fold_adapter(op: Op) -> bool:
+    """``W <- W + s*B@A`` for one ``lora_linear`` op (the weight becomes shapes only when any of
+    the three has no data); returns whether it had data."""
+    _, weight, _, lora_a, lora_b = op.args
+    real = weight.storage.has_data and lora_a.storage.has_data and lora_b.storage.has_data
+    weight.storage = (DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
+                      if real else MetaStorage())
+    return real
+
+
 def merge_lora(module: Module) -> int:
     """Rewrite every ``lora_linear`` into ``linear`` with the merged weight; returns the count."""
     merged = 0
     for index, op in enumerate(module.graph.ops):
         if op.kind != "lora_linear":
             continue
-        x, weight, bias, lora_a, lora_b = op.args
-        if weight.storage.has_data and lora_a.storage.has_data and lora_b.storage.has_data:
-            weight.storage = DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
-        else:
-            weight.storage = MetaStorage()
+        x, weight, bias, _, _ = op.args
+        fold_adapter(op)
         args = [x, weight] if bias is None else [x, weight, bias]
         new = Op("linear", args, {}, op.results, op.loc)
         module.graph.ops[index] = new
