@@ -28,7 +28,7 @@ from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.masking import zero_groups
-from lorashear.passes.merge_lora import fold_adapter
+from lorashear.passes.merge_lora import check_adapter_storage, fold_adapter
 from lorashear.passes.registry import register_pass
 from lorashear.runtime.executor import lora_param_names
 
@@ -95,6 +95,7 @@ class Lora(ModulePass):
         if shared:
             raise PassError(f"lora: @{shared[0]} is read by more than one op; re-ranking its "
                             "adapter would change the others")
+        check_adapter_storage(module, "lora")
         mask, groups = module.attributes.get("prune-mask"), module.attributes.get("groups")
         if mask is not None and groups is None:
             raise PassError("lora: the module has a prune-mask but no groups attribute")

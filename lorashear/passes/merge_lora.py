@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from lorashear.errors import PassError
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import torch_dtype
@@ -25,11 +26,29 @@ def merged_weight(weight: Param, lora_a: Param, lora_b: Param, scaling: float) -
     return (w + scaling * delta).to(torch_dtype(weight.type.dtype))
 
 
+def check_adapter_storage(module: Module, pass_name: str) -> None:
+    """Raise unless each ``lora_linear`` op's weight and factors all have data or are all shapes
+    only: folding a factor without data into a weight with data would silently drop the weight's
+    values. Callers run it before changing anything."""
+    for op in module.graph.ops:
+        if op.kind != "lora_linear":
+            continue
+        _, weight, _, lora_a, lora_b = op.args
+        empty = [p.name for p in (weight, lora_a, lora_b) if not p.storage.has_data]
+        if empty and len(empty) < 3:
+            raise PassError(
+                f"{pass_name}: the adapter at module {op.loc or weight.name} mixes data and shapes "
+                f"only: {', '.join('@' + n for n in empty)} {'has' if len(empty) == 1 else 'have'} "
+                "no data while the rest of its weight and factors have",
+                hint="lower the model and its adapter together, both with weights or both "
+                     "with --meta")
+
+
 def fold_adapter(op: Op) -> bool:
-    """``W <- W + s*B@A`` for one ``lora_linear`` op (the weight becomes shapes only when any of
-    the three has no data); returns whether it had data."""
+    """``W <- W + s*B@A`` for one ``lora_linear`` op whose weight and factors all have data or
+    all are shapes only (``check_adapter_storage``); returns whether they had data."""
     _, weight, _, lora_a, lora_b = op.args
-    real = weight.storage.has_data and lora_a.storage.has_data and lora_b.storage.has_data
+    real = weight.storage.has_data
     weight.storage = (DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
                       if real else MetaStorage())
     return real
@@ -37,6 +56,7 @@ def fold_adapter(op: Op) -> bool:
 
 def merge_lora(module: Module) -> int:
     """Rewrite every ``lora_linear`` into ``linear`` with the merged weight; returns the count."""
+    check_adapter_storage(module, "merge-lora")
     merged = 0
     for index, op in enumerate(module.graph.ops):
         if op.kind != "lora_linear":

@@ -5,6 +5,7 @@ errors leave the module as it was."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
 from lorashear.ir.frontend import lower_pretrained
 from lorashear.ir.printer import print_module
+from lorashear.ir.storage import MetaStorage
 from lorashear.ir.verifier import verify
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
@@ -156,3 +158,20 @@ def test_errors(lowered, adapted):
     with pytest.raises(PassError, match="prune-mask but no groups"):
         PassManager.parse("lora{rank=4}").run(module)
     assert print_module(module) == text  # nothing half-done
+
+
+@pytest.mark.parametrize("passes", ["lora{rank=4}", "merge-lora"])
+def test_adapter_mixing_data_and_shapes_is_an_error(adapted, passes):
+    """A factor with no data folded into a weight with data would drop the weight's values: both
+    folding passes refuse it, name the module, and change nothing (the last adapter is broken,
+    so a pass that folded as it went would have changed the others)."""
+    module = clone_module(adapted)
+    broken = _adapters(module)[-1]
+    broken.args[4].storage = MetaStorage()
+    text = print_module(module)
+    weights = {name: p.storage.load().clone() for name, p in module.params.items() if p.storage.has_data}
+    with pytest.raises(PassError, match=re.escape(f"adapter at module {broken.loc} mixes data and shapes "
+                                                  f"only: @{broken.args[4].name} has no data")):
+        PassManager.parse(passes).run(module)
+    assert print_module(module) == text
+    assert all(torch.equal(module.params[name].storage.load(), w) for name, w in weights.items())
