@@ -13,14 +13,21 @@ per source:
 - ``kd``: 90 steps of kd (distilling the adapted dense model) on equal source shares
 - ``lr3``: ``base`` at lr 3e-3 instead of 1e-3; ``lo``: ``kd`` at lr 3e-4
 - ``cos``: ``kd`` with ``schedule=cosine``
+- ``kd-256``: ``kd`` on windows of 256 tokens, half as many per step (the same tokens): training
+  at 128 never shows the pruned model the positions 128-255 that the held-out windows score
 - ``kd-r32``, ``kd-r64``: ``lora{rank=R}`` (more trainable capacity), then ``kd``
-- ``x3``: ``base`` with three times the steps (180 + 90): is it tokens?
+- ``x3``, ``x6``: ``base`` with three / six times the steps (180 + 90, 360 + 180): is it tokens,
+  and how does the gain grow with them?
+- ``x3-r32``: ``lora{rank=32}``, then ``x3``: does capacity matter once tokens are more?
+- ``lhspg-long``: no recovery; LHSPG itself takes the recovery's steps (2 x 95 instead of
+  2 x 50, the same tokens as LHSPG + ``base``), its own LHSPG model: where should a token budget go?
 - ``lhspg-r32``: ``lora{rank=32}`` before knowledge + lhspg (its own LHSPG model), then ``kd``
 - ``dense-lm``: the unpruned adapted model trained as many steps (lm, static shares): where
   LoRA training on these sources levels off without any pruning
 
-BENCH_VARIANTS=base,kd picks (default: all, about 80 min on 2 cores after the 20-min setup);
-BENCH_BUDGET=smoke only validates the script. Writes bench/out/recover_capacity.json and .md.
+BENCH_VARIANTS=base,kd picks (default: all, about 150 min on 2 cores after the 20-min setup);
+BENCH_BUDGET=smoke only validates the script. Writes bench/out/recover_capacity.json and .md
+(recover_capacity_<budget>.* for another budget, so a smoke run leaves the full results alone).
 """
 
 from __future__ import annotations
@@ -37,14 +44,17 @@ from _common import OUT_DIR, log, machine_info, set_threads
 
 TAG = "recover-capacity"
 RATIO = 0.2
-VARIANTS = ("base", "kd", "lr3", "lo", "cos", "kd-r32", "kd-r64", "x3", "lhspg-r32", "dense-lm")
+VARIANTS = ("base", "kd", "lr3", "lo", "cos", "kd-256", "kd-r32", "kd-r64", "x3", "x6", "x3-r32", "lhspg-r32", "lhspg-long",
+            "dense-lm")
 
 
-def lhspg_text(bench: side.Bench, rank: int | None = None) -> str:
+def lhspg_text(bench: side.Bench, rank: int | None = None, extra_steps: int = 0) -> str:
+    """knowledge + lhspg + compress; ``extra_steps`` more LHSPG steps in all, spread over the periods."""
     b = bench.budget
     lora = f"lora{{rank={rank}}}," if rank else ""
+    steps = b.lhspg_steps + extra_steps // b.periods
     return (f"{lora}knowledge{{gamma=0.1,data={bench.mix},progress=false}},"
-            f"lhspg{{ratio={RATIO},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
+            f"lhspg{{ratio={RATIO},periods={b.periods},steps={steps},batch={b.batch},"
             f"seq-len={b.seq_len},metric=wanda,lr=0.001,data={bench.mix},progress=false,"
             "attn-share=auto},compress")
 
@@ -65,12 +75,20 @@ def recovery(bench: side.Bench, variant: str) -> list[str]:
         return [t.replace("lr=0.001", "lr=0.0003") for t in kd]
     if variant == "cos":
         return [t.replace("lr=0.001", "lr=0.001,schedule=cosine") for t in kd]
+    if variant == "kd-256":
+        return [t.replace(f"seq-len={b.seq_len},batch={b.batch}", f"seq-len={2 * b.seq_len},batch={max(1, b.batch // 2)}")
+                for t in kd]
     if variant.startswith("kd-r"):
         return [f"lora{{rank={int(variant[4:])}}}", *kd]
-    if variant == "x3":
-        return [bench.recover_text(3 * s1, 3 * s1, kd=False), bench.recover_text(3 * s2, 0, kd=True)]
+    if variant in ("x3", "x6"):
+        n = int(variant[1:])
+        return [bench.recover_text(n * s1, n * s1, kd=False), bench.recover_text(n * s2, 0, kd=True)]
+    if variant == "x3-r32":
+        return ["lora{rank=32}", *recovery(bench, "x3")]
     if variant.startswith("lhspg-r"):
         return kd
+    if variant == "lhspg-long":
+        return []
     if variant == "dense-lm":
         return [bench.recover_text(s1 + s2, s1 + s2, kd=False).replace("recover{", "recover{sampling=static,")]
     raise ValueError(variant)
@@ -100,10 +118,9 @@ def main() -> None:
     else:
         bench.prepare()
         save_ir(bench.base, adapted)
-    out = OUT_DIR / "recover_capacity.json"
+    stem = "recover_capacity" + ("" if budget_name == "full" else f"_{budget_name}")
+    out = OUT_DIR / f"{stem}.json"
     data = json.loads(out.read_text()) if out.exists() else {}
-    if data.get("budget") != budget_name:
-        data = {}
     data.update(machine=machine_info(), threads=threads, budget=budget_name,
                 budget_sizes=asdict(budget), ratio=RATIO)
     results = data.setdefault("results", {})
@@ -127,6 +144,9 @@ def main() -> None:
             module = clone_module(bench.base)
             bench.run_passes(module, lhspg_text(bench, int(variant[7:])), variant)
             evaluate(module, f"{variant} (LHSPG)", time.perf_counter() - start)
+        elif variant == "lhspg-long":
+            module = clone_module(bench.base)
+            bench.run_passes(module, lhspg_text(bench, extra_steps=budget.stage1 + budget.stage2), variant)
         elif variant == "dense-lm":
             module = clone_module(bench.base)
         else:
@@ -134,7 +154,7 @@ def main() -> None:
         for text in recovery(bench, variant):
             bench.run_passes(module, text, variant)
         evaluate(module, variant, time.perf_counter() - start)
-    (OUT_DIR / "recover_capacity.md").write_text(table(data))
+    (OUT_DIR / f"{stem}.md").write_text(table(data))
     log(TAG, f"wrote {out}")
 
 
