@@ -19,13 +19,15 @@ per source:
 - ``x3``, ``x6``: ``base`` with three / six times the steps (180 + 90, 360 + 180): is it tokens,
   and how does the gain grow with them?
 - ``x3-r32``: ``lora{rank=32}``, then ``x3``: does capacity matter once tokens are more?
+- ``x3-cos``: ``x3`` with ``schedule=cosine`` in both runs: is a long run held back by its
+  constant learning rate?
 - ``lhspg-long``: no recovery; LHSPG itself takes the recovery's steps (2 x 95 instead of
   2 x 50, the same tokens as LHSPG + ``base``), its own LHSPG model: where should a token budget go?
 - ``lhspg-r32``: ``lora{rank=32}`` before knowledge + lhspg (its own LHSPG model), then ``kd``
 - ``dense-lm``: the unpruned adapted model trained as many steps (lm, static shares): where
   LoRA training on these sources levels off without any pruning
 
-BENCH_VARIANTS=base,kd picks (default: all, about 150 min on 2 cores after the 20-min setup);
+BENCH_VARIANTS=base,kd picks (default: all, about 165 min on 2 cores after the 20-min setup);
 BENCH_BUDGET=smoke only validates the script. Writes bench/out/recover_capacity.json and .md
 (recover_capacity_<budget>.* for another budget, so a smoke run leaves the full results alone).
 """
@@ -44,8 +46,8 @@ from _common import OUT_DIR, log, machine_info, set_threads
 
 TAG = "recover-capacity"
 RATIO = 0.2
-VARIANTS = ("base", "kd", "lr3", "lo", "cos", "kd-256", "kd-r32", "kd-r64", "x3", "x6", "x3-r32", "lhspg-r32", "lhspg-long",
-            "dense-lm")
+VARIANTS = ("base", "kd", "lr3", "lo", "cos", "kd-256", "kd-r32", "kd-r64", "x3", "x6", "x3-r32",
+            "x3-cos", "lhspg-r32", "lhspg-long", "dense-lm")
 
 
 def lhspg_text(bench: side.Bench, rank: int | None = None, extra_steps: int = 0) -> str:
@@ -85,6 +87,8 @@ def recovery(bench: side.Bench, variant: str) -> list[str]:
         return [bench.recover_text(n * s1, n * s1, kd=False), bench.recover_text(n * s2, 0, kd=True)]
     if variant == "x3-r32":
         return ["lora{rank=32}", *recovery(bench, "x3")]
+    if variant == "x3-cos":
+        return [t.replace("lr=0.001", "lr=0.001,schedule=cosine") for t in recovery(bench, "x3")]
     if variant.startswith("lhspg-r"):
         return kd
     if variant == "lhspg-long":
