@@ -38,6 +38,7 @@ def rerank_lora(module: Module, rank: int, *, alpha: float = 0.0, seed: int = 0)
     (``alpha / rank`` scaling, or its own scaling when ``alpha`` is 0); returns the count."""
     from lorashear.ir.frontend import fresh_lora_factor
 
+    check_adapter_storage(module, "lora")
     generator = torch.Generator().manual_seed(seed)
     count = 0
     for op in module.graph.ops:
@@ -95,7 +96,6 @@ class Lora(ModulePass):
         if shared:
             raise PassError(f"lora: @{shared[0]} is read by more than one op; re-ranking its "
                             "adapter would change the others")
-        check_adapter_storage(module, "lora")
         mask, groups = module.attributes.get("prune-mask"), module.attributes.get("groups")
         if mask is not None and groups is None:
             raise PassError("lora: the module has a prune-mask but no groups attribute")
