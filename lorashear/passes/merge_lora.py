@@ -13,7 +13,7 @@ import torch
 
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Op, Param
-from lorashear.ir.storage import DataStorage, MetaStorage
+from lorashear.ir.storage import DataStorage
 from lorashear.ir.types import torch_dtype
 from lorashear.passes.base import ModulePass, PassResult
 from lorashear.passes.registry import register_pass
@@ -48,10 +48,10 @@ def fold_adapter(op: Op) -> bool:
     """``W <- W + s*B@A`` for one ``lora_linear`` op whose weight and factors all have data or
     all are shapes only (``check_adapter_storage``); returns whether they had data."""
     _, weight, _, lora_a, lora_b = op.args
-    real = weight.storage.has_data
-    weight.storage = (DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
-                      if real else MetaStorage())
-    return real
+    if not weight.storage.has_data:  # shapes only: nothing to fold
+        return False
+    weight.storage = DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
+    return True
 
 
 def merge_lora(module: Module) -> int:
