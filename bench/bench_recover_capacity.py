@@ -65,7 +65,14 @@ def recovery(bench: side.Bench, variant: str) -> list[str]:
     """The pipelines of one variant's recovery (after any lora/lhspg of its own)."""
     b = bench.budget
     s1, s2 = b.stage1, b.stage2
-    base = [bench.recover_text(s1, s1, kd=False), bench.recover_text(s2, 0, kd=True)]
+
+    def base_times(n: int) -> list[str]:  # stage 1 (dynamic, lm) + stage 2 (kd), n times the steps
+        return [bench.recover_text(n * s1, n * s1, kd=False), bench.recover_text(n * s2, 0, kd=True)]
+
+    def cosine(texts: list[str]) -> list[str]:
+        return [t.replace("lr=0.001", "lr=0.001,schedule=cosine") for t in texts]
+
+    base = base_times(1)
     kd = [bench.recover_text(s1 + s2, 0, kd=True)]
     if variant == "base":
         return base
@@ -76,19 +83,18 @@ def recovery(bench: side.Bench, variant: str) -> list[str]:
     if variant == "lo":
         return [t.replace("lr=0.001", "lr=0.0003") for t in kd]
     if variant == "cos":
-        return [t.replace("lr=0.001", "lr=0.001,schedule=cosine") for t in kd]
+        return cosine(kd)
     if variant == "kd-256":
         return [t.replace(f"seq-len={b.seq_len},batch={b.batch}", f"seq-len={2 * b.seq_len},batch={max(1, b.batch // 2)}")
                 for t in kd]
     if variant.startswith("kd-r"):
         return [f"lora{{rank={int(variant[4:])}}}", *kd]
     if variant in ("x3", "x6"):
-        n = int(variant[1:])
-        return [bench.recover_text(n * s1, n * s1, kd=False), bench.recover_text(n * s2, 0, kd=True)]
+        return base_times(int(variant[1:]))
     if variant == "x3-r32":
-        return ["lora{rank=32}", *recovery(bench, "x3")]
+        return ["lora{rank=32}", *base_times(3)]
     if variant == "x3-cos":
-        return [t.replace("lr=0.001", "lr=0.001,schedule=cosine") for t in recovery(bench, "x3")]
+        return cosine(base_times(3))
     if variant.startswith("lhspg-r"):
         return kd
     if variant == "lhspg-long":
