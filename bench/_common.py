@@ -157,7 +157,7 @@ def smollm2_with_mix(work: Path, seq: int, adapt: int = 0, batch: int = 2):
     Returns ``(module, heldout, mix_path)``; :func:`small_held_out_ppl` evaluates on ``heldout``."""
     from transformers import AutoTokenizer
 
-    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
 

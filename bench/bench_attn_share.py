@@ -35,9 +35,9 @@ TAG = "attn-share"
 
 
 def main() -> None:
+    from lorashear.analysis.masking import zero_groups
     from lorashear.ir.core import clone_module
     from lorashear.passes import PassManager
-    from lorashear.passes.masking import zero_groups
     from lorashear.runtime.executor import emit_torch
 
     set_threads()

@@ -23,7 +23,7 @@ TIMEOUT_S = int(os.environ.get("BENCH_TP_TIMEOUT", "200"))
 LORASHEAR = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from lorashear.ir.frontend import lower_pretrained
+from lorashear.frontend.pretrained import lower_pretrained
 from lorashear.passes import PassManager
 module = lower_pretrained(sys.argv[1], meta=True, lora_rank=8)
 t1 = time.perf_counter()

@@ -87,8 +87,8 @@ def main() -> int:
 
     from lorashear.data.cache import text_dir
     from lorashear.data.sources import fetch_sources
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.core import clone_module
-    from lorashear.ir.frontend import lower_pretrained
     from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch

@@ -22,7 +22,7 @@ CASES = {
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from lorashear.ir.frontend import lower_pretrained
+from lorashear.frontend.pretrained import lower_pretrained
 from lorashear.ir.fileformat import save_ir
 t_import = time.perf_counter() - t0
 t1 = time.perf_counter()

@@ -161,7 +161,7 @@ class Bench:
         from transformers import AutoTokenizer
 
         from lorashear.eval.local_task import build_local_task
-        from lorashear.ir.frontend import lower_pretrained
+        from lorashear.frontend.pretrained import lower_pretrained
         from lorashear.models.default import prepare_default_model
         from lorashear.passes import PassManager
 
@@ -410,7 +410,7 @@ class Bench:
 
     def torch_pruning(self, ratio: float) -> None:
         from lorashear.errors import first_line
-        from lorashear.ir.frontend import lower_pretrained
+        from lorashear.frontend.pretrained import lower_pretrained
         from lorashear.runtime.executor import emit_torch
 
         method = "Torch-Pruning"

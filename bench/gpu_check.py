@@ -127,8 +127,8 @@ def with_random_weights(module):
 def step_ratio(device: torch.device, smoke: bool, ir_path: str | None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.fileformat import load_ir
-    from lorashear.ir.frontend import lower_pretrained
     from lorashear.kernels import ProjectionPlan, project_groups
     from lorashear.passes import PassManager
     from lorashear.passes.lhspg import build_group_index

@@ -46,8 +46,8 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from lorashear.eval.perplexity import tokenize_text
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.core import clone_module
-    from lorashear.ir.frontend import lower_pretrained
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "lower": "lorashear.ir.lower",
-    "lower_pretrained": "lorashear.ir.frontend",
+    "lower": "lorashear.frontend.lower",
+    "lower_pretrained": "lorashear.frontend.pretrained",
     "load_ir": "lorashear.ir.fileformat",
     "save_ir": "lorashear.ir.fileformat",
     "print_module": "lorashear.ir.printer",
@@ -63,10 +63,10 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from lorashear.errors import LorashearError
+    from lorashear.frontend.lower import lower
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.core import Module
     from lorashear.ir.fileformat import load_ir, save_ir
-    from lorashear.ir.frontend import lower_pretrained
-    from lorashear.ir.lower import lower
     from lorashear.ir.parser import parse_module
     from lorashear.ir.printer import print_module
     from lorashear.ir.verifier import verify

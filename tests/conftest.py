@@ -80,7 +80,7 @@ def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
 @pytest.fixture(scope="session")
 def lowered(tiny_models):
     """(family, with_lora) -> lowered Module, computed once per session."""
-    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.frontend.pretrained import lower_pretrained
 
     cache = {}
 
@@ -139,8 +139,8 @@ def save_base_and_lower(base, model_dir: Path, adapter_dir: Path):
     embeddings) and lower it with the adapter in ``adapter_dir``."""
     from safetensors.torch import save_file
 
-    from lorashear.ir.frontend import lower_pretrained
-    from lorashear.ir.lower import canonical_param_name
+    from lorashear.frontend.lower import canonical_param_name
+    from lorashear.frontend.pretrained import lower_pretrained
 
     state = {canonical_param_name(n): p.detach().clone().contiguous()
              for n, p in base.named_parameters() if "lora_" not in n}

@@ -8,13 +8,13 @@ import re
 
 import pytest
 
+from lorashear.analysis.groups import PruneMaskAttr
+from lorashear.analysis.knowledge import KnowledgeAttr
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.cli import opt as opt_cli
 from lorashear.ir.core import clone_module
 from lorashear.ir.fileformat import load_ir, save_ir
-from lorashear.passes.analysis import AnalysisManager
 from lorashear.passes.discover import Discover
-from lorashear.passes.groups import PruneMaskAttr
-from lorashear.passes.knowledge import KnowledgeAttr
 from lorashear.passes.lhspg import LhspgLogAttr
 from lorashear.passes.pipeline import parse_pipeline
 from lorashear.report import (

@@ -72,9 +72,9 @@ def main() -> int:
     from lorashear.data.cache import text_dir
     from lorashear.data.sources import fetch_sources
     from lorashear.eval.perplexity import text_perplexity
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.core import clone_module
     from lorashear.ir.fileformat import save_ir
-    from lorashear.ir.frontend import lower_pretrained
     from lorashear.models.default import prepare_default_model
     from lorashear.passes import PassManager
     from lorashear.report import (

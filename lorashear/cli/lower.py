@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from lorashear.frontend.pretrained import lower_any
     from lorashear.ir.fileformat import save_ir
-    from lorashear.ir.frontend import lower_any
     from lorashear.ir.verifier import verify
 
     if (args.lora_alpha is not None or args.lora_targets) and args.lora_rank is None:

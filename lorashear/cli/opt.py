@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
     module = manager.run(module, verify_each=args.verify_each, print_ir_after_all=after_pass,
                          checkpoint=checkpoint)
-    from lorashear.passes.training import is_main_process
+    from lorashear.training.runtime import is_main_process
 
     if not is_main_process():
         return 0  # a data-parallel rank other than 0: rank 0 holds the same result and writes it

@@ -2,7 +2,8 @@
 
 An attribute kind is a dataclass registered under a name with :func:`register_attribute`;
 its text form is ``attr NAME = KIND JSON`` where JSON is produced by ``to_json`` and read by
-``from_json`` (which validates). Passes add kinds for groups, saliency and keep masks.
+``from_json`` (which validates). Higher layers add kinds (groups, saliency, keep masks,
+training logs) and name them under the ``lorashear.attributes`` entry point group.
 """
 
 from __future__ import annotations
@@ -52,26 +53,24 @@ def register_attribute(cls: type[Attribute]) -> type[Attribute]:
     return cls
 
 
-#: Attribute kinds defined by passes, imported on first use so that any `.ir` file parses in a
-#: fresh process (the pass modules need not have been imported by a pipeline first).
-BUILTIN_ATTRIBUTE_MODULES: dict[str, str] = {
-    "groups": "lorashear.passes.groups",
-    "prune-mask": "lorashear.passes.groups",
-    "saliency": "lorashear.passes.saliency_attr",
-    "lhspg-log": "lorashear.passes.lhspg",
-    "knowledge": "lorashear.passes.knowledge",
-    "recover-log": "lorashear.passes.recover",
-    "recover-cursor": "lorashear.passes.recover",
-}
+#: The entry point group through which packages name their attribute kinds, so that any `.ir`
+#: file parses in a fresh process: the module defining a kind need not have been imported by a
+#: pipeline first. lorashear's own kinds (groups, saliency, masks, training logs) are declared
+#: there too (pyproject.toml), so this layer names no module above it.
+ENTRY_POINT_GROUP = "lorashear.attributes"
 
 
 def attribute_kind(name: str) -> type[Attribute] | None:
-    """The attribute class registered as ``name`` (importing its built-in module if needed)."""
+    """The attribute class registered as ``name``; a kind not registered yet is looked up among
+    the ``lorashear.attributes`` entry points and imported (which registers it)."""
     cls = _ATTRIBUTE_KINDS.get(name)
-    if cls is None and name in BUILTIN_ATTRIBUTE_MODULES:
-        import importlib
+    if cls is None:
+        import importlib.metadata
 
-        importlib.import_module(BUILTIN_ATTRIBUTE_MODULES[name])
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+            loaded = entry.load()
+            if isinstance(loaded, type) and issubclass(loaded, Attribute):
+                register_attribute(loaded)
         cls = _ATTRIBUTE_KINDS.get(name)
     return cls
 

@@ -1,6 +1,6 @@
 """Passes over the IR, their registry, the pipeline language and the pass manager."""
 
-from lorashear.passes.analysis import Analysis, AnalysisManager
+from lorashear.analysis.manager import Analysis, AnalysisManager
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.manager import PassManager
 from lorashear.passes.pipeline import format_pipeline, parse_pipeline

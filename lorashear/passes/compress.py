@@ -15,16 +15,16 @@ from typing import ClassVar
 
 import torch
 
+from lorashear.analysis.coupling import CouplingResult, DimensionCoupling
+from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr
+from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.errors import PassError
 from lorashear.ir.attributes import HFConfigAttr
 from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType
 from lorashear.passes.base import ModulePass, PassResult
-from lorashear.passes.coupling import CouplingResult, DimensionCoupling
 from lorashear.passes.discover import groups_from_coupling
-from lorashear.passes.groups import GroupsAttr, PruneMaskAttr
-from lorashear.passes.masking import keep_masks, validate_removal
 from lorashear.passes.registry import register_pass
 
 _SHAPE_ARG_OPS = frozenset({"reshape", "expand"})

@@ -6,10 +6,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lorashear.analysis.coupling import CouplingResult, DimensionCoupling
+from lorashear.analysis.groups import FamilyMember, GroupFamily, GroupsAttr
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult
-from lorashear.passes.coupling import CouplingResult, DimensionCoupling
-from lorashear.passes.groups import FamilyMember, GroupFamily, GroupsAttr
 from lorashear.passes.registry import register_pass
 
 
@@ -22,7 +22,7 @@ def groups_from_coupling(coupling: CouplingResult) -> GroupsAttr:
 
 def summarize_groups(module: Module, groups: GroupsAttr) -> str:
     """A table of the groups by kind and layer, with the parameters one group holds."""
-    from lorashear.passes.groups import param_units_numel
+    from lorashear.analysis.groups import param_units_numel
 
     rows: dict[tuple[str, object], list[int]] = {}
     for f in groups.families:

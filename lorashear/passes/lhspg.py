@@ -42,7 +42,7 @@ The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
 
 ``device``, ``precision`` and ``grad-checkpoint`` and data parallelism under ``torchrun`` come
-from :mod:`lorashear.passes.training`: every rank trains on its slice of the same global batch,
+from :mod:`lorashear.training.runtime`: every rank trains on its slice of the same global batch,
 the LoRA gradients are all-reduced, and the projection runs on every rank alike.
 """
 
@@ -55,28 +55,9 @@ from typing import ClassVar, Literal
 import torch
 from tqdm.auto import tqdm
 
-from lorashear.errors import PassError
-from lorashear.ir.attributes import RecordListAttr, register_attribute
-from lorashear.ir.core import Module
-from lorashear.ir.storage import DataStorage
-from lorashear.ir.types import torch_dtype
-from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
-from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.calibration import TextData, text_data
-from lorashear.passes.checkpoint import (
-    TrainingCheckpoint,
-    load_checkpoint,
-    optimizer_tensors,
-    restore_optimizer,
-    save_checkpoint,
-    trim_log_after,
-)
-from lorashear.passes.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
-from lorashear.passes.pipeline import format_pass
-from lorashear.passes.prune import (
+from lorashear.analysis.allocation import (
     AttnShare,
     FamilyBudget,
-    attn_share_option,
     check_attn_share,
     check_reachable,
     choose_units,
@@ -87,22 +68,48 @@ from lorashear.passes.prune import (
     masked_loss_fn,
     search_attn_share,
 )
+from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
+from lorashear.analysis.saliency import (
+    MetricName,
+    check_metric,
+    model_gradient_scores,
+    score_groups,
+)
+from lorashear.data.calibration import TextData, text_data
+from lorashear.errors import PassError
+from lorashear.ir.attributes import RecordListAttr, register_attribute
+from lorashear.ir.core import Module
+from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import torch_dtype
+from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
+from lorashear.passes.base import ModulePass, PassResult, option
+from lorashear.passes.options import (
+    attn_share_option,
+    device_option,
+    grad_checkpoint_option,
+    precision_option,
+    warmup_option,
+)
+from lorashear.passes.pipeline import format_pass
 from lorashear.passes.registry import register_pass
-from lorashear.passes.saliency import MetricName, check_metric, model_gradient_scores, score_groups
-from lorashear.passes.training import (
+from lorashear.runtime.executor import IRModel, lora_param_names
+from lorashear.training.checkpoint import (
+    TrainingCheckpoint,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    trim_log_after,
+)
+from lorashear.training.runtime import (
     Precision,
     TrainingRuntime,
     check_device_text,
     check_warmup,
-    device_option,
-    grad_checkpoint_option,
-    precision_option,
     set_warmup_lr,
     tensors_of,
-    warmup_option,
     warmup_steps,
 )
-from lorashear.runtime.executor import IRModel, lora_param_names
 
 
 @register_attribute

@@ -22,13 +22,13 @@ from typing import ClassVar
 
 import torch
 
+from lorashear.analysis.masking import zero_groups
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Param
+from lorashear.ir.lora import check_adapter_storage, fold_adapter
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.masking import zero_groups
-from lorashear.passes.merge_lora import check_adapter_storage, fold_adapter
 from lorashear.passes.registry import register_pass
 from lorashear.runtime.executor import lora_param_names
 
@@ -36,7 +36,7 @@ from lorashear.runtime.executor import lora_param_names
 def rerank_lora(module: Module, rank: int, *, alpha: float = 0.0, seed: int = 0) -> int:
     """Fold each ``lora_linear`` adapter into its weight and give it fresh factors of ``rank``
     (``alpha / rank`` scaling, or its own scaling when ``alpha`` is 0); returns the count."""
-    from lorashear.ir.frontend import fresh_lora_factor
+    from lorashear.frontend.pretrained import fresh_lora_factor
 
     check_adapter_storage(module, "lora")
     generator = torch.Generator().manual_seed(seed)

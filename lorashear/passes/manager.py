@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.errors import LorashearError, PassError
 from lorashear.ir.core import Module
 from lorashear.ir.printer import print_module
 from lorashear.ir.verifier import verify
-from lorashear.passes.analysis import AnalysisManager
 from lorashear.passes.base import ModulePass, PassResult
 from lorashear.passes.pipeline import format_pass, format_pipeline, parse_pipeline
 

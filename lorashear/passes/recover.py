@@ -31,7 +31,7 @@ Per-source probe perplexities and weights go into the ``recover-log`` attribute 
 ``log=``, a JSON-lines file.
 
 ``device``, ``precision``, ``grad-checkpoint`` and data parallelism under ``torchrun`` come from
-:mod:`lorashear.passes.training`. Under data parallelism every rank draws the same source and
+:mod:`lorashear.training.runtime`. Under data parallelism every rank draws the same source and
 global batch and trains on its slice; stage-2 gradients are weighted by each slice's count of
 labelled tokens; probe losses are rank 0's on every rank, so all ranks sample alike.
 """
@@ -48,21 +48,30 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lorashear.errors import DataError, LorashearError, PassError
-from lorashear.ir.attributes import Attribute, RecordListAttr, register_attribute
-from lorashear.ir.core import Module
-from lorashear.ir.storage import DataStorage
-from lorashear.ir.types import torch_dtype
-from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.calibration import (
-    TOKEN_ID_SUFFIX,
+from lorashear.data.calibration import (
     batch_for_step,
     check_seq_len,
     lazy_tokenizer,
     source_for_step,
     source_token_ids,
 )
-from lorashear.passes.checkpoint import (
+from lorashear.data.loaders import TOKEN_ID_SUFFIX
+from lorashear.errors import DataError, LorashearError, PassError
+from lorashear.ir.attributes import Attribute, RecordListAttr, register_attribute
+from lorashear.ir.core import Module
+from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import torch_dtype
+from lorashear.passes.base import ModulePass, PassResult, option
+from lorashear.passes.options import (
+    device_option,
+    grad_checkpoint_option,
+    precision_option,
+    warmup_option,
+)
+from lorashear.passes.pipeline import format_pass
+from lorashear.passes.registry import register_pass
+from lorashear.runtime.executor import lora_param_names
+from lorashear.training.checkpoint import (
     TrainingCheckpoint,
     load_checkpoint,
     optimizer_tensors,
@@ -70,23 +79,16 @@ from lorashear.passes.checkpoint import (
     save_checkpoint,
     trim_log_after,
 )
-from lorashear.passes.pipeline import format_pass
-from lorashear.passes.registry import register_pass
-from lorashear.passes.training import (
+from lorashear.training.runtime import (
     Precision,
     Schedule,
     TrainingRuntime,
     check_device_text,
     check_warmup,
-    device_option,
-    grad_checkpoint_option,
-    precision_option,
     set_warmup_lr,
     tensors_of,
-    warmup_option,
     warmup_steps,
 )
-from lorashear.runtime.executor import lora_param_names
 
 #: Suffixes of a single data file that can hold no instruction records.
 PLAIN_TEXT_SUFFIXES = (".txt", TOKEN_ID_SUFFIX)
@@ -289,7 +291,7 @@ class Recover(ModulePass):
             return []
         if groups is None:
             raise PassError("recover: the module has a prune-mask but no groups attribute")
-        from lorashear.passes.masking import keep_masks, validate_removal
+        from lorashear.analysis.masking import keep_masks, validate_removal
 
         removed = mask.as_dict()
         validate_removal(groups, removed)

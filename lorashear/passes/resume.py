@@ -97,7 +97,7 @@ class PipelineCheckpoint:
 
         A fresh run needs an empty (or new) directory; a resume needs the directory of the
         same pipeline over the same input."""
-        from lorashear.passes.training import is_main_process
+        from lorashear.training.runtime import is_main_process
 
         d = self.directory
         self._count = len(passes)

@@ -38,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -> Path:
     """Write ``module`` as a self-contained directory (see the module docstring)."""
-    from lorashear.passes.merge_lora import merge_lora
+    from lorashear.ir.lora import merge_lora
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -93,6 +93,6 @@ def load_pretrained(model_dir: str | os.PathLike, *, device: torch.device | str 
     if ir_file.is_file():
         module = load_ir(ir_file)
     else:
-        from lorashear.ir.frontend import lower_any
+        from lorashear.frontend.pretrained import lower_any
         module = lower_any(model_dir)
     return emit_torch(module, device=device, dtype=dtype)

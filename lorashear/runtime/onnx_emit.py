@@ -55,7 +55,7 @@ def build_onnx_model(module: Module, *, opset: int = 18, merge_lora: bool = True
     if opset < MIN_OPSET:
         raise EmissionError(f"ONNX opset {opset} is not supported; use {MIN_OPSET} or newer")
     if merge_lora and any(op.kind == "lora_linear" for op in module.graph.ops):
-        from lorashear.passes.merge_lora import merge_lora as merge
+        from lorashear.ir.lora import merge_lora as merge
 
         module = clone_module(module)
         merge(module)

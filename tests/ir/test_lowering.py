@@ -115,7 +115,7 @@ def test_lower_in_memory_peft_model(tiny_models):
 
 
 def test_fresh_lora_keeps_function(tiny_models):
-    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.frontend.pretrained import lower_pretrained
 
     tm = tiny_models["mistral"]
     module = lower_pretrained(tm.model_dir, lora_rank=2, lora_targets=["q_proj", "down_proj"])

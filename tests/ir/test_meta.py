@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import resource
 
+from lorashear.frontend.pretrained import lower_pretrained
 from lorashear.ir.fileformat import load_ir, save_ir
-from lorashear.ir.frontend import lower_pretrained
 from lorashear.ir.storage import MetaStorage
 
 

@@ -13,16 +13,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lorashear.analysis.groups import PruneMaskAttr
+from lorashear.analysis.masking import keep_masks, zero_groups
 from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
+from lorashear.ir.lora import merge_lora
 from lorashear.ir.parser import parse_module
 from lorashear.ir.printer import print_module
 from lorashear.ir.verifier import verify
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.passes.groups import PruneMaskAttr
-from lorashear.passes.masking import keep_masks, zero_groups
-from lorashear.passes.merge_lora import merge_lora
 from lorashear.runtime.executor import emit_torch
 from tests.conftest import FAMILIES, build_tiny, random_batch
 
@@ -36,7 +36,7 @@ def _discovered(module):
 @pytest.fixture(scope="module")
 def pool(lowered, tiny_models, tmp_path_factory):
     """Discovered modules: the three families with and without LoRA, plus seeded random configs."""
-    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.frontend.pretrained import lower_pretrained
 
     modules = {f"{f}{'+lora' if lora else ''}": _discovered(lowered(f, lora))
                for f in FAMILIES for lora in (False, True)}

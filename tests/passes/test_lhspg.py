@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorashear.analysis.groups import param_units_numel
+from lorashear.analysis.masking import zero_groups
 from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.passes.groups import param_units_numel
-from lorashear.passes.masking import zero_groups
 from lorashear.runtime.executor import emit_torch, lora_param_names
 from tests.conftest import build_tiny, markov_tokens, save_base_and_lower, train_all_weights
 
@@ -194,7 +194,7 @@ def test_lhspg_errors(trained, lowered, tmp_path):
 
 def test_lhspg_reads_its_data_once(trained, monkeypatch):
     """Scoring, the split search and rescoring share the training windows: one read of the file."""
-    from lorashear.passes import calibration
+    from lorashear.data import calibration
 
     module, data, _ = trained
     reads = []
@@ -206,7 +206,7 @@ def test_lhspg_reads_its_data_once(trained, monkeypatch):
 
 
 def test_knowledge_protects_the_most_sensitive_families(trained):
-    from lorashear.passes.knowledge import KnowledgeAttr
+    from lorashear.analysis.knowledge import KnowledgeAttr
 
     module, data, _ = trained
     analyse = f"knowledge{{gamma=0.5,data={data},seq-len=32,batch=4,batches=2,progress=false}}"
@@ -361,7 +361,7 @@ def test_checkpoint_from_before_attn_share_auto_resumes_with_the_proportional_sp
 def test_trim_log_after_drops_only_the_killed_runs_tail(tmp_path):
     import json
 
-    from lorashear.passes.checkpoint import trim_log_after
+    from lorashear.training.checkpoint import trim_log_after
 
     log = tmp_path / "steps.jsonl"
     earlier = [json.dumps({"step": s}) + "\n" for s in (1, 2, 3)]  # another run, same file

@@ -12,16 +12,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lorashear.analysis.groups import PruneMaskAttr
+from lorashear.analysis.masking import keep_masks, zero_groups
 from lorashear.errors import PassError
+from lorashear.frontend.pretrained import lower_pretrained
 from lorashear.ir.core import clone_module
-from lorashear.ir.frontend import lower_pretrained
 from lorashear.ir.printer import print_module
 from lorashear.ir.storage import MetaStorage
 from lorashear.ir.verifier import verify
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.passes.groups import PruneMaskAttr
-from lorashear.passes.masking import keep_masks, zero_groups
 from lorashear.runtime.executor import emit_torch, lora_param_names
 from tests.conftest import markov_tokens, random_batch
 

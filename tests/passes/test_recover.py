@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 
+from lorashear.analysis.groups import PruneMaskAttr
+from lorashear.analysis.masking import zero_groups
 from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
 from lorashear.ir.fileformat import save_ir
 from lorashear.passes import PassManager
-from lorashear.passes.groups import PruneMaskAttr
-from lorashear.passes.masking import zero_groups
 from lorashear.runtime.executor import lora_param_names
 from tests.conftest import (
     build_tiny,
@@ -251,7 +251,7 @@ def instruction_setup(tmp_path_factory):
     the `tokenizers` library), lowered so that recover finds the tokenizer through the
     module's source; and Alpaca records (JSON Lines) in that tokenizer's vocabulary."""
     from lorashear.data.loaders import InstructionRecord
-    from lorashear.ir.frontend import lower_pretrained
+    from lorashear.frontend.pretrained import lower_pretrained
 
     root = tmp_path_factory.mktemp("instructions")
     records = [{"instruction": f"Give the opposite of the word {word}.", "output": f"The opposite is {opposite}."}

@@ -11,23 +11,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorashear.errors import PassError
-from lorashear.ir.attributes import dump_json
-from lorashear.ir.core import Graph, Module, Op, Param, Value, clone_module
-from lorashear.ir.storage import DataStorage
-from lorashear.ir.types import TensorType
-from lorashear.passes import PassManager, parse_pipeline
-from lorashear.passes.calibration import CalibrationOptions, calibration_batches
-from lorashear.passes.groups import FamilyMember, GroupFamily, GroupsAttr, param_units_numel
-from lorashear.passes.prune import (
+from lorashear.analysis.allocation import (
     AUTO_SHARES,
     FamilyBudget,
     align_count,
     choose_units,
     search_attn_share,
 )
-from lorashear.passes.saliency import METRICS, Saliency, score_groups
-from lorashear.passes.saliency_attr import SaliencyAttr
+from lorashear.analysis.groups import FamilyMember, GroupFamily, GroupsAttr, param_units_numel
+from lorashear.analysis.saliency import METRICS, score_groups
+from lorashear.analysis.scores import SaliencyAttr
+from lorashear.data.calibration import CalibrationOptions, calibration_batches
+from lorashear.errors import PassError
+from lorashear.ir.attributes import dump_json
+from lorashear.ir.core import Graph, Module, Op, Param, Value, clone_module
+from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import TensorType
+from lorashear.passes import PassManager, parse_pipeline
+from lorashear.passes.saliency import Saliency
 from lorashear.runtime.executor import emit_torch
 from tests.conftest import random_batch
 
@@ -214,7 +215,7 @@ def test_taylor_matches_hf_gradients(discovered, tiny_models, calibration_ids):
 def test_live_model_taylor_scores_it_as_it_is_and_leaves_its_training_state(discovered, calibration_ids):
     """lhspg{rescore=true} scores its training model: the scores are those of a module holding
     the model's current values, and requires_grad and .grad of every parameter are untouched."""
-    from lorashear.passes.saliency import model_gradient_scores
+    from lorashear.analysis.saliency import model_gradient_scores
     from lorashear.runtime.executor import lora_param_names
 
     module = discovered("llama", True)
@@ -385,7 +386,7 @@ def test_attn_share_auto_keeps_the_split_whose_masked_model_has_the_least_loss(d
 
 def test_prune_reads_calibration_once_for_scores_and_split(discovered, calibration_ids, monkeypatch):
     """wanda scores and the split search run on the same windows, read from the file once."""
-    from lorashear.passes import calibration
+    from lorashear.data import calibration
 
     reads = []
     real = calibration.read_token_ids
@@ -530,7 +531,7 @@ def test_graded_weights_keep_the_ratio_and_take_more_from_the_lighter_weighted(l
     """``knowledge{spread}``: the weights of a kind's families span 1 +- spread with mean 1; a
     heavier-weighted family never gives fewer units than a lighter one of its kind (per-layer),
     and the total still lands within half an MLP unit per family of the ratio."""
-    from lorashear.passes.knowledge import KnowledgeAttr
+    from lorashear.analysis.knowledge import KnowledgeAttr
 
     generator = torch.Generator().manual_seed(seed)
     families = [GroupFamily(2 * layer + i, kind, layer, size, (FamilyMember("w", 0, 1),))
@@ -571,7 +572,7 @@ def test_graded_weights_keep_the_ratio_and_take_more_from_the_lighter_weighted(l
 
 
 def test_spread_zero_and_old_analyses_leave_every_share_equal():
-    from lorashear.passes.knowledge import KnowledgeAttr
+    from lorashear.analysis.knowledge import KnowledgeAttr
 
     families = [GroupFamily(i, "mlp", i, 8, (FamilyMember("w", 0, 1),)) for i in range(3)]
     old = KnowledgeAttr.from_json({"base_loss": 3.0, "loss_increase": {"0": 0.5, "1": 0.1, "2": 0.9},

@@ -8,17 +8,17 @@ from collections import Counter
 import pytest
 import torch
 
-from lorashear.errors import PassError
-from lorashear.ir.core import clone_module
-from lorashear.ir.frontend import lower_pretrained
-from lorashear.passes import PassManager
-from lorashear.passes.calibration import (
+from lorashear.data.calibration import (
     CalibrationOptions,
     batch_for_step,
     calibration_batches,
     share_counts,
     text_data,
 )
+from lorashear.errors import PassError
+from lorashear.frontend.pretrained import lower_pretrained
+from lorashear.ir.core import clone_module
+from lorashear.passes import PassManager
 from tests.conftest import build_tiny, save_word_tokenizer
 
 SEQ = 8

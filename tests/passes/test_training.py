@@ -228,7 +228,7 @@ def test_lhspg_bf16_and_recover_fp16_on_cuda(setup):
 def test_cosine_schedule_decays_from_lr_after_the_warmup(warmup):
     """The rates of every step: the warmup's linear rise, then lr falling along half a cosine
     (lr/2 halfway, above 0 at the last step); constant keeps lr."""
-    from lorashear.passes.training import set_warmup_lr
+    from lorashear.training.runtime import set_warmup_lr
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     total, lr = 11, 0.4

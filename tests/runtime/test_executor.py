@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.ir.core import clone_module
-from lorashear.passes.analysis import AnalysisManager
 from lorashear.passes.discover import Discover
 from lorashear.runtime.executor import SuffixLoss, emit_torch
 from tests.conftest import FAMILIES

@@ -4,7 +4,7 @@
 manager's records, the attributes seen along the way, the LHSPG step log, the recovery
 probes) into a
 :class:`Report`: sections of tables and plots, each present only when its data is. The same
-report renders as HTML with inline SVG plots (:mod:`lorashear.report_plots`) or as Markdown
+report renders as HTML with inline SVG plots (:mod:`lorashear.report.plots`) or as Markdown
 with the plots summarised in words. ``compress`` removes the ``groups`` and ``prune-mask``
 attributes it consumes, so the CLI keeps the last-seen ones with an :class:`AttributeTracker`.
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from lorashear._atomic import atomic_path
+from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr
+from lorashear.analysis.knowledge import KnowledgeAttr
+from lorashear.analysis.scores import SaliencyAttr
 from lorashear.errors import LorashearError
 from lorashear.ir.core import Module
-from lorashear.passes.groups import GroupsAttr, PruneMaskAttr
-from lorashear.passes.knowledge import KnowledgeAttr
 from lorashear.passes.lhspg import LhspgLogAttr
 from lorashear.passes.manager import PassRecord
 from lorashear.passes.recover import RecoverLogAttr
-from lorashear.passes.saliency_attr import SaliencyAttr
-from lorashear.report_plots import (
+from lorashear.report.plots import (
     BarChart,
     Histogram,
     LineChart,

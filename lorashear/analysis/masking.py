@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from lorashear.analysis.groups import GroupsAttr
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage
-from lorashear.passes.groups import GroupsAttr
 
 
 def validate_removal(groups: GroupsAttr, removed: dict[int, tuple[int, ...]]) -> None:

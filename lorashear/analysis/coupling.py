@@ -20,9 +20,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from lorashear.analysis.manager import Analysis
 from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.types import TensorType
-from lorashear.passes.analysis import Analysis
 
 Ref = Value | Param
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from lorashear.errors import LorashearError, ModelLoadError, first_line
+from lorashear.frontend.lower import lower
 from lorashear.ir.attributes import SourceAttr
 from lorashear.ir.core import Module
-from lorashear.ir.lower import lower
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage, safetensors_keys
 
 #: Linear layers that get fresh LoRA adapters by default (all attention and MLP projections).

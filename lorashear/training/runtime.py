@@ -30,7 +30,6 @@ import torch
 
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
-from lorashear.passes.base import option
 from lorashear.runtime.executor import IRModel, lora_param_names
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -39,26 +38,6 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Optimizer state that stays on the CPU whatever the device (AdamW's step counter).
 _CPU_STATE = frozenset({"step"})
-
-
-def device_option() -> Any:
-    return option("auto", "where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:N "
-                  "(under torchrun, cuda means cuda:LOCAL_RANK)")
-
-
-def precision_option() -> Any:
-    return option("fp32", "fp32, or bf16/fp16 autocast of forward and loss on CUDA (bf16 also loads "
-                  "the frozen base weights in bf16; fp16 scales the loss); CPU trains in fp32")
-
-
-def grad_checkpoint_option() -> Any:
-    return option(False, "recompute each decoder layer's activations in the backward pass "
-                  "(less memory, about one more forward of compute)")
-
-
-def warmup_option(default: int, why: str) -> Any:
-    return option(default, "steps over which the learning rate rises linearly to lr; -1: a third "
-                  f"of the steps, at most 50 ({why})")
 
 
 def check_warmup(pass_name: str, warmup: int) -> None:

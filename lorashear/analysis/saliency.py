@@ -1,0 +1,368 @@
+"""`saliency`: score every removable group, so that pruning removes the least important ones.
+
+A unit ``g`` of a group family owns slices of several parameters (DESIGN.md section 3). ``W_g``
+is the unit's slices of the *base* weights (LoRA factors are not part of it) and
+``D_g = (s * B @ A)_g`` the LoRA update restricted to the same slices, the gradient proxy of
+DESIGN.md section 4. Metrics (higher = more important):
+
+- ``magnitude`` ``||W_g||``; ``avg-magnitude`` ``||W_g|| / sqrt(numel W_g)``;
+- ``cosine`` ``<W_g, D_g> / (||W_g|| ||D_g||) + 1``; ``taylor1`` ``|<W_g, D_g>|``;
+  ``taylor2`` ``0.5 <W_g, D_g>^2`` -- these three need LoRA adapters and fail without any
+  (a unit whose slices carry no LoRA gets ``D_g = 0``: cosine 1, Taylor 0);
+- ``combined``: the five above, each divided by its L2 norm over all units, summed with
+  ``weights`` (a LoRA-proxy term with a non-zero weight needs LoRA adapters);
+- ``taylor``: ``|<E_g, grad_g>|`` summed over calibration batches (LLM-Pruner's group Taylor),
+  with ``E = W + s*B@A`` the effective weight: pruning a unit zeroes its base slices and its
+  LoRA rows/columns, so ``E_g`` is exactly what is taken away;
+- ``wanda``: ``sum |E_ij| * ||X_j||`` over the input columns j of linear weights that belong to
+  the unit, ``X_j`` that column's activations on calibration text (Wanda-sp: a head is scored
+  on its o_proj columns, an MLP channel on its down_proj column);
+- ``random``: uniform, seeded per family -- the floor every method must beat.
+
+Scoring is vectorised: for each parameter, one elementwise product, then per member one
+reduction to the member axis and an ``index_add`` over ``(r // stride) % size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+
+from lorashear.analysis.groups import FamilyMember, GroupFamily, GroupsAttr
+from lorashear.data.calibration import CalibrationOptions, calibration_batches
+from lorashear.errors import PassError
+from lorashear.ir.core import Module, Param
+from lorashear.ir.interpret import run_op
+
+MetricName = Literal["magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2", "combined",
+                     "taylor", "wanda", "random"]
+METRICS: tuple[str, ...] = get_args(MetricName)
+#: The terms of ``combined``, in the order of its ``weights``.
+COMBINED_TERMS = ("magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2")
+#: Metrics that use the LoRA update as a gradient proxy.
+LORA_PROXY_METRICS = frozenset({"cosine", "taylor1", "taylor2"})
+#: Metrics that run the model on calibration data.
+DATA_METRICS = frozenset({"taylor", "wanda"})
+_LINEAR_KINDS = frozenset({"linear", "lora_linear"})
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """The LoRA factors attached to one base weight: ``D = scaling * B @ A``."""
+
+    lora_A: str
+    lora_B: str
+    scaling: float
+
+
+def lora_updates(module: Module) -> dict[str, LoraUpdate]:
+    """Base weight name -> its LoRA factors, from the ``lora_linear`` ops (args x, W, b, A, B)."""
+    return {op.args[1].name: LoraUpdate(op.args[3].name, op.args[4].name,
+                                        float(op.kwargs.get("scaling", 1.0)))
+            for op in module.graph.ops if op.kind == "lora_linear"}
+
+
+def check_metric(metric: str, weights: tuple[float, ...] = (1.0,) * 5) -> None:
+    """One clear error for an unknown metric or a ``weights`` tuple of the wrong length."""
+    if metric not in METRICS:
+        raise PassError(f"unknown saliency metric {metric!r}", hint=f"one of {', '.join(METRICS)}")
+    if metric == "combined" and len(weights) != len(COMBINED_TERMS):
+        raise PassError(f"metric 'combined' takes {len(COMBINED_TERMS)} weights "
+                        f"({', '.join(COMBINED_TERMS)}), got {len(weights)}")
+
+
+def unit_sums(values: torch.Tensor, member: FamilyMember, size: int) -> torch.Tensor:
+    """float64 per-unit sums of ``values`` (shaped like the member's parameter)."""
+    length = values.shape[member.axis]
+    per_index = values.movedim(member.axis, 0).reshape(length, -1).sum(1, dtype=torch.float64)
+    return torch.zeros(size, dtype=torch.float64).index_add_(0, member.unit_of(length, size), per_index)
+
+
+def _base_members(module: Module, groups: GroupsAttr, family_ids: Iterable[int]
+                  ) -> dict[str, list[tuple[GroupFamily, FamilyMember]]]:
+    """Base parameter name -> the (family, member) pairs that slice it; LoRA factors left out."""
+    factors = {name for u in lora_updates(module).values() for name in (u.lora_A, u.lora_B)}
+    by_param: dict[str, list[tuple[GroupFamily, FamilyMember]]] = {}
+    for family_id in family_ids:
+        family = groups.families[family_id]
+        for member in family.members:
+            if member.param not in factors:
+                by_param.setdefault(member.param, []).append((family, member))
+    return by_param
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``s * B @ A``, computed in float32 and returned in ``dtype`` (the base weight's)."""
+    return ((lora_b.float() @ lora_a.float()) * scaling).to(dtype)
+
+
+def _lora_delta(module: Module, update: LoraUpdate | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The stored factors' ``s * B @ A`` in the dtype of ``like``, or None without LoRA."""
+    if update is None:
+        return None
+    return lora_delta(module.params[update.lora_A].storage.load(),
+                      module.params[update.lora_B].storage.load(), update.scaling, like.dtype)
+
+
+@dataclass
+class UnitStatistics:
+    """float64 per-unit sums over one family: ``sum W^2``, ``sum D^2``, ``sum W*D``, numel."""
+
+    w2: torch.Tensor
+    d2: torch.Tensor
+    wd: torch.Tensor
+    numel: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int) -> UnitStatistics:
+        return cls(*(torch.zeros(size, dtype=torch.float64) for _ in range(4)))
+
+
+def weight_statistics(module: Module, groups: GroupsAttr, family_ids: Iterable[int]
+                      ) -> dict[int, UnitStatistics]:
+    """The per-unit sums every weight-only metric derives from (one pass over the weights)."""
+    family_ids = list(family_ids)
+    stats = {f: UnitStatistics.zeros(groups.families[f].size) for f in family_ids}
+    updates = lora_updates(module)
+    for name, members in _base_members(module, groups, family_ids).items():
+        weight = module.params[name].storage.load().float()
+        delta = _lora_delta(module, updates.get(name), weight)
+        squares = weight * weight
+        products = None if delta is None else (weight * delta, delta * delta)
+        for family, member in members:
+            s = stats[family.id]
+            s.w2 += unit_sums(squares, member, family.size)
+            length = weight.shape[member.axis]
+            s.numel += torch.bincount(member.unit_of(length, family.size), minlength=family.size) \
+                .double() * (weight.numel() // max(length, 1))
+            if products is not None:
+                s.wd += unit_sums(products[0], member, family.size)
+                s.d2 += unit_sums(products[1], member, family.size)
+    return stats
+
+
+def proxy_score(stats: UnitStatistics, metric: str) -> torch.Tensor:
+    """One weight-only metric (magnitude, avg-magnitude, cosine, taylor1, taylor2) of a family."""
+    if metric == "magnitude":
+        return stats.w2.sqrt()
+    if metric == "avg-magnitude":
+        return (stats.w2 / stats.numel.clamp_min(1)).sqrt()
+    if metric == "cosine":
+        norms = (stats.w2 * stats.d2).sqrt()
+        return torch.where(norms > 0, stats.wd / norms.clamp_min(1e-300), torch.zeros_like(norms)) + 1
+    if metric == "taylor1":
+        return stats.wd.abs()
+    if metric == "taylor2":
+        return 0.5 * stats.wd * stats.wd
+    raise PassError(f"internal: {metric!r} is not a weight-only metric")
+
+
+def combined_scores(stats: dict[int, UnitStatistics], weights: tuple[float, ...]) -> dict[int, torch.Tensor]:
+    """Sum of the five weight-only metrics, each normalised by its L2 norm over all units."""
+    total = {f: torch.zeros_like(s.w2) for f, s in stats.items()}
+    for term, weight in zip(COMBINED_TERMS, weights, strict=True):
+        if weight == 0:
+            continue
+        scores = {f: proxy_score(s, term) for f, s in stats.items()}
+        norm = torch.cat(list(scores.values())).norm() if scores else torch.tensor(0.0)
+        if norm > 0:
+            for f in total:
+                total[f] += weight * scores[f] / norm
+    return total
+
+
+def gradient_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],
+                    batches: torch.Tensor) -> dict[int, torch.Tensor]:
+    """LLM-Pruner group Taylor: ``sum over batches of |<E_g, dLoss/dW_g>|`` (E = W + s*B@A)."""
+    from lorashear.runtime.executor import emit_torch
+
+    return model_gradient_scores(emit_torch(module), module, groups, family_ids, batches)
+
+
+def model_gradient_scores(model: torch.nn.Module, module: Module, groups: GroupsAttr,
+                          family_ids: Iterable[int], batches: Iterable[torch.Tensor], *,
+                          autocast: Any = None) -> dict[int, torch.Tensor]:
+    """:func:`gradient_scores` of a runnable ``model`` of ``module`` as it is now (a training
+    pass scores its live model: trained LoRA, groups already at zero).
+
+    Each base weight's gradient is consumed by a hook as soon as it is complete and freed, so
+    scoring needs one weight's gradient at a time, not a model's worth. ``requires_grad`` and
+    ``.grad`` of every parameter are as before when it returns. ``batches`` are on the
+    model's device; ``autocast`` is a context manager factory wrapped around the forward.
+    """
+    family_ids = list(family_ids)
+    by_param = _base_members(module, groups, family_ids)
+    updates = lora_updates(module)
+    scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+    dots = {f: torch.zeros_like(s) for f, s in scores.items()}
+
+    def consume(names: list[str], weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name in names:  # tied weights: one tensor, one gradient, several names
+                update = updates.get(name)
+                effective = weight.detach()
+                if update is not None:
+                    effective = effective + lora_delta(model.tensor(update.lora_A).detach(),
+                                                       model.tensor(update.lora_B).detach(),
+                                                       update.scaling, weight.dtype)
+                product = effective.float() * weight.grad.float()
+                for family, member in by_param[name]:
+                    dots[family.id] += unit_sums(product, member, family.size).cpu()
+        weight.grad = None
+
+    names_of: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name in by_param:
+        weight = model.tensor(name)
+        names_of.setdefault(id(weight), (weight, []))[1].append(name)
+    tensors = {id(p): p for p in model.parameters()} | {i: w for i, (w, _) in names_of.items()}
+    saved = {i: (t.requires_grad, t.grad) for i, t in tensors.items()}
+    handles = []
+    try:
+        for t in tensors.values():
+            t.requires_grad_(False)
+            t.grad = None
+        for weight, names in names_of.values():
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(
+                lambda w, names=names: consume(names, w)))
+        for ids in batches:
+            for d in dots.values():
+                d.zero_()
+            with (autocast or contextlib.nullcontext)():
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            for f in scores:
+                scores[f] += dots[f].abs()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for i, t in tensors.items():
+            t.requires_grad_(saved[i][0])
+            t.grad = saved[i][1]
+    return scores
+
+
+def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per linear weight name, ``sum over tokens of x_j^2`` for each input column j.
+
+    Runs the graph op by op (the executor's own ``run_op``) and reads the input of every
+    ``linear``/``lora_linear`` op; a value is freed after its last use to bound memory.
+    """
+    ops = module.graph.ops
+    last_use: dict[int, int] = {}
+    for index, op in enumerate(ops):
+        for v in op.operands():
+            last_use[id(v)] = index
+    keep = {id(v) for v in module.graph.outputs}
+    tensors: dict[str, torch.Tensor] = {}
+
+    def param_tensor(p: Param) -> torch.Tensor:
+        if p.name not in tensors:
+            tensors[p.name] = p.storage.load()
+        return tensors[p.name]
+
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for ids in batches:
+            env: dict[int, Any] = {}
+            for v in module.graph.inputs:
+                if v.name == "input_ids":
+                    env[id(v)] = ids
+                elif v.name == "attention_mask":
+                    env[id(v)] = torch.ones_like(ids)
+                else:
+                    raise PassError(f"the graph needs input {v.name!r}; calibration feeds only input_ids")
+            for index, op in enumerate(ops):
+                run_op(op, env, param_tensor, device=ids.device)
+                if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param):
+                    x = env[id(op.args[0])].float()
+                    square = x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+                    name = op.args[1].name
+                    sums[name] = sums[name] + square if name in sums else square
+                for v in op.operands():
+                    if last_use.get(id(v)) == index and id(v) not in keep:
+                        env.pop(id(v), None)
+    return sums
+
+
+def activation_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],
+                      batches: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Wanda-sp: per unit, ``sum |E_ij| * ||X_j||`` over the linear weights' input columns j
+    that belong to the unit (o_proj columns of a head, down_proj columns of an MLP channel).
+
+    Only there is ``||X_j||`` the activation of the unit's own channel; on output rows it is
+    the norm of unrelated input features (in a Llama, dominated by one outlier channel). A
+    family that never feeds a linear's input falls back to its output rows.
+    """
+    family_ids = list(family_ids)
+    scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+    square_sums = input_square_sums(module, batches)
+    updates = lora_updates(module)
+    by_param = {name: members for name, members in _base_members(module, groups, family_ids).items()
+                if name in square_sums}  # norm scales and embedding lookups see no inputs
+    feeds_input = {family.id for name, members in by_param.items() for family, member in members
+                   if member.axis == len(module.params[name].type.shape) - 1}
+    for name, members in by_param.items():
+        input_axis = len(module.params[name].type.shape) - 1
+        members = [(f, m) for f, m in members if m.axis == input_axis or f.id not in feeds_input]
+        if not members:
+            continue
+        weight = module.params[name].storage.load().float()
+        delta = _lora_delta(module, updates.get(name), weight)
+        effective = weight if delta is None else weight + delta
+        importance = effective.abs().double() * square_sums[name].sqrt()
+        for family, member in members:
+            scores[family.id] += unit_sums(importance, member, family.size)
+    return scores
+
+
+def random_scores(groups: GroupsAttr, family_ids: Iterable[int], seed: int) -> dict[int, torch.Tensor]:
+    """Uniform scores; family f's depend only on (seed, f), not on which families are scored."""
+    scores = {}
+    for f in family_ids:
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + f) % (2 ** 63))
+        scores[f] = torch.rand(groups.families[f].size, generator=generator, dtype=torch.float64)
+    return scores
+
+
+def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
+                 weights: tuple[float, ...] = (1.0,) * 5, calibration: CalibrationOptions | None = None,
+                 seed: int = 0, family_ids: Iterable[int] | None = None,
+                 batches: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """float64 scores per unit for each family (all of them unless ``family_ids`` is given).
+
+    The data-driven metrics run on ``batches`` (``[batches, batch, seq_len]`` token ids) when a
+    caller has read them already, else on windows read from ``calibration``.
+
+    Raises :class:`PassError` for an unknown metric, a LoRA-proxy metric on a module without
+    LoRA, and a data-driven metric without a calibration file.
+    """
+    check_metric(metric, weights)
+    if not groups.families:
+        raise PassError("the groups attribute has no families: nothing to score")
+    family_ids = list(range(len(groups.families)) if family_ids is None else family_ids)
+    uses_proxy = metric in LORA_PROXY_METRICS or metric == "combined" and any(
+        w for t, w in zip(COMBINED_TERMS, weights, strict=True) if t in LORA_PROXY_METRICS)
+    if uses_proxy and not lora_updates(module):
+        raise PassError(f"metric {metric!r} uses the LoRA update as its gradient proxy, and the "
+                        "module has no LoRA adapters",
+                        hint="lower with --adapter, or use magnitude, taylor, wanda or random")
+    if metric == "random":
+        return random_scores(groups, family_ids, seed)
+    if metric in DATA_METRICS:
+        if batches is None:
+            if calibration is None:
+                raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
+            batches = calibration_batches(module, calibration, f"metric {metric!r}")
+        scorer = gradient_scores if metric == "taylor" else activation_scores
+        return scorer(module, groups, family_ids, batches)
+    stats = weight_statistics(module, groups, family_ids)
+    if metric == "combined":
+        return combined_scores(stats, weights)
+    return {f: proxy_score(s, metric) for f, s in stats.items()}
+
+

@@ -1,0 +1,59 @@
+"""Pass options that several passes share: one declaration each, so their text and
+defaults cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorashear.analysis.allocation import AttnShare
+from lorashear.data.calibration import CalibrationOptions
+from lorashear.passes.base import option
+
+
+def device_option() -> Any:
+    return option("auto", "where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:N "
+                  "(under torchrun, cuda means cuda:LOCAL_RANK)")
+
+
+def precision_option() -> Any:
+    return option("fp32", "fp32, or bf16/fp16 autocast of forward and loss on CUDA (bf16 also loads "
+                  "the frozen base weights in bf16; fp16 scales the loss); CPU trains in fp32")
+
+
+def grad_checkpoint_option() -> Any:
+    return option(False, "recompute each decoder layer's activations in the backward pass "
+                  "(less memory, about one more forward of compute)")
+
+
+def warmup_option(default: int, why: str) -> Any:
+    return option(default, "steps over which the learning rate rises linearly to lr; -1: a third "
+                  f"of the steps, at most 50 ({why})")
+
+
+
+
+def attn_share_option(default: AttnShare = "proportional") -> Any:
+    """The ``attn-share`` option that ``prune`` and ``lhspg`` share."""
+    return option(default, "share of the removed parameters taken from attention groups: a number "
+                  "in [0, 1] (0: MLP and the other kinds only); proportional: each kind in "
+                  "proportion to its parameters; auto: of proportional and 0, 0.05, ..., 1, the split "
+                  "whose masked model has the least loss on the calibration text")
+
+
+#: Documentation of the scoring options that ``saliency`` and ``prune`` share (``prune``
+#: scores the groups itself when no earlier ``saliency`` did).
+OPTION_DOCS = {
+    "weights": "combined: coefficients of magnitude, avg-magnitude, cosine, taylor1, taylor2",
+    "data": "taylor/wanda: calibration text: a text/JSON/Parquet file (the source model's tokenizer), "
+            "a .ids file of token ids, a cached source name, or a YAML data spec",
+    "batches": "taylor/wanda: calibration batches",
+    "batch": "taylor/wanda: windows per calibration batch",
+    "seq_len": "taylor/wanda: tokens per calibration window",
+    "seed": "seed of the random metric and of the choice of calibration windows",
+}
+
+
+def calibration_options(p: Any) -> CalibrationOptions:
+    """The calibration settings of a pass that has the shared scoring options."""
+    return CalibrationOptions(p.data, p.batches, p.batch, p.seq_len, p.seed)
