@@ -37,6 +37,7 @@ from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Param
 from lorashear.ir.interpret import run_op
+from lorashear.ir.lora import adapters
 
 MetricName = Literal["magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2", "combined",
                      "taylor", "wanda", "random"]
@@ -60,10 +61,9 @@ class LoraUpdate:
 
 
 def lora_updates(module: Module) -> dict[str, LoraUpdate]:
-    """Base weight name -> its LoRA factors, from the ``lora_linear`` ops (args x, W, b, A, B)."""
-    return {op.args[1].name: LoraUpdate(op.args[3].name, op.args[4].name,
-                                        float(op.kwargs.get("scaling", 1.0)))
-            for op in module.graph.ops if op.kind == "lora_linear"}
+    """Base weight name -> its LoRA factors, from the ``lora_linear`` ops."""
+    return {parts.weight.name: LoraUpdate(parts.lora_a.name, parts.lora_b.name, parts.scaling)
+            for _, parts in adapters(module)}
 
 
 def check_metric(metric: str, weights: tuple[float, ...] = (1.0,) * 5) -> None:

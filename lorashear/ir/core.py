@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorashear.ir.attributes import Attribute
+from lorashear.ir.ops import bind_arguments
 from lorashear.ir.storage import Storage
 from lorashear.ir.types import TensorType, ValueType
 
@@ -104,6 +105,12 @@ class Op:
         if len(self.results) != 1:
             raise ValueError(f"op {self.kind} has {len(self.results)} results, not one")
         return self.results[0]
+
+    def bound_args(self) -> dict[str, Any]:
+        """The arguments by parameter name, defaults filled in: ATen kinds bind against their
+        overload's schema, our own kinds against their Python signature, so a reader gets
+        ``bound_args()["dim"]`` whether lowering passed it by position or by keyword."""
+        return bind_arguments(self.kind, self.args, self.kwargs)
 
     def operands(self) -> list[Value]:
         """Values this op reads, in argument order (params excluded)."""

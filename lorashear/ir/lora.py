@@ -1,18 +1,54 @@
 """LoRA folding: ``W <- W + scaling * B @ A`` for one adapter or every adapter of a module.
 
 The ``merge-lora`` pass and emission (HF, ONNX) fold through these; the base weight keeps its
-name, so emitted checkpoints keep HF names.
+name, so emitted checkpoints keep HF names. :func:`lora_parts` is the one way to read an
+adapter's parts from its ``lora_linear`` op.
 """
 
-
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from lorashear.errors import PassError
-from lorashear.ir.core import Module, Op, Param
+from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.storage import DataStorage
 from lorashear.ir.types import torch_dtype
+
+
+@dataclass(frozen=True)
+class LoraParts:
+    """What one ``lora_linear`` op computes: ``x @ W^T + b + scaling * B(A(dropout(x)))``."""
+
+    x: Value
+    weight: Param
+    bias: Param | None
+    lora_a: Param
+    lora_b: Param
+    scaling: float
+    dropout: float
+
+    @property
+    def factors(self) -> tuple[Param, Param]:
+        return self.lora_a, self.lora_b
+
+
+def lora_parts(op: Op) -> LoraParts:
+    """The named parts of a ``lora_linear`` op (a ValueError for any other kind)."""
+    if op.kind != "lora_linear":
+        raise ValueError(f"op {op.kind} at {op.loc or 'top level'} is not a lora_linear")
+    bound = op.bound_args()
+    return LoraParts(bound["x"], bound["weight"], bound["bias"], bound["lora_A"], bound["lora_B"],
+                     float(bound["scaling"]), float(bound["dropout"]))
+
+
+def adapters(module: Module) -> Iterator[tuple[Op, LoraParts]]:
+    """Every ``lora_linear`` op of the module with its parts, in graph order."""
+    for op in module.graph.ops:
+        if op.kind == "lora_linear":
+            yield op, lora_parts(op)
 
 
 def merged_weight(weight: Param, lora_a: Param, lora_b: Param, scaling: float) -> torch.Tensor:
@@ -26,16 +62,14 @@ def check_adapter_storage(module: Module, pass_name: str) -> None:
     """Raise unless each ``lora_linear`` op's weight and factors all have data or are all shapes
     only: folding a factor without data into a weight with data would silently drop the weight's
     values. Callers run it before changing anything."""
-    for op in module.graph.ops:
-        if op.kind != "lora_linear":
-            continue
-        _, weight, _, lora_a, lora_b = op.args
-        empty = [p.name for p in (weight, lora_a, lora_b) if not p.storage.has_data]
+    for op, parts in adapters(module):
+        empty = [p.name for p in (parts.weight, *parts.factors) if not p.storage.has_data]
         if empty and len(empty) < 3:
             raise PassError(
-                f"{pass_name}: the adapter at module {op.loc or weight.name} mixes data and shapes "
-                f"only: {', '.join('@' + n for n in empty)} {'has' if len(empty) == 1 else 'have'} "
-                "no data while the rest of its weight and factors have",
+                f"{pass_name}: the adapter at module {op.loc or parts.weight.name} mixes data and "
+                f"shapes only: {', '.join('@' + n for n in empty)} "
+                f"{'has' if len(empty) == 1 else 'have'} no data while the rest of its weight and "
+                "factors have",
                 hint="lower the model and its adapter together, both with weights or both "
                      "with --meta")
 
@@ -43,10 +77,11 @@ def check_adapter_storage(module: Module, pass_name: str) -> None:
 def fold_adapter(op: Op) -> bool:
     """``W <- W + s*B@A`` for one ``lora_linear`` op whose weight and factors all have data or
     all are shapes only (``check_adapter_storage``); returns whether they had data."""
-    _, weight, _, lora_a, lora_b = op.args
-    if not weight.storage.has_data:  # shapes only: nothing to fold
+    parts = lora_parts(op)
+    if not parts.weight.storage.has_data:  # shapes only: nothing to fold
         return False
-    weight.storage = DataStorage(merged_weight(weight, lora_a, lora_b, float(op.kwargs["scaling"])))
+    parts.weight.storage = DataStorage(merged_weight(parts.weight, parts.lora_a, parts.lora_b,
+                                                     parts.scaling))
     return True
 
 
@@ -57,14 +92,11 @@ def merge_lora(module: Module) -> int:
     for index, op in enumerate(module.graph.ops):
         if op.kind != "lora_linear":
             continue
-        x, weight, bias, _, _ = op.args
+        parts = lora_parts(op)
         fold_adapter(op)
-        args = [x, weight] if bias is None else [x, weight, bias]
-        new = Op("linear", args, {}, op.results, op.loc)
-        module.graph.ops[index] = new
+        args = [parts.x, parts.weight] + ([] if parts.bias is None else [parts.bias])
+        module.graph.ops[index] = Op("linear", args, {}, op.results, op.loc)
         merged += 1
     if merged:
         module.remove_unused_params()
     return merged
-
-

@@ -8,9 +8,12 @@ kinds are our own (``cast``, ``lora_linear``, ``dropout``, ``dim``, symbolic ari
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,3 +166,31 @@ TRAINING_AWARE = frozenset({"dropout", "lora_linear"})
 
 def op_def(kind: str) -> OpDef | None:
     return OP_DEFS.get(kind)
+
+
+@functools.cache
+def _parameters(kind: str) -> tuple[tuple[str, ...], dict[str, Any]] | inspect.Signature:
+    """A kind's parameter names and defaults: from the ATen schema of the overload it runs, or
+    the Python signature of our own kinds."""
+    fn = OP_DEFS[kind].fn
+    schema = getattr(fn, "_schema", None)
+    if schema is None:
+        return inspect.signature(fn)
+    names = tuple(a.name for a in schema.arguments)
+    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    return names, defaults
+
+
+def bind_arguments(kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``args``/``kwargs`` of an op of ``kind`` by parameter name, defaults filled in (KeyError
+    for an unknown kind)."""
+    parameters = _parameters(kind)
+    if isinstance(parameters, inspect.Signature):
+        bound = parameters.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    names, defaults = parameters
+    result = dict(defaults)
+    result.update(zip(names, args, strict=False))
+    result.update(kwargs)
+    return result

@@ -8,7 +8,7 @@ class Prune(ModulePass):
     name: ClassVar[str] = "prune"
     ratio: float = option(0.2, "share of prunable parameters to remove")
 
-    def run(self, module, analyses) -> PassResult: ...
+    def run(self, module, am) -> PassResult: ...
 ```
 ``run`` mutates the module in place and returns whether it changed it and which analyses
 survived; ``requires_attributes`` names module attributes an earlier pass must have made.
@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from lorashear.analysis.manager import ALL, AnalysisManager, Preserved
 from lorashear.ir.core import Module
 
 
@@ -33,15 +34,16 @@ def option(default: Any, doc: str, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass did: ``modified`` the module; ``preserved`` analyses stay valid."""
+    """What a pass did: ``modified`` the module; the analyses of the ``preserved`` classes (and
+    their subclasses; :data:`~lorashear.analysis.manager.ALL` for every one) stay valid."""
 
     modified: bool
-    preserved: frozenset[str] = frozenset()
+    preserved: Preserved = frozenset()
     statistics: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def unchanged(**statistics: Any) -> PassResult:
-        return PassResult(False, frozenset({"*"}), statistics)
+        return PassResult(False, ALL, statistics)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class ModulePass:
     #: Module attributes that must exist before this pass runs, with the pass that makes them.
     requires_attributes: ClassVar[dict[str, str]] = {}
 
-    def run(self, module: Module, analyses: Any) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         raise NotImplementedError
 
     # --- introspection used by the pipeline parser and --list-passes ---------------------------

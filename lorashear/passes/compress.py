@@ -17,6 +17,7 @@ import torch
 
 from lorashear.analysis.coupling import CouplingResult, DimensionCoupling
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.errors import PassError
 from lorashear.ir.attributes import HFConfigAttr
@@ -31,10 +32,11 @@ _SHAPE_ARG_OPS = frozenset({"reshape", "expand"})
 
 
 def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
-                    coupling: CouplingResult | None = None) -> dict[str, int]:
-    """Remove the given units from ``module`` in place; returns statistics."""
+                    am: AnalysisManager | None = None) -> dict[str, int]:
+    """Remove the given units from ``module`` in place; returns statistics. The coupling comes
+    from ``am`` (a pass's manager: cached if discover computed it) or a fresh manager."""
     validate_removal(groups, removed)
-    coupling = coupling or DimensionCoupling.compute(module, None)
+    coupling = (am or AnalysisManager(module)).get(DimensionCoupling)
     if groups_from_coupling(coupling).families != groups.families:
         raise PassError("the module changed since `discover` found its groups",
                         hint="run discover again before prune/compress")
@@ -227,12 +229,12 @@ class Compress(ModulePass):
     name: ClassVar[str] = "compress"
     requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
         mask = module.attributes.get("prune-mask")
         removed = mask.as_dict() if isinstance(mask, PruneMaskAttr) else {}
         if not removed:
             module.attributes.pop("groups", None)
             return PassResult(True, frozenset(), {"parameters removed": 0})
-        stats = compress_module(module, groups, removed, analyses.get(DimensionCoupling))
+        stats = compress_module(module, groups, removed, am)
         return PassResult(True, frozenset(), stats)

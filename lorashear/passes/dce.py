@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult
 from lorashear.passes.registry import register_pass
@@ -17,7 +18,7 @@ class DeadCodeElimination(ModulePass):
 
     name: ClassVar[str] = "dce"
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         ops = module.graph.remove_dead_ops()
         params = module.remove_unused_params()
         if not ops and not params:

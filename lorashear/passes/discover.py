@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from lorashear.analysis.coupling import CouplingResult, DimensionCoupling
 from lorashear.analysis.groups import FamilyMember, GroupFamily, GroupsAttr
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult
 from lorashear.passes.registry import register_pass
@@ -49,11 +50,11 @@ class Discover(ModulePass):
 
     name: ClassVar[str] = "discover"
 
-    def run(self, module: Module, analyses) -> PassResult:
-        groups = groups_from_coupling(analyses.get(DimensionCoupling))
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
+        groups = groups_from_coupling(am.get(DimensionCoupling))
         if module.attributes.get("groups") == groups:
             return PassResult.unchanged()
         module.attributes["groups"] = groups
         counts = Counter(f.kind for f in groups.families for _ in range(f.size))
-        return PassResult(True, frozenset({DimensionCoupling.name}),
+        return PassResult(True, frozenset({DimensionCoupling}),
                           {f"{k} groups": n for k, n in sorted(counts.items())})

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from lorashear.analysis.groups import GroupsAttr, check_kinds
 from lorashear.analysis.knowledge import KnowledgeAttr
+from lorashear.analysis.manager import ALL, AnalysisManager
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
@@ -69,7 +70,7 @@ class Knowledge(ModulePass):
             raise PassError(f"knowledge spread must be in [0, 1), got {self.spread}")
         check_kinds(self.name, self.kinds)
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
         families = [f for f in groups.families if f.kind in self.kinds]
         if not families:
@@ -98,6 +99,6 @@ class Knowledge(ModulePass):
         module.attributes["knowledge"] = KnowledgeAttr(base, tuple(sorted(increase.items())), protected,
                                                      self.spread)
         layers = sorted({groups.families[f].layer for f in protected if groups.families[f].layer is not None})
-        return PassResult(True, frozenset({"*"}), {"families analysed": len(families),
+        return PassResult(True, ALL, {"families analysed": len(families),
                                                    "families protected": len(protected),
                                                    "protected layers": layers, "base loss": base})

@@ -69,6 +69,7 @@ from lorashear.analysis.allocation import (
     search_attn_share,
 )
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.saliency import (
     MetricName,
     check_metric,
@@ -249,7 +250,7 @@ class Lhspg(ModulePass):
         data.check_batch(self.batch, "lhspg")
         return data
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
         of_kinds, protected = families_to_prune(module, groups, self.kinds)
         families = [f for f in of_kinds if f.id not in protected]  # the ones that may lose units

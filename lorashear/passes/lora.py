@@ -22,10 +22,11 @@ from typing import ClassVar
 
 import torch
 
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import zero_groups
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Param
-from lorashear.ir.lora import check_adapter_storage, fold_adapter
+from lorashear.ir.lora import adapters, check_adapter_storage, fold_adapter
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
@@ -41,13 +42,10 @@ def rerank_lora(module: Module, rank: int, *, alpha: float = 0.0, seed: int = 0)
     check_adapter_storage(module, "lora")
     generator = torch.Generator().manual_seed(seed)
     count = 0
-    for op in module.graph.ops:
-        if op.kind != "lora_linear":
-            continue
-        _, weight, _, lora_a, lora_b = op.args
+    for op, parts in list(adapters(module)):
         real = fold_adapter(op)
-        out_features, in_features = weight.type.shape
-        for factor, shape in ((lora_a, (rank, in_features)), (lora_b, (out_features, rank))):
+        out_features, in_features = parts.weight.type.shape
+        for factor, shape in ((parts.lora_a, (rank, in_features)), (parts.lora_b, (out_features, rank))):
             factor.type = TensorType(factor.type.dtype, shape)
             factor.storage = (DataStorage(fresh_lora_factor(factor.name, shape, generator)
                                           .to(torch_dtype(factor.type.dtype)))
@@ -65,7 +63,7 @@ def _shared_factors(module: Module) -> list[str]:
     for op in module.graph.ops:
         for param in op.params():
             seen[param.name] = seen.get(param.name, 0) + 1
-    lora: list[Param] = [op.args[i] for op in module.graph.ops if op.kind == "lora_linear" for i in (1, 3, 4)]
+    lora: list[Param] = [p for _, parts in adapters(module) for p in (parts.weight, *parts.factors)]
     return sorted({p.name for p in lora if seen[p.name] > 1})
 
 
@@ -87,9 +85,9 @@ class Lora(ModulePass):
         if self.alpha < 0:
             raise PassError(f"lora needs alpha >= 0 (0 keeps each adapter's scaling), got alpha={self.alpha}")
 
-    def run(self, module: Module, analyses) -> PassResult:
-        adapters = [op for op in module.graph.ops if op.kind == "lora_linear"]
-        if not adapters:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
+        factors = [parts.factors for _, parts in adapters(module)]
+        if not factors:
             raise PassError("lora: the module has no LoRA adapters to re-rank",
                             hint="lower it with --lora-rank R or --adapter DIR")
         shared = _shared_factors(module)
@@ -99,13 +97,13 @@ class Lora(ModulePass):
         mask, groups = module.attributes.get("prune-mask"), module.attributes.get("groups")
         if mask is not None and groups is None:
             raise PassError("lora: the module has a prune-mask but no groups attribute")
-        before = sum(p.type.numel() for op in adapters for p in op.args[3:5])
+        before = sum(p.type.numel() for pair in factors for p in pair)
         count = rerank_lora(module, self.rank, alpha=self.alpha, seed=self.seed)
         if mask is not None and all(module.params[n].storage.has_data for n in lora_param_names(module)):
             # the masked model: a fresh A has columns on removed input units; zero them (and
             # every other slice the mask removes), as the training passes keep them
             zero_groups(module, groups, mask.as_dict())
-        after = sum(p.type.numel() for op in adapters for p in op.args[3:5])
+        after = sum(p.type.numel() for pair in factors for p in pair)
         return PassResult(True, frozenset(), {"adapters re-ranked": count, "rank": self.rank,
                                               "LoRA parameters before": before,
                                               "LoRA parameters after": after})

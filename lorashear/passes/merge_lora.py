@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.ir.core import Module
 from lorashear.ir.lora import merge_lora
 from lorashear.passes.base import ModulePass, PassResult
@@ -22,7 +23,7 @@ class MergeLora(ModulePass):
 
     name: ClassVar[str] = "merge-lora"
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         count = merge_lora(module)
         if not count:
             return PassResult.unchanged()

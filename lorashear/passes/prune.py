@@ -33,6 +33,7 @@ from lorashear.analysis.groups import (
     PruneMaskAttr,
     check_kinds,
 )
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import zero_groups
 from lorashear.analysis.saliency import (
     DATA_METRICS,
@@ -103,7 +104,7 @@ class Prune(ModulePass):
                                     family_ids=family_ids,
                                     batches=read_batches() if metric in DATA_METRICS else None)
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
@@ -139,4 +140,4 @@ class Prune(ModulePass):
                            "parameters removed": taken,
                            "parameter share removed": round(taken / prunable, 6) if prunable else 0.0})
         statistics.update(split.statistics() if split else {})
-        return PassResult(True, frozenset({DimensionCoupling.name}), statistics)
+        return PassResult(True, frozenset({DimensionCoupling}), statistics)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lorashear.analysis.manager import AnalysisManager
 from lorashear.data.calibration import (
     batch_for_step,
     check_seq_len,
@@ -300,7 +301,7 @@ class Recover(ModulePass):
                 if name in lora]
 
     # --- the pass ------------------------------------------------------------------------------
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         if not lora_param_names(module):
             raise PassError("recover trains LoRA adapters, and the module has none",
                             hint="lower with --adapter DIR or --lora-rank R")

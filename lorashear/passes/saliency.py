@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lorashear.analysis.groups import GroupsAttr
+from lorashear.analysis.manager import ALL, AnalysisManager
 from lorashear.analysis.saliency import METRICS, MetricName, check_metric, score_groups
 from lorashear.analysis.scores import SaliencyAttr
 from lorashear.errors import PassError
@@ -36,12 +37,12 @@ class Saliency(ModulePass):
     def __post_init__(self) -> None:
         check_metric(self.metric, self.weights)
 
-    def run(self, module: Module, analyses) -> PassResult:
+    def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
         scores = score_groups(module, groups, self.metric, weights=self.weights,
                               calibration=calibration_options(self), seed=self.seed)
         module.attributes["saliency"] = SaliencyAttr.from_dict(self.metric, scores)
-        return PassResult(True, frozenset({"*"}), {"families scored": len(scores),
+        return PassResult(True, ALL, {"families scored": len(scores),
                                                    "groups scored": sum(len(s) for s in scores.values())})

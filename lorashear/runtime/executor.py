@@ -26,16 +26,13 @@ from transformers.modeling_outputs import CausalLMOutput
 from lorashear.errors import EmissionError
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
+from lorashear.ir.lora import adapters
 from lorashear.ir.types import torch_dtype
 
 
 def lora_param_names(module: Module) -> set[str]:
     """Names of the LoRA factors (the A and B operands of every ``lora_linear`` op)."""
-    names: set[str] = set()
-    for op in module.graph.ops:
-        if op.kind == "lora_linear":
-            names.update(p.name for p in op.args[3:5])
-    return names
+    return {p.name for _, parts in adapters(module) for p in parts.factors}
 
 
 _LAYER_LOC = re.compile(r"^(.*?(?:^|\.)layers\.\d+)(?:\.|$)")

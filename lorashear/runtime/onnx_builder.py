@@ -16,7 +16,6 @@ Conventions:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import onnx_ir as ir
@@ -24,8 +23,7 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
 from lorashear.errors import EmissionError
-from lorashear.ir.core import DTypeArg, Op, Param, Value
-from lorashear.ir.ops import op_def
+from lorashear.ir.core import DTypeArg, Param, Value
 from lorashear.ir.types import SymIntType, TensorType, dtype_name, torch_dtype
 
 #: IR element type name -> ONNX element type.
@@ -51,31 +49,6 @@ def onnx_dtype(name: str) -> ir.DataType:
 def onnx_shape(shape: tuple) -> ir.Shape:
     """An ONNX shape from an IR shape; symbolic sizes (``B``, ``S+1``) become named dims."""
     return ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(str(d)) for d in shape])
-
-
-def bind_op_args(op: Op) -> dict[str, Any]:
-    """An op's arguments by parameter name, defaults filled in.
-
-    ATen kinds are bound against the overload's schema and our own kinds against their
-    Python signature, so a translation reads ``args["scale"]`` whether the lowered call
-    passed it by position or by keyword.
-    """
-    definition = op_def(op.kind)
-    if definition is None:
-        raise EmissionError(f"unknown op kind {op.kind!r}")
-    schema = getattr(definition.fn, "_schema", None)
-    if schema is None:
-        bound = inspect.signature(definition.fn).bind_partial(*op.args, **op.kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-    names = [a.name for a in schema.arguments]
-    result: dict[str, Any] = {}
-    for arg in schema.arguments:
-        if arg.has_default_value():
-            result[arg.name] = arg.default_value
-    result.update(zip(names, op.args, strict=False))
-    result.update(op.kwargs)
-    return result
 
 
 class OnnxGraphBuilder:

@@ -29,7 +29,7 @@ from lorashear.errors import EmissionError
 from lorashear.ir.core import Module, Op, clone_module
 from lorashear.ir.types import SymIntType
 from lorashear.runtime import onnx_attention, onnx_shape_ops  # noqa: F401  (register translations)
-from lorashear.runtime.onnx_builder import OnnxGraphBuilder, bind_op_args, onnx_dtype, onnx_shape
+from lorashear.runtime.onnx_builder import OnnxGraphBuilder, onnx_dtype, onnx_shape
 from lorashear.runtime.onnx_ops import TRANSLATIONS
 
 #: The model file written when :func:`emit_onnx` is given a directory.
@@ -97,7 +97,7 @@ def _emit_op(builder: OnnxGraphBuilder, op: Op) -> None:
                             hint="add one to lorashear/runtime/onnx_ops.py")
     builder.at(op.loc)
     try:
-        outs = translation(builder, op, bind_op_args(op))
+        outs = translation(builder, op, op.bound_args())
     except EmissionError as exc:
         raise EmissionError(f"cannot emit {where} to ONNX: {exc.message}", hint=exc.hint) from exc
     except Exception as exc:  # a translation bug or an argument form it does not expect

@@ -1,7 +1,7 @@
 """The translation table: one function per IR op kind, emitting the ONNX nodes it stands for.
 
 Each translation receives the builder, the IR op and the op's arguments bound by name
-(:func:`~lorashear.runtime.onnx_builder.bind_op_args`), and returns the ONNX value(s) of
+(:meth:`~lorashear.ir.core.Op.bound_args`), and returns the ONNX value(s) of
 the op's result(s). Element types follow the IR: arithmetic runs in the IR result type,
 comparisons in torch's promoted operand type, because ONNX does not promote.
 

@@ -155,3 +155,31 @@ def test_pass_attributes_parse_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "'groups'" in done.stdout and "'prune-mask'" in done.stdout
+
+
+def test_bound_args_name_positional_and_keyword_arguments_alike():
+    """An op reads the same by name whether lowering passed an argument by position or keyword."""
+    from lorashear.ir.core import Op, Value
+    from lorashear.ir.types import TensorType
+
+    x = Value("x", TensorType("f32", (2, 3, 4)))
+    by_position = Op("transpose", [x, 0, 2], {}, [Value("y", TensorType("f32", (4, 3, 2)))])
+    by_keyword = Op("transpose", [x], {"dim0": 0, "dim1": 2}, [Value("z", TensorType("f32", (4, 3, 2)))])
+    assert by_position.bound_args() == by_keyword.bound_args() == {"self": x, "dim0": 0, "dim1": 2}
+    softmax = Op("softmax", [x, -1], {}, [Value("s", x.type)])
+    assert softmax.bound_args()["dtype"] is None  # the schema's default is filled in
+    dropout = Op("dropout", [x, 0.1], {}, [Value("d", x.type)])
+    assert dropout.bound_args() == {"x": x, "p": 0.1, "training": False}
+
+
+def test_lora_parts_name_every_adapter_operand(lowered):
+    from lorashear.ir.lora import adapters
+
+    module = lowered("llama", True)
+    found = list(adapters(module))
+    assert found
+    for op, parts in found:
+        assert [parts.x, parts.weight, parts.bias, parts.lora_a, parts.lora_b] == op.args
+        assert parts.scaling == float(op.kwargs["scaling"])
+        assert "lora_A" in parts.lora_a.name and "lora_B" in parts.lora_b.name
+        assert parts.lora_b.type.shape[0] == parts.weight.type.shape[0]

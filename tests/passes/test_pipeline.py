@@ -178,3 +178,28 @@ class NeedsGroups(ModulePass):
 def test_missing_prerequisite_attribute():
     with pytest.raises(PassError, match="run 'discover' before 'test-needs-groups'"):
         PassManager.parse("test-needs-groups").run(_tiny_module())
+
+
+class CountParams(CountOps):
+    name = "test-count-params"
+
+    @classmethod
+    def compute(cls, module, analyses):
+        return len(module.params)
+
+
+def test_analyses_are_keyed_by_class_and_preserved_with_their_subclasses():
+    """Preserving a class keeps its subclasses' results; ALL keeps everything; the rest goes."""
+    from lorashear.analysis.manager import ALL
+
+    module = _tiny_module()
+    am = AnalysisManager(module)
+    am.get(CountOps), am.get(CountParams)
+    assert am.cached(CountOps) and am.cached(CountParams)
+    am.invalidate(ALL)
+    assert am.cached(CountOps) and am.cached(CountParams)
+    am.invalidate(frozenset({CountParams}))
+    assert not am.cached(CountOps) and am.cached(CountParams)
+    am.invalidate(frozenset())
+    assert not am.cached(CountParams)
+    assert am.computed == ["test-count-ops", "test-count-params"]
