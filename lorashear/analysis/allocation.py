@@ -9,8 +9,10 @@ gets its share of what is still to remove, rounded to whole units, and the last 
 the rounding, so the total lands within about one unit of the target. DESIGN.md section 9's
 "one of 3 KV groups + 239 MLP channels per layer at 20%" is exactly this allocation.
 ``attn-share=S`` instead gives the attention kind the share S of the parameters to remove and
-the other kinds the rest: on SmolLM2 (3 KV groups per layer) ``attn-share=0`` measured far
-better than the proportional default (README, "Measured"). ``attn-share=auto`` measures the
+the other kinds the rest: with few KV groups per layer (SmolLM2 has 3) removing one is a large
+step, and ``attn-share=0`` beat the proportional default there (``bench/RESULTS.md``,
+"Ablations and component measurements": "allocation and warmup from an adapted LoRA" and
+"``attn-share=auto`` against the outcome"). ``attn-share=auto`` measures the
 split instead of guessing it: the proportional one and each of :data:`AUTO_SHARES` give a set
 of units, every distinct set is zeroed in turn on a live model (restored bit-exactly after) and
 its LM loss taken on the calibration windows, and the least loss wins -- one forward pass per

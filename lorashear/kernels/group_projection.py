@@ -136,9 +136,10 @@ class ProjectionPlan:
     those again, but their base weights stay zero and are not read. With ``cuda_graph=True``
     (Triton backend on CUDA) the step is captured once as a CUDA graph and then replayed: one
     host call instead of three launches per weight and a dozen small torch ops, which at a
-    135M model's 210 weights cost more than the kernels themselves (measured on an H200: the
-    per-call projection took 70 ms of a 204 ms step). The graph path is off by default until
-    it has been measured on a GPU (``bench/gpu_check.py`` checks it against eager runs).
+    135M model's 210 weights cost more than the kernels themselves (``bench/RESULTS.md``,
+    "Ablations and component measurements": "LHSPG projection per call on a GPU"). The graph
+    path is off by default until it has been measured on a GPU (``bench/gpu_check.py`` checks
+    it against eager runs).
 
     Results equal :func:`project_groups` over ``chosen | done`` (``done`` groups report zero
     norms and ``zeroed``). The returned statistics live in the plan's buffers when a CUDA

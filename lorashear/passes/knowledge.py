@@ -7,23 +7,19 @@ share of the families unprunable: ``prune`` and ``lhspg`` leave them alone and t
 last layers usually come out on top. Families are zeroed in place on one executor and
 restored bit-exactly, and each loss reruns the model only from the family's layer on (the
 values before it are recorded once, :class:`~lorashear.runtime.executor.SuffixLoss`), with the
-result of full forwards: on SmolLM2 (30 layers, 4 batches) the analysis went from about 263 s
-to 184 s on 2 CPU cores.
+result of full forwards, more cheaply.
 
 ``spread=S`` grades the rest as well (OWL-style, Yin et al. 2024, on the loss increases rather
 than outlier counts): within each kind the unprotected families are ranked by loss increase and
 the least sensitive prunes ``1 + S`` times the kind's average share, the most sensitive ``1 - S``
 times it, linearly by rank in between; the kind still gives its share in total. ``spread=0`` (the
-default) leaves every unprotected family the same share: on SmolLM2 after ``gamma=0.1`` (the
-ablation below), spread 0.25 gave 79.4 at 20% and 173.0 at 50%, spread 0.5 79.6 and 183.6,
-against 78.7 and 179.0 without; a second seed at 50% gave 172.2 with spread 0.25 and 175.7
-without. A 2-3% gain at 50% and none at 20% do not make it the default.
+default) leaves every unprotected family the same share: grading did not clearly help where it
+was measured.
 
-On SmolLM2-135M from an adapted LoRA (``bench/bench_lhspg_ablation.py``), ``gamma=0.1`` before
-``lhspg`` took held-out Austen from 89.9 to 78.7 at 20% and from 220.4 to 179.0 at 50%, with
-the same parameters removed; ``gamma=0.2`` gave 192.2 at 50%.
+What ``gamma`` and ``spread`` did to held-out perplexity, and what the analysis costs, is in
+``bench/RESULTS.md``, "Ablations and component measurements", the row "knowledge-distribution
+analysis before ``lhspg``" (``bench/bench_lhspg_ablation.py``).
 """
-
 from __future__ import annotations
 
 import math
