@@ -73,6 +73,15 @@ _MIN_DOT_SIZE = 16
 
 
 @triton.jit
+def _tile_indices(stride_wm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows and columns of ``W`` this program's tile covers, and their element offsets."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_offsets = rows.to(tl.int64)[:, None] * stride_wm + cols.to(tl.int64)[None, :] * stride_wn
+    return rows, cols, w_offsets
+
+
+@triton.jit
 def _tile_membership(row_group_ptr, col_group_ptr, chosen_ptr, rows, cols, n_rows, n_cols):
     """Group ids of a tile's rows and columns and which elements lie in chosen groups.
 
@@ -127,11 +136,9 @@ def _group_sums_kernel(w_ptr, stride_wm, stride_wn, b_ptr, stride_bm, stride_bk,
                        DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr):
     """Pass 1: ``S_g += sum W^2`` and (``WITH_INNER``) ``P_g += sum (W + D) * W``."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, w_offsets = _tile_indices(stride_wm, stride_wn, BLOCK_M, BLOCK_N)
     row_id, col_id, row_member, col_chosen, col_member, element_chosen = _tile_membership(
         row_group_ptr, col_group_ptr, chosen_ptr, rows, cols, n_rows, n_cols)
-    w_offsets = rows.to(tl.int64)[:, None] * stride_wm + cols.to(tl.int64)[None, :] * stride_wn
     base = tl.load(w_ptr + w_offsets, mask=element_chosen, other=0.0).to(tl.float32)
     squares = base * base
     _scatter_tile_sums(squares, row_id, row_member, col_id, col_chosen, col_member, sq_norm_ptr)
@@ -150,12 +157,10 @@ def _overlap_correction_kernel(w_ptr, stride_wm, stride_wn, row_group_ptr, col_g
                                chosen_ptr, coefficient_ptr, correction_ptr, n_rows, n_cols,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 2: ``R_g += sum W^2 * c_h`` over elements of g that also lie in chosen group h."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, w_offsets = _tile_indices(stride_wm, stride_wn, BLOCK_M, BLOCK_N)
     row_id, col_id, row_member, col_chosen, col_member, element_chosen = _tile_membership(
         row_group_ptr, col_group_ptr, chosen_ptr, rows, cols, n_rows, n_cols)
     in_two_groups = row_member[:, None] & col_member
-    w_offsets = rows.to(tl.int64)[:, None] * stride_wm + cols.to(tl.int64)[None, :] * stride_wn
     base = tl.load(w_ptr + w_offsets, mask=in_two_groups, other=0.0).to(tl.float32)
     squares = base * base
     row_coefficient = tl.load(coefficient_ptr + row_id, mask=row_member, other=0.0)
@@ -173,12 +178,10 @@ def _project_kernel(w_ptr, stride_wm, stride_wn, b_ptr, stride_bm, stride_bk, a_
                     DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     """Pass 3: write ``x~`` (or 0 in zeroed groups) over the chosen elements of ``W``."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, w_offsets = _tile_indices(stride_wm, stride_wn, BLOCK_M, BLOCK_N)
     row_id, col_id, row_member, col_chosen, col_member, element_chosen = _tile_membership(
         row_group_ptr, col_group_ptr, chosen_ptr, rows, cols, n_rows, n_cols)
-    w_pointers = w_ptr + (rows.to(tl.int64)[:, None] * stride_wm
-                          + cols.to(tl.int64)[None, :] * stride_wn)
+    w_pointers = w_ptr + w_offsets
     base = tl.load(w_pointers, mask=element_chosen, other=0.0).to(tl.float32)
     row_coefficient = tl.load(coefficient_ptr + row_id, mask=row_member, other=0.0)
     col_coefficient = tl.load(coefficient_ptr + col_id, mask=col_chosen, other=0.0)
