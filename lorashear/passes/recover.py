@@ -18,9 +18,9 @@ losses are computed once on that model. Without it, the reference is the model a
 the pass starts, so the degradation is ``current probe ppl / start probe ppl`` (weights
 start uniform and follow whichever source training hurts or helps least).
 
-Stage 2 (``steps - stage1-steps`` steps): with ``loss=lm``, instruction tuning on the spec's
-instruction sources (Alpaca records; the loss falls on the output tokens only; needs the
-source model's tokenizer); with ``loss=kd``, distillation of the reference model's logits
+Stage 2 (``steps - stage1-steps`` steps; ``stage1-steps`` defaults to half the steps): with
+``loss=lm``, instruction tuning on the spec's instruction sources (Alpaca records; the loss
+falls on the output tokens only; needs the source model's tokenizer); with ``loss=kd``, distillation of the reference model's logits
 (KL divergence) on the stage-1 text windows, which needs ``reference=``.
 
 Only the LoRA factors train (AdamW). On a masked model (a ``prune-mask`` attribute from
@@ -192,7 +192,8 @@ class Recover(ModulePass):
     name: ClassVar[str] = "recover"
     data: str = option("", "YAML data spec (text, JSON/JSONL or .ids sources; instruction sources for stage 2)")
     steps: int = option(40, "optimizer steps in all (stage 1 + stage 2)")
-    stage1_steps: int = option(20, "steps of stage 1 (degradation-weighted text sources)")
+    stage1_steps: int = option(-1, "steps of stage 1 (degradation-weighted text sources); -1: half "
+                               "of steps, rounded up (20 of the default 40)")
     probe_every: int = option(10, "measure probe perplexities and reweight every this many steps")
     sampling: Literal["dynamic", "static"] = option(
         "dynamic", "dynamic: weights from degradation; static: the spec's weights (a baseline)")
@@ -219,16 +220,16 @@ class Recover(ModulePass):
     def __post_init__(self) -> None:
         if not self.data:
             raise PassError("recover needs a data spec", hint="recover{data=sources.yaml}")
-        if self.steps < 1 or not 0 <= self.stage1_steps <= self.steps:
-            raise PassError(f"recover needs steps >= 1 and 0 <= stage1-steps <= steps, got "
-                            f"steps={self.steps}, stage1-steps={self.stage1_steps}")
+        if self.steps < 1 or not -1 <= self.stage1_steps <= self.steps:
+            raise PassError(f"recover needs steps >= 1 and 0 <= stage1-steps <= steps (or -1: half of "
+                            f"steps), got steps={self.steps}, stage1-steps={self.stage1_steps}")
         if min(self.probe_every, self.batch, self.probe_windows) < 1 or self.seq_len < 2:
             raise PassError("recover needs probe-every, batch, probe-windows >= 1 and seq-len >= 2")
         check_warmup(self.name, self.warmup)
         check_device_text(self.name, self.device)
         # what is plain from the options alone fails while the pipeline parses, before any
         # earlier pass has spent its time; the data spec's contents are checked when it loads
-        if self.steps > self.stage1_steps:
+        if self.steps > self.stage1_length:
             if self.loss == "kd" and not self.reference:
                 raise PassError("recover: loss=kd distils the unpruned model's logits and needs it",
                                 hint="give reference=PATH.ir (the module before pruning)")
@@ -236,6 +237,11 @@ class Recover(ModulePass):
                 raise PassError(f"recover: stage 2 (loss=lm) tunes on instruction records, and data={self.data} "
                                 "is plain text", hint="distil the unpruned model instead (loss=kd,reference="
                                 "PATH.ir), or train stage 1 only (stage1-steps equal to steps)")
+
+    @property
+    def stage1_length(self) -> int:
+        """Steps of stage 1: ``stage1-steps``, or half of ``steps`` rounded up when it is -1."""
+        return (self.steps + 1) // 2 if self.stage1_steps == -1 else self.stage1_steps
 
     # --- data ------------------------------------------------------------------------------
     def load_data(self, module: Module) -> tuple[list[SourceWindows], InstructionRows | None, dict]:
@@ -295,9 +301,9 @@ class Recover(ModulePass):
 
     def check_plan(self, windows: list[SourceWindows], rows: InstructionRows | None) -> None:
         """Fail before training when a stage has no data or no teacher."""
-        if self.stage1_steps and not windows:
+        if self.stage1_length and not windows:
             raise PassError("recover: stage 1 needs at least one text source in the data spec")
-        if self.steps > self.stage1_steps:
+        if self.steps > self.stage1_length:
             if self.loss == "kd":  # its reference was checked with the options
                 if not windows:
                     raise PassError("recover: loss=kd needs text sources to distil on")
@@ -397,7 +403,7 @@ class Recover(ModulePass):
         global batch's tokens (None: an equal share): stage 1's LM loss on a source drawn by
         degradation, or stage 2's (KD on text drawn by the spec's weights, or instruction LM)."""
         runtime = harness.runtime
-        if state.step < self.stage1_steps:
+        if state.step < self.stage1_length:
             (batch,) = runtime.local(self.text_batch(data, state.weights, state.step))
             with runtime.autocast():
                 return model(batch, labels=batch).loss, None
@@ -445,7 +451,7 @@ class Recover(ModulePass):
         current = self.probe_losses(harness, model, windows)
         if self.sampling == "dynamic":
             state.weights = degradation_weights(current, state.reference_losses)
-        entry = {"step": state.step, "stage": 1 if state.step < self.stage1_steps else 2,
+        entry = {"step": state.step, "stage": 1 if state.step < self.stage1_length else 2,
                  "ppl": {n: math.exp(v) for n, v in current.items()},
                  "reference_ppl": {n: math.exp(v) for n, v in state.reference_losses.items()},
                  "weights": dict(state.weights)}
@@ -458,4 +464,4 @@ class Recover(ModulePass):
         index = torch.arange(len(rows.input_ids))
         if len(index) < self.batch:
             return index
-        return batch_for_step(index, self.batch, self.seed, step - self.stage1_steps)
+        return batch_for_step(index, self.batch, self.seed, step - self.stage1_length)
