@@ -25,11 +25,17 @@ from lorashear.analysis.manager import ALL, AnalysisManager, Preserved
 from lorashear.ir.core import Module
 
 
-def option(default: Any, doc: str, **kwargs: Any) -> Any:
-    """A pass option: a dataclass field with a default and a one-line description."""
+def option(default: Any, doc: str, *, run_only: bool = False, **kwargs: Any) -> Any:
+    """A pass option: a dataclass field with a default and a one-line description.
+
+    ``run_only``: the option changes how a run goes (where it trains, logs, checkpoints,
+    how much memory it spends), never what it computes; a checkpoint made with another
+    value resumes, and the run's fingerprint leaves it out
+    (:func:`lorashear.passes.resume.result_text`)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("pass options must have immutable defaults (use a tuple)")
-    return field(default=default, metadata={"doc": doc, **kwargs})
+    return field(default=default, metadata={"doc": doc, "run_only": run_only, **kwargs})
+
 
 
 @dataclass(frozen=True)

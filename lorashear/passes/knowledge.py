@@ -57,7 +57,7 @@ class Knowledge(ModulePass):
     batch: int = option(2, "windows per batch")
     seq_len: int = option(128, "tokens per window")
     seed: int = option(0, "seed of the window choice")
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar", run_only=True)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma < 1.0:

@@ -16,16 +16,15 @@ at each period's end keeps the guarantee.
 
 ``settle`` splits each period: the shrink spans its first ``(1 - settle) * steps`` steps and
 ends with the forced zeroing; the remaining steps train LoRA with the period's groups held at
-zero, so the last period does not end the pass the very step its groups vanish. The default
-0.75 is what ``bench/bench_lhspg_ablation.py`` measured best on SmolLM2 at 50% (48 steps:
-held-out Austen ppl 288 with one period, against 310 at 0.5, 340 at 0.9, 375 with two periods
-and no settling; one-shot taylor + as many ``recover`` steps: 353 without a learning-rate
-warmup, 292 with recover's default warmup). With
-``rescore`` the taylor scores of every period after the first are taken on the live model
-(trained LoRA, earlier groups at zero) instead of once before training. ``warmup`` raises
-the learning rate linearly, as in ``recover``; it is off by default because on a fresh LoRA the
-ablation measured it worse (48 steps, settle 0.75: 350 with a 16-step warmup against 288
-without): a slow start leaves the shrink nobody to hand its knowledge to.
+zero, so the last period does not end the pass the very step its groups vanish: the LoRA that
+survives gets steps to take over what the zeroed groups did. The default 0.75 is the schedule
+``bench/bench_lhspg_ablation.py`` measured best (``bench/RESULTS.md``, "LHSPG schedule at
+50%": against other settle shares, against more periods without settling, and against one-shot
+pruning followed by as many ``recover`` steps). With ``rescore`` the taylor scores of every
+period after the first are taken on the live model (trained LoRA, earlier groups at zero)
+instead of once before training. ``warmup`` raises the learning rate linearly, as in
+``recover``; it is off by default because on a fresh LoRA the same ablation measured it worse:
+a slow start leaves the shrink nobody to hand its knowledge to.
 
 ``attn-share`` splits the removal between attention and the other kinds as in ``prune``;
 with ``auto`` the split of the whole ``ratio`` is measured once, before training, on the
@@ -33,27 +32,25 @@ model as it comes (the calibration windows that score the groups, each distinct 
 zeroed on the live model and restored), and every period allocates with the share chosen;
 a checkpoint keeps the choice. ``ratio`` counts the parameters of every family of ``kinds``,
 as in ``prune``: families a ``knowledge`` analysis protects give none, the others the more.
-``metric`` defaults to ``wanda``: with the split measured, it
-chose better units than ``taylor`` on SmolLM2 at 20% and 50% in both benchmarks that compared them
-(held-out Austen after the pass, 12 steps from an adapted LoRA: 87.6 vs 100.4 and 248.0 vs 303.4
-in the side-by-side, 89.9 vs 98.5 and 220.4 vs 245.6 in the ablation).
+``metric`` defaults to ``wanda``: with the split measured, it chose better units than
+``taylor`` on SmolLM2 at 20% and 50% in both benchmarks that compared them (``bench/RESULTS.md``:
+"`lhspg` choosing by wanda" and the `attn-share=auto` rows of the ablations).
 
 The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
 
-``device``, ``precision`` and ``grad-checkpoint`` and data parallelism under ``torchrun`` come
-from :mod:`lorashear.training.runtime`: every rank trains on its slice of the same global batch,
-the LoRA gradients are all-reduced, and the projection runs on every rank alike.
+Device, precision, data parallelism under ``torchrun``, the optimizer, checkpoints, the step
+log and the write-back into the IR are the :class:`~lorashear.training.harness.LoraHarness`'s:
+every rank trains on its slice of the same global batch, the LoRA gradients are all-reduced,
+and the projection runs on every rank alike.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from lorashear.analysis.allocation import (
     AttnShare,
@@ -80,8 +77,7 @@ from lorashear.data.calibration import TextData, text_data
 from lorashear.errors import PassError
 from lorashear.ir.attributes import RecordListAttr, register_attribute
 from lorashear.ir.core import Module
-from lorashear.ir.storage import DataStorage
-from lorashear.ir.types import torch_dtype
+from lorashear.ir.lora import adapters
 from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.options import (
@@ -91,25 +87,15 @@ from lorashear.passes.options import (
     precision_option,
     warmup_option,
 )
-from lorashear.passes.pipeline import format_pass
 from lorashear.passes.registry import register_pass
+from lorashear.passes.resume import result_text
 from lorashear.runtime.executor import IRModel, lora_param_names
-from lorashear.training.checkpoint import (
-    TrainingCheckpoint,
-    load_checkpoint,
-    optimizer_tensors,
-    restore_optimizer,
-    save_checkpoint,
-    trim_log_after,
-)
+from lorashear.training.harness import LoraHarness
 from lorashear.training.runtime import (
     Precision,
     TrainingRuntime,
     check_device_text,
     check_warmup,
-    set_warmup_lr,
-    tensors_of,
-    warmup_steps,
 )
 
 
@@ -143,10 +129,8 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
     for f in family_ids:
         offsets[f] = total
         total += groups.families[f].size
-    lora_of: dict[str, tuple[str, str, float]] = {}
-    for op in module.graph.ops:
-        if op.kind == "lora_linear":
-            lora_of[op.args[1].name] = (op.args[3].name, op.args[4].name, float(op.kwargs["scaling"]))
+    lora_of = {parts.weight.name: (parts.lora_a.name, parts.lora_b.name, parts.scaling)
+               for _, parts in adapters(module)}
     lora = lora_param_names(module)
     ids: dict[str, list[torch.Tensor]] = {}
     for f in family_ids:
@@ -180,6 +164,53 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
     return GroupIndex(offsets, total, weights, touched)
 
 
+@dataclass
+class LhspgState:
+    """Where an lhspg run stands: the units chosen so far (by family and as global group ids),
+    the steps taken, the periods' log and the attention split; its checkpoint holds all of it."""
+
+    chosen_units: dict[int, tuple[int, ...]]
+    chosen: torch.Tensor  # bool per global group id
+    attn_share: float | None
+    split: dict[str, Any]  # the statistics of the attn-share=auto search ({} without one)
+    period_log: list[dict]
+    next_period: int = 0
+    step_total: int = 0
+    first_loss: float | None = None
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], index: GroupIndex, attn_share: AttnShare) -> LhspgState:
+        """The state a checkpoint saved at a period's end; one written before ``attn-share=auto``
+        has no split, and continues with ``attn_share`` fixed (its default was proportional)."""
+        chosen_units = {int(f): tuple(u) for f, u in state["chosen_units"].items()}
+        chosen = torch.zeros(index.num_groups, dtype=torch.bool)
+        for f_id, units in chosen_units.items():
+            for u in units:
+                chosen[index.gid(f_id, u)] = True
+        share, split = ((state["attn_share"], state["split"]) if "split" in state
+                        else (fixed_attn_share(attn_share), {}))
+        return cls(chosen_units, chosen, share, split, state["period_log"], state["period"] + 1,
+                   state["step_total"], state["first_loss"])
+
+    def checkpoint_state(self, period: int) -> dict[str, Any]:
+        """What a checkpoint at the end of ``period`` saves (JSON)."""
+        return {"period": period, "step_total": self.step_total, "first_loss": self.first_loss,
+                "period_log": self.period_log, "attn_share": self.attn_share, "split": self.split,
+                "chosen_units": {str(f): list(u) for f, u in self.chosen_units.items()}}
+
+    def choose(self, index: GroupIndex, chosen_units: dict[int, tuple[int, ...]]) -> torch.Tensor:
+        """Take ``chosen_units`` (this period's choice, the earlier ones included); returns the
+        groups new in this period."""
+        self.chosen_units = chosen_units
+        current = torch.zeros_like(self.chosen)
+        for f_id, units in chosen_units.items():
+            for u in units:
+                gid = index.gid(f_id, u)
+                current[gid] = not self.chosen[gid]
+                self.chosen[gid] = True
+        return current
+
+
 @register_pass
 @dataclass(frozen=True)
 class Lhspg(ModulePass):
@@ -211,10 +242,12 @@ class Lhspg(ModulePass):
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
     seed: int = option(0, "seed of data order and the random metric")
-    log: str = option("", "append one JSON line per step to this file (loss, sparsity)")
+    log: str = option("", "append one JSON line per step to this file (loss, sparsity)",
+                      run_only=True)
     checkpoint_dir: str = option("", "save a checkpoint here at every period's end and resume "
-                                 "from it when present (a killed run continues exactly)")
-    progress: bool = option(True, "show a progress bar per period")
+                                 "from it when present (a killed run continues exactly)",
+                                 run_only=True)
+    progress: bool = option(True, "show a progress bar per period", run_only=True)
     cuda_graph: bool = option(False, "replay the per-step projection as a CUDA graph (Triton on "
                               "CUDA; cuts launch overhead; not yet measured on a GPU)")
     device: str = device_option()
@@ -253,136 +286,84 @@ class Lhspg(ModulePass):
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
         of_kinds, protected = families_to_prune(module, groups, self.kinds)
-        families = [f for f in of_kinds if f.id not in protected]  # the ones that may lose units
-        if not lora_param_names(module):
-            raise PassError("lhspg trains LoRA adapters, and the module has none",
-                            hint="lower with --adapter DIR or --lora-rank R")
-        runtime = TrainingRuntime.create(self.name, self.device, self.precision, self.grad_checkpoint)
-        runtime.check_batch(self.batch)
+        family_ids = [f.id for f in of_kinds if f.id not in protected]  # the ones that may lose units
+        harness = LoraHarness.create(self, module, owner=result_text(self),
+                                     total_steps=self.periods * self.steps)
+        runtime = harness.runtime
         data = self.training_data(module)
         # the data is read once: these windows score the groups, choose the split and rescore
         calibration = data.draw(min(4, data.count // self.batch), self.batch, self.seed)
         # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
         scores = runtime.broadcast_object(score_groups(
-            module, groups, self.metric, seed=self.seed, family_ids=[f.id for f in families],
-            batches=calibration))
+            module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration))
         start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
         check_reachable(start_budgets, self.ratio)
-        runtime.seed(self.seed)
-        model = runtime.build_model(module)
-        index = build_group_index(module, model, groups, [f.id for f in families])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
-        chosen_units: dict[int, tuple[int, ...]] = {}
-        chosen = torch.zeros(index.num_groups, dtype=torch.bool)
-        period_log: list[dict] = []
-        step_total, first_period, first_loss = 0, 0, None
-        # where and with how much memory a run trains does not change its result
-        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log="", device="auto",
-                                    grad_checkpoint=False))
-        names = {id(p): n for n, p in model.named_parameters()}
-        synced = set(index.touched) | {names[id(p)] for p in trainable}
-        resumed = load_checkpoint(self.checkpoint_dir, owner) if self.checkpoint_dir else None
-        if resumed is not None:
-            with torch.no_grad():
-                for name in synced:
-                    model.tensor(name).copy_(resumed.tensors[name])
-            restore_optimizer(optimizer, dict(model.named_parameters()), resumed.tensors)
-            chosen_units = {int(f): tuple(u) for f, u in resumed.state["chosen_units"].items()}
-            for f_id, units in chosen_units.items():
-                for u in units:
-                    chosen[index.gid(f_id, u)] = True
-            step_total, first_period = resumed.state["step_total"], resumed.state["period"] + 1
-            period_log, first_loss = resumed.state["period_log"], resumed.state["first_loss"]
-            runtime.restore_rng(resumed.tensors, self.seed, step_total)
-            if self.log and runtime.is_main:
-                trim_log_after(self.log, step_total)
-        log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
-        shrink_steps = self.shrink_steps
-        if resumed is not None and "split" in resumed.state:  # the split the killed run settled on
-            attn_share, split_stats = resumed.state["attn_share"], resumed.state["split"]
-        elif resumed is not None:  # written before attn-share=auto, whose default was proportional
-            attn_share, split_stats = fixed_attn_share(self.attn_share), {}
+        model = harness.build(module, self.seed)
+        index = build_group_index(module, model, groups, family_ids)
+        harness.track(index.touched)  # the projection changes base slices in place
+        saved = harness.resume("step_total")
+        if saved is not None:
+            state = LhspgState.restore(saved, index, self.attn_share)
         else:
-            attn_share, split_stats = self.choose_split(module, groups, model, runtime, start_budgets,
-                                                        calibration)
-        warmup = warmup_steps(self.warmup, self.periods * self.steps)
-        # every period's rescoring runs on the same calibration windows
-        rescore_batches = calibration if self.rescore else None
-        try:
-            for period in range(first_period, self.periods):
-                target = self.ratio * (period + 1) / self.periods
-                if rescore_batches is not None and period > 0:
+            share, split = self.choose_split(module, groups, model, runtime, start_budgets, calibration)
+            state = LhspgState({}, torch.zeros(index.num_groups, dtype=torch.bool), share, split, [])
+        with harness.logging():
+            for period in range(state.next_period, self.periods):
+                if self.rescore and period > 0:  # on the same calibration windows every period
                     scores = runtime.broadcast_object(model_gradient_scores(
-                        model, module, groups, [f.id for f in families],
-                        (runtime.to_device(b) for b in rescore_batches), autocast=runtime.autocast))
-                budgets = family_budgets(module, of_kinds, scores, chosen_units, protected)
-                chosen_units = choose_units(budgets, target, self.scope, attn_share=attn_share)
-                current = torch.zeros_like(chosen)
-                for f_id, units in chosen_units.items():
-                    for u in units:
-                        gid = index.gid(f_id, u)
-                        current[gid] = not chosen[gid]
-                        chosen[gid] = True
-                chosen_here, current_here = runtime.to_device(chosen), runtime.to_device(current)
-                start_norms = group_norms(index.weights, index.num_groups)
-                lambdas = torch.where(current_here, self.lam * start_norms / shrink_steps,
-                                      torch.zeros_like(start_norms))
-                # groups of earlier periods are exactly zero: the plan only clears their LoRA
-                plan = ProjectionPlan(index.weights, current_here, done=chosen_here & ~current_here,
-                                      cuda_graph=self.cuda_graph)
-                losses = []
-                bar = tqdm(range(self.steps), desc=f"lhspg period {period + 1}/{self.periods}",
-                           disable=not runtime.progress(self.progress), leave=False)
-                for step in bar:
-                    (batch,) = runtime.local(data.training_batch(self.batch, self.seed, step_total))
-                    with runtime.autocast():
-                        loss = model(batch, labels=batch).loss
-                    set_warmup_lr(optimizer, self.lr, step_total, warmup)
-                    # full windows: every rank holds the same number of tokens
-                    loss_value = runtime.step(loss, optimizer, trainable, 1.0 / runtime.world_size)
-                    stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
-                    if step == shrink_steps - 1 and shrink_steps < self.steps:
-                        # settling: this period's groups are zero now and stay so, like earlier ones
-                        plan = ProjectionPlan(index.weights, torch.zeros_like(chosen_here),
-                                              done=chosen_here, cuda_graph=self.cuda_graph)
-                    zero_share = float(stats.zeroed[chosen_here].float().mean()) if chosen.any() else 0.0
-                    losses.append(loss_value)
-                    first_loss = loss_value if first_loss is None else first_loss
-                    step_total += 1
-                    bar.set_postfix(loss=f"{loss_value:.3f}", zero=f"{zero_share:.2f}")
-                    row = {"period": period, "step": step_total, "loss": loss_value,
-                           "chosen": int(chosen.sum()), "chosen_zero_share": zero_share}
-                    if log_file:  # flushed: a live plot (or a kill) sees every finished step
-                        log_file.write(json.dumps(row) + "\n")
-                        log_file.flush()
-                period_log.append({"period": period, "chosen": int(chosen.sum()), "new": int(current.sum()),
-                                   "mean_loss": sum(losses) / len(losses), "last_loss": losses[-1]})
-                runtime.sync_tensors(tensors_of(model, synced))
-                if self.checkpoint_dir:
-                    tensors = {n: model.tensor(n) for n in synced}
-                    tensors.update(optimizer_tensors(optimizer, names))
-                    tensors.update(runtime.rng_tensors())  # a collective: every rank takes part
-                if self.checkpoint_dir and runtime.is_main:
-                    save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
-                        "period": period, "step_total": step_total, "first_loss": first_loss,
-                        "period_log": period_log, "attn_share": attn_share, "split": split_stats,
-                        "chosen_units": {str(f): list(u) for f, u in chosen_units.items()}}, tensors))
-        finally:
-            if log_file:
-                log_file.close()
-        with torch.no_grad():
-            for name in synced:  # the projected base slices and the trained LoRA factors
-                ir_dtype = torch_dtype(module.params[name].type.dtype)
-                module.params[name].storage = DataStorage(
-                    model.tensor(name).detach().to(device="cpu", dtype=ir_dtype).clone())
-        module.attributes["prune-mask"] = PruneMaskAttr.from_dict(chosen_units)
-        module.attributes["lhspg-log"] = LhspgLogAttr(tuple(period_log))
+                        model, module, groups, family_ids,
+                        (runtime.to_device(b) for b in calibration), autocast=runtime.autocast))
+                budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected)
+                target = self.ratio * (period + 1) / self.periods
+                current = state.choose(index, choose_units(budgets, target, self.scope,
+                                                           attn_share=state.attn_share))
+                losses = self.train_period(harness, data, index, state, current, period)
+                state.period_log.append({"period": period, "chosen": int(state.chosen.sum()),
+                                         "new": int(current.sum()), "mean_loss": sum(losses) / len(losses),
+                                         "last_loss": losses[-1]})
+                harness.checkpoint(state.checkpoint_state(period))
+        harness.write_back(module)  # the projected base slices and the trained LoRA factors
+        module.attributes["prune-mask"] = PruneMaskAttr.from_dict(state.chosen_units)
+        module.attributes["lhspg-log"] = LhspgLogAttr(tuple(state.period_log))
         prunable = sum(param_units_numel(module, f) * f.size for f in of_kinds)
-        taken = sum(param_units_numel(module, f) * len(chosen_units.get(f.id, ())) for f in of_kinds)
+        taken = sum(param_units_numel(module, f) * len(state.chosen_units.get(f.id, ())) for f in of_kinds)
         return PassResult(True, frozenset(), {
-            "groups zeroed": int(chosen.sum()), "parameter share removed": round(taken / prunable, 6),
-            "first loss": first_loss, "last loss": period_log[-1]["last_loss"], **split_stats})
+            "groups zeroed": int(state.chosen.sum()), "parameter share removed": round(taken / prunable, 6),
+            "first loss": state.first_loss, "last loss": state.period_log[-1]["last_loss"], **state.split})
+
+    def train_period(self, harness: LoraHarness, data: TextData, index: GroupIndex, state: LhspgState,
+                     current: torch.Tensor, period: int) -> list[float]:
+        """One period's steps: train LoRA, then project the period's ``current`` groups (shrink
+        them, zero them at the shrink's last step) and clear the LoRA of earlier ones; returns
+        the steps' losses."""
+        runtime, shrink_steps = harness.runtime, self.shrink_steps
+        chosen_here, current_here = runtime.to_device(state.chosen), runtime.to_device(current)
+        start_norms = group_norms(index.weights, index.num_groups)
+        lambdas = torch.where(current_here, self.lam * start_norms / shrink_steps,
+                              torch.zeros_like(start_norms))
+        # groups of earlier periods are exactly zero: the plan only clears their LoRA
+        plan = ProjectionPlan(index.weights, current_here, done=chosen_here & ~current_here,
+                              cuda_graph=self.cuda_graph)
+        losses = []
+        bar = harness.bar(range(self.steps), f"lhspg period {period + 1}/{self.periods}")
+        for step in bar:
+            (batch,) = runtime.local(data.training_batch(self.batch, self.seed, state.step_total))
+            with runtime.autocast():
+                loss = harness.model(batch, labels=batch).loss
+            loss_value = harness.step(loss, state.step_total)
+            stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
+            if step == shrink_steps - 1 and shrink_steps < self.steps:
+                # settling: this period's groups are zero now and stay so, like earlier ones
+                plan = ProjectionPlan(index.weights, torch.zeros_like(chosen_here),
+                                      done=chosen_here, cuda_graph=self.cuda_graph)
+            zero_share = float(stats.zeroed[chosen_here].float().mean()) if state.chosen.any() else 0.0
+            losses.append(loss_value)
+            state.first_loss = loss_value if state.first_loss is None else state.first_loss
+            state.step_total += 1
+            bar.set_postfix(loss=f"{loss_value:.3f}", zero=f"{zero_share:.2f}")
+            harness.write_log({"period": period, "step": state.step_total, "loss": loss_value,
+                               "chosen": int(state.chosen.sum()), "chosen_zero_share": zero_share})
+        return losses
 
     def choose_split(self, module: Module, groups: GroupsAttr, model: IRModel, runtime: TrainingRuntime,
                      budgets: list[FamilyBudget],

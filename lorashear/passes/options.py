@@ -12,8 +12,10 @@ from lorashear.passes.base import option
 
 
 def device_option() -> Any:
+    # run-only: a run killed on one device resumes on another (precision is not: bf16 trains
+    # another model than fp32)
     return option("auto", "where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:N "
-                  "(under torchrun, cuda means cuda:LOCAL_RANK)")
+                  "(under torchrun, cuda means cuda:LOCAL_RANK)", run_only=True)
 
 
 def precision_option() -> Any:
@@ -22,15 +24,14 @@ def precision_option() -> Any:
 
 
 def grad_checkpoint_option() -> Any:
+    # run-only: recomputing the activations gives the same gradients (dropout replays its RNG)
     return option(False, "recompute each decoder layer's activations in the backward pass "
-                  "(less memory, about one more forward of compute)")
+                  "(less memory, about one more forward of compute)", run_only=True)
 
 
 def warmup_option(default: int, why: str) -> Any:
     return option(default, "steps over which the learning rate rises linearly to lr; -1: a third "
                   f"of the steps, at most 50 ({why})")
-
-
 
 
 def attn_share_option(default: AttnShare = "proportional") -> Any:

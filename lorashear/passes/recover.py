@@ -10,18 +10,17 @@ step's source is drawn with those weights from a generator seeded by ``seed`` an
 and its windows follow :func:`batch_for_step`, so a resumed run sees the same data. The
 ``recover-cursor`` attribute counts the steps of data that recover runs on the module have
 drawn; a later run (stage 2 as a second ``recover``, a second round of recovery) draws from
-there on instead of training on the same windows again (SmolLM2 at 20%, 18 more steps after 36:
-held-out Austen 87.7 on the same windows against 85.0 on the next ones in
-``bench/bench_recover_chain.py``, 101.1 against 87.8 in a first ad-hoc run).
+there on instead of training on the same windows again (compared in
+``bench/bench_recover_chain.py``; figures in ``bench/RESULTS.md``, "`recover` run twice").
 
 The reference: with ``reference=PATH.ir`` (the module before pruning) the reference probe
 losses are computed once on that model. Without it, the reference is the model as it is when
 the pass starts, so the degradation is ``current probe ppl / start probe ppl`` (weights
 start uniform and follow whichever source training hurts or helps least).
 
-Stage 2 (``steps - stage1-steps`` steps): with ``loss=lm``, instruction tuning on the spec's
-instruction sources (Alpaca records; the loss falls on the output tokens only; needs the
-source model's tokenizer); with ``loss=kd``, distillation of the reference model's logits
+Stage 2 (``steps - stage1-steps`` steps; ``stage1-steps`` defaults to half the steps): with
+``loss=lm``, instruction tuning on the spec's instruction sources (Alpaca records; the loss
+falls on the output tokens only; needs the source model's tokenizer); with ``loss=kd``, distillation of the reference model's logits
 (KL divergence) on the stage-1 text windows, which needs ``reference=``.
 
 Only the LoRA factors train (AdamW). On a masked model (a ``prune-mask`` attribute from
@@ -30,23 +29,23 @@ every step (``zero_groups`` semantics on the live tensors), so ``compress`` stay
 Per-source probe perplexities and weights go into the ``recover-log`` attribute and, with
 ``log=``, a JSON-lines file.
 
-``device``, ``precision``, ``grad-checkpoint`` and data parallelism under ``torchrun`` come from
-:mod:`lorashear.training.runtime`. Under data parallelism every rank draws the same source and
-global batch and trains on its slice; stage-2 gradients are weighted by each slice's count of
-labelled tokens; probe losses are rank 0's on every rank, so all ranks sample alike.
+Device, precision, data parallelism under ``torchrun``, the optimizer with its warmup and
+schedule, checkpoints, the log file and the write-back into the IR are the
+:class:`~lorashear.training.harness.LoraHarness`'s. Under data parallelism every rank draws the
+same source and global batch and trains on its slice; stage-2 gradients are weighted by each
+slice's count of labelled tokens; probe losses are rank 0's on every rank, so all ranks sample
+alike.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.data.calibration import (
@@ -60,8 +59,6 @@ from lorashear.data.loaders import TOKEN_ID_SUFFIX
 from lorashear.errors import DataError, LorashearError, PassError
 from lorashear.ir.attributes import Attribute, RecordListAttr, register_attribute
 from lorashear.ir.core import Module
-from lorashear.ir.storage import DataStorage
-from lorashear.ir.types import torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.options import (
     device_option,
@@ -69,26 +66,15 @@ from lorashear.passes.options import (
     precision_option,
     warmup_option,
 )
-from lorashear.passes.pipeline import format_pass
 from lorashear.passes.registry import register_pass
-from lorashear.runtime.executor import lora_param_names
-from lorashear.training.checkpoint import (
-    TrainingCheckpoint,
-    load_checkpoint,
-    optimizer_tensors,
-    restore_optimizer,
-    save_checkpoint,
-    trim_log_after,
-)
+from lorashear.passes.resume import result_text
+from lorashear.runtime.executor import IRModel, lora_param_names
+from lorashear.training.harness import LoraHarness
 from lorashear.training.runtime import (
     Precision,
     Schedule,
-    TrainingRuntime,
     check_device_text,
     check_warmup,
-    set_warmup_lr,
-    tensors_of,
-    warmup_steps,
 )
 
 #: Suffixes of a single data file that can hold no instruction records.
@@ -162,6 +148,42 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
+@dataclass
+class RecoveryData:
+    """What a recover run trains on: stage-1 windows per text source, stage-2 instruction
+    rows, the spec's source weights (normalised) and the data cursor the run starts at."""
+
+    windows: list[SourceWindows]
+    rows: InstructionRows | None
+    static: dict[str, float]
+    first: int
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.windows]
+
+
+@dataclass
+class RecoverState:
+    """Where a recover run stands: its steps and losses, its probes, the sampling weights they
+    set and the reference's probe losses; its checkpoint holds all of it."""
+
+    step: int
+    probes: list[dict]
+    weights: dict[str, float]
+    losses: list[float]
+    reference_losses: dict[str, float]
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> RecoverState:
+        return cls(state["step"], state["probes"], state["weights"], state["losses"],
+                   state["reference_losses"])
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"step": self.step, "probes": self.probes, "weights": self.weights,
+                "losses": self.losses, "reference_losses": self.reference_losses}
+
+
 @register_pass
 @dataclass(frozen=True)
 class Recover(ModulePass):
@@ -170,7 +192,8 @@ class Recover(ModulePass):
     name: ClassVar[str] = "recover"
     data: str = option("", "YAML data spec (text, JSON/JSONL or .ids sources; instruction sources for stage 2)")
     steps: int = option(40, "optimizer steps in all (stage 1 + stage 2)")
-    stage1_steps: int = option(20, "steps of stage 1 (degradation-weighted text sources)")
+    stage1_steps: int = option(-1, "steps of stage 1 (degradation-weighted text sources); -1: half "
+                               "of steps, rounded up (20 of the default 40)")
     probe_every: int = option(10, "measure probe perplexities and reweight every this many steps")
     sampling: Literal["dynamic", "static"] = option(
         "dynamic", "dynamic: weights from degradation; static: the spec's weights (a baseline)")
@@ -186,9 +209,10 @@ class Recover(ModulePass):
     batch: int = option(4, "windows per step")
     seed: int = option(0, "seed of the data order and the source draws")
     probe_windows: int = option(8, "held-out windows per source for the probe perplexity")
-    log: str = option("", "append one JSON line per probe to this file")
-    checkpoint_dir: str = option("", "save a checkpoint at every probe and resume from it when present")
-    progress: bool = option(True, "show a progress bar")
+    log: str = option("", "append one JSON line per probe to this file", run_only=True)
+    checkpoint_dir: str = option("", "save a checkpoint at every probe and resume from it when present",
+                                 run_only=True)
+    progress: bool = option(True, "show a progress bar", run_only=True)
     device: str = device_option()
     precision: Precision = precision_option()
     grad_checkpoint: bool = grad_checkpoint_option()
@@ -196,16 +220,16 @@ class Recover(ModulePass):
     def __post_init__(self) -> None:
         if not self.data:
             raise PassError("recover needs a data spec", hint="recover{data=sources.yaml}")
-        if self.steps < 1 or not 0 <= self.stage1_steps <= self.steps:
-            raise PassError(f"recover needs steps >= 1 and 0 <= stage1-steps <= steps, got "
-                            f"steps={self.steps}, stage1-steps={self.stage1_steps}")
+        if self.steps < 1 or not -1 <= self.stage1_steps <= self.steps:
+            raise PassError(f"recover needs steps >= 1 and 0 <= stage1-steps <= steps (or -1: half of "
+                            f"steps), got steps={self.steps}, stage1-steps={self.stage1_steps}")
         if min(self.probe_every, self.batch, self.probe_windows) < 1 or self.seq_len < 2:
             raise PassError("recover needs probe-every, batch, probe-windows >= 1 and seq-len >= 2")
         check_warmup(self.name, self.warmup)
         check_device_text(self.name, self.device)
         # what is plain from the options alone fails while the pipeline parses, before any
         # earlier pass has spent its time; the data spec's contents are checked when it loads
-        if self.steps > self.stage1_steps:
+        if self.steps > self.stage1_length:
             if self.loss == "kd" and not self.reference:
                 raise PassError("recover: loss=kd distils the unpruned model's logits and needs it",
                                 hint="give reference=PATH.ir (the module before pruning)")
@@ -213,6 +237,11 @@ class Recover(ModulePass):
                 raise PassError(f"recover: stage 2 (loss=lm) tunes on instruction records, and data={self.data} "
                                 "is plain text", hint="distil the unpruned model instead (loss=kd,reference="
                                 "PATH.ir), or train stage 1 only (stage1-steps equal to steps)")
+
+    @property
+    def stage1_length(self) -> int:
+        """Steps of stage 1: ``stage1-steps``, or half of ``steps`` rounded up when it is -1."""
+        return (self.steps + 1) // 2 if self.stage1_steps == -1 else self.stage1_steps
 
     # --- data ------------------------------------------------------------------------------
     def load_data(self, module: Module) -> tuple[list[SourceWindows], InstructionRows | None, dict]:
@@ -272,9 +301,9 @@ class Recover(ModulePass):
 
     def check_plan(self, windows: list[SourceWindows], rows: InstructionRows | None) -> None:
         """Fail before training when a stage has no data or no teacher."""
-        if self.stage1_steps and not windows:
+        if self.stage1_length and not windows:
             raise PassError("recover: stage 1 needs at least one text source in the data spec")
-        if self.steps > self.stage1_steps:
+        if self.steps > self.stage1_length:
             if self.loss == "kd":  # its reference was checked with the options
                 if not windows:
                     raise PassError("recover: loss=kd needs text sources to distil on")
@@ -300,162 +329,134 @@ class Recover(ModulePass):
         return [(name, axis, keep) for (name, axis), keep in keep_masks(module, groups, removed).items()
                 if name in lora]
 
+    @staticmethod
+    def zero_removed(model: IRModel, masks: list[tuple[str, int, torch.Tensor]]) -> None:
+        """Set the live LoRA rows and columns of removed units back to zero."""
+        with torch.no_grad():
+            for param_name, axis, keep in masks:
+                tensor = model.tensor(param_name)
+                shape = [1] * tensor.dim()
+                shape[axis] = -1
+                tensor.mul_(keep.view(shape).to(tensor.device, tensor.dtype))
+
     # --- the pass ------------------------------------------------------------------------------
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
-        if not lora_param_names(module):
-            raise PassError("recover trains LoRA adapters, and the module has none",
-                            hint="lower with --adapter DIR or --lora-rank R")
-        runtime = TrainingRuntime.create(self.name, self.device, self.precision, self.grad_checkpoint)
-        runtime.check_batch(self.batch)
+        harness = LoraHarness.create(self, module, owner=result_text(self), total_steps=self.steps,
+                                     schedule=self.schedule)
         windows, rows, spec_weights = self.load_data(module)
         self.check_plan(windows, rows)
-        teacher = None
-        if self.reference:
-            from lorashear.ir.fileformat import load_ir
-
-            path = Path(self.reference).expanduser()
-            if not path.is_file():
-                raise PassError(f"recover: reference model {path} does not exist")
-            try:
-                teacher = runtime.build_model(load_ir(path), trainable=False)
-            except LorashearError as exc:
-                raise PassError(f"recover: reference model {path}: {exc}") from None
+        teacher = self.load_reference(harness) if self.reference else None
         masks = self.lora_keep_masks(module)
         first = data_cursor(module)  # data steps earlier runs drew: this run draws after them
-        runtime.seed(self.seed)
-        model = runtime.build_model(module)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in model.named_parameters()}
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
-        by_name = {s.name: s for s in windows}
-        source_names = [s.name for s in windows]
+        model = harness.build(module, self.seed)
         total = sum(spec_weights.values()) or 1.0
-        static = {n: spec_weights[n] / total for n in source_names}
-
-        def probe_losses(net: torch.nn.Module) -> dict[str, float]:
-            """Every source's probe loss; rank 0's on every rank, so all sample alike."""
-            was_training = net.training
-            net.eval()
-            with torch.no_grad(), runtime.autocast():
-                out = {s.name: net(probe, labels=probe).loss.item()
-                       for s, probe in ((s, runtime.to_device(s.probe)) for s in windows)}
-            net.train(was_training)
-            return runtime.broadcast_object(out)
-
-        # where and with how much memory a run trains does not change its result
-        owner = format_pass(replace(self, checkpoint_dir="", progress=True, log="", device="auto",
-                                    grad_checkpoint=False))
-        resumed = load_checkpoint(self.checkpoint_dir, owner) if self.checkpoint_dir else None
-        if resumed is not None:
-            with torch.no_grad():
-                for p in trainable:
-                    p.copy_(resumed.tensors[names[id(p)]])
-            restore_optimizer(optimizer, dict(model.named_parameters()), resumed.tensors)
-            state = resumed.state
-            step, probes, weights = state["step"], state["probes"], state["weights"]
-            reference_losses, losses = state["reference_losses"], state["losses"]
-            runtime.restore_rng(resumed.tensors, self.seed, step)
-            if self.log and runtime.is_main:
-                trim_log_after(self.log, step)
+        data = RecoveryData(windows, rows, {s.name: spec_weights[s.name] / total for s in windows}, first)
+        saved = harness.resume("step")
+        if saved is not None:
+            state = RecoverState.restore(saved)
         else:
-            step, probes, losses = 0, [], []
-            reference_losses = probe_losses(teacher if teacher is not None else model) if windows else {}
-            weights = dict(static)
-        log_file = open(self.log, "a", encoding="utf-8") if self.log and runtime.is_main else None  # noqa: SIM115
-
-        def record_probe() -> None:
-            nonlocal weights
-            current = probe_losses(model)
-            if self.sampling == "dynamic":
-                weights = degradation_weights(current, reference_losses)
-            entry = {"step": step, "stage": 1 if step < self.stage1_steps else 2,
-                     "ppl": {n: math.exp(v) for n, v in current.items()},
-                     "reference_ppl": {n: math.exp(v) for n, v in reference_losses.items()},
-                     "weights": dict(weights)}
-            probes.append(entry)
-            if log_file:
-                log_file.write(json.dumps(entry, sort_keys=True) + "\n")
-                log_file.flush()
-
-        def save() -> None:
-            runtime.sync_tensors(tensors_of(model, (names[id(p)] for p in trainable)))
-            tensors = {names[id(p)]: p for p in trainable}
-            tensors.update(optimizer_tensors(optimizer, names))
-            tensors.update(runtime.rng_tensors())  # a collective: every rank takes part
-            if runtime.is_main:
-                save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(owner, {
-                    "step": step, "probes": probes, "weights": weights, "losses": losses,
-                    "reference_losses": reference_losses}, tensors))
-
-        def text_batch(source_weights: dict[str, float]) -> torch.Tensor:
-            """This rank's slice of the step's text batch: a source drawn with ``source_weights``,
-            then its windows, both at the step's place in the data after the cursor."""
-            name = source_for_step(source_names, source_weights, self.seed, first + step)
-            index = source_names.index(name)
-            (batch,) = runtime.local(batch_for_step(by_name[name].train, self.batch, self.seed + index,
-                                                    first + step))
-            return batch
-
-        warmup = warmup_steps(self.warmup, self.steps)
-        try:
-            if resumed is None and windows:
-                record_probe()
-            bar = tqdm(range(step, self.steps), desc="recover", disable=not runtime.progress(self.progress),
-                       leave=False)
+            reference = (self.probe_losses(harness, teacher if teacher is not None else model, windows)
+                         if windows else {})
+            state = RecoverState(0, [], dict(data.static), [], reference)
+        with harness.logging():
+            if saved is None and windows:
+                self.record_probe(harness, model, windows, state)
+            bar = harness.bar(range(state.step, self.steps), "recover")
             for _ in bar:
-                share = 1.0 / runtime.world_size  # full windows: equal token counts per rank
-                if step < self.stage1_steps:
-                    batch = text_batch(weights)
-                    with runtime.autocast():
-                        loss = model(batch, labels=batch).loss
-                elif self.loss == "kd":
-                    batch = text_batch(static)
-                    with runtime.autocast():
-                        with torch.no_grad():
-                            target = F.log_softmax(teacher(batch).logits.float(), dim=-1)
-                        student = F.log_softmax(model(batch).logits.float(), dim=-1)
-                        loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
-                                        reduction="batchmean")
-                else:
-                    pick = self._instruction_rows(rows, first + step)
-                    labels = rows.labels[pick]
-                    ids, mask, local_labels = runtime.local(rows.input_ids[pick], rows.attention_mask[pick],
-                                                            labels)
-                    # the loss is a mean over labelled tokens, which differ per slice
-                    share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
-                    with runtime.autocast():
-                        loss = model(ids, attention_mask=mask, labels=local_labels).loss
-                set_warmup_lr(optimizer, self.lr, step, warmup, self.schedule, self.steps)
-                loss_value = runtime.step(loss, optimizer, trainable, share)
-                if masks:
-                    with torch.no_grad():
-                        for param_name, axis, keep in masks:
-                            tensor = model.tensor(param_name)
-                            shape = [1] * tensor.dim()
-                            shape[axis] = -1
-                            tensor.mul_(keep.view(shape).to(tensor.device, tensor.dtype))
-                losses.append(loss_value)
-                step += 1
+                loss, share = self.step_loss(harness, model, teacher, data, state)
+                loss_value = harness.step(loss, state.step, share)
+                if masks:  # removed units stay removed, so compress stays exact
+                    self.zero_removed(model, masks)
+                state.losses.append(loss_value)
+                state.step += 1
                 bar.set_postfix(loss=f"{loss_value:.3f}")
-                if windows and (step % self.probe_every == 0 or step == self.steps):
-                    record_probe()
-                    if self.checkpoint_dir:
-                        save()
-        finally:
-            if log_file:
-                log_file.close()
-        with torch.no_grad():
-            for p in trainable:
-                ir_dtype = torch_dtype(module.params[names[id(p)]].type.dtype)
-                module.params[names[id(p)]].storage = DataStorage(p.detach().to(device="cpu", dtype=ir_dtype).clone())
-        module.attributes["recover-log"] = RecoverLogAttr(tuple(probes))
-        module.attributes["recover-cursor"] = RecoverCursorAttr(first + step)
-        statistics: dict[str, Any] = {"steps": step, "first loss": losses[0] if losses else None,
+                if windows and (state.step % self.probe_every == 0 or state.step == self.steps):
+                    self.record_probe(harness, model, windows, state)
+                    if harness.saves_checkpoints:
+                        harness.checkpoint(state.checkpoint_state())
+        harness.write_back(module)
+        module.attributes["recover-log"] = RecoverLogAttr(tuple(state.probes))
+        module.attributes["recover-cursor"] = RecoverCursorAttr(first + state.step)
+        losses, probes = state.losses, state.probes
+        statistics: dict[str, Any] = {"steps": state.step, "first loss": losses[0] if losses else None,
                                       "last loss": losses[-1] if losses else None}
         if probes:
             statistics["final ppl"] = {n: round(v, 4) for n, v in probes[-1]["ppl"].items()}
             statistics["final weights"] = {n: round(v, 4) for n, v in probes[-1]["weights"].items()}
         return PassResult(True, frozenset(), statistics)
+
+    def load_reference(self, harness: LoraHarness) -> IRModel:
+        """The unpruned model of ``reference=``, frozen: the reference probes and the KD teacher."""
+        from lorashear.ir.fileformat import load_ir
+
+        path = Path(self.reference).expanduser()
+        if not path.is_file():
+            raise PassError(f"recover: reference model {path} does not exist")
+        try:
+            return harness.frozen(load_ir(path))
+        except LorashearError as exc:
+            raise PassError(f"recover: reference model {path}: {exc}") from None
+
+    def step_loss(self, harness: LoraHarness, model: IRModel, teacher: IRModel | None, data: RecoveryData,
+                  state: RecoverState) -> tuple[torch.Tensor, float | None]:
+        """The loss of step ``state.step`` on this rank's slice, and the slice's share of the
+        global batch's tokens (None: an equal share): stage 1's LM loss on a source drawn by
+        degradation, or stage 2's (KD on text drawn by the spec's weights, or instruction LM)."""
+        runtime = harness.runtime
+        if state.step < self.stage1_length:
+            (batch,) = runtime.local(self.text_batch(data, state.weights, state.step))
+            with runtime.autocast():
+                return model(batch, labels=batch).loss, None
+        if self.loss == "kd":
+            (batch,) = runtime.local(self.text_batch(data, data.static, state.step))
+            with runtime.autocast():
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(batch).logits.float(), dim=-1)
+                student = F.log_softmax(model(batch).logits.float(), dim=-1)
+                return F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                                reduction="batchmean"), None
+        rows = data.rows
+        pick = self._instruction_rows(rows, data.first + state.step)
+        labels = rows.labels[pick]
+        ids, mask, local_labels = runtime.local(rows.input_ids[pick], rows.attention_mask[pick], labels)
+        # the loss is a mean over labelled tokens, which differ per slice
+        share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
+        with runtime.autocast():
+            return model(ids, attention_mask=mask, labels=local_labels).loss, share
+
+    def text_batch(self, data: RecoveryData, source_weights: dict[str, float], step: int) -> torch.Tensor:
+        """The global text batch of ``step``: a source drawn with ``source_weights``, then its
+        windows, both at the step's place in the data after the cursor."""
+        names = data.source_names
+        name = source_for_step(names, source_weights, self.seed, data.first + step)
+        index = names.index(name)
+        return batch_for_step(data.windows[index].train, self.batch, self.seed + index, data.first + step)
+
+    def probe_losses(self, harness: LoraHarness, net: torch.nn.Module,
+                     windows: list[SourceWindows]) -> dict[str, float]:
+        """Every source's probe loss; rank 0's on every rank, so all sample alike."""
+        runtime = harness.runtime
+        was_training = net.training
+        net.eval()
+        with torch.no_grad(), runtime.autocast():
+            out = {s.name: net(probe, labels=probe).loss.item()
+                   for s, probe in ((s, runtime.to_device(s.probe)) for s in windows)}
+        net.train(was_training)
+        return runtime.broadcast_object(out)
+
+    def record_probe(self, harness: LoraHarness, model: IRModel, windows: list[SourceWindows],
+                     state: RecoverState) -> None:
+        """Probe every source at ``state.step``, reweight the sources by their degradation
+        (``sampling=dynamic``), and log the probe."""
+        current = self.probe_losses(harness, model, windows)
+        if self.sampling == "dynamic":
+            state.weights = degradation_weights(current, state.reference_losses)
+        entry = {"step": state.step, "stage": 1 if state.step < self.stage1_length else 2,
+                 "ppl": {n: math.exp(v) for n, v in current.items()},
+                 "reference_ppl": {n: math.exp(v) for n, v in state.reference_losses.items()},
+                 "weights": dict(state.weights)}
+        state.probes.append(entry)
+        harness.write_log(entry, sort_keys=True)
 
     def _instruction_rows(self, rows: InstructionRows, step: int) -> torch.Tensor:
         """Row indices of a stage-2 instruction step (seeded epochs, as batch_for_step);
@@ -463,4 +464,4 @@ class Recover(ModulePass):
         index = torch.arange(len(rows.input_ids))
         if len(index) < self.batch:
             return index
-        return batch_for_step(index, self.batch, self.seed, step - self.stage1_steps)
+        return batch_for_step(index, self.batch, self.seed, step - self.stage1_length)

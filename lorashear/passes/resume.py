@@ -39,14 +39,20 @@ from lorashear.passes.pipeline import format_pass
 
 FORMAT_VERSION = 1
 RUN_FILE, PASS_FILE, MODULE_FILE = "run.json", "pass.json", "module.ir"
-#: Options that change how a pass runs (where it logs, checkpoints, shows progress), never
-#: what it computes: a resume may change them.
-RUN_ONLY_OPTIONS = ("checkpoint_dir", "progress", "log")
+
+
+def run_only_options(p: ModulePass | type[ModulePass]) -> tuple[str, ...]:
+    """The options of ``p`` declared ``option(..., run_only=True)``: they change how it runs
+    (where it trains, logs, checkpoints, how much memory it spends), never what it computes,
+    so a resume may change them."""
+    return tuple(f.name for f in p.option_fields() if f.metadata.get("run_only", False))
 
 
 def result_text(p: ModulePass) -> str:
-    """The pass text with its run-only options at their defaults: what decides its result."""
-    defaults = {f.name: f.default for f in p.option_fields() if f.name in RUN_ONLY_OPTIONS}
+    """The pass text with its run-only options at their defaults: what decides its result.
+
+    It identifies a pipeline checkpoint's passes and a training pass's own checkpoint alike."""
+    defaults = {f.name: f.default for f in p.option_fields() if f.name in run_only_options(p)}
     return format_pass(dataclasses.replace(p, **defaults)) if defaults else format_pass(p)
 
 

@@ -320,8 +320,8 @@ def test_checkpoint_from_before_attn_share_auto_resumes_with_the_proportional_sp
     import json
     from dataclasses import replace
 
-    from lorashear.passes import lhspg
     from lorashear.passes.pipeline import format_pass
+    from lorashear.training import harness
 
     module, data, _ = trained
     ckpt = tmp_path / "ckpt"
@@ -332,16 +332,16 @@ def test_checkpoint_from_before_attn_share_auto_resumes_with_the_proportional_sp
     class Stop(Exception):
         pass
 
-    real = lhspg.save_checkpoint
+    real = harness.save_checkpoint
 
     def save_then_stop(directory, checkpoint):
         real(directory, checkpoint)
         raise Stop
 
-    monkeypatch.setattr(lhspg, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(harness, "save_checkpoint", save_then_stop)
     with pytest.raises(PassError, match="crashed.*Stop"):  # the manager names the exception
         PassManager.parse(proportional.replace("}", f",checkpoint-dir={ckpt}}}")).run(clone_module(module))
-    monkeypatch.setattr(lhspg, "save_checkpoint", real)
+    monkeypatch.setattr(harness, "save_checkpoint", real)
     # forge the old checkpoint: the default options' owner, no split in the state
     default_pass = PassManager.parse(f"lhspg{{{common}}}").passes[0]
     state = json.loads((ckpt / "state.json").read_text())

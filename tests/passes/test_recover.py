@@ -321,3 +321,23 @@ def test_stage2_kd_moves_the_student_towards_the_teacher(recovery_setup):
     before, after = kl(damaged), kl(distilled)
     assert after < 0.7 * before, (before, after)
     assert [p["stage"] for p in distilled.attributes["recover-log"].probes] == [2, 2]
+
+
+def test_stage1_steps_defaults_to_half_the_steps(recovery_setup):
+    """stage1-steps follows steps: half of them, rounded up, so the default 40 keeps its 20
+    stage-1 steps and recover{steps=4} trains 2 + 2 instead of failing."""
+    from lorashear.passes.recover import Recover
+
+    def stage1(options: str) -> int:
+        return PassManager.parse(f"recover{{data=s.yaml,loss=kd,reference=r.ir{options}}}").passes[0].stage1_length
+
+    assert stage1("") == 20 and stage1(",steps=4") == 2 and stage1(",steps=5") == 3 and stage1(",steps=1") == 1
+    assert stage1(",steps=4,stage1-steps=0") == 0 and stage1(",stage1-steps=40") == 40
+    assert "-1: half of steps" in Recover.__dataclass_fields__["stage1_steps"].metadata["doc"]
+    with pytest.raises(PassError, match="stage1-steps <= steps"):
+        PassManager.parse("recover{data=s.yaml,steps=4,stage1-steps=-2}")
+    damaged, root = recovery_setup
+    result = clone_module(damaged)
+    PassManager.parse(f"recover{{data={root / 'spec.yaml'},steps=4,probe-every=1,seq-len={SEQ},batch=8,"
+                      f"loss=kd,reference={root / 'reference.ir'},progress=false}}").run(result)
+    assert [p["stage"] for p in result.attributes["recover-log"].probes] == [1, 1, 2, 2, 2]

@@ -248,3 +248,25 @@ def test_cosine_schedule_decays_from_lr_after_the_warmup(warmup):
     assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] > 0
     if (total - warmup) % 2 == 0:
         assert decay[(total - warmup) // 2] == pytest.approx(lr / 2)
+
+
+def test_a_training_checkpoint_resumes_under_other_run_only_options(setup, tmp_path):
+    """A training checkpoint belongs to the pass less its run-only options (the text that
+    fingerprints a pipeline checkpoint too): a run on device=cpu without activation
+    checkpointing resumes with device=auto, grad-checkpoint=true and a log, to its result."""
+    from lorashear.passes.resume import result_text
+
+    module, root = setup
+    ckpt = tmp_path / "ckpt"
+    opts = {"steps": 2, "stage1-steps": 2, "probe-every": 1, "checkpoint-dir": ckpt}
+    first, again = clone_module(module), clone_module(module)
+    manager = PassManager.parse(recover_text(root, **opts))
+    manager.run(first)
+    owner = json.loads((ckpt / "state.json").read_text())["owner"]
+    assert owner == result_text(manager.passes[0])
+    assert "device" not in owner and "checkpoint" not in owner and "progress" not in owner
+    PassManager.parse(recover_text(root, **opts, device="auto", log=tmp_path / "probes.jsonl",
+                                   **{"grad-checkpoint": "true"})).run(again)
+    assert again.attributes["recover-log"] == first.attributes["recover-log"]
+    for name in lora_param_names(module):
+        assert torch.equal(again.params[name].storage.load(), first.params[name].storage.load()), name
