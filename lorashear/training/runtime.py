@@ -1,9 +1,9 @@
 """The runtime the training passes share (``lhspg``, ``recover``): device, precision,
 activation checkpointing, and data parallelism under ``torchrun`` / ``accelerate launch``.
 
-A pass declares the three options with :func:`device_option`, :func:`precision_option` and
-:func:`grad_checkpoint_option`, builds a :class:`TrainingRuntime` at the start of ``run`` and
-lets it build the model, slice each global batch and take the optimizer step.
+A pass declares the three options once each (:mod:`lorashear.passes.options`); its
+:class:`~lorashear.training.harness.LoraHarness` builds a :class:`TrainingRuntime` from them,
+which builds the model, slices each global batch and takes the optimizer step.
 
 Data parallelism (``WORLD_SIZE > 1``): every rank builds the same global batch (the passes'
 batches are functions of the step alone) and trains on its contiguous slice. The gradients of
