@@ -16,7 +16,7 @@ that needs more than slicing (a mean over a pruned axis) are recorded for the ze
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from lorashear.ir.core import Op, Param, Value
@@ -43,6 +43,12 @@ def coupling_rule(*kinds: str) -> Callable[[CouplingRule], CouplingRule]:
             COUPLING_RULES[kind] = fn
         return fn
     return register
+
+
+def kinds_without_coupling_rule(kinds: Iterable[str]) -> list[str]:
+    """The ``kinds`` with neither a coupling rule nor an explicit :func:`pins` entry: a new IR
+    kind must get one or the other (the coverage test walks every kind in ``OP_DEFS``)."""
+    return [kind for kind in kinds if kind not in COUPLING_RULES]
 
 
 def pins(*kinds: str, reason: str, operands: bool = True) -> None:
