@@ -8,11 +8,12 @@ its operands' axes; a reshape from ``[.., 576]`` to ``[.., 9, 64]`` splits the f
 *pinned* with the reason: graph inputs and outputs (the vocabulary), axes an op uses as a
 whole (RoPE's slices of head_dim, softmax), factors made by ``expand`` (GQA's query heads per
 KV head), reductions over channels that are not zero when pruned, ops the analysis does not
-model. Every unpinned factor left is a family of minimally removable groups.
+model (each such kind says why, see :func:`~lorashear.analysis.coupling_rules.pins`). Every
+unpinned factor left is a family of minimally removable groups.
 
 A second, forward pass computes which channels are exactly zero in the masked model, so a
 reduction over a pruned axis (RMSNorm's mean) is accepted only where it sees zeros, and is
-recorded for ``compress`` to keep the original divisor.
+recorded for ``compress`` to keep the original divisor (or rescale an ``rms_norm``).
 
 This module holds the machinery (factors, the builder, families); what each op kind couples
 is a rule in :mod:`lorashear.analysis.coupling_rules`, what it leaves zero a rule in
@@ -120,7 +121,8 @@ class _Factors:
 
 @dataclass
 class ReductionRecord:
-    """A sum/mean whose reduced axes carry prunable factors (compress keeps the divisor)."""
+    """A reduction (sum, mean, rms_norm) whose reduced axes carry prunable factors that are
+    zero when pruned: compress keeps a mean's divisor or rescales the norm."""
 
     op: Op
     factors: list[int]

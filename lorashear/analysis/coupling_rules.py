@@ -450,8 +450,8 @@ def _symbolic(b: CouplingBuilder, op: Op) -> None:
 
 
 # --- kinds the analysis does not model: pinned, with the reason ----------------------------------
-pins("mm", "addmm", "baddbmm", reason="a matrix product lowering does not emit for a model layer "
-     "(it emits linear or matmul), not modelled: {op}")
+pins("mm", "addmm", "baddbmm", reason="a matrix product the models we lower do not use (they use "
+     "linear and matmul), not modelled: {op}")
 pins("amax", "any", "all", reason="a max/any/all reduction (a pruned channel's zero can change "
      "its result), not modelled: {op}")
 pins("cumsum", reason="a running sum along an axis, not modelled: {op}")

@@ -113,6 +113,24 @@ def test_rms_norm_masked_equals_compressed(seed):
     assert (a - b).abs().max().item() <= 1e-4
 
 
+def test_compressed_rms_norm_model_runs_in_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    module = _discovered("rms")
+    groups = module.attributes["groups"]
+    removed = {f.id: tuple(range(0, f.size, 3)) for f in groups.families}
+    compressed = clone_module(module)
+    compress_module(compressed, groups, removed)
+    session = ort.InferenceSession(str(emit_onnx(compressed, tmp_path / "m.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    ids, mask = random_batch(VOCAB, seq=9)
+    (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = emit_torch(compressed)(ids, attention_mask=mask).logits
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-4
+
+
 def test_layer_norm_pins_hidden_channels_with_its_reason():
     module = _discovered("layer")
     groups = module.attributes["groups"]
