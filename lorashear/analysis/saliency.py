@@ -38,6 +38,7 @@ from lorashear.errors import PassError
 from lorashear.ir.core import Module, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.lora import adapters
+from lorashear.ir.ops import OP_DEFS
 
 MetricName = Literal["magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2", "combined",
                      "taylor", "wanda", "random"]
@@ -48,7 +49,7 @@ COMBINED_TERMS = ("magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2")
 LORA_PROXY_METRICS = frozenset({"cosine", "taylor1", "taylor2"})
 #: Metrics that run the model on calibration data.
 DATA_METRICS = frozenset({"taylor", "wanda"})
-_LINEAR_KINDS = frozenset({"linear", "lora_linear"})
+_LINEAR_KINDS = frozenset(kind for kind, definition in OP_DEFS.items() if definition.weight_arg)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 
 from lorashear.errors import VerificationError
 from lorashear.ir.core import DTypeArg, Op, Param, Value
-from lorashear.ir.ops import TRAINING_AWARE, op_def
+from lorashear.ir.ops import op_def
 from lorashear.ir.types import torch_dtype
 
 
@@ -40,7 +40,7 @@ def run_op(op: Op, env: dict[int, Any], param_fn: Callable[[Param], torch.Tensor
     kwargs = {k: resolve_arg(v, env, param_fn) for k, v in op.kwargs.items()}
     if definition.creates_tensor:
         kwargs["device"] = device
-    if op.kind in TRAINING_AWARE:
+    if definition.training_aware:
         kwargs["training"] = training
     out = definition.fn(*args, **kwargs)
     if len(op.results) == 1 and definition.num_results == 1:

@@ -23,25 +23,67 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class OpDef:
-    """How an IR op kind executes.
+    """An IR op kind: how it executes, and the traits the analyses and passes read.
 
-    ``creates_tensor``: the op makes a tensor from scratch (``arange``, ``full``), so the
-    executor passes it the device to create it on. ``num_results``: how many values it
-    defines (``None`` for a variable count, as in ``split``).
+    Rules about one kind (its coupling, its zeros in a masked model, its compress rewrite,
+    its ONNX translation) register by kind beside their concept; what several rules share
+    about a kind is a trait here, so a new kind states it once.
     """
 
     kind: str
     fn: Callable
+    elementwise: bool = False
+    """Computes each output element from the aligned elements of its (broadcast) operands, so
+    every output axis is the matching axis of each operand."""
+    zero_preserving: bool = False
+    """Unary with ``f(0) == 0``: a channel that is zero in its input is zero in its output."""
     creates_tensor: bool = False
+    """Makes a tensor from scratch (``arange``, ``full``) with no tensor operand to take a
+    device from, so the executor passes it the device to create it on."""
+    reduction: bool = False
+    """Adds up (``sum``) or averages (``mean``) its input over the ``dim`` axes."""
+    shape_arg: str | None = None
+    """The parameter that spells the result's shape as a list of sizes (``reshape``'s
+    ``shape``, ``expand``'s ``size``): a pass that changes a size rewrites it there."""
+    training_aware: bool = False
+    """Behaves differently while training (dropout); the executor passes ``training=``."""
+    weight_arg: str | None = None
+    """Linear-like: the parameter that holds its ``[out, in]`` weight matrix."""
     num_results: int | None = 1
+    """How many values it defines (``None`` for a variable count, as in ``split``)."""
     doc: str = ""
 
 
 OP_DEFS: dict[str, OpDef] = {}
 
 
+#: The traits of each kind, declared below by trait and read by :func:`_define`.
+_KIND_TRAITS: dict[str, dict[str, Any]] = {}
+
+
+def _traits(kinds: str, **traits: Any) -> None:
+    """Give every kind in the space-separated ``kinds`` the ``traits`` (OpDef fields)."""
+    for kind in kinds.split():
+        _KIND_TRAITS.setdefault(kind, {}).update(traits)
+
+
 def _define(kind: str, fn: Callable, **kw) -> None:
-    OP_DEFS[kind] = OpDef(kind, fn, **kw)
+    OP_DEFS[kind] = OpDef(kind, fn, **{**_KIND_TRAITS.get(kind, {}), **kw})
+
+
+_traits("""add add.scalar sub rsub mul mul.scalar div div.mode neg pow pow.tensor rsqrt sqrt exp
+           log abs reciprocal cos sin tanh sigmoid silu gelu relu erf clamp minimum maximum where
+           where.scalar_other masked_fill masked_fill.tensor eq eq.scalar ne ne.scalar lt lt.scalar
+           le le.scalar gt gt.scalar ge ge.scalar and or not logical_not logical_and logical_or
+           cast dropout""", elementwise=True)
+_traits("neg sqrt abs tanh silu gelu relu erf cast dropout sin", zero_preserving=True)
+_traits("sum mean", reduction=True)
+_traits("arange arange.start arange.start_step full ones zeros scalar_tensor empty", creates_tensor=True)
+_traits("reshape", shape_arg="shape")
+_traits("expand full ones zeros empty new_ones new_zeros new_full", shape_arg="size")
+_traits("dropout lora_linear", training_aware=True)
+_traits("linear lora_linear", weight_arg="weight")
+_traits("split split_with_sizes chunk unbind", num_results=None)
 
 
 # --- ops that execute as one ATen overload --------------------------------------------------
@@ -97,10 +139,6 @@ _PLAIN = {
     "new_ones.default": "new_ones", "new_zeros.default": "new_zeros", "new_full.default": "new_full",
     "ones_like.default": "ones_like", "zeros_like.default": "zeros_like", "full_like.default": "full_like",
 }
-_CREATES = {"arange", "arange.start", "arange.start_step", "full", "ones", "zeros", "scalar_tensor",
-            "empty"}
-_MULTI = {"split", "split_with_sizes", "chunk", "unbind"}
-
 for _overload, _kind in _PLAIN.items():
     ATEN_OPS[_overload] = _kind
     if _kind in OP_DEFS:
@@ -109,8 +147,7 @@ for _overload, _kind in _PLAIN.items():
     # the IR kind runs the canonical overload (reshape runs aten.reshape, not aten.view)
     _canon = {"reshape": "reshape.default", "and": "__and__.Tensor", "or": "__or__.Tensor"}.get(_kind, _overload)
     _p, _, _o = _canon.rpartition(".")
-    _define(_kind, getattr(getattr(aten, _p), _o), creates_tensor=_kind in _CREATES,
-            num_results=None if _kind in _MULTI else 1)
+    _define(_kind, getattr(getattr(aten, _p), _o))
 
 #: ATen overloads that carry no computation for inference and are dropped by lowering.
 IDENTITY_OPS = frozenset({
@@ -160,8 +197,8 @@ SYM_OPERATORS: dict[Callable, str] = {
     operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg",
 }
 
-#: Ops whose behaviour depends on training mode; the executor passes ``training=``.
-TRAINING_AWARE = frozenset({"dropout", "lora_linear"})
+if _KIND_TRAITS.keys() - OP_DEFS.keys():  # a misspelt kind in a trait declaration
+    raise AssertionError(f"traits for undefined kinds {sorted(_KIND_TRAITS.keys() - OP_DEFS.keys())}")
 
 
 def op_def(kind: str) -> OpDef | None:
@@ -179,6 +216,14 @@ def _parameters(kind: str) -> tuple[tuple[str, ...], dict[str, Any]] | inspect.S
     names = tuple(a.name for a in schema.arguments)
     defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
     return names, defaults
+
+
+def parameter_names(kind: str) -> tuple[str, ...]:
+    """A kind's parameter names in call order (``("self", "dim", "keepdim", "dtype")``)."""
+    parameters = _parameters(kind)
+    if isinstance(parameters, inspect.Signature):
+        return tuple(parameters.parameters)
+    return parameters[0]
 
 
 def bind_arguments(kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -5,13 +5,17 @@ axis of every value and parameter to its factors, so pass 1 (output slices per g
 pass 2 (each consumer's input slices) are one walk over the parameters' axes, and every
 value's new shape follows from its factors' new sizes. Shape literals (reshape, expand) are
 rewritten from the new result shapes; a mean over a shrunk axis keeps its original divisor
-(sum / N), which keeps RMSNorm exact, so the compressed model equals the masked one.
+(sum / N), and an RMSNorm over one is rescaled (DESIGN.md section 3), so the compressed model
+equals the masked one. What an op kind needs rewritten is a rule registered by kind with
+:func:`compress_rule`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,13 +26,57 @@ from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.errors import PassError
 from lorashear.ir.attributes import HFConfigAttr
 from lorashear.ir.core import Module, Op, Param, Value
+from lorashear.ir.ops import OP_DEFS, parameter_names
 from lorashear.ir.storage import DataStorage, MetaStorage
-from lorashear.ir.types import TensorType
+from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult
 from lorashear.passes.discover import groups_from_coupling
 from lorashear.passes.registry import register_pass
 
-_SHAPE_ARG_OPS = frozenset({"reshape", "expand"})
+
+@dataclass
+class CompressContext:
+    """What a compress rule reads and writes while ``compress_module`` rewrites ops."""
+
+    module: Module
+    coupling: CouplingResult
+    new_size: dict[int, int]
+    """Kept units per shrunk family factor."""
+    shrunk: set[int]
+    """ids of the reduction ops (recorded by the coupling analysis) over a shrunk factor."""
+    eps_scale: set[float] = field(default_factory=set)
+    """The d/d' ratios by which RMSNorm epsilons were scaled (for the HF config)."""
+    rewritten: int = 0
+    """Reductions rewritten (means and norms)."""
+
+
+CompressRule = Callable[[CompressContext, Op], None]
+
+#: IR op kind -> the rewrite compress applies to its ops (kinds without one only change shape).
+COMPRESS_RULES: dict[str, CompressRule] = {}
+
+
+def compress_rule(*kinds: str) -> Callable[[CompressRule], CompressRule]:
+    """Register ``fn(ctx, op)`` as the compress rewrite of ``kinds``."""
+    def register(fn: CompressRule) -> CompressRule:
+        for kind in kinds:
+            if kind in COMPRESS_RULES:
+                raise ValueError(f"op kind {kind!r} already has a compress rule")
+            COMPRESS_RULES[kind] = fn
+        return fn
+    return register
+
+
+def _set_argument(op: Op, name: str, value: Any) -> None:
+    """Set the op's argument ``name`` where it is given (by position or keyword)."""
+    if name in op.kwargs:
+        op.kwargs[name] = value
+        return
+    index = parameter_names(op.kind).index(name)
+    if index < len(op.args):
+        op.args[index] = value
+    else:
+        op.kwargs[name] = value
 
 
 def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
@@ -44,8 +92,8 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
     new_size: dict[int, int] = {}
     for family_id, units in removed.items():
         if units:
-            leaf = coupling.families[family_id][0]
-            new_size[leaf] = coupling.families[family_id][3] - len(set(units))
+            family = coupling.families[family_id]
+            new_size[family.leaf] = family.size - len(set(units))
     before = module.num_parameters()
 
     # parameters: slice every axis a removed family runs along
@@ -71,27 +119,69 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
                 for j, d in enumerate(ref.type.shape)))
 
     # shape literals and divisors
-    for op in module.graph.ops:
-        if op.kind in _SHAPE_ARG_OPS and len(op.args) > 1 and isinstance(op.args[1], list):
-            out_shape = op.results[0].type.shape
-            op.args[1] = [out_shape[j] if isinstance(a, int) and a != -1 and isinstance(out_shape[j], int)
-                          else a for j, a in enumerate(op.args[1])]
-    rewritten = 0
     shrunk = {id(r.op) for r in coupling.reductions if any(fs.find(f) in new_size for f in r.factors)}
-    eps_scale: set[float] = set()
+    ctx = CompressContext(module, coupling, new_size, shrunk)
     for op in list(module.graph.ops):
-        if op.kind == "mean" and id(op) in shrunk:
-            scale = _rescale_rms_norm(module, op, coupling, new_size)
-            if scale is None:
-                _keep_mean_divisor(module, op, coupling)
-            else:
-                eps_scale.add(scale)
-            rewritten += 1
-    _update_config(module, groups, removed, eps_scale)
+        rule = COMPRESS_RULES.get(op.kind)
+        if rule is not None:
+            rule(ctx, op)
+    _update_config(module, groups, removed, ctx.eps_scale)
     module.attributes.pop("groups", None)
     for stale in ("prune-mask", "saliency"):  # indices into the groups that no longer exist
         module.attributes.pop(stale, None)
-    return {"parameters removed": before - module.num_parameters(), "means rewritten": rewritten}
+    return {"parameters removed": before - module.num_parameters(), "means rewritten": ctx.rewritten}
+
+
+@compress_rule(*(kind for kind, definition in OP_DEFS.items() if definition.shape_arg))
+def _shape_literals(ctx: CompressContext, op: Op) -> None:
+    """A literal size in the shape argument becomes the result's new size (``-1`` and
+    symbolic sizes stay)."""
+    name = OP_DEFS[op.kind].shape_arg
+    sizes = op.bound_args()[name]
+    if isinstance(sizes, list):
+        out_shape = op.results[0].type.shape
+        _set_argument(op, name, [out_shape[j] if isinstance(a, int) and a != -1 and isinstance(out_shape[j], int)
+                                 else a for j, a in enumerate(sizes)])
+
+
+@compress_rule("mean")
+def _mean(ctx: CompressContext, op: Op) -> None:
+    """A mean over a shrunk axis: an RMSNorm's is rescaled (:func:`_rescale_rms_norm`), any
+    other keeps its original divisor (:func:`_keep_mean_divisor`)."""
+    if id(op) not in ctx.shrunk:
+        return
+    scale = _rescale_rms_norm(ctx.module, op, ctx.coupling, ctx.new_size)
+    if scale is None:
+        _keep_mean_divisor(ctx.module, op, ctx.coupling)
+    else:
+        ctx.eps_scale.add(scale)
+    ctx.rewritten += 1
+
+
+@compress_rule("rms_norm")
+def _rms_norm(ctx: CompressContext, op: Op) -> None:
+    """``rms_norm`` over a shrunk axis: its ``normalized_shape`` follows the input's new
+    shape, its epsilon scales by d/d' and its weight (its own: the coupling rule pins the
+    axis otherwise) by sqrt(d/d'), the same identity as :func:`_rescale_rms_norm`."""
+    a = op.bound_args()
+    x, weight = a["input"], a["weight"]
+    count = len(a["normalized_shape"])
+    rank = len(x.type.shape)
+    _set_argument(op, "normalized_shape", list(x.type.shape[rank - count:]))
+    if id(op) not in ctx.shrunk:
+        return
+    fs, coupling = ctx.coupling.factors, ctx.coupling
+    leaves = [fs.find(leaf) for axis in range(rank - count, rank)
+              for f in coupling.axes[id(x)][axis] for leaf in fs.leaves(f)]
+    original = math.prod(fs.size[leaf] or 1 for leaf in leaves)
+    kept = math.prod(ctx.new_size.get(leaf, fs.size[leaf] or 1) for leaf in leaves)
+    ratio = original / kept
+    eps = a["eps"] if a["eps"] is not None else torch.finfo(torch_dtype(x.type.dtype)).eps
+    _set_argument(op, "eps", eps * ratio)
+    if weight.storage.has_data:
+        weight.storage = DataStorage(weight.storage.load() * math.sqrt(ratio))
+    ctx.eps_scale.add(ratio)
+    ctx.rewritten += 1
 
 
 def _axis_size(coupling: CouplingResult, key: int, axis: int, new_size: dict[int, int]) -> int:
@@ -111,6 +201,12 @@ def _check_factors(coupling: CouplingResult, param: Param, new_size: dict[int, i
             raise PassError(f"internal: @{param.name} axis {axis} sliced to {dim}, factors say {want}")
 
 
+def _operands(op: Op) -> list[Any]:
+    """A binary op's two operands (``self``, ``other``) by name."""
+    a = op.bound_args()
+    return [a["self"], a["other"]]
+
+
 def _single_user(module: Module, value: Value) -> Op | None:
     users = [op for op in module.graph.ops if value in op.operands()]
     return users[0] if len(users) == 1 and value not in module.graph.outputs else None
@@ -127,31 +223,29 @@ def _rescale_rms_norm(module: Module, mean: Op, coupling: CouplingResult,
     mul x -> [cast] -> mul w``; returns d/d', or None when the pattern is not there (the
     caller then keeps the divisor instead).
     """
-    import math
-
-    x_sq = mean.args[0]
-    if x_sq.producer is None or x_sq.producer.kind != "pow" or x_sq.producer.args[1] != 2:
+    x_sq = mean.bound_args()["self"]
+    if x_sq.producer is None or x_sq.producer.kind != "pow" or x_sq.producer.bound_args()["exponent"] != 2:
         return None
-    x = x_sq.producer.args[0]
+    x = x_sq.producer.bound_args()["self"]
     rank = len(x.type.shape)
-    dims = mean.args[1] if len(mean.args) > 1 else None
+    dims = mean.bound_args()["dim"]
     if not (isinstance(dims, list) and [d % rank for d in dims] == [rank - 1]):
         return None
     add = _single_user(module, mean.results[0])
-    if add is None or add.kind != "add" or not isinstance(add.args[1], float):
+    if add is None or add.kind != "add" or not isinstance(add.bound_args()["other"], float):
         return None
     rsqrt = _single_user(module, add.results[0])
     if rsqrt is None or rsqrt.kind != "rsqrt":
         return None
     norm = _single_user(module, rsqrt.results[0])
-    if norm is None or norm.kind != "mul" or x not in norm.args:
+    if norm is None or norm.kind != "mul" or not any(x is v for v in _operands(norm)):
         return None
     scaled = _single_user(module, norm.results[0])
     while scaled is not None and scaled.kind == "cast":
         scaled = _single_user(module, scaled.results[0])
     if scaled is None or scaled.kind != "mul":
         return None
-    weights = [a for a in scaled.args if isinstance(a, Param)]
+    weights = [a for a in _operands(scaled) if isinstance(a, Param)]
     if len(weights) != 1 or sum(weights[0] in op.params() for op in module.graph.ops) != 1:
         return None
     weight = weights[0]
@@ -160,7 +254,7 @@ def _rescale_rms_norm(module: Module, mean: Op, coupling: CouplingResult,
     original = math.prod(fs.size[leaf] or 1 for leaf in leaves)
     kept = math.prod(new_size.get(leaf, fs.size[leaf] or 1) for leaf in leaves)
     ratio = original / kept
-    add.args[1] = add.args[1] * ratio
+    _set_argument(add, "other", add.bound_args()["other"] * ratio)
     if weight.storage.has_data:
         weight.storage = DataStorage(weight.storage.load() * math.sqrt(ratio))
     return ratio
@@ -168,10 +262,11 @@ def _rescale_rms_norm(module: Module, mean: Op, coupling: CouplingResult,
 
 def _keep_mean_divisor(module: Module, op: Op, coupling: CouplingResult) -> None:
     """``mean(x, dims)`` -> ``div(sum(x, dims), N_original)``: zeros of pruned channels counted."""
-    x = op.args[0]
+    a = op.bound_args()
+    x = a["self"]
     key = id(x)
     rank = len(x.type.shape)
-    dims = op.args[1] if len(op.args) > 1 else list(range(rank))
+    dims = list(range(rank)) if a["dim"] is None else a["dim"] if isinstance(a["dim"], list) else [a["dim"]]
     original = 1
     fs = coupling.factors
     for d in dims:

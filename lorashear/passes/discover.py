@@ -15,9 +15,11 @@ from lorashear.passes.registry import register_pass
 
 
 def groups_from_coupling(coupling: CouplingResult) -> GroupsAttr:
+    """The coupling's families as the typed ``groups`` attribute (family ids in order)."""
     families = tuple(
-        GroupFamily(i, kind, layer, size, tuple(FamilyMember(p, a, s) for p, a, s in members))
-        for i, (_, kind, layer, size, members) in enumerate(coupling.families))
+        GroupFamily(i, f.kind, f.layer, f.size,
+                    tuple(FamilyMember(m.param, m.axis, m.stride) for m in f.members))
+        for i, f in enumerate(coupling.families))
     return GroupsAttr(families, tuple(coupling.unprunable))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
@@ -30,7 +31,7 @@ from lorashear.ir.core import Module, Op, clone_module
 from lorashear.ir.types import SymIntType
 from lorashear.runtime import onnx_attention, onnx_shape_ops  # noqa: F401  (register translations)
 from lorashear.runtime.onnx_builder import OnnxGraphBuilder, onnx_dtype, onnx_shape
-from lorashear.runtime.onnx_ops import TRANSLATIONS
+from lorashear.runtime.onnx_ops import NO_TRANSLATION, TRANSLATIONS
 
 #: The model file written when :func:`emit_onnx` is given a directory.
 DEFAULT_FILE_NAME = "model.onnx"
@@ -87,13 +88,20 @@ def build_onnx_model(module: Module, *, opset: int = 18, merge_lora: bool = True
                     producer_version=__version__)
 
 
+def kinds_without_translation(kinds: Iterable[str]) -> list[str]:
+    """The ``kinds`` with neither an ONNX translation nor an explicit
+    :func:`~lorashear.runtime.onnx_ops.no_translation` entry."""
+    return [kind for kind in kinds if kind not in TRANSLATIONS and kind not in NO_TRANSLATION]
+
+
 def _emit_op(builder: OnnxGraphBuilder, op: Op) -> None:
     """Translate one op and bind its results; errors name the op and its module path."""
     result = f"%{op.results[0].name}" if op.results else "no result"
     where = f"op {op.kind} ({result}) at module {op.loc or 'top level'}"
     translation = TRANSLATIONS.get(op.kind)
     if translation is None:
-        raise EmissionError(f"{where} has no ONNX translation",
+        reason = NO_TRANSLATION.get(op.kind)
+        raise EmissionError(f"{where} has no ONNX translation" + (f": {reason}" if reason else ""),
                             hint="add one to lorashear/runtime/onnx_ops.py")
     builder.at(op.loc)
     try:

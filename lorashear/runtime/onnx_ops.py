@@ -5,8 +5,9 @@ Each translation receives the builder, the IR op and the op's arguments bound by
 the op's result(s). Element types follow the IR: arithmetic runs in the IR result type,
 comparisons in torch's promoted operand type, because ONNX does not promote.
 
-Kinds missing here are reported by :func:`~lorashear.runtime.onnx_emit.emit_onnx` as
-unsupported, naming the op and its module path. Shape and indexing ops live in
+Every IR kind has a translation or is listed with :func:`no_translation` and the reason
+(``tests/analysis/test_op_coverage.py`` checks it); :func:`~lorashear.runtime.onnx_emit.emit_onnx`
+reports a kind without one as unsupported, naming the op, its module path and that reason. Shape and indexing ops live in
 :mod:`lorashear.runtime.onnx_shape_ops`, attention (``sdpa``) in
 :mod:`lorashear.runtime.onnx_attention`; both register into the same table.
 """
@@ -44,6 +45,18 @@ def translates(*kinds: str) -> Callable[[Translation], Translation]:
             TRANSLATIONS[kind] = fn
         return fn
     return register
+
+
+#: IR op kinds deliberately left without an ONNX translation -> why.
+NO_TRANSLATION: dict[str, str] = {}
+
+
+def no_translation(*kinds: str, reason: str) -> None:
+    """Record that ``kinds`` have no ONNX translation, and why (the emission error says so)."""
+    for kind in kinds:
+        if kind in TRANSLATIONS:
+            raise ValueError(f"op kind {kind!r} has an ONNX translation")
+        NO_TRANSLATION[kind] = reason
 
 
 def result_dtype(op: Op, index: int = 0) -> str:

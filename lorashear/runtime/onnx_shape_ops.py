@@ -139,6 +139,44 @@ def _flip(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
                 b.ints(axes), b.ints([-1] * n))
 
 
+def _roll_axis(b: OnnxGraphBuilder, x: ir.Value, shift: Any, axis: int) -> ir.Value:
+    """``x`` rolled by ``shift`` along ``axis``: the last ``shift mod n`` elements move to the
+    front (dynamic: ``n`` is read from the shape, ``shift`` may be symbolic)."""
+    n = b.op("Shape", x, start=axis, end=axis + 1)
+    cut = b.op("Sub", n, b.op("Mod", b.sym_vector(shift), n, fmod=0))
+    tail = b.op("Slice", x, cut, b.ints([INT64_MAX]), b.ints([axis]))
+    head = b.op("Slice", x, b.ints([0]), cut, b.ints([axis]))
+    return b.op("Concat", tail, head, axis=axis)
+
+
+@translates("roll")
+def _roll(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    x, rank = b.tensor(a["self"]), rank_of(a["self"])
+    shifts = [a["shifts"]] if not isinstance(a["shifts"], list) else list(a["shifts"])
+    dims = [a["dims"]] if isinstance(a["dims"], int) else list(a["dims"])
+    if not dims:  # torch rolls the flattened tensor and restores the shape
+        flat = b.op("Reshape", x, b.ints([-1]))
+        return b.op("Reshape", _roll_axis(b, flat, shifts[0], 0), b.op("Shape", x))
+    for shift, dim in zip(shifts, dims, strict=True):
+        x = _roll_axis(b, x, shift, normalize_axis(dim, rank))
+    return x
+
+
+@translates("diff")
+def _diff(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """n-th forward difference along ``dim`` after joining ``prepend``/``append`` (``!=``
+    of neighbours for bool, as torch)."""
+    dtype = result_dtype(op)
+    axis = normalize_axis(a["dim"], rank_of(a["self"]))
+    parts = [b.tensor(a[k], dtype) for k in ("prepend", "self", "append") if a[k] is not None]
+    x = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=axis)
+    for _ in range(a["n"]):
+        later = b.op("Slice", x, b.ints([1]), b.ints([INT64_MAX]), b.ints([axis]))
+        earlier = b.op("Slice", x, b.ints([0]), b.ints([-1]), b.ints([axis]))
+        x = b.op("Xor", later, earlier) if dtype == "bool" else b.op("Sub", later, earlier)
+    return x
+
+
 @translates("concat")
 def _concat(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     dtype = result_dtype(op)

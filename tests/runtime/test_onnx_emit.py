@@ -142,14 +142,21 @@ def test_non_uniform_layer_shapes(lowered, tiny_models, tmp_path):
     _assert_matches_torch(module, tmp_path / "model.onnx", tiny_models["llama"].base.config.vocab_size)
 
 
-def test_unsupported_op_names_kind_and_module(tmp_path):
+def test_unsupported_op_names_kind_and_module(tmp_path, monkeypatch):
+    """A kind without a translation (``roll`` was one; every IR kind now has one, so a made-up
+    kind stands in) is an error naming it and its module, and the reason for an opt-out."""
+    from lorashear.runtime import onnx_ops
+
     x = Value("x", TensorType("f32", (2, 3)))
     y = Value("y", TensorType("f32", (2, 3)))
-    op = Op("roll", [x, [1]], {}, [y], loc="model.layers.0.mlp")
+    op = Op("my_roll", [x, [1]], {}, [y], loc="model.layers.0.mlp")
     module = Module(Graph([x], [op], [y], ["out"]))
-    with pytest.raises(EmissionError, match=r"roll.*model\.layers\.0\.mlp"):
+    with pytest.raises(EmissionError, match=r"my_roll.*model\.layers\.0\.mlp"):
         emit_onnx(module, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+    monkeypatch.setitem(onnx_ops.NO_TRANSLATION, "my_roll", "it rolls dice")
+    with pytest.raises(EmissionError, match=r"my_roll.*model\.layers\.0\.mlp.*: it rolls dice"):
+        emit_onnx(module, tmp_path / "model.onnx")
 
 
 def test_symbolic_size_arithmetic(tmp_path):
@@ -250,6 +257,11 @@ SINGLE_OP_CASES = {
     "index_select": ("index_select", [In("x"), 2, In("i")], {}, {"x": X, "i": IDX[0]}),
     "triu": ("triu", [In("x"), 1], {}, {"x": X}),
     "flip": ("flip", [In("x"), [1, -1]], {}, {"x": X}),
+    "roll": ("roll", [In("x"), [2, -7], [1, -1]], {}, {"x": X}),
+    "roll-flat": ("roll", [In("x"), [3]], {}, {"x": X}),
+    "diff": ("diff", [In("x"), 2, 1], {}, {"x": X}),
+    "diff-append": ("diff", [In("x"), 1, -1, In("p"), In("q")], {}, {"x": X, "p": X[..., :2], "q": X[..., :1]}),
+    "diff-bool": ("diff", [In("x")], {}, {"x": X > 0}),
     "stack": ("stack", [[In("x"), In("y")], 1], {}, {"x": M, "y": M * 2}),
     "repeat": ("repeat", [In("x"), [2, 1, 3]], {}, {"x": M}),
     "flatten": ("flatten", [In("x"), 1, 2], {}, {"x": X}),

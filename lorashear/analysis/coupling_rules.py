@@ -1,0 +1,467 @@
+"""Coupling rules: for each op kind, which axes of its tensors are one channel space.
+
+A rule receives the :class:`~lorashear.analysis.coupling.CouplingBuilder` and one op, and
+identifies (``builder.fs.unify``) the factors of the axes the op carries through unchanged,
+or pins (``builder.pin_all``/``builder.pin_axis``) those an op uses as a whole, with the
+reason. Every kind in :data:`~lorashear.ir.ops.OP_DEFS` has a rule here: either a rule that
+models it, or an explicit :func:`pins` entry that says why its axes cannot be pruned, so
+``discover`` reports the reason rather than pinning silently
+(``tests/analysis/test_op_coverage.py`` checks it).
+
+A rule is exact when removing the same channels from every axis it identifies, in the
+masked or the compressed model, gives the same values on the channels that stay; axes where
+that needs more than slicing (a mean over a pruned axis) are recorded for the zero analysis
+(:mod:`lorashear.analysis.zero_rules`) and for ``compress``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from lorashear.ir.core import Op, Param, Value
+from lorashear.ir.lora import lora_parts
+from lorashear.ir.ops import OP_DEFS
+
+if TYPE_CHECKING:
+    from lorashear.analysis.coupling import CouplingBuilder, Ref
+
+CouplingRule = Callable[["CouplingBuilder", Op], None]
+
+#: IR op kind -> its coupling rule.
+COUPLING_RULES: dict[str, CouplingRule] = {}
+#: Kinds whose rule only pins, with the reason it gives (a template with ``{op}``).
+PIN_REASONS: dict[str, str] = {}
+
+
+def coupling_rule(*kinds: str) -> Callable[[CouplingRule], CouplingRule]:
+    """Register ``fn`` as the coupling rule of ``kinds`` (each kind has exactly one)."""
+    def register(fn: CouplingRule) -> CouplingRule:
+        for kind in kinds:
+            if kind in COUPLING_RULES:
+                raise ValueError(f"op kind {kind!r} already has a coupling rule")
+            COUPLING_RULES[kind] = fn
+        return fn
+    return register
+
+
+def kinds_without_coupling_rule(kinds: Iterable[str]) -> list[str]:
+    """The ``kinds`` with neither a coupling rule nor an explicit :func:`pins` entry: a new IR
+    kind must get one or the other (the coverage test walks every kind in ``OP_DEFS``)."""
+    return [kind for kind in kinds if kind not in COUPLING_RULES]
+
+
+def pins(*kinds: str, reason: str, operands: bool = True) -> None:
+    """Register for ``kinds`` a rule that pins every axis of the op's results (and of its
+    tensor operands unless ``operands=False``) with ``reason``, a template whose ``{op}``
+    becomes the op and its module path: the explicit form of "not modelled"."""
+    def pin(builder: CouplingBuilder, op: Op) -> None:
+        why = reason.format(op=builder.where(op))
+        refs = builder.tensors(op) if operands else []
+        for ref in refs + builder.tensor_results(op):
+            builder.pin_all(ref, why)
+
+    pin.__doc__ = f"Pins {'operands and results' if operands else 'the results'}: {reason}"
+    coupling_rule(*kinds)(pin)
+    for kind in kinds:
+        PIN_REASONS[kind] = reason
+
+
+# --- elementwise ------------------------------------------------------------------------------
+@coupling_rule(*(kind for kind, definition in OP_DEFS.items() if definition.elementwise))
+def broadcast(b: CouplingBuilder, op: Op) -> None:
+    """Elementwise ops: each operand axis is the output axis it broadcasts to (aligned from
+    the right), except a size-1 axis stretched over a larger one. Exact because the op reads
+    channel i of every operand to make channel i of the output, so removing channel i
+    everywhere removes exactly output channel i."""
+    out = op.results[0]
+    out_desc = b.desc(out)
+    rank = len(out_desc)
+    for ref in b.tensors(op):
+        d = b.desc(ref)
+        for j, axis in enumerate(d):
+            k = j + rank - len(d)
+            if k < 0:
+                continue
+            size = ref.type.shape[j]
+            if size == 1 and out.type.shape[k] != 1:
+                continue
+            b.fs.unify(axis, out_desc[k], f"{b.where(op)} broadcasts mismatched axes")
+
+
+# --- linear algebra -------------------------------------------------------------------------
+def _couple_linear(b: CouplingBuilder, op: Op, x: Ref, w: Ref, bias: Ref | None) -> None:
+    out = b.desc(op.results[0])
+    xd, wd = b.desc(x), b.desc(w)
+    for a, c in zip(xd[:-1], out[:-1]):
+        b.fs.unify(a, c, b.where(op))
+    b.fs.unify(xd[-1], wd[1], b.where(op))
+    b.fs.unify(out[-1], wd[0], b.where(op))
+    if bias is not None:
+        b.fs.unify(b.desc(bias)[0], wd[0], b.where(op))
+
+
+@coupling_rule("linear")
+def _linear(b: CouplingBuilder, op: Op) -> None:
+    """``x @ W^T + bias``: x's last axis is W's columns, the output's last axis is W's rows
+    and the bias; leading axes pass through. Exact: an input channel meets only its own
+    weight column, an output channel comes only from its own row and bias entry."""
+    a = op.bound_args()
+    _couple_linear(b, op, a["input"], a["weight"], a["bias"])
+
+
+@coupling_rule("lora_linear")
+def _lora_linear(b: CouplingBuilder, op: Op) -> None:
+    """A linear plus ``scaling * B(A x)``: as ``linear`` for the base weight; A's columns
+    follow W's columns and B's rows follow W's rows (the update is added row for row), and
+    the rank (A's rows, B's columns) is pinned: it is the adapter's, not a model channel."""
+    parts = lora_parts(op)
+    _couple_linear(b, op, parts.x, parts.weight, parts.bias)
+    wd, ad, bd = b.desc(parts.weight), b.desc(parts.lora_a), b.desc(parts.lora_b)
+    b.fs.unify(ad[1], wd[1], b.where(op))  # A's columns follow W's input columns
+    b.fs.unify(bd[0], wd[0], b.where(op))  # B's rows follow W's output rows
+    b.fs.unify(ad[0], bd[1], b.where(op))
+    b.fs.pin(ad[0][0], "the LoRA rank")
+
+
+@coupling_rule("embedding")
+def _embedding(b: CouplingBuilder, op: Op) -> None:
+    """A row lookup: the output's last axis is the table's columns (the hidden channels),
+    the other output axes are the indices' axes; the table's rows (the vocabulary) are
+    pinned. Exact: output channel j is column j of the looked-up row."""
+    a = op.bound_args()
+    w, ids = a["weight"], a["indices"]
+    out, wd = b.desc(op.results[0]), b.desc(w)
+    for x, y in zip(b.desc(ids), out[:-1]):
+        b.fs.unify(x, y, b.where(op))
+    b.fs.unify(out[-1], wd[1], b.where(op))
+    b.fs.pin(wd[0][0], "the vocabulary")
+    b.embedding_factors.extend(wd[1])
+
+
+@coupling_rule("matmul", "bmm")
+def _matmul(b: CouplingBuilder, op: Op) -> None:
+    """``A @ B`` on matrices (batched): A's columns are B's rows (the contracted axis), the
+    output's rows are A's and its columns B's; batch axes broadcast. The contracted axis is
+    kept for the zero analysis, which pins it unless one side is zero on pruned channels
+    (only then does dropping them leave every product unchanged). On vectors: pinned."""
+    a = op.bound_args()
+    left, right = a["self"], a["other"] if "other" in a else a["mat2"]
+    ad, bd, out = b.desc(left), b.desc(right), b.desc(op.results[0])
+    if len(ad) < 2 or len(bd) < 2:
+        for r in (left, right, op.results[0]):
+            b.pin_all(r, f"{b.where(op)} on vectors")
+        return
+    b.fs.unify(ad[-1], bd[-2], b.where(op))
+    b.fs.unify(out[-2], ad[-2], b.where(op))
+    b.fs.unify(out[-1], bd[-1], b.where(op))
+    b.contractions.append((op, ad[-1]))
+    for src in (ad, bd):
+        for j in range(len(src) - 2):
+            k = j + len(out) - len(src)
+            if k >= 0:
+                b.fs.unify(src[j], out[k], b.where(op))
+
+
+@coupling_rule("sdpa")
+def _sdpa(b: CouplingBuilder, op: Op) -> None:
+    """Attention ``softmax(q k^T) v`` on ``[.., heads, seq, head_dim]``: batch axes and
+    heads are shared by q, k, v and the output (with grouped-query attention a query head
+    axis is (KV heads, query heads per KV head), the second factor pinned); k and v share
+    their sequence, q and k their head_dim, v and the output theirs. head_dim is pinned (the
+    dot product and RoPE use it whole), so the unit is a KV head with its query heads:
+    removing one removes whole, independent attention computations."""
+    a = op.bound_args()
+    q, k, v = a["query"], a["key"], a["value"]
+    qd, kd, vd, out = b.desc(q), b.desc(k), b.desc(v), b.desc(op.results[0])
+    why = b.where(op)
+    for j in range(len(qd) - 3):  # batch axes
+        for src in (kd, vd, out):
+            b.fs.unify(qd[j], src[j], why)
+    h = len(qd) - 3
+    b.fs.unify(kd[h], vd[h], why)
+    if q.type.shape[h] == k.type.shape[h]:
+        b.fs.unify(qd[h], kd[h], why)
+    else:  # grouped-query attention inside sdpa: query heads = (kv heads, heads per group)
+        rep = b.fs.new(q.type.shape[h] // k.type.shape[h], f"query heads per KV head in {why}")
+        b.fs.unify(qd[h], kd[h] + [rep], why)
+    b.fs.unify(qd[h], out[h], why)
+    b.fs.unify(qd[h + 1], out[h + 1], why)
+    b.fs.unify(kd[h + 1], vd[h + 1], why)
+    b.fs.unify(qd[h + 2], kd[h + 2], why)
+    b.fs.unify(vd[h + 2], out[h + 2], why)
+    reason = f"head_dim: {why} (and RoPE) use it whole"
+    for axis in (qd[h + 2], vd[h + 2]):
+        b.pin_axis(axis, reason)
+    b.head_factors.extend(kd[h])
+
+
+# --- shape ops --------------------------------------------------------------------------------
+@coupling_rule("reshape")
+def _reshape(b: CouplingBuilder, op: Op) -> None:
+    """Regroups axes without moving data: walking both shapes left to right (size-1 axes
+    skipped), each run of input axes whose sizes multiply to the same product as a run of
+    output axes is one index space, mixed-radix in both. ``unify`` refines factors where
+    the runs split differently (``[.., 576]`` into ``[.., 9, 64]`` splits the 576 factor
+    into 9 x 64 everywhere it is used). Exact because a row-major reshape maps index
+    ``(i, j)`` of the split axes to ``i * 64 + j``, so removing a unit of one factor removes
+    the same elements on both sides. Symbolic sizes match only themselves; a run that
+    cannot be matched pins both tensors."""
+    x, out = op.bound_args()["self"], op.results[0]
+    src, dst = b.desc(x), b.desc(out)
+    in_shape, out_shape = list(x.type.shape), list(out.type.shape)
+    i = j = 0
+    why = f"{b.where(op)} mixes symbolic and channel sizes"
+    while i < len(in_shape) or j < len(out_shape):
+        if i < len(in_shape) and in_shape[i] == 1:
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1:
+            j += 1
+            continue
+        if i >= len(in_shape) or j >= len(out_shape):
+            break
+        p, q = in_shape[i], out_shape[j]
+        if isinstance(p, str) or isinstance(q, str):
+            if p == q:
+                b.fs.unify(src[i], dst[j], why)
+                i, j = i + 1, j + 1
+                continue
+            break
+        left, right = [i], [j]
+        pa, pb = p, q
+        while pa != pb:
+            if pa < pb and i + len(left) < len(in_shape) and isinstance(in_shape[i + len(left)], int):
+                pa *= in_shape[i + len(left)]
+                left.append(i + len(left))
+            elif pb < pa and j + len(right) < len(out_shape) and isinstance(out_shape[j + len(right)], int):
+                pb *= out_shape[j + len(right)]
+                right.append(j + len(right))
+            else:
+                break
+        if pa != pb:
+            break
+        b.fs.unify([f for k in left for f in src[k]], [f for k in right for f in dst[k]], why)
+        i, j = left[-1] + 1, right[-1] + 1
+    else:
+        return
+    b.pin_all(x, why)
+    b.pin_all(out, why)
+
+
+def _permute_like(b: CouplingBuilder, op: Op, x: Value, order: list[int]) -> None:
+    src, dst = b.desc(x), b.desc(op.results[0])
+    for k, j in enumerate(order):
+        b.fs.unify(src[j], dst[k], b.where(op))
+
+
+@coupling_rule("transpose")
+def _transpose(b: CouplingBuilder, op: Op) -> None:
+    """Swaps two axes: output axis k is input axis order[k]. Exact: data only moves."""
+    a = op.bound_args()
+    rank = len(a["self"].type.shape)
+    order = list(range(rank))
+    d0, d1 = a["dim0"] % rank, a["dim1"] % rank
+    order[d0], order[d1] = order[d1], order[d0]
+    _permute_like(b, op, a["self"], order)
+
+
+@coupling_rule("t")
+def _t(b: CouplingBuilder, op: Op) -> None:
+    """Reverses the (at most two) axes. Exact: data only moves."""
+    x = op.bound_args()["self"]
+    _permute_like(b, op, x, list(range(len(x.type.shape)))[::-1])
+
+
+@coupling_rule("permute")
+def _permute(b: CouplingBuilder, op: Op) -> None:
+    """Output axis k is input axis ``dims[k]``. Exact: data only moves."""
+    a = op.bound_args()
+    rank = len(a["self"].type.shape)
+    _permute_like(b, op, a["self"], [d % rank for d in a["dims"]])
+
+
+@coupling_rule("unsqueeze")
+def _unsqueeze(b: CouplingBuilder, op: Op) -> None:
+    """Inserts a size-1 axis at ``dim``: the other output axes are the input's, in order."""
+    a = op.bound_args()
+    src, dst = b.desc(a["self"]), b.desc(op.results[0])
+    d = a["dim"] % len(dst)
+    kept = [k for k in range(len(dst)) if k != d]
+    for j, k in enumerate(kept):
+        b.fs.unify(src[j], dst[k], b.where(op))
+
+
+@coupling_rule("squeeze", "squeeze.dims")
+def _squeeze(b: CouplingBuilder, op: Op) -> None:
+    """Removes size-1 axes only: the input's other axes are the output's, in order."""
+    x = op.bound_args()["self"]
+    src = [a for a, s in zip(b.desc(x), x.type.shape) if s != 1]
+    dst = [a for a, s in zip(b.desc(op.results[0]), op.results[0].type.shape) if s != 1]
+    for p, q in zip(src, dst):
+        b.fs.unify(p, q, b.where(op))
+
+
+@coupling_rule("expand")
+def _expand(b: CouplingBuilder, op: Op) -> None:
+    """Broadcasts size-1 (or missing leading) axes to a larger size: kept axes are the
+    input's; a stretched axis holds copies, not channels, and is pinned (GQA's query heads
+    per KV head are such copies, so the KV head is the unit)."""
+    x, out = op.bound_args()["self"], op.results[0]
+    src, dst = b.desc(x), b.desc(out)
+    offset = len(dst) - len(src)
+    for k in range(len(dst)):
+        j = k - offset
+        if j >= 0 and not (x.type.shape[j] == 1 and out.type.shape[k] != 1):
+            b.fs.unify(src[j], dst[k], b.where(op))
+        else:
+            b.pin_axis(dst[k], f"axis made by {b.where(op)} (a broadcast copy)")
+
+
+@coupling_rule("slice")
+def _slice(b: CouplingBuilder, op: Op) -> None:
+    """Takes a range of one axis: the other axes pass through; the sliced axis is pinned on
+    both sides (which channels survive depends on positions, as RoPE's halves of head_dim)
+    unless the slice is the whole axis."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    dim = a["dim"] % len(x.type.shape)
+    start, step = a["start"], a["step"]
+    src, dst = b.desc(x), b.desc(out)
+    full = x.type.shape[dim] == out.type.shape[dim] and start in (0, None) and step == 1
+    for k in range(len(src)):
+        if k == dim and not full:
+            reason = f"sliced by {b.where(op)}"
+            b.pin_axis(src[k], reason)
+            b.pin_axis(dst[k], reason)
+        else:
+            b.fs.unify(src[k], dst[k], b.where(op))
+
+
+def _along_axis_pinned(b: CouplingBuilder, op: Op, tensors: list[Ref], outs: list[Ref], dim: int) -> None:
+    reason = f"split or joined along an axis by {b.where(op)}"
+    for ref in tensors + outs:
+        d = b.desc(ref)
+        b.pin_axis(d[dim % len(d)], reason)
+    for ref in tensors:
+        for out in outs:
+            for k, (p, q) in enumerate(zip(b.desc(ref), b.desc(out))):
+                if k != dim % len(b.desc(ref)):
+                    b.fs.unify(p, q, b.where(op))
+
+
+@coupling_rule("concat")
+def _concat(b: CouplingBuilder, op: Op) -> None:
+    """Joins tensors along ``dim``: the other axes are shared by every piece and the output;
+    the joined axis is pinned (a channel's position depends on the pieces' sizes)."""
+    a = op.bound_args()
+    _along_axis_pinned(b, op, [v for v in a["tensors"] if isinstance(v, (Value, Param))],
+                       [op.results[0]], a["dim"])
+
+
+@coupling_rule("split", "split_with_sizes", "chunk")
+def _split(b: CouplingBuilder, op: Op) -> None:
+    """Cuts along ``dim``: the other axes are shared by the input and every piece; the cut
+    axis is pinned (a channel's piece depends on positions)."""
+    a = op.bound_args()
+    _along_axis_pinned(b, op, [a["self"]], list(op.results), a["dim"])
+
+
+# --- reductions and normalisation ---------------------------------------------------------------
+@coupling_rule("softmax", "softmax.internal", "log_softmax", "log_softmax.int")
+def _softmax(b: CouplingBuilder, op: Op) -> None:
+    """Normalises over ``dim``: every axis passes through, and ``dim`` is pinned (removing
+    a channel changes every other channel's share)."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    dim = a["dim"] % len(x.type.shape)
+    src, dst = b.desc(x), b.desc(out)
+    for k in range(len(src)):
+        if k == dim:
+            b.pin_axis(src[k], f"normalised over by {b.where(op)}")
+        b.fs.unify(src[k], dst[k], b.where(op))
+
+
+@coupling_rule(*(kind for kind, definition in OP_DEFS.items() if definition.reduction))
+def _reduce(b: CouplingBuilder, op: Op) -> None:
+    """``sum``/``mean`` over ``dim`` (all axes when ``None``): kept axes pass through
+    (``keepdim`` keeps a size-1 axis in place). A reduced axis carrying channels is recorded:
+    the zero analysis accepts it only where pruned channels are zero in the input (they then
+    add nothing to a sum; ``compress`` keeps a mean's original divisor) and pins it otherwise."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    rank = len(x.type.shape)
+    dims = a["dim"] if a["dim"] is not None else list(range(rank))
+    dims = {d % rank for d in (dims if isinstance(dims, list) else [dims])}
+    keepdim = bool(a["keepdim"])
+    src, dst = b.desc(x), b.desc(out)
+    k = 0
+    for j in range(rank):
+        if j in dims:
+            b.pending_reductions.append((op, src[j]))
+            if keepdim:
+                k += 1
+            continue
+        b.fs.unify(src[j], dst[k], b.where(op))
+        k += 1
+
+
+@coupling_rule("rms_norm")
+def _rms_norm(b: CouplingBuilder, op: Op) -> None:
+    """``weight * x / sqrt(mean(x^2 over the normalised axes) + eps)``: every axis of x is
+    the output's, and the weight's axes are x's trailing (normalised) axes, as in the RMSNorm
+    that the decomposed export spells out (``pow``, ``mean``, ``rsqrt``, ``mul``). The
+    normalised axes are recorded as a reduction: zero pruned channels add nothing to the sum
+    of squares, and ``compress`` makes the shrunk norm exact by scaling ``eps`` by d/d' and the
+    weight by sqrt(d/d'). That needs a weight of this op alone; without one (absent, computed
+    or shared) the normalised axes are pinned."""
+    a = op.bound_args()
+    x, weight = a["input"], a["weight"]
+    src, dst = b.desc(x), b.desc(op.results[0])
+    rank = len(src)
+    normalised = range(rank - len(a["normalized_shape"]), rank)
+    for k in range(rank):
+        b.fs.unify(src[k], dst[k], b.where(op))
+    if weight is not None:
+        for j, axis in enumerate(b.desc(weight)):
+            b.fs.unify(axis, src[normalised[j]], b.where(op))
+    own_weight = isinstance(weight, Param) and sum(weight in o.params() for o in b.module.graph.ops) == 1
+    for k in normalised:
+        if own_weight:
+            b.pending_reductions.append((op, src[k]))
+        else:
+            b.pin_axis(src[k], f"normalised over by {b.where(op)}, which has no weight of its own "
+                                "for compress to rescale")
+
+
+pins("layer_norm", reason="mean-centred and normalised over (a pruned channel is zero, not absent, "
+     "in that mean and variance, so no rescaling makes the shrunk norm exact) by {op}")
+
+
+# --- made from scratch, and symbolic sizes -------------------------------------------------------
+pins("arange", "arange.start", "arange.start_step", "full", "ones", "zeros", "scalar_tensor", "empty",
+     "new_ones", "new_zeros", "new_full", reason="made with a fixed size by {op}", operands=False)
+
+
+@coupling_rule("dim", "sym.add", "sym.sub", "sym.mul", "sym.floordiv", "sym.mod", "sym.neg")
+def _symbolic(b: CouplingBuilder, op: Op) -> None:
+    """Symbolic integers carry no channel axes; ``dim`` reads a size at run time, so it
+    follows whatever compress makes of the axis it reads."""
+
+
+# --- kinds the analysis does not model: pinned, with the reason ----------------------------------
+pins("mm", "addmm", "baddbmm", reason="a matrix product the models we lower do not use (they use "
+     "linear and matmul), not modelled: {op}")
+pins("amax", "any", "all", reason="a max/any/all reduction (a pruned channel's zero can change "
+     "its result), not modelled: {op}")
+pins("cumsum", reason="a running sum along an axis, not modelled: {op}")
+pins("diff", reason="differences of neighbours along an axis, not modelled: {op}")
+pins("roll", "flip", reason="elements moved along an axis by position, not modelled: {op}")
+pins("flatten", reason="a flatten, not modelled (lowering emits reshape for models): {op}")
+pins("gather", "index", "index_select", reason="indexed by data-dependent positions, not modelled: {op}")
+pins("narrow", "select", reason="part of an axis taken by position, not modelled: {op}")
+pins("repeat", reason="tiled copies along axes, not modelled: {op}")
+pins("stack", "unbind", reason="stacked or unstacked along an axis, not modelled: {op}")
+pins("tril", "triu", reason="masked by position along its last two axes, not modelled: {op}")
+pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its input, not "
+     "modelled: {op}")
