@@ -47,8 +47,9 @@ class CalibrationOptions:
 def vocabulary_size(module: Module) -> int | None:
     """Rows of the token embedding (the first ``embedding`` op's table), if the graph has one."""
     for op in module.graph.ops:
-        if op.kind == "embedding" and op.args and isinstance(op.args[0], Param):
-            return int(op.args[0].type.shape[0])
+        table = op.bound_args().get("weight") if op.kind == "embedding" else None
+        if isinstance(table, Param):
+            return int(table.type.shape[0])
     return None
 
 
