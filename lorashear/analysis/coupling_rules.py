@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from lorashear.ir.core import Op, Param, Value
 from lorashear.ir.lora import lora_parts
-from lorashear.ir.ops import OP_DEFS
+from lorashear.ir.ops import OP_DEFS, RuleTable
 
 if TYPE_CHECKING:
     from lorashear.analysis.coupling import CouplingBuilder, Ref
@@ -29,20 +29,10 @@ if TYPE_CHECKING:
 CouplingRule = Callable[["CouplingBuilder", Op], None]
 
 #: IR op kind -> its coupling rule.
-COUPLING_RULES: dict[str, CouplingRule] = {}
+COUPLING_RULES: RuleTable[CouplingRule] = RuleTable("a coupling rule")
+coupling_rule = COUPLING_RULES.register
 #: Kinds whose rule only pins, with the reason it gives (a template with ``{op}``).
 PIN_REASONS: dict[str, str] = {}
-
-
-def coupling_rule(*kinds: str) -> Callable[[CouplingRule], CouplingRule]:
-    """Register ``fn`` as the coupling rule of ``kinds`` (each kind has exactly one)."""
-    def register(fn: CouplingRule) -> CouplingRule:
-        for kind in kinds:
-            if kind in COUPLING_RULES:
-                raise ValueError(f"op kind {kind!r} already has a coupling rule")
-            COUPLING_RULES[kind] = fn
-        return fn
-    return register
 
 
 def kinds_without_coupling_rule(kinds: Iterable[str]) -> list[str]:

@@ -20,27 +20,17 @@ from typing import TYPE_CHECKING
 
 from lorashear.ir.core import Op, Param, Value
 from lorashear.ir.lora import lora_parts
-from lorashear.ir.ops import OP_DEFS, parameter_names
+from lorashear.ir.ops import OP_DEFS, RuleTable, parameter_names
 
 if TYPE_CHECKING:
     from lorashear.analysis.coupling import ZeroContext
 
 ZeroRule = Callable[["ZeroContext", Op], set[int]]
 
-#: IR op kind -> its zero rule (kinds without one: nothing known to be zero).
-ZERO_RULES: dict[str, ZeroRule] = {}
-
-
-def zero_rule(*kinds: str) -> Callable[[ZeroRule], ZeroRule]:
-    """Register ``fn`` as the zero rule of ``kinds``: ``fn(ctx, op)`` returns the classes
-    of the op's first result that are zero in the masked model when pruned."""
-    def register(fn: ZeroRule) -> ZeroRule:
-        for kind in kinds:
-            if kind in ZERO_RULES:
-                raise ValueError(f"op kind {kind!r} already has a zero rule")
-            ZERO_RULES[kind] = fn
-        return fn
-    return register
+#: IR op kind -> its zero rule: ``rule(ctx, op)`` returns the classes of the op's first result
+#: that are zero in the masked model when pruned (kinds without one: nothing known to be zero).
+ZERO_RULES: RuleTable[ZeroRule] = RuleTable("a zero rule")
+zero_rule = ZERO_RULES.register
 
 
 def _first_input(op: Op):

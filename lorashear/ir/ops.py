@@ -13,7 +13,7 @@ import inspect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,29 @@ class OpDef:
 
 
 OP_DEFS: dict[str, OpDef] = {}
+
+Rule = TypeVar("Rule", bound=Callable)
+
+
+class RuleTable(dict[str, Rule]):
+    """One rule per op kind for one concept (its coupling, its zeros, its compress rewrite,
+    its ONNX translation): the concept's module declares a table and registers each rule beside
+    it with :meth:`register`, which refuses a second rule for a kind."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        """What one entry is, for the error (``"a coupling rule"``)."""
+
+    def register(self, *kinds: str) -> Callable[[Rule], Rule]:
+        """Decorator: make ``fn`` the rule of each of ``kinds``."""
+        def register(fn: Rule) -> Rule:
+            for kind in kinds:
+                if kind in self:
+                    raise ValueError(f"op kind {kind!r} already has {self.what}")
+                self[kind] = fn
+            return fn
+        return register
 
 
 #: The traits of each kind, declared below by trait and read by :func:`_define`.

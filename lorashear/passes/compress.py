@@ -26,7 +26,7 @@ from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.errors import PassError
 from lorashear.ir.attributes import HFConfigAttr
 from lorashear.ir.core import Module, Op, Param, Value
-from lorashear.ir.ops import OP_DEFS, parameter_names
+from lorashear.ir.ops import OP_DEFS, RuleTable, parameter_names
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult
@@ -53,18 +53,8 @@ class CompressContext:
 CompressRule = Callable[[CompressContext, Op], None]
 
 #: IR op kind -> the rewrite compress applies to its ops (kinds without one only change shape).
-COMPRESS_RULES: dict[str, CompressRule] = {}
-
-
-def compress_rule(*kinds: str) -> Callable[[CompressRule], CompressRule]:
-    """Register ``fn(ctx, op)`` as the compress rewrite of ``kinds``."""
-    def register(fn: CompressRule) -> CompressRule:
-        for kind in kinds:
-            if kind in COMPRESS_RULES:
-                raise ValueError(f"op kind {kind!r} already has a compress rule")
-            COMPRESS_RULES[kind] = fn
-        return fn
-    return register
+COMPRESS_RULES: RuleTable[CompressRule] = RuleTable("a compress rule")
+compress_rule = COMPRESS_RULES.register
 
 
 def _set_argument(op: Op, name: str, value: Any) -> None:

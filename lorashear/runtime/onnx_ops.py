@@ -22,6 +22,7 @@ import onnx_ir as ir
 import torch
 
 from lorashear.ir.core import Op
+from lorashear.ir.ops import RuleTable
 from lorashear.ir.types import torch_dtype
 from lorashear.runtime.onnx_builder import (
     OnnxGraphBuilder,
@@ -33,18 +34,8 @@ from lorashear.runtime.onnx_builder import (
 Translation = Callable[[OnnxGraphBuilder, Op, dict[str, Any]], "ir.Value | list[ir.Value]"]
 
 #: IR op kind -> the function that emits its ONNX nodes.
-TRANSLATIONS: dict[str, Translation] = {}
-
-
-def translates(*kinds: str) -> Callable[[Translation], Translation]:
-    """Register a translation for one or more IR op kinds."""
-    def register(fn: Translation) -> Translation:
-        for kind in kinds:
-            if kind in TRANSLATIONS:
-                raise ValueError(f"op kind {kind!r} already has an ONNX translation")
-            TRANSLATIONS[kind] = fn
-        return fn
-    return register
+TRANSLATIONS: RuleTable[Translation] = RuleTable("an ONNX translation")
+translates = TRANSLATIONS.register
 
 
 #: IR op kinds deliberately left without an ONNX translation -> why.

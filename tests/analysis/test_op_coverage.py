@@ -58,3 +58,20 @@ def test_a_pinned_kind_pins_with_its_reason(kind):
     coupling = AnalysisManager(module).get(DimensionCoupling)
     reasons = {(name, axis): reason for name, axis, reason in coupling.unprunable}
     assert reasons[("w", 0)] == PIN_REASONS[kind].format(op=f"op {kind} at model.x")
+
+
+def test_a_kind_takes_one_rule_per_table():
+    """Each table refuses a second rule for a kind, naming the kind and what it already has."""
+    import pytest
+
+    from lorashear.ir.ops import RuleTable
+
+    table: RuleTable = RuleTable("a test rule")
+    table.register("neg", "abs")(len)
+    assert table["neg"] is len and table["abs"] is len
+    with pytest.raises(ValueError, match="op kind 'abs' already has a test rule"):
+        table.register("abs")(print)
+    for real in (COUPLING_RULES, ZERO_RULES, COMPRESS_RULES, TRANSLATIONS):
+        kind = next(iter(real))
+        with pytest.raises(ValueError, match=f"op kind '{kind}' already has"):
+            real.register(kind)(print)
