@@ -122,7 +122,7 @@ def _unary(onnx_op: str) -> Translation:
 for _kind, _onnx_op in (("neg", "Neg"), ("sqrt", "Sqrt"), ("exp", "Exp"), ("log", "Log"),
                         ("abs", "Abs"), ("reciprocal", "Reciprocal"), ("cos", "Cos"),
                         ("sin", "Sin"), ("tanh", "Tanh"), ("sigmoid", "Sigmoid"),
-                        ("relu", "Relu"), ("erf", "Erf")):
+                        ("relu", "Relu"), ("erf", "Erf"), ("floor", "Floor")):
     translates(_kind)(_unary(_onnx_op))
 
 
@@ -135,6 +135,32 @@ def _rsqrt(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
 def _silu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     x = b.tensor(a["self"], result_dtype(op))
     return b.op("Mul", x, b.op("Sigmoid", x))
+
+
+@translates("square")
+def _square(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    x = b.tensor(a["self"], result_dtype(op))
+    return b.op("Mul", x, x)
+
+
+@translates("log1p")
+def _log1p(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return b.op("Log", b.op("Add", b.tensor(a["self"], dtype), b.const(1.0, dtype)))
+
+
+@translates("softplus")
+def _softplus(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``log(1 + exp(beta x)) / beta``, and ``x`` itself where ``beta x > threshold`` (torch's
+    linear region, which also keeps ``exp`` from overflowing)."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    beta, threshold = float(a["beta"]), float(a["threshold"])
+    scaled = b.op("Mul", x, b.const(beta, dtype)) if beta != 1.0 else x
+    smooth = b.op("Softplus", scaled)
+    if beta != 1.0:
+        smooth = b.op("Div", smooth, b.const(beta, dtype))
+    return b.op("Where", b.op("Greater", scaled, b.const(threshold, dtype)), x, smooth)
 
 
 @translates("gelu")
