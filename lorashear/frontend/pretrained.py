@@ -164,7 +164,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
                                  lora_dropout=lora_dropout, bias="none")
     if adapter is not None or lora_rank is not None:
         try:
-            model = get_peft_model(model, lora_config)
+            model = get_peft_model(model, lora_config, low_cpu_mem_usage=True)  # factors on meta, as all else
         except (ValueError, KeyError, TypeError) as exc:
             where = f"adapter {adapter}" if adapter is not None else "--lora-targets"
             raise ModelLoadError(f"{where} does not fit {model_dir}: {first_line(exc)}") from None
