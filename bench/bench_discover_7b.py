@@ -6,8 +6,10 @@ once with `trace_all_layers=True` (every layer traced, the reference). Torch-Pru
 attention_mask given, every parameter requiring grad): `DependencyGraph.build_dependency`
 then `get_all_groups`. Each case runs in a fresh process under a timeout; time and peak RSS
 are the child's own. Torch-Pruning ignores LoRA here (it is given the plain model): that is
-the most favourable setting for it. `import torch` precedes the clock in both children; the
-other imports are timed (`total`) but kept out of `lower` / `graph`.
+the most favourable setting for it. `import torch` precedes the clock in both children and
+`total` counts everything after it. `lower` includes importing transformers and peft (done
+inside `lower_pretrained`) and building the model; Torch-Pruning's `graph` is
+`build_dependency` alone.
 
 The cases run interleaved, `BENCH_REPEATS` rounds (default 1; the full trace only in the first
 `BENCH_FULL_TRACE_ROUNDS`, default all), and the table gives medians. Writes
