@@ -18,6 +18,13 @@ import torch
 from torch import fx, nn
 
 from lorashear.errors import LoweringError, first_line
+from lorashear.frontend.layers import (
+    LayerStack,
+    export_input_specs,
+    find_layer_stack,
+    stamp_layers,
+    traced_layers_only,
+)
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
 from lorashear.ir.storage import DataStorage, MetaStorage, Storage
@@ -49,6 +56,14 @@ def _in_memory_storage(_name: str, tensor: torch.Tensor) -> Storage:
     return MetaStorage() if tensor.device.type == "meta" else DataStorage(tensor.detach())
 
 
+def _no_storage(_name: str, _tensor: torch.Tensor) -> Storage:
+    return MetaStorage()
+
+
+def _input_specs(ep) -> list[tuple[Any, str | None, str]]:
+    return [(spec.kind, spec.target, spec.arg.name) for spec in ep.graph_signature.input_specs]
+
+
 class _Lowering:
     def __init__(self, model: nn.Module, storage_fn: StorageFn, adapter: str) -> None:
         self.model = model
@@ -62,7 +77,43 @@ class _Lowering:
     # --- entry ------------------------------------------------------------------------------
     def run(self, example_device: torch.device) -> Module:
         ep = self._export(example_device)
-        self._bind_params(ep)
+        self._bind_params(_input_specs(ep), ep.constants)
+        self._lower_nodes(ep)
+        return self._finish()
+
+    def run_stamped(self, example_device: torch.device, stack: LayerStack) -> Module | None:
+        """:meth:`run`, tracing only the first layers of ``stack`` and copying the others
+        (:mod:`.layers`). None when the trace does not allow it, decided before any parameter
+        storage is asked for (``storage_fn`` may consume a random generator)."""
+        from torch.export.graph_signature import InputKind
+
+        try:
+            with traced_layers_only(stack):
+                ep = self._export(example_device)
+                cut_specs = export_input_specs(self.model)
+            traced = _input_specs(ep)
+            if [(kind.name, target) for kind, target, _ in traced if kind != InputKind.USER_INPUT] != cut_specs:
+                return None  # export lifted inputs other than parameters and buffers
+            arg_names = {target: arg for _, target, arg in traced}
+            specs = [(InputKind[kind], target, arg_names.get(target))
+                     for kind, target in export_input_specs(self.model)]
+            storage_fn, self.storage_fn = self.storage_fn, _no_storage
+            self._bind_params(specs, {})
+            self._lower_nodes(ep)
+        except LoweringError:  # the full trace reports it, in its own words
+            return None
+        if not stamp_layers(self.module.graph, self.module.params, canonical_module_path(stack.path),
+                            len(stack.layers)):
+            return None
+        self.storage_fn = storage_fn
+        self.module.params = {}
+        self._bind_params(specs, {})  # the storages, in the order the full trace asks for them
+        params = self.module.params
+        for op in self.module.graph.ops:
+            op.replace_refs(lambda r: params[r.name] if isinstance(r, Param) else r)
+        return self._finish()
+
+    def _lower_nodes(self, ep) -> None:
         for node in ep.graph.nodes:
             try:
                 self._node(node)
@@ -71,6 +122,8 @@ class _Lowering:
             except Exception as exc:  # a bug or an unexpected node shape: name the node
                 raise LoweringError(f"cannot lower node {node.format_node()} at module "
                                     f"{self._loc(node) or 'top level'}: {exc}") from exc
+
+    def _finish(self) -> Module:
         graph = self.module.graph
         graph.remove_dead_ops()
         fuse_lora(graph)
@@ -99,7 +152,8 @@ class _Lowering:
                                 "and attention_mask") from exc
 
     # --- parameters -------------------------------------------------------------------------
-    def _bind_params(self, ep) -> None:
+    def _bind_params(self, specs: list[tuple[Any, str | None, str | None]], constants: dict) -> None:
+        """Parameters, buffers and constants for export's inputs ``(kind, target, placeholder)``."""
         from torch.export.graph_signature import InputKind
 
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
@@ -108,22 +162,23 @@ class _Lowering:
         for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
             canonical_by_id.setdefault(id(t), name)
         self.placeholder_params: dict[str, Param] = {}
-        for spec in ep.graph_signature.input_specs:
-            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+        for kind, target, placeholder in specs:
+            if kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 continue
-            tensor = tensors.get(spec.target)
+            tensor = tensors.get(target)
             if tensor is None:
-                tensor = ep.constants.get(spec.target) if spec.kind == InputKind.CONSTANT_TENSOR else None
+                tensor = constants.get(target) if kind == InputKind.CONSTANT_TENSOR else None
             if tensor is None:
-                raise LoweringError(f"exported parameter {spec.target} is not a parameter of the model")
+                raise LoweringError(f"exported parameter {target} is not a parameter of the model")
             # tied weights (lm_head = embed_tokens) become one IR parameter used twice
-            name = canonical_param_name(canonical_by_id.get(id(tensor), spec.target), self.adapter)
+            name = canonical_param_name(canonical_by_id.get(id(tensor), target), self.adapter)
             param = self.module.params.get(name)
             if param is None:
                 ty = TensorType(dtype_name(tensor.dtype), tuple(tensor.shape))
                 param = self.module.add_param(Param(name, ty, self.storage_fn(name, tensor),
-                                                    buffer=spec.kind != InputKind.PARAMETER))
-            self.placeholder_params[spec.arg.name] = param
+                                                    buffer=kind != InputKind.PARAMETER))
+            if placeholder is not None:
+                self.placeholder_params[placeholder] = param
 
     # --- nodes ------------------------------------------------------------------------------
     def _loc(self, node: fx.Node) -> str:
@@ -334,11 +389,15 @@ def _match_lora(base_v: Value, delta_v: Value, users):
     return x, base.args[1], bias, lora_a, lora_b, scaling, dropout
 
 
-def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default") -> Module:
+def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default",
+          trace_all_layers: bool = False) -> Module:
     """Lower a Hugging Face causal LM (a ``PeftModel`` with LoRA, or a plain one) into the IR.
 
     The model is traced where it lives (CPU, CUDA or ``meta``); parameters keep references to
-    its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead).
+    its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead). Only
+    the first decoder layers are traced and the others copied (:mod:`.layers`) where the
+    model allows it; ``trace_all_layers`` traces every layer, the reference that path is
+    tested against (the same IR text).
     """
     from peft import PeftModel
 
@@ -349,8 +408,13 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
     model.eval()
     try:
         device = next(iter(model.parameters())).device
-        lowering = _Lowering(model, storage_fn or _in_memory_storage, adapter)
-        module = lowering.run(device)
+        storage_fn = storage_fn or _in_memory_storage
+        stack = None if trace_all_layers else find_layer_stack(model)
+        module = None
+        if stack is not None:
+            module = _Lowering(model, storage_fn, adapter).run_stamped(device, stack)
+        if module is None:
+            module = _Lowering(model, storage_fn, adapter).run(device)
     finally:
         model.train(was_training)
     config = getattr(model, "config", None)

@@ -128,12 +128,14 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[str, tuple[int, ...],
 def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                      lora_rank: int | None = None, lora_alpha: float | None = None,
                      lora_targets: Sequence[str] | None = None, lora_dropout: float = 0.0,
-                     meta: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> Module:
+                     meta: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     trace_all_layers: bool = False) -> Module:
     """Lower a local HF causal-LM directory, optionally with a LoRA adapter, into the IR.
 
     ``adapter``: a peft LoRA adapter directory. ``lora_rank``: instead insert fresh LoRA
     adapters of that rank on ``lora_targets`` (A random as in peft, B zero, so the model's
     function is unchanged). ``meta``: no weights at all, for analysis of the architecture.
+    ``trace_all_layers``: as in :func:`~lorashear.frontend.lower.lower`.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -162,7 +164,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
                                  lora_dropout=lora_dropout, bias="none")
     if adapter is not None or lora_rank is not None:
         try:
-            model = get_peft_model(model, lora_config)
+            model = get_peft_model(model, lora_config, low_cpu_mem_usage=True)  # factors on meta, as all else
         except (ValueError, KeyError, TypeError) as exc:
             where = f"adapter {adapter}" if adapter is not None else "--lora-targets"
             raise ModelLoadError(f"{where} does not fit {model_dir}: {first_line(exc)}") from None
@@ -182,7 +184,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
         return _bind(name, shape, checkpoint, f"model {model_dir}", None, meta=meta,
                      mismatch="does not match its config")
 
-    module = lower(model, storage_fn=storage_for)
+    module = lower(model, storage_fn=storage_for, trace_all_layers=trace_all_layers)
     unused = sorted(set(adapter_tensors) - used_adapter_keys)
     if unused:
         raise ModelLoadError(f"adapter {adapter} has tensors the model has no place for, e.g. "
