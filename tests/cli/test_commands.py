@@ -38,6 +38,15 @@ def llama_ir(tiny_models, tmp_path_factory):
     return out
 
 
+def test_lower_trace_all_layers_writes_the_same_ir(tiny_models, llama_ir, tmp_path):
+    """--trace-all-layers (the reference path) and the default stamped lowering agree."""
+    tm = tiny_models["llama"]
+    out = tmp_path / "all-layers.ir"
+    assert lower_cli.main([str(tm.model_dir), "--adapter", str(tm.adapter_dir), "-o", str(out),
+                           "--trace-all-layers"]) == 0
+    assert out.read_text() == llama_ir.read_text()
+
+
 def test_lower_opt_emit_pipeline(tiny_models, llama_ir, tmp_path, capsys):
     tm = tiny_models["llama"]
     out = tmp_path / "merged.ir"
