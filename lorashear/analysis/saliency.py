@@ -247,13 +247,15 @@ def model_gradient_scores(model: torch.nn.Module, module: Module, groups: Groups
 
 
 def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
-                          visit: Callable[[str, torch.Tensor], None]) -> None:
+                          visit: Callable[[str, torch.Tensor], None], *,
+                          tensor_of: Callable[[Param], torch.Tensor] | None = None) -> None:
     """Run the graph on each batch of token ids and call ``visit(weight name, x)`` with the
     float32 input ``x`` of every ``linear``/``lora_linear`` op whose weight is a parameter.
 
     Runs op by op (the executor's own ``run_op``); a value is freed after its last use to
     bound memory. The activation statistics (:func:`input_square_sums`,
-    :func:`input_gram_matrices`) are visitors of this one walk.
+    :func:`input_gram_matrices`) are visitors of this one walk. ``tensor_of`` gives each
+    parameter's tensor (a training pass's live ones); by default its stored data.
     """
     ops = module.graph.ops
     last_use: dict[int, int] = {}
@@ -265,7 +267,7 @@ def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
 
     def param_tensor(p: Param) -> torch.Tensor:
         if p.name not in tensors:
-            tensors[p.name] = p.storage.load()
+            tensors[p.name] = p.storage.load() if tensor_of is None else tensor_of(p)
         return tensors[p.name]
 
     with torch.no_grad():
@@ -299,11 +301,11 @@ def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.
     return sums
 
 
-def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor],
-                        names: Iterable[str]) -> dict[str, torch.Tensor]:
+def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor], names: Iterable[str], *,
+                        tensor_of: Callable[[Param], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per linear weight name in ``names``, the float64 ``X^T X`` of its inputs over all
-    calibration tokens (``[in_features, in_features]``; X is tokens x in_features): the
-    second moments a least-squares reconstruction solves with."""
+    calibration tokens (``[in_features, in_features]``, on the batches' device; X is tokens x
+    in_features): the second moments a least-squares reconstruction solves with."""
     wanted = set(names)
     grams: dict[str, torch.Tensor] = {}
 
@@ -313,7 +315,7 @@ def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor],
             gram = rows.T @ rows
             grams[name] = grams[name] + gram if name in grams else gram
 
-    for_each_linear_input(module, batches, visit)
+    for_each_linear_input(module, batches, visit, tensor_of=tensor_of)
     return grams
 
 

@@ -35,6 +35,7 @@ masked model still equals the compressed one. A weight that is tied to another u
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +46,7 @@ from lorashear.analysis.coupling import DimensionCoupling
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
-from lorashear.analysis.saliency import input_gram_matrices, lora_delta, lora_updates
+from lorashear.analysis.saliency import LoraUpdate, input_gram_matrices, lora_delta, lora_updates
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import LorashearError, PassError
 from lorashear.ir.core import Module, Param
@@ -54,6 +55,10 @@ from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.registry import register_pass
 
 _LINEAR_KINDS = ("linear", "lora_linear")
+#: The ridge ``damp`` of ``reconstruct`` and of ``lhspg{reconstruct=true}``.
+DEFAULT_DAMP = 0.01
+#: The group kinds ``reconstruct`` folds by default and ``lhspg{reconstruct=true}`` folds.
+FOLDED_KINDS = ("attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -91,15 +96,16 @@ def consumers(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, 
     return sorted(found, key=lambda c: c.param), sorted(skipped)
 
 
-def effective_weight(module: Module, name: str) -> torch.Tensor:
-    """float64 ``W + s * B @ A`` of a linear weight (``W`` without LoRA)."""
-    weight = module.params[name].storage.load()
-    update = lora_updates(module).get(name)
+def effective_weight(load: Callable[[str], torch.Tensor], updates: dict[str, LoraUpdate],
+                     name: str) -> torch.Tensor:
+    """float64 ``W + s * B @ A`` of a linear weight (``W`` without LoRA) on the CPU, from the
+    tensors ``load(param name)`` gives."""
+    weight = load(name)
+    update = updates.get(name)
     if update is not None:
-        weight = weight.float() + lora_delta(module.params[update.lora_A].storage.load(),
-                                             module.params[update.lora_B].storage.load(),
-                                             update.scaling, torch.float32)
-    return weight.double()
+        weight = weight.float() + lora_delta(load(update.lora_A), load(update.lora_B), update.scaling,
+                                             torch.float32)
+    return weight.detach().to(device="cpu", dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,46 @@ def solve_correction(dense: torch.Tensor, gram: torch.Tensor, removed: torch.Ten
     return Correction(delta, before, max(after, 0.0))
 
 
+def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.Tensor],
+                batches: Iterable[torch.Tensor], damp: float, *,
+                tensor_of: Callable[[Param], torch.Tensor] | None = None
+                ) -> Iterator[tuple[Consumer, Correction]]:
+    """Each consumer's correction, one at a time, from its dense effective weight in
+    ``weights`` (consumed) and the inputs of ``module``'s graph on ``batches`` (parameters
+    from ``tensor_of``, default their stored data)."""
+    grams = input_gram_matrices(module, batches, [c.param for c in found], tensor_of=tensor_of)
+    for c in found:
+        gram = grams.pop(c.param).cpu()
+        yield c, solve_correction(weights.pop(c.param), gram, c.removed, c.kept, damp)
+
+
+def fold_live(model: Any, module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
+              folded: dict[int, tuple[int, ...]], batches: Iterable[torch.Tensor],
+              damp: float = DEFAULT_DAMP) -> tuple[int, float]:
+    """Fold the ``folded`` units' consumer columns into the kept ones in the live tensors of an
+    executor ``model`` (``model.tensor(name)``), in place, with the model's own weights and
+    activations on ``batches`` (on the model's device): what ``lhspg{reconstruct=true}`` does
+    before a period's forced zeroing. The folded columns are left as they are (the caller
+    zeroes them). Returns (consumers corrected, output error left: after / before)."""
+    found, _ = consumers(module, groups, removed, folded)
+
+    def load(name: str) -> torch.Tensor:
+        return model.tensor(name).detach()
+
+    updates = lora_updates(module)
+    weights = {c.param: effective_weight(load, updates, c.param) for c in found}
+    before = after = 0.0
+    with torch.no_grad():
+        for c, correction in corrections(module, found, weights, batches, damp,
+                                         tensor_of=lambda p: load(p.name)):
+            tensor = model.tensor(c.param)
+            kept = torch.nonzero(c.kept).flatten().to(tensor.device)
+            tensor.index_add_(1, kept, correction.delta.to(device=tensor.device, dtype=tensor.dtype))
+            before += correction.error_before
+            after += correction.error_after
+    return len(found), after / before if before > 0 else 0.0
+
+
 @register_pass
 @dataclass(frozen=True)
 class Reconstruct(ModulePass):
@@ -150,11 +196,11 @@ class Reconstruct(ModulePass):
     batch: int = option(4, "windows per calibration batch")
     seq_len: int = option(128, "tokens per calibration window")
     seed: int = option(0, "seed of the choice of calibration windows")
-    damp: float = option(0.01, "ridge added to X_K X_K^T, as a share of its mean diagonal (>= 0)")
+    damp: float = option(DEFAULT_DAMP, "ridge added to X_K X_K^T, as a share of its mean diagonal (>= 0)")
     reference: str = option("", "IR file of the module before pruning (its removed units alive): "
                             "the weights and activations folded; without it the module's own, "
                             "whose removed units must not be zero yet (they are zeroed after)")
-    kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds whose removed units are folded (attn, "
+    kinds: tuple[str, ...] = option(FOLDED_KINDS, "group kinds whose removed units are folded (attn, "
                                     "mlp, hidden, other); hidden measured worse (bench/RESULTS.md)")
 
     def __post_init__(self) -> None:
@@ -199,19 +245,19 @@ class Reconstruct(ModulePass):
         if not found:
             return PassResult.unchanged(**{"consumers reconstructed": 0, "consumers skipped (shared weight)": len(skipped)})
         dense = self.dense_module(module, found)
-        dense_weights = {c.param: effective_weight(dense, c.param) for c in found}
+        updates = lora_updates(dense)
+        dense_weights = {c.param: effective_weight(lambda n: dense.params[n].storage.load(), updates, c.param)
+                         for c in found}
         if all(not dense_weights[c.param][:, c.removed].any() for c in found):
             raise PassError("reconstruct: the removed units are zero already (prune zeroes them), so "
                             "there is nothing to fold into the kept ones",
                             hint="give reference=PATH.ir, the module saved before prune")
         options = CalibrationOptions(self.data, self.batches, self.batch, self.seq_len, self.seed)
         batches = calibration_batches(module, options, "reconstruct")
-        grams = input_gram_matrices(dense, batches, [c.param for c in found])
         before = after = 0.0
         columns = 0
-        for c in found:  # one consumer at a time: its gram, solve and update, then the next
-            correction = solve_correction(dense_weights.pop(c.param), grams.pop(c.param), c.removed,
-                                          c.kept, self.damp)
+        # one consumer at a time: its gram, solve and update, then the next
+        for c, correction in corrections(dense, found, dense_weights, batches, self.damp):
             param = module.params[c.param]
             weight = param.storage.load()
             updated = weight.double()

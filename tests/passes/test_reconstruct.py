@@ -178,3 +178,31 @@ def test_errors_come_before_any_change(trained, tmp_path):
         with pytest.raises(PassError, match=match):
             PassManager.parse(f"reconstruct{{{options}}}").run(pruned)
         assert all(torch.equal(before[n], p.storage.load()) for n, p in pruned.params.items())
+
+
+# --- inside lhspg ---------------------------------------------------------------------------------
+def _lhspg(module, root, **opts):
+    text = ",".join(f"{k}={v}" for k, v in {
+        "ratio": 0.3, "periods": 2, "steps": 4, "settle": 0.5, "seq-len": 32, "batch": 4, "lr": 5e-3,
+        "data": f'"{root / "calibration.ids"}"', "progress": "false", **opts}.items())
+    result = clone_module(module)
+    PassManager.parse(f"lhspg{{{text}}}").run(result)
+    return result
+
+
+def test_lhspg_reconstruct_folds_before_each_forced_zeroing(trained):
+    from lorashear.passes.compress import compress_module
+
+    module, root, held_out = trained
+    plain, folded = _lhspg(module, root), _lhspg(module, root, reconstruct="true")
+    # the same groups are chosen (scores and split come before any fold) and end at zero
+    assert plain.attributes["prune-mask"] == folded.attributes["prune-mask"]
+    periods = folded.attributes["lhspg-log"].periods
+    assert all(0 <= p["reconstruct_error_left"] < 1 for p in periods)
+    assert not any("reconstruct_error_left" in p for p in plain.attributes["lhspg-log"].periods)
+    changed = [n for n in plain.params if n.endswith(("down_proj.weight", "o_proj.weight"))
+               and not torch.equal(plain.params[n].storage.load(), folded.params[n].storage.load())]
+    assert changed, "the fold changed no consumer"
+    compressed = clone_module(folded)
+    compress_module(compressed, folded.attributes["groups"], folded.attributes["prune-mask"].as_dict())
+    assert (_outputs(folded, held_out[:4]) - _outputs(compressed, held_out[:4])).abs().max() <= 1e-4
