@@ -9,9 +9,12 @@ squares is (DESIGN.md section 10; FLAP, ZipLM and SlimGPT solve the same problem
     dW  = E_R X_R X_K^T (X_K X_K^T + lambda I)^-1        W_K += dW
 
 with ``lambda = damp * mean(diag(X_K X_K^T))`` (SparseGPT's ``percdamp`` convention, so that
-``damp`` does not depend on the activations' scale). Each consumer is solved on its own, one
-at a time, from the float64 ``X^T X`` of its inputs (:func:`input_gram_matrices`): one-shot,
-as FLAP and ZipLM's single pass, not SlimGPT's layer-by-layer re-calibration.
+``damp`` does not depend on the activations' scale). One walk over the calibration batches
+accumulates the float64 ``X^T X`` of every consumer's inputs (:func:`input_gram_matrices`:
+the sum of ``in_features^2`` over the consumers, 8 bytes each, is the memory it takes); then
+each consumer is solved on its own, one at a time, and its gram freed. One-shot, as FLAP and
+ZipLM's single pass: every X is the dense model's, not SlimGPT's layer-by-layer re-calibration
+on the already pruned layers.
 
 Where the dense weights and activations come from: ``prune`` has already zeroed the removed
 units (their consumer columns *and* their producers), so on the pruned module ``E_R = 0`` and
@@ -147,7 +150,7 @@ def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.
                 batches: Iterable[torch.Tensor], damp: float, *,
                 tensor_of: Callable[[Param], torch.Tensor] | None = None
                 ) -> Iterator[tuple[Consumer, Correction]]:
-    """Each consumer's correction, one at a time, from its dense effective weight in
+    """Each consumer's correction, solved one at a time, from its dense effective weight in
     ``weights`` (consumed) and the inputs of ``module``'s graph on ``batches`` (parameters
     from ``tensor_of``, default their stored data)."""
     grams = input_gram_matrices(module, batches, [c.param for c in found], tensor_of=tensor_of)
