@@ -26,7 +26,7 @@ reduction to the member axis and an ``index_add`` over ``(r // stride) % size``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -247,11 +247,16 @@ def model_gradient_scores(model: torch.nn.Module, module: Module, groups: Groups
     return scores
 
 
-def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per linear weight name, ``sum over tokens of x_j^2`` for each input column j.
+def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
+                          visit: Callable[[str, torch.Tensor], None], *,
+                          tensor_of: Callable[[Param], torch.Tensor] | None = None) -> None:
+    """Run the graph on each batch of token ids and call ``visit(weight name, x)`` with the
+    float32 input ``x`` of every ``linear``/``lora_linear`` op whose weight is a parameter.
 
-    Runs the graph op by op (the executor's own ``run_op``) and reads the input of every
-    ``linear``/``lora_linear`` op; a value is freed after its last use to bound memory.
+    Runs op by op (the executor's own ``run_op``); a value is freed after its last use to
+    bound memory. The activation statistics (:func:`input_square_sums`,
+    :func:`input_gram_matrices`) are visitors of this one walk. ``tensor_of`` gives each
+    parameter's tensor (a training pass's live ones); by default its stored data.
     """
     ops = module.graph.ops
     last_use: dict[int, int] = {}
@@ -263,10 +268,9 @@ def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.
 
     def param_tensor(p: Param) -> torch.Tensor:
         if p.name not in tensors:
-            tensors[p.name] = p.storage.load()
+            tensors[p.name] = p.storage.load() if tensor_of is None else tensor_of(p)
         return tensors[p.name]
 
-    sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for ids in batches:
             env: dict[int, Any] = {}
@@ -280,14 +284,40 @@ def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.
             for index, op in enumerate(ops):
                 run_op(op, env, param_tensor, device=ids.device)
                 if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param):
-                    x = env[id(op.args[0])].float()
-                    square = x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
-                    name = op.args[1].name
-                    sums[name] = sums[name] + square if name in sums else square
+                    visit(op.args[1].name, env[id(op.args[0])].float())
                 for v in op.operands():
                     if last_use.get(id(v)) == index and id(v) not in keep:
                         env.pop(id(v), None)
+
+
+def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per linear weight name, ``sum over tokens of x_j^2`` for each input column j."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        square = x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+        sums[name] = sums[name] + square if name in sums else square
+
+    for_each_linear_input(module, batches, visit)
     return sums
+
+
+def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor], names: Iterable[str], *,
+                        tensor_of: Callable[[Param], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per linear weight name in ``names``, the float64 ``X^T X`` of its inputs over all
+    calibration tokens (``[in_features, in_features]``, on the batches' device; X is tokens x
+    in_features): the second moments a least-squares reconstruction solves with."""
+    wanted = set(names)
+    grams: dict[str, torch.Tensor] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        if name in wanted:
+            rows = x.reshape(-1, x.shape[-1]).double()
+            gram = rows.T @ rows
+            grams[name] = grams[name] + gram if name in grams else gram
+
+    for_each_linear_input(module, batches, visit, tensor_of=tensor_of)
+    return grams
 
 
 def activation_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],

@@ -36,6 +36,12 @@ as in ``prune``: families a ``knowledge`` analysis protects give none, the other
 ``taylor`` on SmolLM2 at 20% and 50% in both benchmarks that compared them (``bench/RESULTS.md``:
 "`lhspg` choosing by wanda" and the `attn-share=auto` rows of the ablations).
 
+With ``reconstruct=true``, just before each period's forced zeroing, what the period's attn/mlp
+groups still feed their consumers (``o_proj`` and ``down_proj`` input columns, shrunk by then)
+is folded into the surviving columns by least squares on the calibration windows, with the
+live weights and activations (:func:`lorashear.passes.reconstruct.fold_live`); the groups and
+the steps are the same as without it, which is the default.
+
 The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
 
@@ -47,6 +53,7 @@ and the projection runs on every rank alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -87,6 +94,7 @@ from lorashear.passes.options import (
     precision_option,
     warmup_option,
 )
+from lorashear.passes.reconstruct import FOLDED_KINDS, fold_live
 from lorashear.passes.registry import register_pass
 from lorashear.passes.resume import result_text
 from lorashear.runtime.executor import IRModel, lora_param_names
@@ -226,6 +234,10 @@ class Lhspg(ModulePass):
                                   "with it, since the shrink then outpaces LoRA")
     lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / shrink steps")
     eps: float = option(0.0, "half-space margin: zero a group when <x~_g, W_g> < eps ||W_g||^2")
+    reconstruct: bool = option(False, "at each period's forced zeroing, first fold what its attn/mlp "
+                               "groups' consumer columns (o_proj, down_proj inputs) still contribute "
+                               "into the surviving columns, by least squares on the calibration "
+                               "windows (the reconstruct pass's algebra, damp 0.01)")
     settle: float = option(0.75, "share of each period's steps that train LoRA after the period's "
                            "groups are forced to zero (the shrink spans the rest; 0: the "
                            "groups reach zero at the period's last step)")
@@ -315,12 +327,18 @@ class Lhspg(ModulePass):
                         (runtime.to_device(b) for b in calibration), autocast=runtime.autocast))
                 budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected)
                 target = self.ratio * (period + 1) / self.periods
+                earlier = state.chosen_units
                 current = state.choose(index, choose_units(budgets, target, self.scope,
                                                            attn_share=state.attn_share))
-                losses = self.train_period(harness, data, index, state, current, period)
+                folds: list[float] = []
+                fold = self.fold_before_zeroing(module, groups, model, runtime, calibration, earlier,
+                                                state.chosen_units, folds) if self.reconstruct else None
+                losses = self.train_period(harness, data, index, state, current, period, fold)
                 state.period_log.append({"period": period, "chosen": int(state.chosen.sum()),
                                          "new": int(current.sum()), "mean_loss": sum(losses) / len(losses),
                                          "last_loss": losses[-1]})
+                if folds:
+                    state.period_log[-1]["reconstruct_error_left"] = folds[-1]
                 harness.checkpoint(state.checkpoint_state(period))
         harness.write_back(module)  # the projected base slices and the trained LoRA factors
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(state.chosen_units)
@@ -331,11 +349,30 @@ class Lhspg(ModulePass):
             "groups zeroed": int(state.chosen.sum()), "parameter share removed": round(taken / prunable, 6),
             "first loss": state.first_loss, "last loss": state.period_log[-1]["last_loss"], **state.split})
 
+    def fold_before_zeroing(self, module: Module, groups: GroupsAttr, model: IRModel,
+                            runtime: TrainingRuntime, calibration: torch.Tensor,
+                            earlier: dict[int, tuple[int, ...]], chosen: dict[int, tuple[int, ...]],
+                            folds: list[float]) -> Callable[[], None]:
+        """``reconstruct=true``: the step that folds this period's new units (``chosen`` less
+        ``earlier``) into the survivors on the live model, run just before their forced zeroing;
+        it appends the output error left (after / before) to ``folds``."""
+        new = {f: tuple(u for u in units if u not in set(earlier.get(f, ())))
+               for f, units in chosen.items()}
+        folded = {f: units for f, units in new.items()
+                  if units and groups.families[f].kind in FOLDED_KINDS}
+        batches = [runtime.to_device(b) for b in calibration]
+
+        def fold() -> None:
+            with runtime.autocast():
+                folds.append(fold_live(model, module, groups, chosen, folded, batches)[1])
+        return fold
+
     def train_period(self, harness: LoraHarness, data: TextData, index: GroupIndex, state: LhspgState,
-                     current: torch.Tensor, period: int) -> list[float]:
+                     current: torch.Tensor, period: int,
+                     before_zeroing: Callable[[], None] | None = None) -> list[float]:
         """One period's steps: train LoRA, then project the period's ``current`` groups (shrink
-        them, zero them at the shrink's last step) and clear the LoRA of earlier ones; returns
-        the steps' losses."""
+        them, zero them at the shrink's last step, ``before_zeroing`` called just before) and
+        clear the LoRA of earlier ones; returns the steps' losses."""
         runtime, shrink_steps = harness.runtime, self.shrink_steps
         chosen_here, current_here = runtime.to_device(state.chosen), runtime.to_device(current)
         start_norms = group_norms(index.weights, index.num_groups)
@@ -351,6 +388,8 @@ class Lhspg(ModulePass):
             with runtime.autocast():
                 loss = harness.model(batch, labels=batch).loss
             loss_value = harness.step(loss, state.step_total)
+            if before_zeroing is not None and step == shrink_steps - 1:
+                before_zeroing()
             stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
             if step == shrink_steps - 1 and shrink_steps < self.steps:
                 # settling: this period's groups are zero now and stay so, like earlier ones

@@ -29,6 +29,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "lhspg": "lorashear.passes.lhspg:Lhspg",
     "knowledge": "lorashear.passes.knowledge:Knowledge",
     "recover": "lorashear.passes.recover:Recover",
+    "reconstruct": "lorashear.passes.reconstruct:Reconstruct",
 }
 
 _registered: dict[str, type[ModulePass]] = {}
