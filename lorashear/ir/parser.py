@@ -16,9 +16,15 @@ from collections.abc import Callable
 from lorashear.errors import IRFormatVersionError, IRParseError
 from lorashear.ir.attributes import attribute_kind
 from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
+from lorashear.ir.dims import MAX_MAGNITUDE, DimSyntaxError, parse_dim
 from lorashear.ir.printer import FORMAT_VERSION, MAGIC
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage
-from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType
+from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType, is_symbol_name
+
+#: Integer literals of op arguments stay within 64 bits (what torch takes); more digits than
+#: this are refused before ``int()`` is asked to convert them.
+_MAX_INT = 1 << 64
+_MAX_INT_DIGITS = len(str(_MAX_INT))
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t]+)
@@ -51,6 +57,10 @@ class _Line:
         if column is None:
             column = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
         raise IRParseError(message, source=self.source, line=self.lineno, column=column + 1)
+
+    def column(self) -> int:
+        """The 0-based column of the token at the cursor (the line's end after the last)."""
+        return self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
 
     def peek(self) -> tuple[str, str] | None:
         return self.tokens[self.i][:2] if self.i < len(self.tokens) else None
@@ -301,10 +311,13 @@ class IRParser:
         if kind == "string":
             return self._string(line)
         if kind == "number":
-            line.next("number")
             if text == "-inf":
+                line.next("number")
                 return -math.inf
-            return float(text) if any(c in text for c in ".eE") else int(text)
+            if any(c in text for c in ".eE"):
+                line.next("number")
+                return float(text)
+            return self._int(line, _MAX_INT, "an integer argument")
         if kind == "ident":
             line.next("identifier")
             constants = {"none": None, "true": True, "false": False, "inf": math.inf, "nan": math.nan}
@@ -338,14 +351,14 @@ class IRParser:
         dims: list = []
         if not line.accept("punct", "]"):
             while True:
-                kind, text = line.next("a dimension")
+                tok = line.peek()
+                if tok is None:
+                    line.next("a dimension")
+                kind, text = tok
                 if kind == "number" and text.isdigit():
-                    dims.append(int(text))
-                elif kind == "ident":
-                    dims.append(text)
-                elif kind == "string":
-                    line.i -= 1
-                    dims.append(self._string(line))
+                    dims.append(self._int(line, MAX_MAGNITUDE, "a dimension"))
+                elif kind in ("ident", "string"):
+                    dims.append(self._symbolic_dim(line))
                 else:
                     line.i -= 1
                     line.fail(f"expected a dimension, found {text!r}")
@@ -353,6 +366,32 @@ class IRParser:
                     break
                 line.expect("punct", ",", what="',' or ']'")
         return TensorType(name, tuple(dims))
+
+    def _int(self, line: _Line, bound: int, what: str) -> int:
+        """The integer token at the cursor, refused (at its column) beyond ``bound``."""
+        text = line.peek()[1]
+        if len(text.lstrip("-")) > _MAX_INT_DIGITS or abs(int(text)) > bound:
+            shown = text if len(text) <= 24 else text[:24] + "..."
+            line.fail(f"{what} {shown} is out of range (at most {bound} in magnitude)")
+        line.next("number")
+        return int(text)
+
+    def _symbolic_dim(self, line: _Line) -> str:
+        """A size name (``S``) or a quoted size expression (``"S+1"``), checked against the
+        grammar of :mod:`lorashear.ir.dims`."""
+        column = line.column()
+        kind, text = line.peek()
+        if kind == "ident":
+            if not is_symbol_name(text):
+                line.fail(f"malformed size name {text!r}")
+            line.next("a dimension")
+            return text
+        dim = self._string(line)
+        try:
+            parse_dim(dim)
+        except DimSyntaxError as exc:
+            line.fail(f"malformed dimension {dim[:80]!r}: {exc}", column + 1 + exc.offset)
+        return dim
 
 
 def parse_module(text: str, *, source: str = "<string>", resolve_path=None, sidecar=None) -> Module:
