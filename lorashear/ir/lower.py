@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from lorashear.errors import LoweringError, first_line
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.handles import record_fingerprints
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
 from lorashear.ir.storage import DataStorage, MetaStorage, Storage
 from lorashear.ir.types import SYM, TensorType, dtype_name
@@ -338,7 +339,8 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
     """Lower a Hugging Face causal LM (a ``PeftModel`` with LoRA, or a plain one) into the IR.
 
     The model is traced where it lives (CPU, CUDA or ``meta``); parameters keep references to
-    its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead).
+    its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead). Weights
+    files get fingerprints, so that loading notices a rewritten checkpoint.
     """
     from peft import PeftModel
 
@@ -357,6 +359,7 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
     if config is not None:
         from lorashear.ir.attributes import HFConfigAttr
         module.attributes["config"] = HFConfigAttr(_config_dict(config))
+    record_fingerprints(module)
     return module
 
 

@@ -8,6 +8,7 @@ version :class:`~lorashear.errors.IRFormatVersionError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -17,6 +18,7 @@ from lorashear.errors import IRFormatVersionError, IRParseError
 from lorashear.ir.attributes import attribute_kind
 from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
 from lorashear.ir.dims import MAX_MAGNITUDE, DimSyntaxError, parse_dim
+from lorashear.ir.fingerprint import FINGERPRINT_PATTERN
 from lorashear.ir.printer import FORMAT_VERSION, MAGIC
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage
 from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType, is_symbol_name
@@ -105,6 +107,10 @@ class IRParser:
         self.sidecar = sidecar
         self.module = Module()
         self.values: dict[str, Value] = {}
+        #: the line of each parameter's declaration, for errors about its weights
+        self.param_lines: dict[str, int] = {}
+        #: resolved weights-file path -> (recorded fingerprint, line of its ``weights`` statement)
+        self.weights_files: dict[str, tuple[str, int]] = {}
 
     def parse(self) -> Module:
         lines = self.text.split("\n")
@@ -127,7 +133,21 @@ class IRParser:
             raise IRParseError(f"empty input: not a {MAGIC} file", source=self.source, line=1, column=1)
         if not self.module.graph.outputs:
             raise IRParseError("module has no output", source=self.source, line=len(lines), column=1)
+        self._attach_fingerprints()
         return self.module
+
+    def _attach_fingerprints(self) -> None:
+        """Give every handle into a fingerprinted file its fingerprint; a ``weights``
+        statement no parameter reads is an error (it would not print back)."""
+        used: set[str] = set()
+        for p in self.module.params.values():
+            if isinstance(p.storage, FileStorage) and p.storage.path in self.weights_files:
+                used.add(p.storage.path)
+                p.storage = dataclasses.replace(p.storage, fingerprint=self.weights_files[p.storage.path][0])
+        for path, (_, lineno) in self.weights_files.items():
+            if path not in used:
+                raise IRParseError(f"no parameter reads the weights file {path} declared here",
+                                   source=self.source, line=lineno, column=1)
 
     # --- statements ---------------------------------------------------------------------------
     def _header(self, text: str, lineno: int) -> None:
@@ -148,6 +168,9 @@ class IRParser:
         if kind == "ident" and word in ("param", "buffer"):
             line.next(word)
             self._param(line, buffer=word == "buffer")
+        elif kind == "ident" and word == "weights":
+            line.next("weights")
+            self._weights(line)
         elif kind == "ident" and word == "input":
             line.next("input")
             self._input(line)
@@ -157,7 +180,23 @@ class IRParser:
         elif kind == "value":
             self._op(line)
         else:
-            line.fail(f"expected a statement (attr, param, buffer, input, output or %value = op), found {word!r}")
+            line.fail("expected a statement (attr, weights, param, buffer, input, output or "
+                      f"%value = op), found {word!r}")
+
+    def _weights(self, line: _Line) -> None:
+        """``weights "PATH" fingerprint "SCHEME:HEX"``: the fingerprint of a weights file."""
+        path_column = line.column()
+        path = self._string(line)
+        line.expect("ident", "fingerprint", what="'fingerprint'")
+        fingerprint_column = line.column()
+        fingerprint = self._string(line)
+        if FINGERPRINT_PATTERN.fullmatch(fingerprint) is None:
+            line.fail(f"malformed fingerprint {fingerprint[:80]!r} (expected "
+                      f"'{FINGERPRINT_PATTERN.pattern}')", fingerprint_column)
+        resolved = self.resolve_path(path)
+        if resolved in self.weights_files:
+            line.fail(f"weights file {path!r} is declared twice", path_column)
+        self.weights_files[resolved] = (fingerprint, line.lineno)
 
     _ATTR = re.compile(r"attr\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*([A-Za-z_][A-Za-z0-9_.-]*)\s+(.*)$")
 
@@ -184,6 +223,7 @@ class IRParser:
         name = line.expect("param", what="@name")[1:]
         if name in self.module.params:
             line.fail(f"duplicate parameter @{name}")
+        self.param_lines[name] = line.lineno
         line.expect("punct", ":")
         ty = self._type(line)
         if not isinstance(ty, TensorType) or not ty.is_static:

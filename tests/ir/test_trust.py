@@ -1,5 +1,6 @@
-"""Trust in inputs: symbolic sizes parsed by a bounded grammar, never eval. Every bad input
-ends in one `error:` line, exit code 1, within seconds, and nothing written."""
+"""Trust in inputs: symbolic sizes without eval, weight handles checked on load, fingerprints of
+the source checkpoint. Every bad input ends in one `error:` line, exit code 1, within seconds,
+and nothing written."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from lorashear.cli import emit as emit_cli
 from lorashear.cli import lower as lower_cli
 from lorashear.cli import opt as opt_cli
-from lorashear.errors import IRParseError, VerificationError
+from lorashear.errors import IRParseError, ModelLoadError, VerificationError
 from lorashear.ir.dims import MAX_DEPTH, DimSyntaxError, parse_dim
+from lorashear.ir.fileformat import load_ir, save_ir
+from lorashear.ir.fingerprint import fingerprint_file
+from lorashear.ir.frontend import lower_pretrained
 from lorashear.ir.parser import parse_module
+from lorashear.ir.printer import print_module
 from lorashear.ir.types import evaluate_dim
+from lorashear.runtime.executor import emit_torch
+from tests.conftest import random_batch
 
 PROJECTION = "model.layers.0.self_attn.o_proj.weight"
 
@@ -132,3 +141,172 @@ def test_unbound_size_is_a_verification_error():
 
     with pytest.raises(VerificationError, match="unbound size"):
         verify(module)
+
+
+# --- weight handles ---------------------------------------------------------------------------
+@pytest.mark.parametrize("damage,expect", [
+    ("missing-key", "the file holds no such tensor"),
+    ("missing-file", "does not exist"),
+    ("shape", "the file holds it with shape [64, 32], the IR declares [64, 64]"),
+    ("dtype", "the file holds it as I64, the IR declares f32"),
+    ("truncated", "lies outside the file (is the file cut short?)"),
+    ("garbage", "is not a valid safetensors file"),
+])
+def test_bad_weight_handles_fail_on_load(workdir, capsys, damage, expect):
+    ir = workdir / "m.ir"
+    weights = workdir / "model" / "model.safetensors"
+    if damage == "missing-key":
+        ir.write_text(ir.read_text().replace(f'"{PROJECTION}")', f'"{PROJECTION}.gone")'))
+    elif damage == "missing-file":
+        weights.unlink()
+    elif damage == "shape":
+        _rewrite_checkpoint(workdir / "model", lambda s: s.update({PROJECTION: s[PROJECTION][:, :32].clone()}))
+    elif damage == "dtype":
+        _rewrite_checkpoint(workdir / "model", lambda s: s.update({PROJECTION: s[PROJECTION].long()}))
+    elif damage == "truncated":
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 1000)
+    elif damage == "garbage":
+        weights.write_bytes(b"\xff" * 64)
+    line = next(i for i, x in enumerate(ir.read_text().splitlines(), 1) if x.startswith("param @"))
+    if damage not in ("missing-file", "truncated", "garbage"):
+        line = next(i for i, x in enumerate(ir.read_text().splitlines(), 1) if f"@{PROJECTION} " in x)
+    for main, argv in ((opt_cli.main, ["--passes=dce", "-o", str(workdir / "o.ir")]),
+                       (emit_cli.main, ["--format", "hf", "-o", str(workdir / "hf")])):
+        _fails_fast(main, [str(ir), *argv], capsys, f"m.ir:{line}: @", expect)
+    assert not (workdir / "o.ir").exists() and not (workdir / "hf").exists()
+
+
+def test_checkpoint_cut_short_after_loading_is_a_clear_error(workdir):
+    """Without a fingerprint (a `.ir` from before them) and with one: a tensor read after the
+    file was shortened is a ModelLoadError naming the file, never safetensors' own error."""
+    text = (workdir / "m.ir").read_text()
+    legacy = workdir / "legacy.ir"
+    legacy.write_text("\n".join(x for x in text.splitlines() if not x.startswith("weights ")) + "\n")
+    shutil.copy(workdir / "m.ir.weights.safetensors", str(legacy) + ".weights.safetensors")
+    weights = workdir / "model" / "model.safetensors"
+    for path in (legacy, workdir / "m.ir"):
+        module = load_ir(path)
+        original = weights.read_bytes()
+        with open(weights, "r+b") as f:
+            f.truncate(len(original) - 1000)
+        with pytest.raises(ModelLoadError, match="model.safetensors"):
+            module.params[PROJECTION].storage.load()
+        weights.write_bytes(original)
+
+
+# --- fingerprints -----------------------------------------------------------------------------
+def test_lowering_records_fingerprints_that_print_and_parse_back(workdir):
+    text = (workdir / "m.ir").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "lorashear-ir 2"
+    weights = [x for x in lines if x.startswith("weights ")]
+    assert weights == [
+        f'weights "model/model.safetensors" fingerprint "{fingerprint_file(workdir / "model" / "model.safetensors")}"',
+        f'weights "adapter/adapter_model.safetensors" fingerprint '
+        f'"{fingerprint_file(workdir / "adapter" / "adapter_model.safetensors")}"',
+    ]
+    module = load_ir(workdir / "m.ir")
+    assert print_module(parse_module(print_module(module))) == print_module(module)
+    save_ir(module, workdir / "again.ir")
+    assert (workdir / "again.ir").read_text() == text
+
+
+def test_module_without_file_handles_keeps_version_one(tiny_models):
+    module = lower_pretrained(tiny_models["llama"].model_dir, meta=True)
+    assert print_module(module).startswith("lorashear-ir 1\n")
+
+
+def test_fingerprint_follows_bytes_not_names(workdir):
+    weights = workdir / "model" / "model.safetensors"
+    before = fingerprint_file(weights)
+    shutil.copy(weights, workdir / "copy.safetensors")
+    assert fingerprint_file(workdir / "copy.safetensors") == before
+    state = load_file(weights)
+    for change in (lambda s: s[PROJECTION].neg_(),  # every element of one projection
+                   lambda s: s[PROJECTION][-1, -1].add_(1.0),  # the last element only
+                   lambda s: s.update(extra=torch.zeros(1))):  # one more tensor
+        changed = {k: v.clone() for k, v in state.items()}
+        change(changed)
+        save_file(changed, str(workdir / "copy.safetensors"), metadata={"format": "pt"})
+        assert fingerprint_file(workdir / "copy.safetensors") != before
+    save_file(state, str(workdir / "copy.safetensors"), metadata={"format": "other"})
+    assert fingerprint_file(workdir / "copy.safetensors") != before
+
+
+def test_rewritten_checkpoint_is_refused_until_accepted(workdir, tiny_models, capsys):
+    """The issue's case: the checkpoint re-saved after lowering with one projection negated."""
+    ir = workdir / "m.ir"
+    _rewrite_checkpoint(workdir / "model", lambda s: s[PROJECTION].neg_())
+    weights_line = next(i for i, x in enumerate(ir.read_text().splitlines(), 1)
+                        if x.startswith('weights "model/'))
+    for main, argv in ((opt_cli.main, ["--passes=dce", "-o", str(workdir / "o.ir")]),
+                       (emit_cli.main, ["--format", "hf", "-o", str(workdir / "hf")])):
+        _fails_fast(main, [str(ir), *argv], capsys, f"m.ir:{weights_line}:", "model.safetensors changed",
+                    "--accept-changed-weights")
+    assert not (workdir / "o.ir").exists() and not (workdir / "hf").exists()
+    with pytest.raises(ModelLoadError, match="fingerprint differs"):
+        load_ir(ir)
+
+    # accepted deliberately: the new weights are used and the output records them
+    assert opt_cli.main([str(ir), "--accept-changed-weights", "--passes=dce", "-o", str(ir)]) == 0
+    assert f'fingerprint "{fingerprint_file(workdir / "model" / "model.safetensors")}"' in ir.read_text()
+    ids, mask = random_batch(128)
+    with torch.no_grad():
+        now = emit_torch(load_ir(ir))(ids, attention_mask=mask).logits
+        before = tiny_models["llama"].peft(input_ids=ids, attention_mask=mask).logits
+    assert (now - before).abs().max() > 1e-3
+
+
+def test_checkpoint_rewritten_during_a_run_is_noticed_on_read(workdir):
+    module = load_ir(workdir / "m.ir")
+    module.params["model.norm.weight"].storage.load()
+    _rewrite_checkpoint(workdir / "model", lambda s: s[PROJECTION].mul_(2))
+    with pytest.raises(ModelLoadError, match="changed after the module was loaded"):
+        module.params[PROJECTION].storage.load()
+
+
+def test_weights_statements_are_checked_by_the_parser(workdir):
+    text = (workdir / "m.ir").read_text()
+    line = next(x for x in text.splitlines() if x.startswith('weights "model/'))
+    with pytest.raises(IRParseError, match="malformed fingerprint"):
+        parse_module(text.replace(line, line[:-3] + 'zz"'))
+    with pytest.raises(IRParseError, match="declared twice"):
+        parse_module(text.replace(line, line + "\n" + line))
+    with pytest.raises(IRParseError, match=":4:1: no parameter reads the weights file"):
+        parse_module(text.replace(line, line.replace("model/model", "model/other")))
+    with pytest.raises(IRParseError, match="expected 'fingerprint'"):
+        parse_module(text.replace(line, line.replace(" fingerprint ", " fingerprnt ")))
+
+
+def test_emitted_directory_records_its_own_fingerprint(workdir):
+    assert emit_cli.main([str(workdir / "m.ir"), "--format", "torch", "-o", str(workdir / "out")]) == 0
+    text = (workdir / "out" / "lorashear.ir").read_text()
+    assert f'weights "model.safetensors" fingerprint "{fingerprint_file(workdir / "out" / "model.safetensors")}"' in text
+    moved = workdir / "moved"
+    shutil.move(workdir / "out", moved)
+    load_ir(moved / "lorashear.ir")
+
+
+# --- sidecars ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage,expect", [
+    ("truncated", "sidecar"), ("dtype", "as torch.float64, the IR declares f32"),
+    ("shape", "with shape [4]"), ("missing", "lacks tensor"),
+])
+def test_bad_sidecar_fails_on_load(workdir, capsys, damage, expect):
+    side = workdir / "m.ir.weights.safetensors"
+    state = load_file(side)
+    name = next(iter(state))
+    if damage == "truncated":
+        side.write_bytes(side.read_bytes()[:-7])
+    else:
+        if damage == "dtype":
+            state[name] = state[name].double()
+        elif damage == "shape":
+            state[name] = state[name][:4].clone()
+        else:
+            state = {f"{name}.other": state[name]}
+        save_file(state, str(side))
+    _fails_fast(opt_cli.main, [str(workdir / "m.ir"), "--passes=dce", "-o", str(workdir / "o.ir")],
+                capsys, "m.ir", expect)
+    assert not (workdir / "o.ir").exists()
