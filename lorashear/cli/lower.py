@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parameter dtype of the IR (default: float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of fresh LoRA initialisation (default: 0)")
     parser.add_argument("--no-verify", action="store_true", help="skip verifying the lowered IR")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="lower weights holding NaN or Inf instead of refusing them (and skip "
+                        "reading every weight to look for them)")
     add_common_options(parser)
     return parser
 
@@ -53,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     module = lower_any(args.model_dir, adapter=args.adapter, lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                        lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
-                       meta=args.meta, dtype=getattr(torch, args.dtype), seed=args.seed)
+                       meta=args.meta, dtype=getattr(torch, args.dtype), seed=args.seed,
+                       allow_nonfinite=args.allow_nonfinite)
     if not args.no_verify:
         verify(module)
     save_ir(module, args.output)

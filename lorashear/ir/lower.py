@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from lorashear.errors import LoweringError, first_line
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.finite import refuse_nonfinite
 from lorashear.ir.handles import record_fingerprints
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
 from lorashear.ir.storage import DataStorage, MetaStorage, Storage
@@ -335,12 +336,13 @@ def _match_lora(base_v: Value, delta_v: Value, users):
     return x, base.args[1], bias, lora_a, lora_b, scaling, dropout
 
 
-def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default") -> Module:
+def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default",
+          allow_nonfinite: bool = False) -> Module:
     """Lower a Hugging Face causal LM (a ``PeftModel`` with LoRA, or a plain one) into the IR.
 
     The model is traced where it lives (CPU, CUDA or ``meta``); parameters keep references to
     its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead). Weights
-    files get fingerprints, so that loading notices a rewritten checkpoint.
+    files get fingerprints; weights holding NaN or Inf are refused unless ``allow_nonfinite``.
     """
     from peft import PeftModel
 
@@ -360,6 +362,8 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
         from lorashear.ir.attributes import HFConfigAttr
         module.attributes["config"] = HFConfigAttr(_config_dict(config))
     record_fingerprints(module)
+    if not allow_nonfinite:
+        refuse_nonfinite(module)
     return module
 
 

@@ -1,6 +1,6 @@
 """Trust in inputs: symbolic sizes without eval, weight handles checked on load, fingerprints of
-the source checkpoint. Every bad input ends in one `error:` line, exit code 1, within seconds,
-and nothing written."""
+the source checkpoint, NaN/Inf refused at lowering. Every bad input ends in one `error:` line,
+exit code 1, within seconds, and nothing written."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lorashear.ir.dims import MAX_DEPTH, DimSyntaxError, parse_dim
 from lorashear.ir.fileformat import load_ir, save_ir
 from lorashear.ir.fingerprint import fingerprint_file
 from lorashear.ir.frontend import lower_pretrained
+from lorashear.ir.lower import lower
 from lorashear.ir.parser import parse_module
 from lorashear.ir.printer import print_module
 from lorashear.ir.types import evaluate_dim
@@ -310,3 +311,43 @@ def test_bad_sidecar_fails_on_load(workdir, capsys, damage, expect):
     _fails_fast(opt_cli.main, [str(workdir / "m.ir"), "--passes=dce", "-o", str(workdir / "o.ir")],
                 capsys, "m.ir", expect)
     assert not (workdir / "o.ir").exists()
+
+
+# --- non-finite weights -----------------------------------------------------------------------
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weight_is_refused_naming_the_tensor(workdir, capsys, value):
+    def poison(state):
+        state["model.layers.1.mlp.up_proj.weight"].view(-1)[[5, 77]] = value
+
+    _rewrite_checkpoint(workdir / "model", poison)
+    out = workdir / "nan.ir"
+    _fails_fast(lower_cli.main, [str(workdir / "model"), "-o", str(out)], capsys,
+                "'model.layers.1.mlp.up_proj.weight'", "holds 2 non-finite values", "--allow-nonfinite")
+    assert not out.exists()
+    with pytest.raises(ModelLoadError, match="up_proj.weight' of .*model.safetensors holds 2"):
+        lower_pretrained(workdir / "model")
+    assert lower_cli.main([str(workdir / "model"), "--allow-nonfinite", "-o", str(out)]) == 0
+    assert lower_cli.main([str(workdir / "model"), "--meta", "-o", str(workdir / "meta.ir")]) == 0
+
+
+def test_weight_that_overflows_the_lowered_dtype_is_refused(workdir):
+    def large(state):
+        state["model.norm.weight"][3] = 1e6  # finite in fp32, Inf once lowered as f16
+
+    _rewrite_checkpoint(workdir / "model", large)
+    lower_pretrained(workdir / "model")
+    with pytest.raises(ModelLoadError, match="'model.norm.weight' .* holds 1 non-finite value .* as f16"):
+        lower_pretrained(workdir / "model", dtype=torch.float16)
+
+
+def test_nonfinite_in_memory_model_is_refused():
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    with pytest.raises(ModelLoadError, match="parameter @model.norm.weight holds 1 non-finite value "):
+        lower(model)
+    assert lower(model, allow_nonfinite=True).params["model.norm.weight"].storage.load().isnan().sum() == 1
