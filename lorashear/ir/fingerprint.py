@@ -146,8 +146,9 @@ def _samples(entry: TensorEntry) -> list[tuple[int, int]]:
 
 _KNOWN: dict[tuple, str] = {}
 #: A file modified this recently is fingerprinted afresh on every call: file systems stamp
-#: modification times coarsely (jiffies, 2 s on FAT), so a rewrite within the same tick
-#: would keep the key of a remembered fingerprint (git's "racy clean" problem).
+#: modification times coarsely (jiffies, 1 s on ext3 and HFS+, 2 s on FAT), so a rewrite
+#: within the same tick would keep the key of a remembered fingerprint (git's "racy clean"
+#: problem). The cost is bounded: once the file is this old, its fingerprint is remembered.
 _RACY_NS = 2_000_000_000
 
 
@@ -155,6 +156,7 @@ def current_fingerprint(path: str | os.PathLike) -> str:
     """:func:`fingerprint_file`, remembered while the file's identity, size and times stay the
     same: reading a tensor checks its file with one ``stat``."""
     path = str(path)
+    now = time.time_ns()  # before the stat: the file's age is judged at the moment it was seen
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -165,7 +167,7 @@ def current_fingerprint(path: str | os.PathLike) -> str:
     found = _KNOWN.get(key)
     if found is None:
         found = fingerprint_file(path)
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        if now - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
             if len(_KNOWN) > 4096:
                 _KNOWN.clear()
             _KNOWN[key] = found

@@ -351,3 +351,30 @@ def test_nonfinite_in_memory_model_is_refused():
     with pytest.raises(ModelLoadError, match="parameter @model.norm.weight holds 1 non-finite value "):
         lower(model)
     assert lower(model, allow_nonfinite=True).params["model.norm.weight"].storage.load().isnan().sum() == 1
+
+
+def test_recently_modified_files_are_fingerprinted_afresh(tmp_path, monkeypatch):
+    """A rewrite that keeps a file's size and stat times (a coarse file-system clock) is still
+    noticed while the file is recent; an old file's fingerprint is remembered by its stat."""
+    from types import SimpleNamespace
+
+    from lorashear.ir import fingerprint
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(64)}, str(path))
+    zeros = path.read_bytes()
+    save_file({"w": torch.ones(64)}, str(path))
+    ones = path.read_bytes()
+    assert len(zeros) == len(ones)
+    now = time.time_ns()
+    seen = SimpleNamespace(st_dev=1, st_ino=2, st_size=len(ones), st_mtime_ns=now, st_ctime_ns=now)
+    real_stat = fingerprint.os.stat
+    monkeypatch.setattr(fingerprint.os, "stat", lambda p, *args, **kwargs: seen if str(p) == str(path)
+                        else real_stat(p, *args, **kwargs))
+    before = fingerprint.current_fingerprint(path)
+    path.write_bytes(zeros)
+    assert fingerprint.current_fingerprint(path) != before
+    seen.st_ino, seen.st_mtime_ns, seen.st_ctime_ns = 3, now - 10**10, now - 10**10
+    remembered = fingerprint.current_fingerprint(path)
+    path.write_bytes(ones)
+    assert fingerprint.current_fingerprint(path) == remembered
