@@ -155,7 +155,8 @@ class IRParser:
         if not words or words[0] != MAGIC:
             raise IRParseError(f"not a {MAGIC} file (expected the header '{MAGIC} {FORMAT_VERSION}')",
                                source=self.source, line=lineno, column=1)
-        if len(words) != 2 or not words[1].isdigit():
+        # ASCII and short: int() refuses superscripts that isdigit() accepts, and 4,300+ digits
+        if len(words) != 2 or not (words[1].isascii() and words[1].isdigit() and len(words[1]) <= 9):
             raise IRParseError(f"malformed header {text!r}; expected '{MAGIC} <integer version>'",
                                source=self.source, line=lineno, column=1)
         if int(words[1]) > FORMAT_VERSION:

@@ -73,7 +73,9 @@ def seeds(tiny_models, tmp_path_factory):
 
 def _mutate_text(data, text: str) -> str:
     lines = text.split("\n")
-    kind = data.draw(st.sampled_from(["delete", "duplicate", "swap", "number", "token", "cut"]))
+    kind = data.draw(st.sampled_from(["delete", "duplicate", "swap", "number", "token", "cut", "flip"]))
+    if kind == "flip":
+        return _mutate_bytes(data, text.encode("utf-8"), kind="flip").decode("utf-8", "surrogateescape")
     i = data.draw(st.integers(0, len(lines) - 1))
     if kind == "delete":
         del lines[i]
@@ -99,10 +101,10 @@ def _mutate_text(data, text: str) -> str:
     return "\n".join(lines)
 
 
-def _mutate_bytes(data, blob: bytes) -> bytes:
+def _mutate_bytes(data, blob: bytes, kind: str | None = None) -> bytes:
     if not blob:
         return blob
-    kind = data.draw(st.sampled_from(["flip", "cut", "flip-header"]))
+    kind = kind or data.draw(st.sampled_from(["flip", "cut", "flip-header"]))
     if kind == "cut":
         return blob[:data.draw(st.integers(0, len(blob) - 1))]
     header_end = 8 + int.from_bytes(blob[:8].ljust(8, b"\0"), "little")
@@ -154,7 +156,7 @@ def test_mutants_run_or_fail_cleanly(seeds, request):
                 checkpoint = _mutate_bytes(data, checkpoint)
             else:
                 sidecar = data.draw(st.sampled_from(seeds["foreign_sidecars"]))
-        ir.write_bytes(text.encode("utf-8", "surrogatepass"))
+        ir.write_bytes(text.encode("utf-8", "surrogateescape"))
         sidecar_path(ir).write_bytes(sidecar)
         if checkpoint is not seeds["checkpoint_bytes"]:
             _replace(seeds["checkpoint"], checkpoint)
@@ -185,3 +187,4 @@ def test_seed_runs_unmutated(seeds):
     path.write_text(seeds["text"])
     sidecar_path(path).write_bytes(seeds["sidecar"])
     _load_emit_run(path)
+

@@ -131,6 +131,9 @@ def test_out_of_range_integers_are_parse_errors():
             parse_module(module_text.format(huge))
     with pytest.raises(IRParseError, match="dimension .* out of range"):
         parse_module("lorashear-ir 1\ninput %x : f32[B, " + "9" * 40 + "]\noutput %x\n")
+    for version in ("9" * 5000, "\u00b2"):  # int() refuses both; the header check must first
+        with pytest.raises(IRParseError, match="malformed header"):
+            parse_module(f"lorashear-ir {version}\ninput %x : f32[B]\noutput %x\n")
     with pytest.raises(IRParseError, match="malformed size name"):
         parse_module("lorashear-ir 1\ninput %x : f32[B, S.x]\noutput %x\n")
 
