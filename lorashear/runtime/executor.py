@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
-from lorashear.errors import EmissionError
+from lorashear.errors import EmissionError, first_line
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.types import torch_dtype
@@ -92,11 +92,18 @@ class IRModel(nn.Module):
         trainable = lora_param_names(module)
         for param in module.params.values():
             tensor = self._load(param, device, None if param.name in keep_dtype else dtype)
-            owner, leaf = self._owner(param.name)
-            if param.buffer:
-                owner.register_buffer(leaf, tensor, persistent=True)
-            else:
-                owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=param.name in trainable))
+            try:
+                owner, leaf = self._owner(param.name)
+                if param.buffer:
+                    owner.register_buffer(leaf, tensor, persistent=True)
+                else:
+                    owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=param.name in trainable))
+            except (KeyError, TypeError, AttributeError) as exc:  # a name torch cannot register
+                raise EmissionError(f"parameter @{param.name} cannot be a module attribute: "
+                                    f"{first_line(exc)}",
+                                    hint="parameter names are dotted paths of non-empty parts; no "
+                                    "parameter may be a prefix of another or an nn.Module attribute "
+                                    "name (forward, training, ...)") from None
             self._slots[param.name] = (owner, leaf)
         self._input_names = [v.name for v in module.graph.inputs]
 

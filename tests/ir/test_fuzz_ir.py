@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lorashear.errors import LorashearError
+from lorashear.errors import EmissionError, LorashearError
 from lorashear.ir.fileformat import load_ir, save_ir, sidecar_path
 from lorashear.ir.frontend import lower_pretrained
 from lorashear.runtime.executor import emit_torch
@@ -34,7 +34,8 @@ EXTREMES = ["0", "-1", "1", "3", "63", "65", "9223372036854775807", "-9223372036
             "18446744073709551616", "1" + "0" * 40, "9" * 5000, "1e308", "-1e308", "4.9e-324",
             "nan", "inf", "-inf", "0.0", "1e999", "S", "B", '"S+1"', '"S*S*S*S*S*S*S"',
             '"(((((S)))))"', '"9**9**9"']
-ODD_TOKENS = ["%0", "%99999", "@model.norm.weight", "@nope", "none", "true", "meta", "data",
+ODD_TOKENS = ["%0", "%99999", "@model.norm.weight", "@nope", "@model", "@model..norm.weight",
+              "@forward", "@model.norm.weight.x", "none", "true", "meta", "data",
               'file("model/model.safetensors", "model.norm.weight")', "f64", "bool", "sym",
               "i64[B, S]", "f32[]", "[", "]", "(", ")", ",", ":", "=", "loc", "attr", "param",
               "weights", "input", "output", '""', "\\", "\x00", "é", "\t"]
@@ -188,3 +189,16 @@ def test_seed_runs_unmutated(seeds):
     sidecar_path(path).write_bytes(seeds["sidecar"])
     _load_emit_run(path)
 
+
+@pytest.mark.parametrize("name", ["model..norm.weight", "model.norm.weight.x", "model", "forward",
+                                  "model.norm.weight."])
+def test_parameter_names_torch_cannot_hold_are_errors(seeds, name):
+    """A declared parameter whose name torch cannot register (an empty part, nested under
+    another parameter, an nn.Module attribute) was a KeyError from emit_torch; the fuzz's token
+    pool now holds such names."""
+    line = next(x for x in seeds["text"].splitlines() if x.startswith("param @model.norm.weight "))
+    path = seeds["root"] / "named.ir"
+    path.write_text(seeds["text"].replace(line, line + "\n" + line.replace("@model.norm.weight", "@" + name)))
+    sidecar_path(path).write_bytes(seeds["sidecar"])
+    with pytest.raises(EmissionError, match=f"parameter @{re.escape(name)} cannot be a module attribute"):
+        _load_emit_run(path)
