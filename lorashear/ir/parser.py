@@ -27,6 +27,8 @@ from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType, is_symbol_nam
 #: this are refused before ``int()`` is asked to convert them.
 _MAX_INT = 1 << 64
 _MAX_INT_DIGITS = len(str(_MAX_INT))
+#: Op arguments are lists of lists at most (shapes, index lists); deeper is refused, not recursed.
+_MAX_LIST_DEPTH = 16
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t]+)
@@ -216,8 +218,8 @@ class IRParser:
                                column=m.start(2) + 1)
         try:
             self.module.attributes[name] = cls.from_json(json.loads(payload))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise IRParseError(f"bad {kind} attribute payload: {exc}", source=self.source,
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise IRParseError(f"bad {kind} attribute payload: {str(exc)[:200]}", source=self.source,
                                line=lineno, column=m.start(3) + 1) from None
 
     def _param(self, line: _Line, *, buffer: bool) -> None:
@@ -335,7 +337,7 @@ class IRParser:
             line.fail(f"use of undefined value {token}")
         return value
 
-    def _arg(self, line: _Line):
+    def _arg(self, line: _Line, depth: int = 0):
         tok = line.peek()
         if tok is None:
             line.fail("expected an argument, found end of line")
@@ -369,12 +371,14 @@ class IRParser:
             line.i -= 1
             line.fail(f"unknown identifier {text!r} (expected none, true, false, inf, nan or an element type)")
         if kind == "punct" and text == "[":
+            if depth >= _MAX_LIST_DEPTH:
+                line.fail(f"lists nest deeper than {_MAX_LIST_DEPTH} levels")
             line.next("[")
             items: list = []
             if line.accept("punct", "]"):
                 return items
             while True:
-                items.append(self._arg(line))
+                items.append(self._arg(line, depth + 1))
                 if line.accept("punct", "]"):
                     return items
                 line.expect("punct", ",", what="',' or ']'")

@@ -76,7 +76,8 @@ def _mutate_text(data, text: str) -> str:
     lines = text.split("\n")
     kind = data.draw(st.sampled_from(["delete", "duplicate", "swap", "number", "token", "cut", "flip"]))
     if kind == "flip":
-        return _mutate_bytes(data, text.encode("utf-8"), kind="flip").decode("utf-8", "surrogateescape")
+        blob = _mutate_bytes(data, text.encode("utf-8", "surrogateescape"), kind="flip")
+        return blob.decode("utf-8", "surrogateescape")
     i = data.draw(st.integers(0, len(lines) - 1))
     if kind == "delete":
         del lines[i]

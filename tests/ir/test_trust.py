@@ -134,6 +134,11 @@ def test_out_of_range_integers_are_parse_errors():
     for version in ("9" * 5000, "\u00b2"):  # int() refuses both; the header check must first
         with pytest.raises(IRParseError, match="malformed header"):
             parse_module(f"lorashear-ir {version}\ninput %x : f32[B]\noutput %x\n")
+    with pytest.raises(IRParseError, match="lists nest deeper than 16"):  # not a RecursionError
+        parse_module(module_text.format("[" * 100_000 + "]" * 100_000))
+    with pytest.raises(IRParseError, match="bad source attribute payload"):
+        parse_module("lorashear-ir 1\nattr source = source " + "[" * 100_000 + "]" * 100_000
+                     + "\ninput %x : f32[B]\noutput %x\n")
     with pytest.raises(IRParseError, match="malformed size name"):
         parse_module("lorashear-ir 1\ninput %x : f32[B, S.x]\noutput %x\n")
 
