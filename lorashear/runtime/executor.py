@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
-from lorashear.errors import EmissionError, first_line
+from lorashear.errors import EmissionError, ExecutionError, LorashearError, first_line
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.types import torch_dtype
@@ -187,7 +187,14 @@ class IRModel(nn.Module):
     def _run_ops(self, ops: list[Op], env: dict[int, Any], tensors: dict[str, torch.Tensor],
                  device: torch.device) -> None:
         for op in ops:
-            run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+            try:
+                run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+            except LorashearError:
+                raise
+            except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # data the verifier cannot see
+                where = f"%{op.results[0].name}" if op.results else "a value"
+                raise ExecutionError(f"op {op.kind} defining {where} (module {op.loc or 'top level'}) "
+                                     f"failed: {first_line(exc)}") from exc
 
     def _run_segment(self, segment: Segment, tensors: dict[str, torch.Tensor], device: torch.device,
                      *inputs: Any) -> tuple[Any, ...]:

@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lorashear.errors import EmissionError, LorashearError
+from lorashear.errors import EmissionError, ExecutionError, LorashearError
 from lorashear.ir.fileformat import load_ir, save_ir, sidecar_path
 from lorashear.ir.frontend import lower_pretrained
 from lorashear.runtime.executor import emit_torch
@@ -202,4 +202,19 @@ def test_parameter_names_torch_cannot_hold_are_errors(seeds, name):
     path.write_text(seeds["text"].replace(line, line + "\n" + line.replace("@model.norm.weight", "@" + name)))
     sidecar_path(path).write_bytes(seeds["sidecar"])
     with pytest.raises(EmissionError, match=f"parameter @{re.escape(name)} cannot be a module attribute"):
+        _load_emit_run(path)
+
+
+def test_index_out_of_range_at_run_time_is_an_execution_error(seeds):
+    """Found by the fuzz (one flipped bit, 0 -> 1 in the mask's key positions): positions
+    shifted by one pass every shape check and index one past the sequence only when real data
+    runs; that was an IndexError from emit_torch's forward, now an error naming the op."""
+    text = seeds["text"]
+    shifted = re.sub(r"^(%\d+) = add\((%\d+), 0\) : i64\[S\]", r"\1 = add(\2, 1) : i64[S]", text,
+                     flags=re.M)
+    assert shifted != text
+    path = seeds["root"] / "shifted.ir"
+    path.write_text(shifted)
+    sidecar_path(path).write_bytes(seeds["sidecar"])
+    with pytest.raises(ExecutionError, match=r"op \S+ defining %\d+ \(module .*\) failed: index 7 is out of bounds"):
         _load_emit_run(path)
