@@ -70,6 +70,11 @@ class EmissionError(LorashearError):
     """A module could not be emitted in the requested format."""
 
 
+class ExecutionError(LorashearError):
+    """An op failed while a module ran on real tensors (an index out of range that no shape
+    check can see, a device out of memory): names the op and its module path."""
+
+
 class KernelError(LorashearError):
     """A numeric kernel got inputs it cannot handle (shapes, dtypes, devices, group ids) or a
     backend that is not available (Triton missing, CPU tensors without the interpreter)."""

@@ -202,3 +202,8 @@ def kill_when(pid: int, path: Path, stderr_path: Path, timeout: float = 120) -> 
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert path.exists(), f"{path.name} never appeared: {stderr_path.read_text()[-2000:]}"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
+                     help="mutants the .ir fuzz test runs (default: a quick few for `make test`)")

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", metavar="IN.ir", help="IR file to emit")
     parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (torch, hf) or .onnx file (onnx)")
+    parser.add_argument("--accept-changed-weights", action="store_true",
+                        help="run even if a weights file the IR reads was rewritten since the IR "
+                        "was written (its fingerprint differs): the new weights are used")
     add_common_options(parser)
     return parser
 
@@ -27,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     from lorashear.ir.fileformat import load_ir
     from lorashear.runtime.emit import emit
 
-    module = load_ir(args.input)
+    module = load_ir(args.input, accept_changed_weights=args.accept_changed_weights)
     out = emit(module, args.format, args.output)
     print(f"emitted {args.input} as {args.format} -> {out}", file=sys.stderr)
     return 0

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace-all-layers", action="store_true",
                         help="trace every decoder layer instead of two stamped over the rest "
                         "(slower; the same IR, kept as the reference path)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="lower weights holding NaN or Inf instead of refusing them (and skip "
+                        "reading every weight to look for them)")
     add_common_options(parser)
     return parser
 
@@ -57,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                        lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
                        meta=args.meta, dtype=getattr(torch, args.dtype), seed=args.seed,
-                       trace_all_layers=args.trace_all_layers)
+                       trace_all_layers=args.trace_all_layers, allow_nonfinite=args.allow_nonfinite)
     if not args.no_verify:
         verify(module)
     save_ir(module, args.output)

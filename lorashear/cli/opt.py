@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the run whose --checkpoint-dir DIR is given, from its last "
                         "completed pass (and the next pass's own checkpoint): same result as an "
                         "uninterrupted run")
+    parser.add_argument("--accept-changed-weights", action="store_true",
+                        help="run even if a weights file the IR reads was rewritten since the IR "
+                        "was written (its fingerprint differs): the new weights are used, and an "
+                        "IR written from this run records them")
     add_common_options(parser)
     return parser
 
@@ -106,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         from lorashear.report import check_report_path
 
         check_report_path(args.report)  # a bad name fails before the run, not after it
-    module = load_ir(args.input)
+    module = load_ir(args.input, accept_changed_weights=args.accept_changed_weights)
     checkpoint = None
     if args.checkpoint_dir:
         from lorashear.passes.resume import PipelineCheckpoint, input_fingerprint

@@ -26,6 +26,8 @@ from lorashear.frontend.layers import (
     traced_layers_only,
 )
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.finite import refuse_nonfinite
+from lorashear.ir.handles import record_fingerprints
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
 from lorashear.ir.storage import DataStorage, MetaStorage, Storage
 from lorashear.ir.types import SYM, TensorType, dtype_name
@@ -390,14 +392,15 @@ def _match_lora(base_v: Value, delta_v: Value, users):
 
 
 def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default",
-          trace_all_layers: bool = False) -> Module:
+          trace_all_layers: bool = False, allow_nonfinite: bool = False) -> Module:
     """Lower a Hugging Face causal LM (a ``PeftModel`` with LoRA, or a plain one) into the IR.
 
     The model is traced where it lives (CPU, CUDA or ``meta``); parameters keep references to
     its tensors (``storage_fn`` decides, e.g. pointing into safetensors files instead). Only
     the first decoder layers are traced and the others copied (:mod:`.layers`) where the
     model allows it; ``trace_all_layers`` traces every layer, the reference that path is
-    tested against (the same IR text).
+    tested against (the same IR text). Weights files get fingerprints; weights holding NaN or
+    Inf are refused unless ``allow_nonfinite``.
     """
     from peft import PeftModel
 
@@ -421,6 +424,9 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
     if config is not None:
         from lorashear.ir.attributes import HFConfigAttr
         module.attributes["config"] = HFConfigAttr(_config_dict(config))
+    record_fingerprints(module)
+    if not allow_nonfinite:
+        refuse_nonfinite(module)
     return module
 
 

@@ -2,9 +2,9 @@
 
 The model is built on the ``meta`` device from its ``config.json`` (buffers computed for
 real, they are tiny), traced there, and each parameter is bound to a reference into the
-directory's safetensors files, checked for name and shape. No weight is read into memory,
-so a checkpoint of any size lowers in the memory its architecture needs (the time goes to
-``torch.export``; a LLaMA-7B's figures are in the README, "Measured").
+directory's safetensors files, checked for name and shape. No more than one weight is in
+memory at a time (each is read once, to refuse NaN and Inf; ``meta`` reads none), so a
+checkpoint of any size lowers in the memory its architecture needs.
 """
 
 from __future__ import annotations
@@ -129,13 +129,14 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
                      lora_rank: int | None = None, lora_alpha: float | None = None,
                      lora_targets: Sequence[str] | None = None, lora_dropout: float = 0.0,
                      meta: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
-                     trace_all_layers: bool = False) -> Module:
+                     trace_all_layers: bool = False, allow_nonfinite: bool = False) -> Module:
     """Lower a local HF causal-LM directory, optionally with a LoRA adapter, into the IR.
 
     ``adapter``: a peft LoRA adapter directory. ``lora_rank``: instead insert fresh LoRA
     adapters of that rank on ``lora_targets`` (A random as in peft, B zero, so the model's
     function is unchanged). ``meta``: no weights at all, for analysis of the architecture.
-    ``trace_all_layers``: as in :func:`~lorashear.frontend.lower.lower`.
+    ``trace_all_layers``: as in :func:`~lorashear.frontend.lower.lower`. Every weight is read
+    once and refused if it holds NaN or Inf, unless ``allow_nonfinite``.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -184,7 +185,8 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
         return _bind(name, shape, checkpoint, f"model {model_dir}", None, meta=meta,
                      mismatch="does not match its config")
 
-    module = lower(model, storage_fn=storage_for, trace_all_layers=trace_all_layers)
+    module = lower(model, storage_fn=storage_for, trace_all_layers=trace_all_layers,
+                   allow_nonfinite=allow_nonfinite)
     unused = sorted(set(adapter_tensors) - used_adapter_keys)
     if unused:
         raise ModelLoadError(f"adapter {adapter} has tensors the model has no place for, e.g. "

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from lorashear._atomic import atomic_path
 from lorashear.errors import IRParseError, LorashearError, ModelLoadError
 from lorashear.ir.core import Module
-from lorashear.ir.parser import parse_module
+from lorashear.ir.handles import check_weight_handles
+from lorashear.ir.parser import IRParser
 from lorashear.ir.printer import print_module
 from lorashear.ir.storage import DataStorage, FileStorage, safetensors_keys
 from lorashear.ir.types import torch_dtype
@@ -62,8 +63,15 @@ def save_ir(module: Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_ir(path: str | os.PathLike, *, verify: bool = True) -> Module:
-    """Read a `.ir` file (and its sidecar); verify it unless told not to."""
+def load_ir(path: str | os.PathLike, *, verify: bool = True,
+            accept_changed_weights: bool = False) -> Module:
+    """Read a `.ir` file (and its sidecar); verify it unless told not to.
+
+    Every weight handle is checked against its file's header, and every recorded weights-file
+    fingerprint against the file (:mod:`lorashear.ir.handles`), before anything runs.
+    ``accept_changed_weights`` takes a rewritten checkpoint's new fingerprint instead of
+    refusing it; saving the module then records it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"IR file {path} does not exist")
@@ -77,9 +85,13 @@ def load_ir(path: str | os.PathLike, *, verify: bool = True) -> Module:
     def resolve(p: str) -> str:
         return str(p if os.path.isabs(p) else base / p)
 
-    module = parse_module(text, source=str(path), resolve_path=resolve,
-                          sidecar=lambda name: FileStorage(str(side), name))
-    _check_sidecar(module, path, side)
+    parser = IRParser(text, source=str(path), resolve_path=resolve,
+                      sidecar=lambda name: FileStorage(str(side), name))
+    module = parser.parse()
+    _check_sidecar(module, path, side, parser.param_lines)
+    check_weight_handles(module, source=str(path), param_lines=parser.param_lines,
+                         weights_lines={f: line for f, (_, line) in parser.weights_files.items()},
+                         accept_changed_weights=accept_changed_weights)
     if verify:
         from lorashear.ir.verifier import verify as run_verify
         try:
@@ -89,7 +101,7 @@ def load_ir(path: str | os.PathLike, *, verify: bool = True) -> Module:
     return module
 
 
-def _check_sidecar(module: Module, path: Path, side: Path) -> None:
+def _check_sidecar(module: Module, path: Path, side: Path, lines: dict[str, int]) -> None:
     owned = {n: p for n, p in module.params.items() if isinstance(p.storage, DataStorage)}
     if not owned:
         return
@@ -101,12 +113,15 @@ def _check_sidecar(module: Module, path: Path, side: Path) -> None:
     except LorashearError as exc:
         raise ModelLoadError(f"the sidecar of {path} is corrupted: {exc}") from None
     for name, p in owned.items():
+        where = f"{path}:{lines.get(name, 0)}: the sidecar {side.name}"
         if name not in stored:
-            raise ModelLoadError(f"the sidecar {side.name} of {path} lacks tensor {name!r}")
-        shape, _ = stored[name]
+            raise ModelLoadError(f"{where} lacks tensor {name!r}")
+        shape, dtype = stored[name]
         if shape != p.type.shape:
-            raise ModelLoadError(f"the sidecar {side.name} of {path} holds {name!r} with shape "
-                                 f"{list(shape)}, the IR declares {list(p.type.shape)}")
+            raise ModelLoadError(f"{where} holds {name!r} with shape {list(shape)}, the IR "
+                                 f"declares {list(p.type.shape)}")
+        if dtype != torch_dtype(p.type.dtype):
+            raise ModelLoadError(f"{where} holds {name!r} as {dtype}, the IR declares {p.type.dtype}")
 
 
 def materialize(tensor: torch.Tensor) -> DataStorage:

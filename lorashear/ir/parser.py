@@ -8,6 +8,7 @@ version :class:`~lorashear.errors.IRFormatVersionError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,9 +17,18 @@ from collections.abc import Callable
 from lorashear.errors import IRFormatVersionError, IRParseError
 from lorashear.ir.attributes import attribute_kind
 from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
+from lorashear.ir.dims import MAX_MAGNITUDE, DimSyntaxError, parse_dim
+from lorashear.ir.fingerprint import FINGERPRINT_PATTERN
 from lorashear.ir.printer import FORMAT_VERSION, MAGIC
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage
-from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType
+from lorashear.ir.types import DTYPES, SYM, TensorType, ValueType, is_symbol_name
+
+#: Integer literals of op arguments stay within 64 bits (what torch takes); more digits than
+#: this are refused before ``int()`` is asked to convert them.
+_MAX_INT = 1 << 64
+_MAX_INT_DIGITS = len(str(_MAX_INT))
+#: Op arguments are lists of lists at most (shapes, index lists); deeper is refused, not recursed.
+_MAX_LIST_DEPTH = 16
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t]+)
@@ -51,6 +61,10 @@ class _Line:
         if column is None:
             column = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
         raise IRParseError(message, source=self.source, line=self.lineno, column=column + 1)
+
+    def column(self) -> int:
+        """The 0-based column of the token at the cursor (the line's end after the last)."""
+        return self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
 
     def peek(self) -> tuple[str, str] | None:
         return self.tokens[self.i][:2] if self.i < len(self.tokens) else None
@@ -95,6 +109,10 @@ class IRParser:
         self.sidecar = sidecar
         self.module = Module()
         self.values: dict[str, Value] = {}
+        #: the line of each parameter's declaration, for errors about its weights
+        self.param_lines: dict[str, int] = {}
+        #: resolved weights-file path -> (recorded fingerprint, line of its ``weights`` statement)
+        self.weights_files: dict[str, tuple[str, int]] = {}
 
     def parse(self) -> Module:
         lines = self.text.split("\n")
@@ -117,7 +135,21 @@ class IRParser:
             raise IRParseError(f"empty input: not a {MAGIC} file", source=self.source, line=1, column=1)
         if not self.module.graph.outputs:
             raise IRParseError("module has no output", source=self.source, line=len(lines), column=1)
+        self._attach_fingerprints()
         return self.module
+
+    def _attach_fingerprints(self) -> None:
+        """Give every handle into a fingerprinted file its fingerprint; a ``weights``
+        statement no parameter reads is an error (it would not print back)."""
+        used: set[str] = set()
+        for p in self.module.params.values():
+            if isinstance(p.storage, FileStorage) and p.storage.path in self.weights_files:
+                used.add(p.storage.path)
+                p.storage = dataclasses.replace(p.storage, fingerprint=self.weights_files[p.storage.path][0])
+        for path, (_, lineno) in self.weights_files.items():
+            if path not in used:
+                raise IRParseError(f"no parameter reads the weights file {path} declared here",
+                                   source=self.source, line=lineno, column=1)
 
     # --- statements ---------------------------------------------------------------------------
     def _header(self, text: str, lineno: int) -> None:
@@ -125,7 +157,8 @@ class IRParser:
         if not words or words[0] != MAGIC:
             raise IRParseError(f"not a {MAGIC} file (expected the header '{MAGIC} {FORMAT_VERSION}')",
                                source=self.source, line=lineno, column=1)
-        if len(words) != 2 or not words[1].isdigit():
+        # ASCII and short: int() refuses superscripts that isdigit() accepts, and 4,300+ digits
+        if len(words) != 2 or not (words[1].isascii() and words[1].isdigit() and len(words[1]) <= 9):
             raise IRParseError(f"malformed header {text!r}; expected '{MAGIC} <integer version>'",
                                source=self.source, line=lineno, column=1)
         if int(words[1]) > FORMAT_VERSION:
@@ -138,6 +171,9 @@ class IRParser:
         if kind == "ident" and word in ("param", "buffer"):
             line.next(word)
             self._param(line, buffer=word == "buffer")
+        elif kind == "ident" and word == "weights":
+            line.next("weights")
+            self._weights(line)
         elif kind == "ident" and word == "input":
             line.next("input")
             self._input(line)
@@ -147,7 +183,23 @@ class IRParser:
         elif kind == "value":
             self._op(line)
         else:
-            line.fail(f"expected a statement (attr, param, buffer, input, output or %value = op), found {word!r}")
+            line.fail("expected a statement (attr, weights, param, buffer, input, output or "
+                      f"%value = op), found {word!r}")
+
+    def _weights(self, line: _Line) -> None:
+        """``weights "PATH" fingerprint "SCHEME:HEX"``: the fingerprint of a weights file."""
+        path_column = line.column()
+        path = self._string(line)
+        line.expect("ident", "fingerprint", what="'fingerprint'")
+        fingerprint_column = line.column()
+        fingerprint = self._string(line)
+        if FINGERPRINT_PATTERN.fullmatch(fingerprint) is None:
+            line.fail(f"malformed fingerprint {fingerprint[:80]!r} (expected "
+                      f"'{FINGERPRINT_PATTERN.pattern}')", fingerprint_column)
+        resolved = self.resolve_path(path)
+        if resolved in self.weights_files:
+            line.fail(f"weights file {path!r} is declared twice", path_column)
+        self.weights_files[resolved] = (fingerprint, line.lineno)
 
     _ATTR = re.compile(r"attr\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*([A-Za-z_][A-Za-z0-9_.-]*)\s+(.*)$")
 
@@ -166,14 +218,15 @@ class IRParser:
                                column=m.start(2) + 1)
         try:
             self.module.attributes[name] = cls.from_json(json.loads(payload))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise IRParseError(f"bad {kind} attribute payload: {exc}", source=self.source,
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise IRParseError(f"bad {kind} attribute payload: {str(exc)[:200]}", source=self.source,
                                line=lineno, column=m.start(3) + 1) from None
 
     def _param(self, line: _Line, *, buffer: bool) -> None:
         name = line.expect("param", what="@name")[1:]
         if name in self.module.params:
             line.fail(f"duplicate parameter @{name}")
+        self.param_lines[name] = line.lineno
         line.expect("punct", ":")
         ty = self._type(line)
         if not isinstance(ty, TensorType) or not ty.is_static:
@@ -284,7 +337,7 @@ class IRParser:
             line.fail(f"use of undefined value {token}")
         return value
 
-    def _arg(self, line: _Line):
+    def _arg(self, line: _Line, depth: int = 0):
         tok = line.peek()
         if tok is None:
             line.fail("expected an argument, found end of line")
@@ -301,10 +354,13 @@ class IRParser:
         if kind == "string":
             return self._string(line)
         if kind == "number":
-            line.next("number")
             if text == "-inf":
+                line.next("number")
                 return -math.inf
-            return float(text) if any(c in text for c in ".eE") else int(text)
+            if any(c in text for c in ".eE"):
+                line.next("number")
+                return float(text)
+            return self._int(line, _MAX_INT, "an integer argument")
         if kind == "ident":
             line.next("identifier")
             constants = {"none": None, "true": True, "false": False, "inf": math.inf, "nan": math.nan}
@@ -315,12 +371,14 @@ class IRParser:
             line.i -= 1
             line.fail(f"unknown identifier {text!r} (expected none, true, false, inf, nan or an element type)")
         if kind == "punct" and text == "[":
+            if depth >= _MAX_LIST_DEPTH:
+                line.fail(f"lists nest deeper than {_MAX_LIST_DEPTH} levels")
             line.next("[")
             items: list = []
             if line.accept("punct", "]"):
                 return items
             while True:
-                items.append(self._arg(line))
+                items.append(self._arg(line, depth + 1))
                 if line.accept("punct", "]"):
                     return items
                 line.expect("punct", ",", what="',' or ']'")
@@ -338,14 +396,14 @@ class IRParser:
         dims: list = []
         if not line.accept("punct", "]"):
             while True:
-                kind, text = line.next("a dimension")
+                tok = line.peek()
+                if tok is None:
+                    line.next("a dimension")
+                kind, text = tok
                 if kind == "number" and text.isdigit():
-                    dims.append(int(text))
-                elif kind == "ident":
-                    dims.append(text)
-                elif kind == "string":
-                    line.i -= 1
-                    dims.append(self._string(line))
+                    dims.append(self._int(line, MAX_MAGNITUDE, "a dimension"))
+                elif kind in ("ident", "string"):
+                    dims.append(self._symbolic_dim(line))
                 else:
                     line.i -= 1
                     line.fail(f"expected a dimension, found {text!r}")
@@ -353,6 +411,32 @@ class IRParser:
                     break
                 line.expect("punct", ",", what="',' or ']'")
         return TensorType(name, tuple(dims))
+
+    def _int(self, line: _Line, bound: int, what: str) -> int:
+        """The integer token at the cursor, refused (at its column) beyond ``bound``."""
+        text = line.peek()[1]
+        if len(text.lstrip("-")) > _MAX_INT_DIGITS or abs(int(text)) > bound:
+            shown = text if len(text) <= 24 else text[:24] + "..."
+            line.fail(f"{what} {shown} is out of range (at most {bound} in magnitude)")
+        line.next("number")
+        return int(text)
+
+    def _symbolic_dim(self, line: _Line) -> str:
+        """A size name (``S``) or a quoted size expression (``"S+1"``), checked against the
+        grammar of :mod:`lorashear.ir.dims`."""
+        column = line.column()
+        kind, text = line.peek()
+        if kind == "ident":
+            if not is_symbol_name(text):
+                line.fail(f"malformed size name {text!r}")
+            line.next("a dimension")
+            return text
+        dim = self._string(line)
+        try:
+            parse_dim(dim)
+        except DimSyntaxError as exc:
+            line.fail(f"malformed dimension {dim[:80]!r}: {exc}", column + 1 + exc.offset)
+        return dim
 
 
 def parse_module(text: str, *, source: str = "<string>", resolve_path=None, sidecar=None) -> Module:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from lorashear.errors import ModelLoadError
+from lorashear.errors import ModelLoadError, first_line
+from lorashear.ir.fingerprint import ensure_unchanged
 
 
 class Storage:
@@ -29,15 +30,26 @@ class Storage:
 
 @dataclass(frozen=True)
 class FileStorage(Storage):
-    """A tensor ``key`` inside the safetensors file ``path`` (read lazily, memory-mapped)."""
+    """A tensor ``key`` inside the safetensors file ``path`` (read lazily, memory-mapped).
+
+    ``fingerprint``, when recorded (see :mod:`lorashear.ir.fingerprint`), is checked before
+    every read, so a checkpoint rewritten during a long run is an error, not new numbers."""
 
     path: str
     key: str
+    fingerprint: str | None = None
 
     def load(self) -> torch.Tensor:
         if not os.path.exists(self.path):
             raise ModelLoadError(f"weights file {self.path} (for tensor {self.key!r}) does not exist")
-        return _open(self.path).get_tensor(self.key)
+        if self.fingerprint is not None:
+            ensure_unchanged(self.path, self.fingerprint)
+        handle = _open(self.path)
+        try:
+            return handle.get_tensor(self.key)
+        except Exception as exc:  # safetensors' own error type, or an OS error under the mmap
+            raise ModelLoadError(f"cannot read tensor {self.key!r} from {self.path}: "
+                                 f"{first_line(exc)}") from None
 
     def shape_and_dtype(self) -> tuple[tuple[int, ...], torch.dtype]:
         sl = _open(self.path).get_slice(self.key)
@@ -83,15 +95,18 @@ class MetaStorage(Storage):
 
 
 @functools.lru_cache(maxsize=64)
-def _open_cached(path: str, mtime: float):
+def _open_cached(path: str, identity: tuple[int, ...]):
     return safe_open(path, framework="pt")
 
 
 def _open(path: str):
+    """The safetensors handle of ``path``, opened again whenever the file was replaced or
+    changed size or time (a handle onto a replaced or shortened file would read stale bytes)."""
     try:
-        return _open_cached(path, os.path.getmtime(path))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
+        st = os.stat(path)
+        return _open_cached(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot read safetensors file {path}: {first_line(exc)}") from None
 
 
 def safetensors_keys(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -100,12 +115,16 @@ def safetensors_keys(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch
     out = {}
     for key in handle.keys():
         sl = handle.get_slice(key)
-        out[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+        if dtype is None:
+            raise ModelLoadError(f"safetensors file {path} holds {key!r} as {sl.get_dtype()}, an "
+                                 "element type lorashear does not read")
+        out[key] = (tuple(sl.get_shape()), dtype)
     return out
 
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
 }

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorashear.ir.dims import evaluate, parse_dim
+
 Dim = int | str
 
 #: IR element type names and their torch dtypes. The names are what the text form prints.
@@ -32,7 +34,6 @@ DTYPES: dict[str, torch.dtype] = {
 _TORCH_TO_NAME = {v: k for k, v in DTYPES.items()}
 
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SAFE_EXPR = re.compile(r"^[A-Za-z0-9_+\-*/() ]+$")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -56,16 +57,17 @@ def is_symbol_name(text: str) -> bool:
 
 
 def evaluate_dim(dim: Dim, bindings: dict[str, int]) -> int:
-    """Evaluate a dimension under concrete values of its symbols (``"S+1"``, {S: 7} -> 8)."""
+    """Evaluate a dimension under concrete values of its symbols (``"S+1"``, {S: 7} -> 8).
+
+    Symbolic sizes are parsed by :mod:`lorashear.ir.dims` (integers, names, ``+ - * //``,
+    parentheses; bounded), never handed to ``eval``. Raises ``ValueError`` when malformed."""
     if isinstance(dim, int):
         return dim
-    if not _SAFE_EXPR.match(dim):
-        raise ValueError(f"malformed symbolic dimension {dim!r}")
-    names = set(_SYMBOL.findall(dim))
-    missing = names - bindings.keys()
+    node = parse_dim(dim)
+    missing = node.symbols() - bindings.keys()
     if missing:
         raise ValueError(f"symbolic dimension {dim!r} uses unbound size(s) {sorted(missing)}")
-    return int(eval(dim.replace("/", "//"), {"__builtins__": {}}, dict(bindings)))  # noqa: S307 - checked by _SAFE_EXPR
+    return evaluate(node, bindings)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
-from lorashear.errors import EmissionError
+from lorashear.errors import EmissionError, ExecutionError, LorashearError, first_line
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.lora import adapters
@@ -89,11 +89,18 @@ class IRModel(nn.Module):
         trainable = lora_param_names(module)
         for param in module.params.values():
             tensor = self._load(param, device, None if param.name in keep_dtype else dtype)
-            owner, leaf = self._owner(param.name)
-            if param.buffer:
-                owner.register_buffer(leaf, tensor, persistent=True)
-            else:
-                owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=param.name in trainable))
+            try:
+                owner, leaf = self._owner(param.name)
+                if param.buffer:
+                    owner.register_buffer(leaf, tensor, persistent=True)
+                else:
+                    owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=param.name in trainable))
+            except (KeyError, TypeError, AttributeError) as exc:  # a name torch cannot register
+                raise EmissionError(f"parameter @{param.name} cannot be a module attribute: "
+                                    f"{first_line(exc)}",
+                                    hint="parameter names are dotted paths of non-empty parts; no "
+                                    "parameter may be a prefix of another or an nn.Module attribute "
+                                    "name (forward, training, ...)") from None
             self._slots[param.name] = (owner, leaf)
         self._input_names = [v.name for v in module.graph.inputs]
 
@@ -177,7 +184,14 @@ class IRModel(nn.Module):
     def _run_ops(self, ops: list[Op], env: dict[int, Any], tensors: dict[str, torch.Tensor],
                  device: torch.device) -> None:
         for op in ops:
-            run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+            try:
+                run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+            except LorashearError:
+                raise
+            except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # data the verifier cannot see
+                where = f"%{op.results[0].name}" if op.results else "a value"
+                raise ExecutionError(f"op {op.kind} defining {where} (module {op.loc or 'top level'}) "
+                                     f"failed: {first_line(exc)}") from exc
 
     def _run_segment(self, segment: Segment, tensors: dict[str, torch.Tensor], device: torch.device,
                      *inputs: Any) -> tuple[Any, ...]:

@@ -24,6 +24,7 @@ from lorashear.errors import EmissionError, ModelLoadError
 from lorashear.ir.attributes import HFConfigAttr, SourceAttr
 from lorashear.ir.core import Module, clone_module
 from lorashear.ir.fileformat import load_ir
+from lorashear.ir.fingerprint import fingerprint_file
 from lorashear.ir.printer import print_module
 from lorashear.ir.storage import FileStorage
 from lorashear.ir.types import torch_dtype
@@ -56,8 +57,9 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
     with atomic_path(out_dir, directory=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "lorashear"})
         weights = str((out_dir / WEIGHTS_FILE).resolve())
+        fingerprint = fingerprint_file(tmp / WEIGHTS_FILE)  # the bytes, not the path: survives the move
         for name, p in module.params.items():
-            p.storage = FileStorage(weights, name)
+            p.storage = FileStorage(weights, name, fingerprint)
         text = print_module(module, path_fn=lambda path: os.path.relpath(path, out_dir.resolve()))
         (tmp / IR_FILE).write_text(text, encoding="utf-8")
         config = module.attributes.get("config")

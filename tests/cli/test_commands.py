@@ -152,7 +152,7 @@ def test_corrupted_ir_file(llama_ir, tmp_path, capsys, damage):
     elif damage == "garbage":
         bad.write_bytes(b"\x00\xff" * 50)
     elif damage == "newer":
-        bad.write_text(text.replace("lorashear-ir 1", "lorashear-ir 99", 1))
+        bad.write_text("lorashear-ir 99\n" + text.split("\n", 1)[1])
     elif damage == "empty":
         bad.write_text("")
     elif damage == "bad-type":
