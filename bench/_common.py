@@ -114,6 +114,15 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
 
 
+def add_smollm2_arguments(parser) -> None:
+    """``--model``, ``--train`` and ``--heldout`` of the SmolLM2 one-shot benchmarks: the converted
+    default model and Austen's splits in the lorashear cache (``make model``, ``make data``)."""
+    cache = Path("~/.cache/lorashear").expanduser()
+    parser.add_argument("--model", default=str(cache / "models/smollm2-135m-instruct"))
+    parser.add_argument("--train", default=str(cache / "text/austen/train.txt"))
+    parser.add_argument("--heldout", default=str(cache / "text/austen/heldout.txt"))
+
+
 def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str = "attn,mlp",
                       scope: str = "per-layer", seed: int = 0, calibration: str = "",
                       attn_share: float | str | None = None) -> str:

@@ -19,17 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from _common import add_smollm2_arguments, one_shot_pipeline
 from _common import held_out_ppl as held_out_perplexities
-from _common import one_shot_pipeline
-
-CACHE = Path("~/.cache/lorashear").expanduser()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(CACHE / "models/smollm2-135m-instruct"))
-    parser.add_argument("--train", default=str(CACHE / "text/austen/train.txt"))
-    parser.add_argument("--heldout", default=str(CACHE / "text/austen/heldout.txt"))
+    add_smollm2_arguments(parser)
     parser.add_argument("--metric", default="wanda")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--kinds", default="attn,mlp")
