@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorashear.ir.core import Graph, Op, Param, Value
+from lorashear.ir.core import Graph, Op, Param, Value, map_arg
 
 #: Layers traced by ``torch.export``: the last is the template for the others, and it must be
 #: the one before it shifted by one layer (so a model whose first layer creates values the
@@ -244,8 +244,8 @@ def stamp_layers(graph: Graph, params: dict[str, Param], path: str, count: int) 
 
         for op in template:
             try:
-                args = [_map(a, ref) for a in op.args]
-                kwargs = {key: _map(v, ref) for key, v in op.kwargs.items()}
+                args = [map_arg(a, ref) for a in op.args]
+                kwargs = {key: map_arg(v, ref) for key, v in op.kwargs.items()}
             except _Mismatch:  # a parameter the whole model does not have
                 return False
             results = [Value(r.name, r.type) for r in op.results]
@@ -269,7 +269,7 @@ def stamp_layers(graph: Graph, params: dict[str, Param], path: str, count: int) 
 
     tail = segments[-1]
     try:
-        mapped_tail = [([_map(a, after) for a in op.args], {k: _map(v, after) for k, v in op.kwargs.items()})
+        mapped_tail = [([map_arg(a, after) for a in op.args], {k: map_arg(v, after) for k, v in op.kwargs.items()})
                        for op in tail]
         outputs = [after(v) for v in graph.outputs]
     except _Mismatch:
@@ -279,14 +279,6 @@ def stamp_layers(graph: Graph, params: dict[str, Param], path: str, count: int) 
     graph.outputs = outputs
     graph.ops = [*ops[:spans[-1][1]], *copies, *tail]
     return True
-
-
-def _map(arg: Any, fn) -> Any:
-    if isinstance(arg, (Value, Param)):
-        return fn(arg)
-    if isinstance(arg, list):
-        return [_map(a, fn) for a in arg]
-    return arg
 
 
 class _Mismatch(Exception):

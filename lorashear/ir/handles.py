@@ -16,7 +16,7 @@ from collections import defaultdict
 from lorashear.errors import ModelLoadError
 from lorashear.ir.core import Module, Param
 from lorashear.ir.fingerprint import current_fingerprint, read_header
-from lorashear.ir.storage import FileStorage, _open
+from lorashear.ir.storage import FileStorage, open_safetensors
 
 #: safetensors element types by the IR's names for them.
 _IR_DTYPE_OF = {"F64": "f64", "F32": "f32", "F16": "f16", "BF16": "bf16", "I64": "i64",
@@ -56,7 +56,7 @@ def check_weight_handles(module: Module, *, source: str, param_lines: dict[str, 
         first = params[0]
         try:
             header = read_header(path)
-            _open(path)  # safetensors' own validation (offsets cover the data exactly)
+            open_safetensors(path)  # safetensors' own validation (offsets cover the data exactly)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{source}:{param_lines.get(first.name, 0)}: @{first.name} "
                                  f"reads {first.storage.key!r}: {exc.message}", hint=exc.hint) from None

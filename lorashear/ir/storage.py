@@ -44,7 +44,7 @@ class FileStorage(Storage):
             raise ModelLoadError(f"weights file {self.path} (for tensor {self.key!r}) does not exist")
         if self.fingerprint is not None:
             ensure_unchanged(self.path, self.fingerprint)
-        handle = _open(self.path)
+        handle = open_safetensors(self.path)
         try:
             return handle.get_tensor(self.key)
         except Exception as exc:  # safetensors' own error type, or an OS error under the mmap
@@ -52,7 +52,7 @@ class FileStorage(Storage):
                                  f"{first_line(exc)}") from None
 
     def shape_and_dtype(self) -> tuple[tuple[int, ...], torch.dtype]:
-        sl = _open(self.path).get_slice(self.key)
+        sl = open_safetensors(self.path).get_slice(self.key)
         return tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()]
 
 
@@ -99,7 +99,7 @@ def _open_cached(path: str, identity: tuple[int, ...]):
     return safe_open(path, framework="pt")
 
 
-def _open(path: str):
+def open_safetensors(path: str):
     """The safetensors handle of ``path``, opened again whenever the file was replaced or
     changed size or time (a handle onto a replaced or shortened file would read stale bytes)."""
     try:
@@ -111,7 +111,7 @@ def _open(path: str):
 
 def safetensors_keys(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The tensors of a safetensors file: key -> (shape, dtype), from the header only."""
-    handle = _open(str(path))
+    handle = open_safetensors(str(path))
     out = {}
     for key in handle.keys():
         sl = handle.get_slice(key)
