@@ -30,6 +30,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "knowledge": "lorashear.passes.knowledge:Knowledge",
     "recover": "lorashear.passes.recover:Recover",
     "reconstruct": "lorashear.passes.reconstruct:Reconstruct",
+    "kv-cache": "lorashear.passes.kv_cache:KVCache",
 }
 
 _registered: dict[str, type[ModulePass]] = {}

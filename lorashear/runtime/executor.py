@@ -21,13 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorashear.errors import EmissionError, ExecutionError, LorashearError, first_line
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.lora import adapters
 from lorashear.ir.types import torch_dtype
+from lorashear.runtime.kv_cache import (
+    PAST_KEY,
+    PAST_VALUE,
+    CacheLayout,
+    KVCacheError,
+    add_kv_cache,
+    cache_layout,
+    has_kv_cache,
+)
 
 
 def lora_param_names(module: Module) -> set[str]:
@@ -102,7 +112,8 @@ class IRModel(nn.Module):
                                     "parameter may be a prefix of another or an nn.Module attribute "
                                     "name (forward, training, ...)") from None
             self._slots[param.name] = (owner, leaf)
-        self._input_names = [v.name for v in module.graph.inputs]
+        self._step_ir: Module | None = module if has_kv_cache(module) else None
+        self._step_error: KVCacheError | None = None
 
     @staticmethod
     def _load(param: Param, device, dtype) -> torch.Tensor:
@@ -141,17 +152,75 @@ class IRModel(nn.Module):
     def device(self) -> torch.device:
         return next(iter(self.parameters())).device
 
-    def _input_env(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[int, Any]:
+    def _input_env(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   graph: Module | None = None,
+                   past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[int, Any]:
+        graph = graph or self.ir
         inputs = {"input_ids": input_ids}
-        if "attention_mask" in self._input_names:
-            inputs["attention_mask"] = attention_mask if attention_mask is not None \
-                else torch.ones_like(input_ids)
+        for entry, (key, value) in zip(cache_layout(graph), past or [], strict=True):
+            inputs[PAST_KEY.format(entry.index)] = key
+            inputs[PAST_VALUE.format(entry.index)] = value
+        names = [v.name for v in graph.graph.inputs]
+        if "attention_mask" in names:
+            if attention_mask is None:
+                length = input_ids.shape[1] + (past[0][0].shape[2] if past else 0)
+                attention_mask = input_ids.new_ones(input_ids.shape[0], length)
+            inputs["attention_mask"] = attention_mask
         env: dict[int, Any] = {}
-        for v in self.ir.graph.inputs:
+        for v in graph.graph.inputs:
             if v.name not in inputs:
                 raise EmissionError(f"the graph needs input {v.name!r}, which forward() does not take")
             env[id(v)] = inputs[v.name]
         return env
+
+    @property
+    def step_ir(self) -> Module:
+        """The decoding-step graph over the same parameters: the module itself when it already
+        has a KV cache, else its :func:`~lorashear.runtime.kv_cache.add_kv_cache` rewrite (made
+        on first use; a :class:`KVCacheError` names what the rewrite cannot carry)."""
+        if self._step_ir is None:
+            if self._step_error is not None:
+                raise self._step_error
+            try:
+                self._step_ir = add_kv_cache(self.ir)
+            except KVCacheError as exc:
+                self._step_error = exc
+                raise
+        return self._step_ir
+
+    def supports_cache(self) -> bool:
+        """Whether this model can decode over a KV cache (its graph can be rewritten to)."""
+        try:
+            self.step_ir  # noqa: B018  (builds it)
+        except KVCacheError:
+            return False
+        return True
+
+    def _past(self, cache: Any, layout: list[CacheLayout], batch: int,
+              device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each cache entry's past keys and values: from a ``transformers`` cache (whose layer
+        ``i`` holds entry ``i``), a sequence of ``(key, value)`` pairs, or empty (prefill)."""
+        dtype = self._float_dtype()
+        empty = [entry.empty(batch, device=device, dtype=dtype) for entry in layout]
+        if cache is None:
+            return empty
+        if isinstance(cache, Cache):
+            layers = cache.layers
+            return [(layers[i].keys, layers[i].values)
+                    if i < len(layers) and layers[i].is_initialized and layers[i].keys.numel() else pair
+                    for i, pair in enumerate(empty)]
+        pairs = [tuple(pair) for pair in cache]
+        if len(pairs) != len(layout):
+            raise ExecutionError(f"the cache has {len(pairs)} entries; the graph caches "
+                                 f"{len(layout)} attentions")
+        return pairs  # type: ignore[return-value]
+
+    def _float_dtype(self) -> torch.dtype:
+        """The dtype of the model's floating parameters (what its keys come out in)."""
+        for tensor in self._live_tensors().values():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(owner, leaf) for name, (owner, leaf) in self._slots.items()}
@@ -162,7 +231,18 @@ class IRModel(nn.Module):
                                labels[:, 1:].reshape(-1), ignore_index=-100)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
+                past_key_values: Any = None, **_: Any) -> CausalLMOutputWithPast:
+        """Logits of ``input_ids`` (and the LM loss against ``labels``).
+
+        With a ``cache`` (``past_key_values`` is its older name) or ``use_cache=True`` this runs
+        the decoding-step graph (:attr:`step_ir`): ``input_ids`` are the new tokens,
+        ``attention_mask`` covers the cached and the new ones, and the result's ``cache`` holds
+        the keys and values of all of them. A ``transformers`` cache is extended in place and
+        returned; ``(key, value)`` pairs (or ``None``: an empty past) give pairs back."""
+        cache = cache if cache is not None else past_key_values
+        if cache is not None or use_cache or self._step_ir is self.ir:
+            return self._step(input_ids, attention_mask, labels, cache)
         env = self._input_env(input_ids, attention_mask)
         tensors = self._live_tensors()
         device = input_ids.device
@@ -178,8 +258,33 @@ class IRModel(nn.Module):
             self._run_ops(self.ir.graph.ops, env, tensors, device)
         logits = env[id(self.ir.graph.outputs[0])]
         loss = self._lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (greedy, sampling, beam search, ...) on this model, over
+        its KV-cache graph: see :mod:`lorashear.runtime.generation`."""
+        from lorashear.runtime.generation import generator  # it builds on this module
+
+        return generator(self).generate(inputs, **kwargs)
+
+    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              labels: torch.Tensor | None, cache: Any) -> CausalLMOutputWithPast:
+        graph = self.step_ir
+        layout = cache_layout(graph)
+        past = self._past(cache, layout, input_ids.shape[0], input_ids.device)
+        env = self._input_env(input_ids, attention_mask, graph, past)
+        self._run_ops(graph.graph.ops, env, self._live_tensors(), input_ids.device)
+        outputs = [env[id(v)] for v in graph.graph.outputs]
+        logits = outputs[0]
+        presents = list(zip(outputs[1::2], outputs[2::2], strict=True))
+        if isinstance(cache, Cache):
+            for i, ((old_key, _), (key, value)) in enumerate(zip(past, presents, strict=True)):
+                start = old_key.shape[2]
+                cache.update(key[:, :, start:], value[:, :, start:], i)
+        else:
+            cache = tuple(presents)
+        loss = self._lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def _run_ops(self, ops: list[Op], env: dict[int, Any], tensors: dict[str, torch.Tensor],
                  device: torch.device) -> None:
