@@ -35,7 +35,7 @@ class KVCache(ModulePass):
             rewritten = add_kv_cache(module)
         except KVCacheError as exc:
             raise PassError(f"kv-cache: {exc.message}", hint=exc.hint) from None
-        module.graph = rewritten.graph
+        module.graph, module.params = rewritten.graph, rewritten.params  # the copy's params share storage
         layout = cache_layout(module)
         return PassResult(True, frozenset(), {
             "cached attentions": len(layout),
