@@ -293,8 +293,8 @@ class _Rewrite:
             past.append((pair[0], pair[1]))
 
         def emit(kind: str, args: list[Any], loc: str, hint: str, declared: Any = None,
-                 original: Op | None = None) -> Value:
-            op = Op(kind, args, {}, [Value("", SYM)], loc)
+                 original: Op | None = None, kwargs: dict[str, Any] | None = None) -> Value:
+            op = Op(kind, args, kwargs or {}, [Value("", SYM)], loc)
             self.meta_run(op, meta, module)
             out = meta[id(op.results[0])]
             result = op.results[0]
@@ -312,13 +312,20 @@ class _Rewrite:
         sliced: dict[tuple[int, int], Value] = {}
 
         def last_tokens(v: Value, axis: int, loc: str) -> Value:
-            """``v`` (positions-only, ``T`` long on ``axis``) at the new tokens' positions."""
+            """``v`` (positions-only, ``T`` long on ``axis``) at the new tokens' positions.
+
+            The slice is pushed up through the ops that made ``v`` (elementwise ops, casts,
+            unsqueeze, expand, concatenation along another axis) to where it is cheapest, so a
+            decoding step builds the mask's ``S x T`` rows and the rotary tables' ``S`` rows,
+            not ``T x T`` and ``T``. Slicing commutes with those ops exactly."""
             if id(v) in token:
                 raise KVCacheError(f"value %{v.name} at {loc or 'top level'} has the whole "
                                    "sequence on an axis where the new tokens meet it")
             key = (id(v), axis)
             if key not in sliced:
-                sliced[key] = emit("slice", [v, axis, past_len, total_len], loc, "new")
+                hoisted = self.hoist(v, axis, meta, last_tokens, emit, seq_len)
+                sliced[key] = hoisted if hoisted is not None else \
+                    emit("slice", [v, axis, past_len, total_len], loc, "new")
             return sliced[key]
 
         presents: list[tuple[Value, Value] | None] = [None] * len(entries)
@@ -384,8 +391,55 @@ class _Rewrite:
             assert pair is not None and pair[0] is not None and pair[1] is not None
             graph.outputs += [pair[0], pair[1]]
             graph.output_names += [PRESENT_KEY.format(i), PRESENT_VALUE.format(i)]
+        graph.remove_dead_ops()  # what the hoisted slices replaced
         module.graph = graph
         return module
+
+    def hoist(self, v: Value, axis: int, meta: dict[int, Any], last_tokens, emit,
+              seq_len: Value) -> Value | None:
+        """``v``'s new-token rows computed from its operands' new-token rows, or None where
+        the op that makes ``v`` does not commute with the slice (see ``last_tokens``)."""
+        op = v.producer
+        if op is None or len(op.results) != 1:
+            return None
+        definition = op_def(op.kind)
+        rank = meta[id(v)].dim()
+        args = op.bound_args()
+
+        def rows(a: Any) -> Any:
+            """Operand ``a`` (broadcast against ``v``) at the new rows, or itself when its
+            size there is 1 or it lacks the axis."""
+            if not (isinstance(a, Value) and isinstance(meta[id(a)], torch.Tensor)):
+                return a
+            t = meta[id(a)]
+            at = axis - (rank - t.dim())
+            if at < 0 or t.shape[at] == 1:
+                return a
+            if t.shape[at] != self.T:
+                raise _NoHoist
+            return last_tokens(a, at, op.loc)
+
+        try:
+            if definition is not None and definition.elementwise:
+                return emit(op.kind, [map_arg(a, rows) for a in op.args], op.loc, "new",
+                            kwargs={k: map_arg(a, rows) for k, a in op.kwargs.items()})
+            if op.kind == "unsqueeze":
+                dim = args["dim"] % rank
+                if dim == axis:
+                    return None
+                return emit(op.kind, [last_tokens(args["self"], axis if axis < dim else axis - 1,
+                                                  op.loc), args["dim"]], op.loc, "new")
+            if op.kind == "expand":
+                size = list(args["size"])
+                if size[axis] != -1:
+                    size[axis] = seq_len
+                return emit(op.kind, [rows(args["self"]), size], op.loc, "new")
+            if op.kind == "concat" and args["dim"] % rank != axis:
+                return emit(op.kind, [[rows(t) for t in args["tensors"]], args["dim"]], op.loc, "new")
+        except _NoHoist:
+            return None
+        return None
+
 
     def align(self, op: Op, args: list[Any], kwargs: dict[str, Any], meta: dict[int, Any],
               last_tokens) -> tuple[list[Any], dict[str, Any]]:
@@ -432,6 +486,10 @@ class _Rewrite:
                 new_operands.append((where, a))
             operands = new_operands
         return args, kwargs
+
+
+class _NoHoist(Exception):
+    """An operand of the op being hoisted through has neither the whole length nor size 1."""
 
 
 __all__ = ["CacheLayout", "KVCacheError", "PAST_KEY", "PAST_VALUE", "PRESENT_KEY", "PRESENT_VALUE",
