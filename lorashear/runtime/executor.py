@@ -26,8 +26,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorashear.errors import EmissionError, ExecutionError, LorashearError, first_line
 from lorashear.ir.core import Module, Op, Param
-from lorashear.ir.interpret import run_op
+from lorashear.ir.interpret import PreparedOp
 from lorashear.ir.lora import adapters
+from lorashear.ir.ops import op_def
 from lorashear.ir.types import torch_dtype
 from lorashear.runtime.kv_cache import (
     PAST_KEY,
@@ -112,6 +113,7 @@ class IRModel(nn.Module):
                                     "parameter may be a prefix of another or an nn.Module attribute "
                                     "name (forward, training, ...)") from None
             self._slots[param.name] = (owner, leaf)
+        self._prepared: dict[int, PreparedOp] = {}
         self._step_ir: Module | None = module if has_kv_cache(module) else None
         self._step_error: KVCacheError | None = None
 
@@ -232,17 +234,18 @@ class IRModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
-                past_key_values: Any = None, **_: Any) -> CausalLMOutputWithPast:
+                past_key_values: Any = None, logits_to_keep: int = 0, **_: Any) -> CausalLMOutputWithPast:
         """Logits of ``input_ids`` (and the LM loss against ``labels``).
 
         With a ``cache`` (``past_key_values`` is its older name) or ``use_cache=True`` this runs
         the decoding-step graph (:attr:`step_ir`): ``input_ids`` are the new tokens,
         ``attention_mask`` covers the cached and the new ones, and the result's ``cache`` holds
         the keys and values of all of them. A ``transformers`` cache is extended in place and
-        returned; ``(key, value)`` pairs (or ``None``: an empty past) give pairs back."""
+        returned; ``(key, value)`` pairs (or ``None``: an empty past) give pairs back.
+        ``logits_to_keep=k`` (decoding only) computes the LM head for the last ``k`` positions."""
         cache = cache if cache is not None else past_key_values
         if cache is not None or use_cache or self._step_ir is self.ir:
-            return self._step(input_ids, attention_mask, labels, cache)
+            return self._step(input_ids, attention_mask, labels, cache, logits_to_keep)
         env = self._input_env(input_ids, attention_mask)
         tensors = self._live_tensors()
         device = input_ids.device
@@ -268,12 +271,26 @@ class IRModel(nn.Module):
         return generator(self).generate(inputs, **kwargs)
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-              labels: torch.Tensor | None, cache: Any) -> CausalLMOutputWithPast:
+              labels: torch.Tensor | None, cache: Any, logits_to_keep: int = 0) -> CausalLMOutputWithPast:
         graph = self.step_ir
         layout = cache_layout(graph)
         past = self._past(cache, layout, input_ids.shape[0], input_ids.device)
         env = self._input_env(input_ids, attention_mask, graph, past)
-        self._run_ops(graph.graph.ops, env, self._live_tensors(), input_ids.device)
+        tensors = self._live_tensors()
+        head = graph.graph.outputs[0].producer
+        hidden = head.operands()[0] if head is not None and op_def(head.kind).weight_arg else None
+        if logits_to_keep and hidden is not None and labels is None:
+            # the LM head on the last positions only (what generate's prefill asks for)
+            ops = graph.graph.ops
+            at = ops.index(head)
+            self._run_ops(ops[:at], env, tensors, input_ids.device)
+            everything = env[id(hidden)]
+            env[id(hidden)] = everything[:, -logits_to_keep:]
+            self._run_ops([head], env, tensors, input_ids.device)
+            env[id(hidden)] = everything
+            self._run_ops(ops[at + 1:], env, tensors, input_ids.device)
+        else:
+            self._run_ops(graph.graph.ops, env, tensors, input_ids.device)
         outputs = [env[id(v)] for v in graph.graph.outputs]
         logits = outputs[0]
         presents = list(zip(outputs[1::2], outputs[2::2], strict=True))
@@ -288,9 +305,18 @@ class IRModel(nn.Module):
 
     def _run_ops(self, ops: list[Op], env: dict[int, Any], tensors: dict[str, torch.Tensor],
                  device: torch.device) -> None:
+        prepared = self._prepared
+        training = self.training
+
+        def param(p: Param) -> torch.Tensor:
+            return tensors[p.name]
+
         for op in ops:
+            entry = prepared.get(id(op))
+            if entry is None or entry.op is not op:  # an op added since (a rewritten graph)
+                entry = prepared[id(op)] = PreparedOp(op)
             try:
-                run_op(op, env, lambda p: tensors[p.name], device=device, training=self.training)
+                entry(env, param, device, training)
             except LorashearError:
                 raise
             except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # data the verifier cannot see

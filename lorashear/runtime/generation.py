@@ -64,11 +64,11 @@ class IRForGeneration(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                **_: Any):
+                logits_to_keep: int = 0, **_: Any):
         if not self.cached:
             return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels)
         return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels, cache=cache,
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=logits_to_keep)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any):
