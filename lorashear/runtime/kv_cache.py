@@ -176,26 +176,35 @@ class _Rewrite:
 
     # -- the original graph's sequence-length symbols and cache points ------------------------
     def original_syms(self) -> set[int]:
-        """ids of the original graph's symbolic integers equal to its sequence length."""
-        graph = self.module.graph
-        env: dict[int, Any] = {}
-        sizes = {self.batch_sym: self.B, self.seq_sym: self.S}
-        for v in graph.inputs:
+        """ids of the original graph's symbolic integers equal to its sequence length.
+
+        Only the integer ops are evaluated: ``dim`` reads its operand's declared type,
+        ``sym.*`` ops compute on the sizes bound so far."""
+        sizes: dict[Any, int] = {self.batch_sym: self.B, self.seq_sym: self.S}
+        for v in self.module.graph.inputs:
             if not isinstance(v.type, TensorType):
                 raise KVCacheError(f"graph input %{v.name} is not a tensor")
-            shape = []
             for d in v.type.shape:
                 if isinstance(d, str) and d not in sizes:
                     raise KVCacheError(f"graph input %{v.name} has the symbolic size {d!r}; the "
                                        "KV-cache rewrite knows only batch and sequence")
-                shape.append(sizes[d] if isinstance(d, str) else d)
-            env[id(v)] = torch.zeros(shape, dtype=torch_dtype(v.type.dtype), device="meta")
+        known: dict[int, int] = {}
         seq: set[int] = set()
-        for op in graph.ops:
-            self.meta_run(op, env, self.module)
-            for r in op.results:
-                if isinstance(r.type, SymIntType) and env[id(r)] == self.S:
-                    seq.add(id(r))
+        for op in self.module.graph.ops:
+            if len(op.results) != 1 or not isinstance(op.results[0].type, SymIntType):
+                continue
+            args = op.bound_args()
+            if op.kind == "dim":
+                ty = args["x"].type
+                size = ty.shape[args["axis"]] if isinstance(ty, TensorType) else None
+                value = sizes.get(size) if isinstance(size, str) else size
+            else:
+                operands = [known.get(id(a)) if isinstance(a, Value) else a for a in op.args]
+                value = None if None in operands else op_def(op.kind).fn(*operands)
+            if value is not None:
+                known[id(op.results[0])] = value
+                if value == self.S:
+                    seq.add(id(op.results[0]))
         return seq
 
     def cache_points(self) -> tuple[dict[int, tuple[int, str]], list[tuple[Value, Value]]]:
