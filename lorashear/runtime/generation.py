@@ -65,7 +65,7 @@ class IRForGeneration(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
                 logits_to_keep: int = 0, **_: Any):
-        if not self.cached:
+        if not self.cached or use_cache is False:  # the plain graph over the whole prefix
             return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels)
         return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels, cache=cache,
                              use_cache=True, logits_to_keep=logits_to_keep)

@@ -172,10 +172,17 @@ def test_greedy_sampling_and_beam_equal_transformers_generate(tiny_models):
 
 
 def test_cached_generation_equals_uncached(lowered):
+    """Same tokens and the same scores at every step (an uncached decode that fed a step's
+    cache back would drift from the second token on)."""
     model = emit_torch(lowered("qwen2", True))
     ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(2))
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids, use_cache=False, **kw), model.generate(ids, **kw))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    plain, cached = model.generate(ids, use_cache=False, **kw), model.generate(ids, **kw)
+    assert torch.equal(plain.sequences, cached.sequences)
+    assert len(plain.scores) == len(cached.scores) == 12
+    for a, b in zip(plain.scores, cached.scores, strict=True):
+        assert (a - b).abs().max() <= TOL
 
 
 def test_training_forward_is_untouched_by_the_step_graph(lowered):
