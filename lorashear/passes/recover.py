@@ -23,9 +23,11 @@ Stage 2 (``steps - stage1-steps`` steps; ``stage1-steps`` defaults to half the s
 falls on the output tokens only; needs the source model's tokenizer); with ``loss=kd``, distillation of the reference model's logits
 (KL divergence) on the stage-1 text windows, which needs ``reference=``.
 
-Only the LoRA factors train (AdamW). On a masked model (a ``prune-mask`` attribute from
-``prune``/``lhspg``) the LoRA rows and columns of removed units are set back to zero after
-every step (``zero_groups`` semantics on the live tensors), so ``compress`` stays exact.
+``train=`` says what trains (AdamW): ``lora`` the LoRA factors; ``lora+norms`` also every
+1-D base weight (norm scales, biases); ``all`` also the base weights. On a masked model (a
+``prune-mask`` attribute from ``prune``/``lhspg``) the trained rows and columns of removed
+units are set back to zero after every step (``zero_groups`` semantics on the live tensors),
+so ``compress`` stays exact.
 Per-source probe perplexities and weights go into the ``recover-log`` attribute and, with
 ``log=``, a JSON-lines file.
 
@@ -59,6 +61,7 @@ from lorashear.data.loaders import TOKEN_ID_SUFFIX
 from lorashear.errors import DataError, LorashearError, PassError
 from lorashear.ir.attributes import Attribute, RecordListAttr, register_attribute
 from lorashear.ir.core import Module
+from lorashear.ir.types import torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.options import (
     device_option,
@@ -200,7 +203,11 @@ class Recover(ModulePass):
     loss: Literal["lm", "kd"] = option("lm", "stage 2: lm (instruction tuning) or kd (distil reference logits)")
     reference: str = option("", "IR file of the unpruned model (reference ppl, KD teacher); "
                             "without it the reference is the model at the pass's start")
-    lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
+    train: Literal["lora", "lora+norms", "all"] = option(
+        "lora", "what recovery trains: lora (the adapters), lora+norms (also every 1-D weight: "
+        "norm scales, biases), all (also the base weights; removed units stay zero). AdamW keeps "
+        "two fp32 moments per trained element (statistic 'optimizer state MB')")
+    lr: float = option(1e-3, "AdamW learning rate of the trained tensors")
     schedule: Schedule = option("constant", "learning rate after the warmup: constant, or cosine "
                                 "(decays to 0 over the run's steps)")
     warmup: int = warmup_option(-1, "a fresh AdamW's first steps move every LoRA element by "
@@ -313,9 +320,19 @@ class Recover(ModulePass):
                                 hint="or set stage1-steps equal to steps")
 
     # --- the masked model ---------------------------------------------------------------------
+    def base_trained(self, module: Module) -> set[str]:
+        """The base parameters ``train=`` adds to the LoRA factors."""
+        if self.train == "lora":
+            return set()
+        lora = lora_param_names(module)
+        return {p.name for p in module.params.values()
+                if not p.buffer and p.name not in lora and torch_dtype(p.type.dtype).is_floating_point
+                and (self.train == "all" or p.type.rank == 1)}
+
     @staticmethod
-    def lora_keep_masks(module: Module) -> list[tuple[str, int, torch.Tensor]]:
-        """(LoRA param, axis, keep mask) for every LoRA slice belonging to a removed unit."""
+    def keep_masks(module: Module, trained: set[str]) -> list[tuple[str, int, torch.Tensor]]:
+        """(param, axis, keep mask) for every slice of a trained tensor (the LoRA factors and
+        ``trained``) that belongs to a removed unit."""
         mask, groups = module.attributes.get("prune-mask"), module.attributes.get("groups")
         if mask is None:
             return []
@@ -325,13 +342,13 @@ class Recover(ModulePass):
 
         removed = mask.as_dict()
         validate_removal(groups, removed)
-        lora = lora_param_names(module)
+        trained = lora_param_names(module) | trained
         return [(name, axis, keep) for (name, axis), keep in keep_masks(module, groups, removed).items()
-                if name in lora]
+                if name in trained]
 
     @staticmethod
     def zero_removed(model: IRModel, masks: list[tuple[str, int, torch.Tensor]]) -> None:
-        """Set the live LoRA rows and columns of removed units back to zero."""
+        """Set the live trained rows and columns of removed units back to zero."""
         with torch.no_grad():
             for param_name, axis, keep in masks:
                 tensor = model.tensor(param_name)
@@ -346,9 +363,10 @@ class Recover(ModulePass):
         windows, rows, spec_weights = self.load_data(module)
         self.check_plan(windows, rows)
         teacher = self.load_reference(harness) if self.reference else None
-        masks = self.lora_keep_masks(module)
+        trained = self.base_trained(module)
+        masks = self.keep_masks(module, trained)
         first = data_cursor(module)  # data steps earlier runs drew: this run draws after them
-        model = harness.build(module, self.seed)
+        model = harness.build(module, self.seed, trained)
         total = sum(spec_weights.values()) or 1.0
         data = RecoveryData(windows, rows, {s.name: spec_weights[s.name] / total for s in windows}, first)
         saved = harness.resume("step")
@@ -380,6 +398,10 @@ class Recover(ModulePass):
         losses, probes = state.losses, state.probes
         statistics: dict[str, Any] = {"steps": state.step, "first loss": losses[0] if losses else None,
                                       "last loss": losses[-1] if losses else None}
+        if trained:
+            elements = sum(p.numel() for p in harness.trainable)
+            statistics["trained parameters"] = elements
+            statistics["optimizer state MB"] = round(elements * 2 * 4 / 2**20, 1)
         if probes:
             statistics["final ppl"] = {n: round(v, 4) for n, v in probes[-1]["ppl"].items()}
             statistics["final weights"] = {n: round(v, 4) for n, v in probes[-1]["weights"].items()}

@@ -122,12 +122,16 @@ class LoraHarness:
                    total_steps, options.checkpoint_dir, options.log, options.progress)
 
     # --- the model -----------------------------------------------------------------------------
-    def build(self, module: Module, seed: int) -> IRModel:
+    def build(self, module: Module, seed: int, also_train: Iterable[str] = ()) -> IRModel:
         """Seed the torch RNG (LoRA dropout), put ``module`` on the device in training mode and
-        make the AdamW optimizer of its LoRA factors (no weight decay)."""
+        make the AdamW optimizer (no weight decay) of its LoRA factors and of the base
+        parameters named in ``also_train`` (kept like the factors: checkpointed, written back)."""
         self.seed = seed
         self.runtime.seed(seed)
-        self.model = self.runtime.build_model(module)
+        also_train = frozenset(also_train)
+        self.model = self.runtime.build_model(module, also_train=also_train)
+        for name in sorted(also_train):
+            self.model.tensor(name).requires_grad_(True)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=0.0)
         self._names = {id(p): n for n, p in self.model.named_parameters()}

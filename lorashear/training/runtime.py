@@ -163,12 +163,14 @@ class TrainingRuntime:
         torch.manual_seed(seed if self.rank == 0 else seed + 7_919 * self.rank)
 
     # --- the model ---------------------------------------------------------------------------
-    def build_model(self, module: Module, *, trainable: bool = True) -> IRModel:
+    def build_model(self, module: Module, *, trainable: bool = True,
+                    also_train: frozenset[str] = frozenset()) -> IRModel:
         """``module`` on the device. With bf16/fp16 the frozen base weights load in that dtype
-        while the LoRA factors and buffers (rotary frequencies) keep their IR dtype, so the
-        optimizer updates fp32 factors."""
+        while the LoRA factors, the ``also_train`` parameters and buffers (rotary frequencies)
+        keep their IR dtype, so the optimizer updates fp32 tensors."""
         dtype = _AUTOCAST_DTYPES.get(self.precision)
-        keep = (lora_param_names(module) | {p.name for p in module.params.values() if p.buffer}
+        keep = (lora_param_names(module) | also_train
+                | {p.name for p in module.params.values() if p.buffer}
                 if dtype is not None else frozenset())
         model = IRModel(module, device=self.device if self.device.type != "cpu" else None,
                         dtype=dtype, keep_dtype=keep, gradient_checkpointing=self.grad_checkpoint)

@@ -341,3 +341,46 @@ def test_stage1_steps_defaults_to_half_the_steps(recovery_setup):
     PassManager.parse(f"recover{{data={root / 'spec.yaml'},steps=4,probe-every=1,seq-len={SEQ},batch=8,"
                       f"loss=kd,reference={root / 'reference.ir'},progress=false}}").run(result)
     assert [p["stage"] for p in result.attributes["recover-log"].probes] == [1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("train", ["lora+norms", "all"])
+def test_training_base_weights_keeps_removed_units_zero_and_reloads(recovery_setup, tmp_path, train):
+    """recover{train=...}: the named base tensors change, removed units stay exactly zero (so
+    compress is exact), and the result reloads with the same logits."""
+    from lorashear.analysis.masking import keep_masks
+    from lorashear.runtime.executor import emit_torch
+    from lorashear.runtime.hf import load_pretrained, save_model_dir
+
+    damaged, root = recovery_setup
+    before = {n: p.storage.load().clone() for n, p in damaged.params.items()}
+    result = _recover(damaged, root, steps=6, **{"stage1-steps": 6, "probe-every": 6, "train": train})
+    lora = lora_param_names(damaged)
+    changed = {n for n, p in result.params.items()
+               if n not in lora and not torch.equal(p.storage.load(), before[n])}
+    norms = {n for n, p in damaged.params.items() if p.type.rank == 1 and not p.buffer}
+    matrices = {n for n, p in damaged.params.items() if p.type.rank == 2 and n not in lora}
+    assert changed & norms  # the norm scales trained
+    if train == "all":
+        assert changed & matrices
+    else:
+        assert not changed & matrices
+    groups, removed = damaged.attributes["groups"], result.attributes["prune-mask"].as_dict()
+    for (name, axis), keep in keep_masks(result, groups, removed).items():
+        tensor = result.params[name].storage.load()
+        dropped = tensor.index_select(axis, (~keep).nonzero().flatten())
+        assert dropped.abs().max() == 0, name
+    compressed = clone_module(result)
+    PassManager.parse("compress").run(compressed)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = emit_torch(result)(ids).logits
+        small = emit_torch(compressed)(ids).logits
+        save_model_dir(compressed, tmp_path / "out", merge=True)
+        reloaded = load_pretrained(tmp_path / "out")(ids).logits
+    assert (masked - small).abs().max() <= 1e-4
+    assert (reloaded - small).abs().max() <= 1e-4
+
+
+def test_train_option_is_validated():
+    with pytest.raises(PassError, match="train"):
+        PassManager.parse("recover{data=x.yaml,train=everything}")
