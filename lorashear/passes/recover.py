@@ -160,6 +160,8 @@ class RecoveryData:
     rows: InstructionRows | None
     static: dict[str, float]
     first: int
+    hidden_keep: torch.Tensor | None = None
+    """1 for each kept hidden channel, 0 for a removed one (None: all kept): loss=kd-hidden."""
 
     @property
     def source_names(self) -> list[str]:
@@ -200,7 +202,11 @@ class Recover(ModulePass):
     probe_every: int = option(10, "measure probe perplexities and reweight every this many steps")
     sampling: Literal["dynamic", "static"] = option(
         "dynamic", "dynamic: weights from degradation; static: the spec's weights (a baseline)")
-    loss: Literal["lm", "kd"] = option("lm", "stage 2: lm (instruction tuning) or kd (distil reference logits)")
+    loss: Literal["lm", "kd", "kd-hidden"] = option(
+        "lm", "stage 2: lm (instruction tuning), kd (distil reference logits) or kd-hidden (kd plus "
+        "each decoder layer's output against the reference's, as Minitron)")
+    hidden_weight: float = option(1.0, "loss=kd-hidden: weight of the mean per-layer hidden-state "
+                                  "error (MSE over the kept channels / the reference's mean square)")
     reference: str = option("", "IR file of the unpruned model (reference ppl, KD teacher); "
                             "without it the reference is the model at the pass's start")
     train: Literal["lora", "lora+norms", "all"] = option(
@@ -237,8 +243,8 @@ class Recover(ModulePass):
         # what is plain from the options alone fails while the pipeline parses, before any
         # earlier pass has spent its time; the data spec's contents are checked when it loads
         if self.steps > self.stage1_length:
-            if self.loss == "kd" and not self.reference:
-                raise PassError("recover: loss=kd distils the unpruned model's logits and needs it",
+            if self.loss in ("kd", "kd-hidden") and not self.reference:
+                raise PassError(f"recover: loss={self.loss} distils the unpruned model and needs it",
                                 hint="give reference=PATH.ir (the module before pruning)")
             if self.loss == "lm" and Path(self.data).suffix.lower() in PLAIN_TEXT_SUFFIXES:
                 raise PassError(f"recover: stage 2 (loss=lm) tunes on instruction records, and data={self.data} "
@@ -311,9 +317,9 @@ class Recover(ModulePass):
         if self.stage1_length and not windows:
             raise PassError("recover: stage 1 needs at least one text source in the data spec")
         if self.steps > self.stage1_length:
-            if self.loss == "kd":  # its reference was checked with the options
+            if self.loss in ("kd", "kd-hidden"):  # its reference was checked with the options
                 if not windows:
-                    raise PassError("recover: loss=kd needs text sources to distil on")
+                    raise PassError(f"recover: loss={self.loss} needs text sources to distil on")
             elif rows is None:
                 raise PassError("recover: stage 2 needs an instruction source (Alpaca JSON/JSONL) in "
                                 "the data spec, or loss=kd with reference=PATH.ir",
@@ -368,7 +374,8 @@ class Recover(ModulePass):
         first = data_cursor(module)  # data steps earlier runs drew: this run draws after them
         model = harness.build(module, self.seed, trained)
         total = sum(spec_weights.values()) or 1.0
-        data = RecoveryData(windows, rows, {s.name: spec_weights[s.name] / total for s in windows}, first)
+        data = RecoveryData(windows, rows, {s.name: spec_weights[s.name] / total for s in windows}, first,
+                            self.hidden_keep(module) if self.loss == "kd-hidden" else None)
         saved = harness.resume("step")
         if saved is not None:
             state = RecoverState.restore(saved)
@@ -429,14 +436,21 @@ class Recover(ModulePass):
             (batch,) = runtime.local(self.text_batch(data, state.weights, state.step))
             with runtime.autocast():
                 return model(batch, labels=batch).loss, None
-        if self.loss == "kd":
+        if self.loss in ("kd", "kd-hidden"):
+            hidden = self.loss == "kd-hidden"
             (batch,) = runtime.local(self.text_batch(data, data.static, state.step))
             with runtime.autocast():
                 with torch.no_grad():
-                    target = F.log_softmax(teacher(batch).logits.float(), dim=-1)
-                student = F.log_softmax(model(batch).logits.float(), dim=-1)
-                return F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
-                                reduction="batchmean"), None
+                    taught = teacher(batch, output_hidden_states=hidden)
+                    target = F.log_softmax(taught.logits.float(), dim=-1)
+                out = model(batch, output_hidden_states=hidden)
+                student = F.log_softmax(out.logits.float(), dim=-1)
+                loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                                reduction="batchmean")
+                if hidden:
+                    loss = loss + self.hidden_weight * self.hidden_error(
+                        out.hidden_states, taught.hidden_states, data.hidden_keep)
+                return loss, None
         rows = data.rows
         pick = self._instruction_rows(rows, data.first + state.step)
         labels = rows.labels[pick]
@@ -445,6 +459,40 @@ class Recover(ModulePass):
         share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
         with runtime.autocast():
             return model(ids, attention_mask=mask, labels=local_labels).loss, share
+
+    @staticmethod
+    def hidden_keep(module: Module) -> torch.Tensor | None:
+        """The kept hidden channels of a masked model (a removed ``hidden`` family's units are
+        zero in the pruned model however it trains, so they are left out of the error)."""
+        mask, groups = module.attributes.get("prune-mask"), module.attributes.get("groups")
+        if mask is None or groups is None:
+            return None
+        keep = None
+        for family_id, units in mask.as_dict().items():
+            family = groups.families[family_id]
+            if family.kind == "hidden" and units:
+                keep = torch.ones(family.size) if keep is None else keep
+                keep[list(units)] = 0.0
+        return keep
+
+    @staticmethod
+    def hidden_error(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     keep: torch.Tensor | None) -> torch.Tensor:
+        """The mean over decoder layers of the squared error of the layer's output against the
+        reference's, over the kept hidden channels, relative to the reference's mean square
+        (so every layer counts alike whatever the residual stream's scale)."""
+        if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):
+            raise PassError("recover: loss=kd-hidden compares each decoder layer's output with the "
+                            "reference's, and their layers or widths differ",
+                            hint="run recover before compress (on the masked model)")
+        errors = []
+        for s, t in zip(student, teacher, strict=True):
+            s, t = s.float(), t.float()
+            if keep is not None:
+                keep_here = keep.to(s.device)
+                s, t = s * keep_here, t * keep_here
+            errors.append((s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12))
+        return torch.stack(errors).mean()
 
     def text_batch(self, data: RecoveryData, source_weights: dict[str, float], step: int) -> torch.Tensor:
         """The global text batch of ``step``: a source drawn with ``source_weights``, then its

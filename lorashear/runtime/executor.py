@@ -234,7 +234,8 @@ class IRModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
-                past_key_values: Any = None, logits_to_keep: int = 0, **_: Any) -> CausalLMOutputWithPast:
+                past_key_values: Any = None, logits_to_keep: int = 0,
+                output_hidden_states: bool = False, **_: Any) -> CausalLMOutputWithPast:
         """Logits of ``input_ids`` (and the LM loss against ``labels``).
 
         With a ``cache`` (``past_key_values`` is its older name) or ``use_cache=True`` this runs
@@ -242,7 +243,9 @@ class IRModel(nn.Module):
         ``attention_mask`` covers the cached and the new ones, and the result's ``cache`` holds
         the keys and values of all of them. A ``transformers`` cache is extended in place and
         returned; ``(key, value)`` pairs (or ``None``: an empty past) give pairs back.
-        ``logits_to_keep=k`` (decoding only) computes the LM head for the last ``k`` positions."""
+        ``logits_to_keep=k`` (decoding only) computes the LM head for the last ``k`` positions.
+        ``output_hidden_states=True`` (plain forward) also returns each decoder layer's output
+        (:meth:`layer_outputs`) as ``hidden_states``."""
         cache = cache if cache is not None else past_key_values
         if cache is not None or use_cache or self._step_ir is self.ir:
             return self._step(input_ids, attention_mask, labels, cache, logits_to_keep)
@@ -261,7 +264,22 @@ class IRModel(nn.Module):
             self._run_ops(self.ir.graph.ops, env, tensors, device)
         logits = env[id(self.ir.graph.outputs[0])]
         loss = self._lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        hidden = tuple(env[v] for v in self.layer_outputs()) if output_hidden_states else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden)
+
+    def layer_outputs(self) -> list[int]:
+        """Each decoder layer's output (the residual stream it hands on: the value its last op
+        makes), as value ids in layer order."""
+        outputs = []
+        for segment in self._segments:
+            if segment.layer is None:
+                continue
+            last = segment.ops[-1]
+            if len(last.results) != 1 or id(last.results[0]) not in segment.outputs:
+                raise ExecutionError(f"decoder layer {segment.layer} does not end in the value it "
+                                     f"hands on (its last op is {last.kind} at {last.loc or '?'})")
+            outputs.append(id(last.results[0]))
+        return outputs
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """transformers' ``generate`` (greedy, sampling, beam search, ...) on this model, over

@@ -384,3 +384,28 @@ def test_training_base_weights_keeps_removed_units_zero_and_reloads(recovery_set
 def test_train_option_is_validated():
     with pytest.raises(PassError, match="train"):
         PassManager.parse("recover{data=x.yaml,train=everything}")
+
+
+def test_stage2_kd_hidden_moves_every_layer_towards_the_teacher(recovery_setup):
+    """loss=kd-hidden: the layers' outputs move towards the reference's, and the logits too."""
+    from lorashear.ir.fileformat import load_ir
+    from lorashear.passes.recover import Recover
+    from lorashear.runtime.executor import emit_torch
+
+    damaged, root = recovery_setup
+    teacher = emit_torch(load_ir(root / "reference.ir"))
+    tokens = torch.tensor([int(w) for w in (root / "b.ids").read_text().split()])
+    windows = tokens[-16 * SEQ:].view(16, SEQ)
+
+    def hidden_error(m) -> float:
+        with torch.no_grad():
+            want = teacher(windows, output_hidden_states=True).hidden_states
+            got = emit_torch(m)(windows, output_hidden_states=True).hidden_states
+            return float(Recover.hidden_error(got, want, None))
+
+    distilled = _recover(damaged, root, steps=20, **{"stage1-steps": 0, "probe-every": 20},
+                         loss="kd-hidden", **{"hidden-weight": 1.0})
+    before, after = hidden_error(damaged), hidden_error(distilled)
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(PassError, match="loss=kd-hidden distils the unpruned model"):
+        PassManager.parse(f"recover{{data={root / 'spec.yaml'},steps=4,stage1-steps=2,loss=kd-hidden}}")

@@ -85,3 +85,17 @@ def test_suffix_loss_reruns_only_from_the_changed_layer(models, monkeypatch):
     _full_loss(model, batches)
     assert 0 < suffix < sum(ran) / 2  # the last of two layers and the head, for each batch
     assert losses.loss({"no-such-parameter"}) == losses.base
+
+
+def test_hidden_states_are_the_decoder_layers_outputs(tiny_models, lowered):
+    """output_hidden_states gives what transformers calls each layer's hidden state."""
+    from lorashear.runtime.executor import emit_torch
+
+    tm = tiny_models["mistral"]
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tm.peft(ids, output_hidden_states=True).hidden_states
+        got = emit_torch(lowered("mistral", True))(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) - 1  # transformers also lists the embeddings
+    for ours, theirs in zip(got[:-1], want[1:-1], strict=True):  # its last one is after the norm
+        assert (ours - theirs).abs().max() <= 1e-5
