@@ -33,10 +33,13 @@ from lorashear.analysis.groups import (
     PruneMaskAttr,
     check_kinds,
 )
+from lorashear.analysis.layerwise import keep_edit, use_layerwise, variant_losses
 from lorashear.analysis.manager import AnalysisManager
-from lorashear.analysis.masking import zero_groups
+from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
+from lorashear.analysis.placement import Placement
 from lorashear.analysis.saliency import (
     DATA_METRICS,
+    GRADIENT_METRICS,
     MetricName,
     check_metric,
     score_groups,
@@ -46,9 +49,19 @@ from lorashear.data.calibration import calibration_batches
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.options import OPTION_DOCS, attn_share_option, calibration_options
+from lorashear.passes.options import (
+    OPTION_DOCS,
+    Layerwise,
+    attn_share_option,
+    calibration_options,
+    check_placement_text,
+    device_option,
+    layerwise_option,
+    placement_of,
+    run_precision_option,
+)
 from lorashear.passes.registry import register_pass
-from lorashear.runtime.executor import emit_torch
+from lorashear.training.runtime import Precision
 
 
 @register_pass
@@ -73,6 +86,9 @@ class Prune(ModulePass):
     batches: int = option(8, OPTION_DOCS["batches"])
     batch: int = option(4, OPTION_DOCS["batch"])
     seq_len: int = option(128, OPTION_DOCS["seq_len"])
+    device: str = device_option("run the model (scoring, the attn-share=auto search)")
+    precision: Precision = run_precision_option()
+    layerwise: Layerwise = layerwise_option()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -82,6 +98,7 @@ class Prune(ModulePass):
         check_kinds(self.name, self.kinds)
         if self.align < 1:
             raise PassError(f"prune align must be at least 1, got {self.align}")
+        check_placement_text(self)
         check_attn_share(self.name, self.attn_share, self.kinds)
         if self.attn_share == "auto" and "attn" in self.kinds and len(self.kinds) > 1 and not self.data:
             raise PassError("prune attn-share=auto compares splits by their loss on calibration "
@@ -100,9 +117,19 @@ class Prune(ModulePass):
             values = stored.as_dict()
             return stored.metric, {f: torch.tensor(values[f], dtype=torch.float64) for f in family_ids}
         metric = self.metric or "magnitude"
+        placement = placement_of(self)
         return metric, score_groups(module, groups, metric, weights=self.weights, seed=self.seed,
                                     family_ids=family_ids,
-                                    batches=read_batches() if metric in DATA_METRICS else None)
+                                    batches=read_batches() if metric in DATA_METRICS else None,
+                                    placement=placement,
+                                    layerwise=self.streams(module, placement, metric))
+
+    def streams(self, module: Module, placement: Placement, metric: str | None = None) -> bool:
+        """Whether to run layer-wise (``layerwise=auto``: when the model does not fit; never
+        for a gradient metric, which ``layerwise=true`` refuses)."""
+        if metric in GRADIENT_METRICS and self.layerwise == "auto":
+            return False
+        return use_layerwise(self.name, self.layerwise, module, placement)
 
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
@@ -119,7 +146,7 @@ class Prune(ModulePass):
         check_reachable(budgets, self.ratio)
         split = None
         if self.attn_share == "auto" and has_split(budgets):
-            loss_of = masked_loss_fn(emit_torch(module), module, groups, read_batches())
+            loss_of = self.masked_loss(module, groups, read_batches())
             split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)
             chosen = split.removed
         else:
@@ -141,3 +168,19 @@ class Prune(ModulePass):
                            "parameter share removed": round(taken / prunable, 6) if prunable else 0.0})
         statistics.update(split.statistics() if split else {})
         return PassResult(True, frozenset({DimensionCoupling}), statistics)
+
+    def masked_loss(self, module: Module, groups: GroupsAttr, batches: torch.Tensor
+                    ) -> Callable[[dict[int, tuple[int, ...]]], float]:
+        """``attn-share=auto``'s ``loss_of(removed)`` on the placement: the whole model with the
+        units zeroed in place, or (layer-wise) one walk through the layers per split."""
+        placement = placement_of(self)
+        if not self.streams(module, placement):
+            return masked_loss_fn(placement.model(module), module, groups,
+                                  [placement.to_device(b) for b in batches], autocast=placement.autocast)
+
+        def loss_of(removed: dict[int, tuple[int, ...]]) -> float:
+            validate_removal(groups, removed)
+            edits = {name: keep_edit(keep, axis)
+                     for (name, axis), keep in keep_masks(module, groups, removed).items()}
+            return variant_losses(module, batches, placement, {"split": edits}, base=False)[1]["split"]
+        return loss_of
