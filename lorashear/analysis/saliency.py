@@ -429,9 +429,11 @@ def activation_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[i
         weight = load(module.params[name])
         delta = _lora_delta(module, updates.get(name), weight)
         effective = weight if delta is None else weight + delta
-        importance = effective.abs().double() * square_sums[name].sqrt()
+        importance = effective.abs().double().mul_(square_sums[name].sqrt())  # one float64 copy
+        del weight, delta, effective
         for family, member in members:
             scores[family.id] += unit_sums(importance, member, family.size)
+        del importance
     return scores
 
 
