@@ -19,9 +19,9 @@ except where a float64 sum over a weight used by two ops is taken in another ord
 - the linear-input walk of :mod:`lorashear.analysis.saliency` (wanda, ``reconstruct``'s grams)
   takes ``layerwise=True``.
 
-Gradient metrics (``taylor``) are not computed layer-wise: their backward needs every layer's
-activations or a second layer-by-layer pass with the weights read again; ``saliency`` refuses
-``layerwise=true`` for them.
+The gradient metric (``taylor``) runs a layer-by-layer forward that keeps every batch's
+values at each boundary, then a layer-by-layer backward
+(:func:`lorashear.analysis.saliency.layerwise_gradient_scores`).
 """
 
 from __future__ import annotations
@@ -97,6 +97,19 @@ class LayerWalk:
             for v in op.operands():
                 last_use[id(v)] = index
         return cls(module, placement, segments, indexed, last_use, {id(v) for v in module.graph.outputs})
+
+    def live_sets(self) -> list[set[int]]:
+        """``live[k]``: ids of the values that segment ``k`` or a later one reads and that
+        an earlier segment (or the graph's inputs) made: what a boundary must hold."""
+        made_in = {id(v): -1 for v in self.module.graph.inputs}
+        for k, segment in enumerate(self.segments):
+            made_in.update({id(r): k for op in segment.ops for r in op.results})
+        live: list[set[int]] = [set() for _ in self.segments]
+        reads_after: set[int] = {id(v) for v in self.module.graph.outputs}
+        for k in reversed(range(len(self.segments))):
+            reads_after |= set(self.segments[k].inputs)
+            live[k] = {v for v in reads_after if made_in.get(v, -1) < k}
+        return live
 
     def param_names(self, k: int) -> list[str]:
         """The parameters segment ``k`` reads, in order of first use."""

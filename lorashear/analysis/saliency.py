@@ -33,7 +33,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from lorashear.analysis.groups import FamilyMember, GroupFamily, GroupsAttr
-from lorashear.analysis.layerwise import LayerWalk, input_env
+from lorashear.analysis.layerwise import LayerWalk, input_env, lm_loss
 from lorashear.analysis.placement import Placement, read_stored
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import PassError
@@ -51,12 +51,6 @@ COMBINED_TERMS = ("magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2")
 LORA_PROXY_METRICS = frozenset({"cosine", "taylor1", "taylor2"})
 #: Metrics that run the model on calibration data.
 DATA_METRICS = frozenset({"taylor", "wanda"})
-#: Metrics that need the model's gradients (a backward through the whole model).
-GRADIENT_METRICS = frozenset({"taylor"})
-#: Why a gradient metric is not scored layer-wise.
-LAYERWISE_GRADIENT_REASON = ("its backward pass needs every decoder layer's activations (or a "
-                             "second, backward walk reading every layer's weights again), which "
-                             "layer-wise calibration does not keep")
 _LINEAR_KINDS = frozenset(kind for kind, definition in OP_DEFS.items() if definition.weight_arg)
 
 
@@ -274,6 +268,82 @@ def model_gradient_scores(model: torch.nn.Module, module: Module, groups: Groups
     return scores
 
 
+def layerwise_gradient_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],
+                              batches: Iterable[torch.Tensor], placement: Placement
+                              ) -> dict[int, torch.Tensor]:
+    """:func:`gradient_scores` with one decoder layer on the device at a time: a layer-by-layer
+    forward keeps every batch's values at each layer boundary, then a layer-by-layer backward,
+    last layer first, reruns each layer from its boundary with gradients and carries the
+    gradients of its boundary inputs to the layer before. Each layer's weights are read twice
+    (forward, backward); a weight's gradient is complete at the first layer that reads it, and
+    is consumed there as the whole-model hook consumes it."""
+    family_ids = list(family_ids)
+    by_param = _base_members(module, groups, family_ids)
+    updates = lora_updates(module)
+    walk = LayerWalk.of(module, placement)
+    live, first = walk.live_sets(), walk.first_reader()
+    batches = [placement.to_device(b) for b in batches]
+    count, output = len(walk.segments), id(module.graph.outputs[0])
+    boundaries: list[list[dict[int, Any]]] = [[] for _ in batches]
+    envs = [input_env(module, b) for b in batches]
+    with torch.no_grad(), placement.autocast():
+        for k in range(count):
+            tensors = walk.load(k)
+            for i, env in enumerate(envs):
+                boundaries[i].append({v: env[v] for v in live[k] if v in env})
+                walk.run(k, env, tensors)
+            del tensors
+    del envs
+    dots = [{f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+            for _ in batches]
+    carried: list[dict[int, torch.Tensor]] = [{} for _ in batches]  # d loss / d boundary value
+    pending: list[dict[str, torch.Tensor]] = [{} for _ in batches]  # weight grads of later layers
+    for k in reversed(range(count)):
+        tensors = walk.load(k)
+        scored = [name for name in tensors if name in by_param]
+        for name in scored:
+            tensors[name] = tensors[name].detach().requires_grad_(True)
+        for i, batch in enumerate(batches):
+            leaves = {v: t.detach().requires_grad_(True) for v, t in boundaries[i][k].items()
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()}
+            env = {**boundaries[i][k], **leaves}
+            with torch.enable_grad(), placement.autocast():
+                walk.run(k, env, tensors)
+                if k == count - 1:
+                    roots, root_grads = [lm_loss(env[output], batch)], None
+                else:
+                    wanted = [v for v in carried[i] if v in env and isinstance(env[v], torch.Tensor)
+                              and env[v].requires_grad]
+                    roots, root_grads = [env[v] for v in wanted], [carried[i][v] for v in wanted]
+            sources = [tensors[n] for n in scored] + list(leaves.values())
+            grads = torch.autograd.grad(roots, sources, root_grads, allow_unused=True) if roots else \
+                [None] * len(sources)
+            carried[i] = {v: g for v, g in zip(leaves, grads[len(scored):], strict=True) if g is not None}
+            for name, grad in zip(scored, grads[:len(scored)], strict=True):
+                if grad is not None:
+                    pending[i][name] = pending[i][name] + grad if name in pending[i] else grad
+            with torch.no_grad():
+                for name in scored:
+                    if first[name] != k or name not in pending[i]:
+                        continue
+                    grad = pending[i].pop(name)
+                    effective = tensors[name].detach()
+                    update = updates.get(name)
+                    if update is not None:
+                        effective = effective + lora_delta(tensors[update.lora_A], tensors[update.lora_B],
+                                                           update.scaling, effective.dtype)
+                    product = effective.float() * grad.float()
+                    for family, member in by_param[name]:
+                        dots[i][family.id] += unit_sums(product, member, family.size)
+            boundaries[i][k] = {}
+        del tensors
+    scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+    for batch_dots in dots:
+        for f in scores:
+            scores[f] += batch_dots[f].abs()
+    return scores
+
+
 def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
                           visit: Callable[[str, torch.Tensor], None], *,
                           tensor_of: Callable[[Param], torch.Tensor] | None = None,
@@ -459,14 +529,11 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
     layer at a time and reads each weight when it is needed (models larger than the device).
 
     Raises :class:`PassError` for an unknown metric, a LoRA-proxy metric on a module without
-    LoRA, a data-driven metric without a calibration file, and ``layerwise`` with ``taylor``.
+    LoRA, and a data-driven metric without a calibration file.
     """
     check_metric(metric, weights)
     if not groups.families:
         raise PassError("the groups attribute has no families: nothing to score")
-    if layerwise and metric in GRADIENT_METRICS:
-        raise PassError(f"metric {metric!r} cannot be scored layer-wise: {LAYERWISE_GRADIENT_REASON}",
-                        hint="layerwise=false (the whole model on the device), or metric=wanda")
     family_ids = list(range(len(groups.families)) if family_ids is None else family_ids)
     uses_proxy = metric in LORA_PROXY_METRICS or metric == "combined" and any(
         w for t, w in zip(COMBINED_TERMS, weights, strict=True) if t in LORA_PROXY_METRICS)
@@ -481,6 +548,8 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
             if calibration is None:
                 raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
             batches = calibration_batches(module, calibration, f"metric {metric!r}")
+        if metric == "taylor" and layerwise:
+            return layerwise_gradient_scores(module, groups, family_ids, batches, placement or Placement())
         if metric == "taylor":
             return gradient_scores(module, groups, family_ids, batches, placement=placement)
         return activation_scores(module, groups, family_ids, batches, placement=placement,

@@ -7,7 +7,10 @@ share of the families unprunable: ``prune`` and ``lhspg`` leave them alone and t
 last layers usually come out on top. Families are zeroed in place on one executor and
 restored bit-exactly, and each loss reruns the model only from the family's layer on (the
 values before it are recorded once, :class:`~lorashear.runtime.executor.SuffixLoss`), with the
-result of full forwards, more cheaply.
+result of full forwards, more cheaply. With ``layerwise`` (models larger than the device) one
+walk brings the decoder layers in one at a time and runs every family's zeroed copy from its
+own layer on alongside the model (:func:`~lorashear.analysis.layerwise.variant_losses`): the
+same losses, each layer read once.
 
 ``spread=S`` grades the rest as well (OWL-style, Yin et al. 2024, on the loss increases rather
 than outlier counts): within each kind the unprotected families are ranked by loss increase and

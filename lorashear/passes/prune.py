@@ -36,10 +36,8 @@ from lorashear.analysis.groups import (
 from lorashear.analysis.layerwise import keep_edit, use_layerwise, variant_losses
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
-from lorashear.analysis.placement import Placement
 from lorashear.analysis.saliency import (
     DATA_METRICS,
-    GRADIENT_METRICS,
     MetricName,
     check_metric,
     score_groups,
@@ -122,14 +120,7 @@ class Prune(ModulePass):
                                     family_ids=family_ids,
                                     batches=read_batches() if metric in DATA_METRICS else None,
                                     placement=placement,
-                                    layerwise=self.streams(module, placement, metric))
-
-    def streams(self, module: Module, placement: Placement, metric: str | None = None) -> bool:
-        """Whether to run layer-wise (``layerwise=auto``: when the model does not fit; never
-        for a gradient metric, which ``layerwise=true`` refuses)."""
-        if metric in GRADIENT_METRICS and self.layerwise == "auto":
-            return False
-        return use_layerwise(self.name, self.layerwise, module, placement)
+                                    layerwise=use_layerwise(self.name, self.layerwise, module, placement))
 
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
@@ -174,7 +165,7 @@ class Prune(ModulePass):
         """``attn-share=auto``'s ``loss_of(removed)`` on the placement: the whole model with the
         units zeroed in place, or (layer-wise) one walk through the layers per split."""
         placement = placement_of(self)
-        if not self.streams(module, placement):
+        if not use_layerwise(self.name, self.layerwise, module, placement):
             return masked_loss_fn(placement.model(module), module, groups,
                                   [placement.to_device(b) for b in batches], autocast=placement.autocast)
 

@@ -15,6 +15,8 @@ the sum of ``in_features^2`` over the consumers, 8 bytes each, is the memory it 
 each consumer is solved on its own, one at a time, and its gram freed. One-shot, as FLAP and
 ZipLM's single pass: every X is the dense model's, not SlimGPT's layer-by-layer re-calibration
 on the already pruned layers.
+With ``layerwise`` the walk brings one decoder layer in at a time and each consumer is solved
+as soon as its layer has seen every batch, so one layer's grams are held, not the model's.
 
 Where the dense weights and activations come from: ``prune`` has already zeroed the removed
 units (their consumer columns *and* their producers), so on the pruned module ``E_R = 0`` and

@@ -11,14 +11,7 @@ from typing import ClassVar
 from lorashear.analysis.groups import GroupsAttr
 from lorashear.analysis.layerwise import use_layerwise
 from lorashear.analysis.manager import ALL, AnalysisManager
-from lorashear.analysis.saliency import (
-    GRADIENT_METRICS,
-    LAYERWISE_GRADIENT_REASON,
-    METRICS,
-    MetricName,
-    check_metric,
-    score_groups,
-)
+from lorashear.analysis.saliency import METRICS, MetricName, check_metric, score_groups
 from lorashear.analysis.scores import SaliencyAttr
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
@@ -43,8 +36,8 @@ class Saliency(ModulePass):
     """Score every removable group (magnitude, LoRA-proxy Taylor, taylor, wanda, random, ...).
 
     The model runs on ``device`` in ``precision`` (the weight-only metrics take their sums there,
-    in float32); ``layerwise`` brings the decoder layers in one at a time (wanda and the
-    weight-only metrics; taylor needs the whole model)."""
+    in float32); ``layerwise`` brings the decoder layers in one at a time (taylor: a layer-by-layer
+    forward, then a layer-by-layer backward)."""
 
     name: ClassVar[str] = "saliency"
     requires_attributes: ClassVar[dict[str, str]] = {"groups": "discover"}
@@ -62,19 +55,13 @@ class Saliency(ModulePass):
     def __post_init__(self) -> None:
         check_metric(self.metric, self.weights)
         check_placement_text(self)
-        if self.layerwise is True and self.metric in GRADIENT_METRICS:
-            raise PassError(f"saliency: metric {self.metric!r} cannot be scored layer-wise: "
-                            f"{LAYERWISE_GRADIENT_REASON}",
-                            hint="layerwise=false or auto (the whole model on the device), or metric=wanda")
 
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
         placement = placement_of(self)
-        # auto never streams a gradient metric: it needs the whole model for its backward
-        layerwise = self.metric not in GRADIENT_METRICS and self.metric != "random" and use_layerwise(
-            self.name, self.layerwise, module, placement)
+        layerwise = self.metric != "random" and use_layerwise(self.name, self.layerwise, module, placement)
         scores = score_groups(module, groups, self.metric, weights=self.weights,
                               calibration=calibration_options(self), seed=self.seed,
                               placement=placement, layerwise=layerwise)

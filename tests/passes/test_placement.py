@@ -215,9 +215,20 @@ def test_layerwise_saliency_covers_the_weight_metrics(discovered, ids_file):
         close(run(discovered(), text + ",layerwise=false}"), run(discovered(), text + ",layerwise=true}"))
 
 
-def test_layerwise_taylor_is_refused_with_the_reason(ids_file):
-    with pytest.raises(PassError, match="cannot be scored layer-wise: its backward pass needs"):
-        PassManager.parse(f"saliency{{metric=taylor,{data(ids_file)},layerwise=true}}")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_taylor_equals_whole_model(family, lowered, ids_file):
+    """The layer-by-layer forward and backward give the whole-model backward's scores."""
+    def fresh() -> Module:
+        module = clone_module(lowered(family, True))
+        module.attributes.pop("groups", None)
+        PassManager.parse("discover").run(module)
+        return module
+
+    text = f"saliency{{metric=taylor,{data(ids_file)}"
+    whole = run(fresh(), text + ",layerwise=false}")
+    streamed = run(fresh(), text + ",layerwise=true}")
+    assert any(max(v) > 1e-3 for _, v in whole[0]["saliency"].scores)  # gradients that matter
+    close(whole, streamed)
 
 
 def test_layerwise_auto_follows_free_memory(discovered, monkeypatch):
