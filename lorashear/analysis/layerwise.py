@@ -14,8 +14,9 @@ except where a float64 sum over a weight used by two ops is taken in another ord
 
 - :class:`LayerWalk`: the segments, the values live at each boundary, one segment's run;
 - :func:`variant_losses`: the mean LM loss of the model and of variants of it with some
-  parameters edited in place (``knowledge``'s zeroed families, ``prune``'s masked splits), each
-  variant run only from the first segment that reads an edited parameter, all in one walk;
+  parameters edited (``knowledge``'s zeroed families), each variant run only from the first
+  segment that reads an edited parameter, all in one walk; :func:`layerwise_masked_loss_fn`,
+  ``prune``'s ``attn-share=auto`` measure, is one such walk per split;
 - the linear-input walk of :mod:`lorashear.analysis.saliency` (wanda, ``reconstruct``'s grams)
   takes ``layerwise=True``.
 
@@ -33,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorashear.analysis.groups import GroupsAttr
+from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.analysis.placement import Placement
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Op, Param
@@ -218,3 +221,18 @@ def keep_edit(keep: torch.Tensor, axis: int) -> Edit:
         shape[axis] = -1
         tensor.mul_(keep.view(shape).to(device=tensor.device, dtype=tensor.dtype))
     return edit
+
+
+def layerwise_masked_loss_fn(module: Module, groups: GroupsAttr, batches: Iterable[torch.Tensor],
+                             placement: Placement) -> Callable[[dict[int, tuple[int, ...]]], float]:
+    """:func:`~lorashear.analysis.allocation.masked_loss_fn` layer-wise: ``loss_of(removed)``
+    is the mean LM loss with those units zeroed, one walk through the layers per call."""
+    batches = list(batches)
+
+    def loss_of(removed: dict[int, tuple[int, ...]]) -> float:
+        validate_removal(groups, removed)
+        edits = {name: keep_edit(keep, axis)
+                 for (name, axis), keep in keep_masks(module, groups, removed).items()}
+        return variant_losses(module, batches, placement, {"split": edits}, base=False)[1]["split"]
+    return loss_of
+

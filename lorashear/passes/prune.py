@@ -33,9 +33,9 @@ from lorashear.analysis.groups import (
     PruneMaskAttr,
     check_kinds,
 )
-from lorashear.analysis.layerwise import keep_edit, use_layerwise, variant_losses
+from lorashear.analysis.layerwise import layerwise_masked_loss_fn, use_layerwise
 from lorashear.analysis.manager import AnalysisManager
-from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
+from lorashear.analysis.masking import zero_groups
 from lorashear.analysis.saliency import (
     DATA_METRICS,
     MetricName,
@@ -160,18 +160,12 @@ class Prune(ModulePass):
         statistics.update(split.statistics() if split else {})
         return PassResult(True, frozenset({DimensionCoupling}), statistics)
 
+
     def masked_loss(self, module: Module, groups: GroupsAttr, batches: torch.Tensor
                     ) -> Callable[[dict[int, tuple[int, ...]]], float]:
-        """``attn-share=auto``'s ``loss_of(removed)`` on the placement: the whole model with the
-        units zeroed in place, or (layer-wise) one walk through the layers per split."""
+        """``attn-share=auto``'s ``loss_of(removed)`` on the placement, whole or layer-wise."""
         placement = placement_of(self)
-        if not use_layerwise(self.name, self.layerwise, module, placement):
-            return masked_loss_fn(placement.model(module), module, groups,
-                                  [placement.to_device(b) for b in batches], autocast=placement.autocast)
-
-        def loss_of(removed: dict[int, tuple[int, ...]]) -> float:
-            validate_removal(groups, removed)
-            edits = {name: keep_edit(keep, axis)
-                     for (name, axis), keep in keep_masks(module, groups, removed).items()}
-            return variant_losses(module, batches, placement, {"split": edits}, base=False)[1]["split"]
-        return loss_of
+        if use_layerwise(self.name, self.layerwise, module, placement):
+            return layerwise_masked_loss_fn(module, groups, batches, placement)
+        return masked_loss_fn(placement.model(module), module, groups,
+                              [placement.to_device(b) for b in batches], autocast=placement.autocast)
