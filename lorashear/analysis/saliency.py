@@ -26,16 +26,18 @@ reduction to the member axis and an ``index_add`` over ``(r // stride) % size``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 
 from lorashear.analysis.groups import FamilyMember, GroupFamily, GroupsAttr
+from lorashear.analysis.layerwise import LayerWalk, input_env, lm_loss
+from lorashear.analysis.placement import Placement, read_stored
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import PassError
-from lorashear.ir.core import Module, Param
+from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.lora import adapters
 from lorashear.ir.ops import OP_DEFS
@@ -79,7 +81,7 @@ def check_metric(metric: str, weights: tuple[float, ...] = (1.0,) * 5) -> None:
 def unit_sums(values: torch.Tensor, member: FamilyMember, size: int) -> torch.Tensor:
     """float64 per-unit sums of ``values`` (shaped like the member's parameter)."""
     length = values.shape[member.axis]
-    per_index = values.movedim(member.axis, 0).reshape(length, -1).sum(1, dtype=torch.float64)
+    per_index = values.movedim(member.axis, 0).reshape(length, -1).sum(1, dtype=torch.float64).cpu()
     return torch.zeros(size, dtype=torch.float64).index_add_(0, member.unit_of(length, size), per_index)
 
 
@@ -102,11 +104,26 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype
 
 
 def _lora_delta(module: Module, update: LoraUpdate | None, like: torch.Tensor) -> torch.Tensor | None:
-    """The stored factors' ``s * B @ A`` in the dtype of ``like``, or None without LoRA."""
+    """The stored factors' ``s * B @ A`` in the dtype and on the device of ``like``, or None
+    without LoRA."""
     if update is None:
         return None
-    return lora_delta(module.params[update.lora_A].storage.load(),
-                      module.params[update.lora_B].storage.load(), update.scaling, like.dtype)
+    factors = [module.params[name].storage.load() for name in (update.lora_A, update.lora_B)]
+    if like.device.type != "cpu":
+        factors = [f.to(like.device) for f in factors]
+    return lora_delta(*factors, update.scaling, like.dtype)
+
+
+def _weight_loader(placement: Placement | None, by_reference: bool) -> Callable[[Param], torch.Tensor]:
+    """``load(param)``: a stored weight as float32 on the placement's device (scoring math runs
+    in float32 whatever the run precision); ``by_reference`` reads a file-backed one without
+    leaving its pages mapped (:func:`~lorashear.analysis.placement.read_stored`)."""
+    placement = placement or Placement()
+
+    def load(param: Param) -> torch.Tensor:
+        tensor = read_stored(param) if by_reference else param.storage.load()
+        return placement.to_device(tensor).float()
+    return load
 
 
 @dataclass
@@ -123,14 +140,17 @@ class UnitStatistics:
         return cls(*(torch.zeros(size, dtype=torch.float64) for _ in range(4)))
 
 
-def weight_statistics(module: Module, groups: GroupsAttr, family_ids: Iterable[int]
+def weight_statistics(module: Module, groups: GroupsAttr, family_ids: Iterable[int], *,
+                      placement: Placement | None = None, by_reference: bool = False
                       ) -> dict[int, UnitStatistics]:
-    """The per-unit sums every weight-only metric derives from (one pass over the weights)."""
+    """The per-unit sums every weight-only metric derives from (one pass over the weights, one
+    weight at a time, on the placement's device)."""
     family_ids = list(family_ids)
     stats = {f: UnitStatistics.zeros(groups.families[f].size) for f in family_ids}
     updates = lora_updates(module)
+    load = _weight_loader(placement, by_reference)
     for name, members in _base_members(module, groups, family_ids).items():
-        weight = module.params[name].storage.load().float()
+        weight = load(module.params[name])
         delta = _lora_delta(module, updates.get(name), weight)
         squares = weight * weight
         products = None if delta is None else (weight * delta, delta * delta)
@@ -177,11 +197,12 @@ def combined_scores(stats: dict[int, UnitStatistics], weights: tuple[float, ...]
 
 
 def gradient_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],
-                    batches: torch.Tensor) -> dict[int, torch.Tensor]:
-    """LLM-Pruner group Taylor: ``sum over batches of |<E_g, dLoss/dW_g>|`` (E = W + s*B@A)."""
-    from lorashear.runtime.executor import emit_torch
-
-    return model_gradient_scores(emit_torch(module), module, groups, family_ids, batches)
+                    batches: torch.Tensor, *, placement: Placement | None = None) -> dict[int, torch.Tensor]:
+    """LLM-Pruner group Taylor: ``sum over batches of |<E_g, dLoss/dW_g>|`` (E = W + s*B@A),
+    with the whole model on the placement's device."""
+    placement = placement or Placement()
+    return model_gradient_scores(placement.model(module), module, groups, family_ids,
+                                 (placement.to_device(b) for b in batches), autocast=placement.autocast)
 
 
 def model_gradient_scores(model: torch.nn.Module, module: Module, groups: GroupsAttr,
@@ -247,17 +268,108 @@ def model_gradient_scores(model: torch.nn.Module, module: Module, groups: Groups
     return scores
 
 
+def layerwise_gradient_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],
+                              batches: Iterable[torch.Tensor], placement: Placement
+                              ) -> dict[int, torch.Tensor]:
+    """:func:`gradient_scores` with one decoder layer on the device at a time: a layer-by-layer
+    forward keeps every batch's values at each layer boundary, then a layer-by-layer backward,
+    last layer first, reruns each layer from its boundary with gradients and carries the
+    gradients of its boundary inputs to the layer before. Each layer's weights are read twice
+    (forward, backward); a weight's gradient is complete at the first layer that reads it, and
+    is consumed there as the whole-model hook consumes it."""
+    family_ids = list(family_ids)
+    by_param = _base_members(module, groups, family_ids)
+    updates = lora_updates(module)
+    walk = LayerWalk.of(module, placement)
+    live, first = walk.live_sets(), walk.first_reader()
+    batches = [placement.to_device(b) for b in batches]
+    count, output = len(walk.segments), id(module.graph.outputs[0])
+    boundaries: list[list[dict[int, Any]]] = [[] for _ in batches]
+    envs = [input_env(module, b) for b in batches]
+    with torch.no_grad(), placement.autocast():
+        for k in range(count):
+            tensors = walk.load(k)
+            for i, env in enumerate(envs):
+                boundaries[i].append({v: env[v] for v in live[k] if v in env})
+                walk.run(k, env, tensors)
+            del tensors
+    del envs
+    dots = [{f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+            for _ in batches]
+    carried: list[dict[int, torch.Tensor]] = [{} for _ in batches]  # d loss / d boundary value
+    pending: list[dict[str, torch.Tensor]] = [{} for _ in batches]  # weight grads of later layers
+    for k in reversed(range(count)):
+        tensors = walk.load(k)
+        scored = [name for name in tensors if name in by_param]
+        for name in scored:
+            tensors[name] = tensors[name].detach().requires_grad_(True)
+        for i, batch in enumerate(batches):
+            leaves = {v: t.detach().requires_grad_(True) for v, t in boundaries[i][k].items()
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()}
+            env = {**boundaries[i][k], **leaves}
+            with torch.enable_grad(), placement.autocast():
+                walk.run(k, env, tensors)
+                if k == count - 1:
+                    roots, root_grads = [lm_loss(env[output], batch)], None
+                else:
+                    wanted = [v for v in carried[i] if v in env and isinstance(env[v], torch.Tensor)
+                              and env[v].requires_grad]
+                    roots, root_grads = [env[v] for v in wanted], [carried[i][v] for v in wanted]
+            sources = [tensors[n] for n in scored] + list(leaves.values())
+            grads = torch.autograd.grad(roots, sources, root_grads, allow_unused=True) if roots else \
+                [None] * len(sources)
+            carried[i] = {v: g for v, g in zip(leaves, grads[len(scored):], strict=True) if g is not None}
+            for name, grad in zip(scored, grads[:len(scored)], strict=True):
+                if grad is not None:
+                    pending[i][name] = pending[i][name] + grad if name in pending[i] else grad
+            with torch.no_grad():
+                for name in scored:
+                    if first[name] != k or name not in pending[i]:
+                        continue
+                    grad = pending[i].pop(name)
+                    effective = tensors[name].detach()
+                    update = updates.get(name)
+                    if update is not None:
+                        effective = effective + lora_delta(tensors[update.lora_A], tensors[update.lora_B],
+                                                           update.scaling, effective.dtype)
+                    product = effective.float() * grad.float()
+                    for family, member in by_param[name]:
+                        dots[i][family.id] += unit_sums(product, member, family.size)
+            boundaries[i][k] = {}
+        del tensors
+    scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+    for batch_dots in dots:
+        for f in scores:
+            scores[f] += batch_dots[f].abs()
+    return scores
+
+
 def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
                           visit: Callable[[str, torch.Tensor], None], *,
-                          tensor_of: Callable[[Param], torch.Tensor] | None = None) -> None:
+                          tensor_of: Callable[[Param], torch.Tensor] | None = None,
+                          placement: Placement | None = None, layerwise: bool = False) -> None:
     """Run the graph on each batch of token ids and call ``visit(weight name, x)`` with the
     float32 input ``x`` of every ``linear``/``lora_linear`` op whose weight is a parameter.
 
     Runs op by op (the executor's own ``run_op``); a value is freed after its last use to
     bound memory. The activation statistics (:func:`input_square_sums`,
     :func:`input_gram_matrices`) are visitors of this one walk. ``tensor_of`` gives each
-    parameter's tensor (a training pass's live ones); by default its stored data.
+    parameter's tensor (a training pass's live ones); by default its stored data, on the
+    ``placement``'s device in its dtype. ``layerwise``: one segment (decoder layer) at a time
+    for every batch, its parameters read when it starts and freed when it ends
+    (:mod:`lorashear.analysis.layerwise`); each weight's visits come in the same batch order.
     """
+    placement = placement or Placement()
+    load = tensor_of or placement.param_loader(module, by_reference=layerwise)
+
+    def see(op: Op, env: dict[int, Any]) -> None:
+        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param):
+            visit(op.args[1].name, env[id(op.args[0])].float())
+
+    if layerwise:
+        for _ in _segment_by_segment(module, batches, see, load, placement):
+            pass
+        return
     ops = module.graph.ops
     last_use: dict[int, int] = {}
     for index, op in enumerate(ops):
@@ -268,42 +380,79 @@ def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
 
     def param_tensor(p: Param) -> torch.Tensor:
         if p.name not in tensors:
-            tensors[p.name] = p.storage.load() if tensor_of is None else tensor_of(p)
+            tensors[p.name] = load(p)
         return tensors[p.name]
 
-    with torch.no_grad():
+    with torch.no_grad(), placement.autocast():
         for ids in batches:
-            env: dict[int, Any] = {}
-            for v in module.graph.inputs:
-                if v.name == "input_ids":
-                    env[id(v)] = ids
-                elif v.name == "attention_mask":
-                    env[id(v)] = torch.ones_like(ids)
-                else:
-                    raise PassError(f"the graph needs input {v.name!r}; calibration feeds only input_ids")
+            ids = placement.to_device(ids)
+            env = input_env(module, ids)
             for index, op in enumerate(ops):
                 run_op(op, env, param_tensor, device=ids.device)
-                if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param):
-                    visit(op.args[1].name, env[id(op.args[0])].float())
+                see(op, env)
                 for v in op.operands():
                     if last_use.get(id(v)) == index and id(v) not in keep:
                         env.pop(id(v), None)
 
 
-def input_square_sums(module: Module, batches: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per linear weight name, ``sum over tokens of x_j^2`` for each input column j."""
+def _segment_by_segment(module: Module, batches: Iterable[torch.Tensor],
+                        see: Callable[[Op, dict[int, Any]], None], load: Callable[[Param], torch.Tensor],
+                        placement: Placement) -> Iterator[list[str]]:
+    """The layer-wise walk of :func:`for_each_linear_input`: after each segment has seen every
+    batch, yield the names of the parameters it read (their visits are complete when no later
+    segment reads them)."""
+    walk = LayerWalk.of(module, placement)
+    envs = [input_env(module, placement.to_device(ids)) for ids in batches]
+    with torch.no_grad(), placement.autocast():
+        for k in range(len(walk.segments)):
+            params = {p.name: p for op in walk.segments[k].ops for p in op.params()}
+            tensors = {name: load(p) for name, p in params.items()}
+            for env in envs:
+                walk.run(k, env, tensors, see)
+            del tensors
+            yield list(params)
+
+
+def complete_input_grams(module: Module, batches: Iterable[torch.Tensor], names: Iterable[str],
+                         placement: Placement) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`input_gram_matrices` layer-wise, each ``(name, X^T X)`` given as soon as the
+    segment that reads the weight is done (so only one layer's grams are held at a time). A
+    weight in ``names`` must be read by one segment only (a consumer of ``reconstruct``)."""
+    wanted = set(names)
+    grams: dict[str, torch.Tensor] = {}
+    load = placement.param_loader(module, by_reference=True)
+
+    def see(op: Op, env: dict[int, Any]) -> None:
+        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name in wanted:
+            rows = env[id(op.args[0])].float().reshape(-1, env[id(op.args[0])].shape[-1]).double()
+            name = op.args[1].name
+            gram = rows.T @ rows
+            grams[name] = grams[name] + gram if name in grams else gram
+
+    for read in _segment_by_segment(module, batches, see, load, placement):
+        for name in read:
+            if name in grams:
+                yield name, grams.pop(name)
+
+
+def input_square_sums(module: Module, batches: torch.Tensor, *, placement: Placement | None = None,
+                      layerwise: bool = False) -> dict[str, torch.Tensor]:
+    """Per linear weight name, ``sum over tokens of x_j^2`` for each input column j (float64,
+    on the placement's device)."""
     sums: dict[str, torch.Tensor] = {}
 
     def visit(name: str, x: torch.Tensor) -> None:
         square = x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
         sums[name] = sums[name] + square if name in sums else square
 
-    for_each_linear_input(module, batches, visit)
+    for_each_linear_input(module, batches, visit, placement=placement, layerwise=layerwise)
     return sums
 
 
 def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor], names: Iterable[str], *,
-                        tensor_of: Callable[[Param], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                        tensor_of: Callable[[Param], torch.Tensor] | None = None,
+                        placement: Placement | None = None, layerwise: bool = False
+                        ) -> dict[str, torch.Tensor]:
     """Per linear weight name in ``names``, the float64 ``X^T X`` of its inputs over all
     calibration tokens (``[in_features, in_features]``, on the batches' device; X is tokens x
     in_features): the second moments a least-squares reconstruction solves with."""
@@ -316,23 +465,28 @@ def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor], names: 
             gram = rows.T @ rows
             grams[name] = grams[name] + gram if name in grams else gram
 
-    for_each_linear_input(module, batches, visit, tensor_of=tensor_of)
+    for_each_linear_input(module, batches, visit, tensor_of=tensor_of, placement=placement,
+                          layerwise=layerwise)
     return grams
 
 
 def activation_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int],
-                      batches: torch.Tensor) -> dict[int, torch.Tensor]:
+                      batches: torch.Tensor, *, placement: Placement | None = None,
+                      layerwise: bool = False) -> dict[int, torch.Tensor]:
     """Wanda-sp: per unit, ``sum |E_ij| * ||X_j||`` over the linear weights' input columns j
     that belong to the unit (o_proj columns of a head, down_proj columns of an MLP channel).
 
     Only there is ``||X_j||`` the activation of the unit's own channel; on output rows it is
     the norm of unrelated input features (in a Llama, dominated by one outlier channel). A
-    family that never feeds a linear's input falls back to its output rows.
+    family that never feeds a linear's input falls back to its output rows. The activations
+    come from a forward on the ``placement`` (``layerwise``: one decoder layer at a time); the
+    products are taken one weight at a time on its device, in float32/float64.
     """
     family_ids = list(family_ids)
     scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
-    square_sums = input_square_sums(module, batches)
+    square_sums = input_square_sums(module, batches, placement=placement, layerwise=layerwise)
     updates = lora_updates(module)
+    load = _weight_loader(placement, layerwise)
     by_param = {name: members for name, members in _base_members(module, groups, family_ids).items()
                 if name in square_sums}  # norm scales and embedding lookups see no inputs
     feeds_input = {family.id for name, members in by_param.items() for family, member in members
@@ -342,12 +496,14 @@ def activation_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[i
         members = [(f, m) for f, m in members if m.axis == input_axis or f.id not in feeds_input]
         if not members:
             continue
-        weight = module.params[name].storage.load().float()
+        weight = load(module.params[name])
         delta = _lora_delta(module, updates.get(name), weight)
         effective = weight if delta is None else weight + delta
-        importance = effective.abs().double() * square_sums[name].sqrt()
+        importance = effective.abs().double().mul_(square_sums[name].sqrt())  # one float64 copy
+        del weight, delta, effective
         for family, member in members:
             scores[family.id] += unit_sums(importance, member, family.size)
+        del importance
     return scores
 
 
@@ -363,11 +519,14 @@ def random_scores(groups: GroupsAttr, family_ids: Iterable[int], seed: int) -> d
 def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
                  weights: tuple[float, ...] = (1.0,) * 5, calibration: CalibrationOptions | None = None,
                  seed: int = 0, family_ids: Iterable[int] | None = None,
-                 batches: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+                 batches: torch.Tensor | None = None, placement: Placement | None = None,
+                 layerwise: bool = False) -> dict[int, torch.Tensor]:
     """float64 scores per unit for each family (all of them unless ``family_ids`` is given).
 
     The data-driven metrics run on ``batches`` (``[batches, batch, seq_len]`` token ids) when a
-    caller has read them already, else on windows read from ``calibration``.
+    caller has read them already, else on windows read from ``calibration``. The model runs on
+    the ``placement`` (default: the CPU in the IR's dtypes); ``layerwise`` runs it one decoder
+    layer at a time and reads each weight when it is needed (models larger than the device).
 
     Raises :class:`PassError` for an unknown metric, a LoRA-proxy metric on a module without
     LoRA, and a data-driven metric without a calibration file.
@@ -389,11 +548,13 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
             if calibration is None:
                 raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
             batches = calibration_batches(module, calibration, f"metric {metric!r}")
-        scorer = gradient_scores if metric == "taylor" else activation_scores
-        return scorer(module, groups, family_ids, batches)
-    stats = weight_statistics(module, groups, family_ids)
+        if metric == "taylor" and layerwise:
+            return layerwise_gradient_scores(module, groups, family_ids, batches, placement or Placement())
+        if metric == "taylor":
+            return gradient_scores(module, groups, family_ids, batches, placement=placement)
+        return activation_scores(module, groups, family_ids, batches, placement=placement,
+                                 layerwise=layerwise)
+    stats = weight_statistics(module, groups, family_ids, placement=placement, by_reference=layerwise)
     if metric == "combined":
         return combined_scores(stats, weights)
     return {f: proxy_score(s, metric) for f, s in stats.items()}
-
-

@@ -59,6 +59,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot count")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="auto",
+                        help="where to run the model: auto (cuda if available, else cpu), cpu, "
+                        "cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="fp32, or bf16/fp16 on CUDA: the model loads in that dtype "
+                        "(default: %(default)s)")
     parser.add_argument("--cache-dir", default=None,
                         help="cache folder for 'default' (default: $LORASHEAR_CACHE or "
                         "~/.cache/lorashear)")
@@ -81,8 +87,10 @@ class ResultRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_model(model_dir: str, cache_dir: str | None = None) -> tuple[Any, Any, Path]:
-    """Load a transformers causal LM and its tokenizer in fp32 from a folder (or 'default')."""
+def load_model(model_dir: str, cache_dir: str | None = None, *, device: Any = None,
+               dtype: Any = None) -> tuple[Any, Any, Path]:
+    """Load a transformers causal LM and its tokenizer from a folder (or 'default'), in fp32
+    (or ``dtype``) on the CPU (or ``device``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +104,9 @@ def load_model(model_dir: str, cache_dir: str | None = None) -> tuple[Any, Any, 
         raise ModelLoadError(f"'{folder}' is not a model folder (no config.json)",
                              hint="give a transformers model folder, or 'default'")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+        if device is not None and torch.device(device).type != "cpu":
+            model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the model in '{folder}': {exc}") from exc
@@ -210,8 +220,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if PERPLEXITY_TASK in tasks or LOCAL_TASK_NAME in tasks:
         text = read_text(args.text, args.tail_chars)
         _parse_lengths(args.ppl_lengths)
+    from lorashear.training.runtime import resolve_placement
+
+    placement = resolve_placement("eval", args.device, args.precision)
     started = time.perf_counter()
-    model, tokenizer, folder = load_model(args.model_dir, args.cache_dir)
+    model, tokenizer, folder = load_model(args.model_dir, args.cache_dir, device=placement.device,
+                                          dtype=placement.dtype)
     load_seconds = time.perf_counter() - started
     rows = evaluate_tasks(model, tokenizer, tasks, args, text)
     print(format_table(rows))

@@ -307,7 +307,8 @@ class Lhspg(ModulePass):
         calibration = data.draw(min(4, data.count // self.batch), self.batch, self.seed)
         # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
         scores = runtime.broadcast_object(score_groups(
-            module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration))
+            module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration,
+            placement=runtime.placement))
         start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
         check_reachable(start_budgets, self.ratio)
         model = harness.build(module, self.seed)

@@ -4,23 +4,46 @@ defaults cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from lorashear.analysis.allocation import AttnShare
+from lorashear.analysis.placement import Placement
 from lorashear.data.calibration import CalibrationOptions
 from lorashear.passes.base import option
+from lorashear.training.runtime import check_device_text, check_precision_text, resolve_placement
+
+#: The ``layerwise`` option's type: true, false or auto.
+Layerwise = bool | Literal["auto"]
 
 
-def device_option() -> Any:
+def device_option(action: str = "train") -> Any:
+    """``device``: ``action`` is what the pass does there (train; run the model)."""
     # run-only: a run killed on one device resumes on another (precision is not: bf16 trains
     # another model than fp32)
-    return option("auto", "where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:N "
+    return option("auto", f"where to {action}: auto (cuda if available, else cpu), cpu, cuda, cuda:N "
                   "(under torchrun, cuda means cuda:LOCAL_RANK)", run_only=True)
 
 
 def precision_option() -> Any:
     return option("fp32", "fp32, or bf16/fp16 autocast of forward and loss on CUDA (bf16 also loads "
                   "the frozen base weights in bf16; fp16 scales the loss); CPU trains in fp32")
+
+
+def run_precision_option() -> Any:
+    """``precision`` of a pass that runs the model without training it."""
+    return option("fp32", "fp32, or bf16/fp16 on CUDA: the frozen base weights load in that dtype "
+                  "(LoRA factors and buffers keep theirs) and forwards run under autocast; "
+                  "the CPU runs fp32")
+
+
+def layerwise_option() -> Any:
+    """``layerwise``: stream decoder layers through the device (models larger than it)."""
+    # run-only: the layer-wise walk computes what the whole model computes
+    return option("auto", "run the calibration batches through one decoder layer at a time, each "
+                  "layer's weights read from its file when its turn comes and freed after, the "
+                  "hidden states kept on the device (models larger than the device): true, false, "
+                  "or auto (when the model's bytes exceed the device's free memory, or the "
+                  "available RAM on the CPU)", run_only=True)
 
 
 def grad_checkpoint_option() -> Any:
@@ -53,6 +76,18 @@ OPTION_DOCS = {
     "seq_len": "taylor/wanda: tokens per calibration window",
     "seed": "seed of the random metric and of the choice of calibration windows",
 }
+
+
+def placement_of(p: Any) -> Placement:
+    """The resolved ``device``/``precision`` of a pass with :func:`device_option` and
+    :func:`run_precision_option`."""
+    return resolve_placement(p.name, p.device, p.precision)
+
+
+def check_placement_text(p: Any) -> None:
+    """Fail at construction on a device or precision text that means nothing."""
+    check_device_text(p.name, p.device)
+    check_precision_text(p.name, p.precision)
 
 
 def calibration_options(p: Any) -> CalibrationOptions:

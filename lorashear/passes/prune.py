@@ -33,6 +33,7 @@ from lorashear.analysis.groups import (
     PruneMaskAttr,
     check_kinds,
 )
+from lorashear.analysis.layerwise import layerwise_masked_loss_fn, use_layerwise
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import zero_groups
 from lorashear.analysis.saliency import (
@@ -46,9 +47,19 @@ from lorashear.data.calibration import calibration_batches
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
 from lorashear.passes.base import ModulePass, PassResult, option
-from lorashear.passes.options import OPTION_DOCS, attn_share_option, calibration_options
+from lorashear.passes.options import (
+    OPTION_DOCS,
+    Layerwise,
+    attn_share_option,
+    calibration_options,
+    check_placement_text,
+    device_option,
+    layerwise_option,
+    placement_of,
+    run_precision_option,
+)
 from lorashear.passes.registry import register_pass
-from lorashear.runtime.executor import emit_torch
+from lorashear.training.runtime import Precision
 
 
 @register_pass
@@ -73,6 +84,9 @@ class Prune(ModulePass):
     batches: int = option(8, OPTION_DOCS["batches"])
     batch: int = option(4, OPTION_DOCS["batch"])
     seq_len: int = option(128, OPTION_DOCS["seq_len"])
+    device: str = device_option("run the model (scoring, the attn-share=auto search)")
+    precision: Precision = run_precision_option()
+    layerwise: Layerwise = layerwise_option()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -82,6 +96,7 @@ class Prune(ModulePass):
         check_kinds(self.name, self.kinds)
         if self.align < 1:
             raise PassError(f"prune align must be at least 1, got {self.align}")
+        check_placement_text(self)
         check_attn_share(self.name, self.attn_share, self.kinds)
         if self.attn_share == "auto" and "attn" in self.kinds and len(self.kinds) > 1 and not self.data:
             raise PassError("prune attn-share=auto compares splits by their loss on calibration "
@@ -100,9 +115,12 @@ class Prune(ModulePass):
             values = stored.as_dict()
             return stored.metric, {f: torch.tensor(values[f], dtype=torch.float64) for f in family_ids}
         metric = self.metric or "magnitude"
+        placement = placement_of(self)
         return metric, score_groups(module, groups, metric, weights=self.weights, seed=self.seed,
                                     family_ids=family_ids,
-                                    batches=read_batches() if metric in DATA_METRICS else None)
+                                    batches=read_batches() if metric in DATA_METRICS else None,
+                                    placement=placement,
+                                    layerwise=use_layerwise(self.name, self.layerwise, module, placement))
 
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups = module.attributes["groups"]
@@ -119,7 +137,7 @@ class Prune(ModulePass):
         check_reachable(budgets, self.ratio)
         split = None
         if self.attn_share == "auto" and has_split(budgets):
-            loss_of = masked_loss_fn(emit_torch(module), module, groups, read_batches())
+            loss_of = self.masked_loss(module, groups, read_batches())
             split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)
             chosen = split.removed
         else:
@@ -141,3 +159,13 @@ class Prune(ModulePass):
                            "parameter share removed": round(taken / prunable, 6) if prunable else 0.0})
         statistics.update(split.statistics() if split else {})
         return PassResult(True, frozenset({DimensionCoupling}), statistics)
+
+
+    def masked_loss(self, module: Module, groups: GroupsAttr, batches: torch.Tensor
+                    ) -> Callable[[dict[int, tuple[int, ...]]], float]:
+        """``attn-share=auto``'s ``loss_of(removed)`` on the placement, whole or layer-wise."""
+        placement = placement_of(self)
+        if use_layerwise(self.name, self.layerwise, module, placement):
+            return layerwise_masked_loss_fn(module, groups, batches, placement)
+        return masked_loss_fn(placement.model(module), module, groups,
+                              [placement.to_device(b) for b in batches], autocast=placement.autocast)

@@ -15,6 +15,8 @@ the sum of ``in_features^2`` over the consumers, 8 bytes each, is the memory it 
 each consumer is solved on its own, one at a time, and its gram freed. One-shot, as FLAP and
 ZipLM's single pass: every X is the dense model's, not SlimGPT's layer-by-layer re-calibration
 on the already pruned layers.
+With ``layerwise`` the walk brings one decoder layer in at a time and each consumer is solved
+as soon as its layer has seen every batch, so one layer's grams are held, not the model's.
 
 Where the dense weights and activations come from: ``prune`` has already zeroed the removed
 units (their consumer columns *and* their producers), so on the pruned module ``E_R = 0`` and
@@ -47,21 +49,43 @@ import torch
 
 from lorashear.analysis.coupling import DimensionCoupling
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds
+from lorashear.analysis.layerwise import use_layerwise
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
-from lorashear.analysis.saliency import LoraUpdate, input_gram_matrices, lora_delta, lora_updates
+from lorashear.analysis.placement import Placement, read_stored
+from lorashear.analysis.saliency import (
+    LoraUpdate,
+    complete_input_grams,
+    input_gram_matrices,
+    lora_delta,
+    lora_updates,
+)
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import LorashearError, PassError
 from lorashear.ir.core import Module, Param
 from lorashear.ir.storage import DataStorage
 from lorashear.passes.base import ModulePass, PassResult, option
+from lorashear.passes.options import (
+    Layerwise,
+    check_placement_text,
+    device_option,
+    layerwise_option,
+    placement_of,
+    run_precision_option,
+)
 from lorashear.passes.registry import register_pass
+from lorashear.training.runtime import Precision
 
 _LINEAR_KINDS = ("linear", "lora_linear")
 #: The ridge ``damp`` of ``reconstruct`` and of ``lhspg{reconstruct=true}``.
 DEFAULT_DAMP = 0.01
 #: The group kinds ``reconstruct`` folds by default and ``lhspg{reconstruct=true}`` folds.
 FOLDED_KINDS = ("attn", "mlp")
+
+
+NOTHING_TO_FOLD = ("reconstruct: the removed units are zero already (prune zeroes them), so "
+                   "there is nothing to fold into the kept ones")
+NOTHING_TO_FOLD_HINT = "give reference=PATH.ir, the module saved before prune"
 
 
 @dataclass(frozen=True)
@@ -148,12 +172,13 @@ def solve_correction(dense: torch.Tensor, gram: torch.Tensor, removed: torch.Ten
 
 def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.Tensor],
                 batches: Iterable[torch.Tensor], damp: float, *,
-                tensor_of: Callable[[Param], torch.Tensor] | None = None
-                ) -> Iterator[tuple[Consumer, Correction]]:
+                tensor_of: Callable[[Param], torch.Tensor] | None = None,
+                placement: Placement | None = None) -> Iterator[tuple[Consumer, Correction]]:
     """Each consumer's correction, solved one at a time, from its dense effective weight in
     ``weights`` (consumed) and the inputs of ``module``'s graph on ``batches`` (parameters
-    from ``tensor_of``, default their stored data)."""
-    grams = input_gram_matrices(module, batches, [c.param for c in found], tensor_of=tensor_of)
+    from ``tensor_of``, default their stored data on the ``placement``)."""
+    grams = input_gram_matrices(module, batches, [c.param for c in found], tensor_of=tensor_of,
+                                placement=placement)
     for c in found:
         gram = grams.pop(c.param).cpu()
         yield c, solve_correction(weights.pop(c.param), gram, c.removed, c.kept, damp)
@@ -205,14 +230,36 @@ class Reconstruct(ModulePass):
                             "whose removed units must not be zero yet (they are zeroed after)")
     kinds: tuple[str, ...] = option(FOLDED_KINDS, "group kinds whose removed units are folded (attn, "
                                     "mlp, hidden, other); hidden measured worse (bench/RESULTS.md)")
+    device: str = device_option("run the model (the calibration forward; grams accumulate there)")
+    precision: Precision = run_precision_option()
+    layerwise: Layerwise = layerwise_option()
 
     def __post_init__(self) -> None:
         check_kinds(self.name, self.kinds)
+        check_placement_text(self)
         if not self.damp >= 0 or self.damp == float("inf"):
             raise PassError(f"reconstruct damp must be a finite number >= 0, got {self.damp}")
         for what, value in (("batches", self.batches), ("batch", self.batch), ("seq-len", self.seq_len)):
             if value < 1:
                 raise PassError(f"reconstruct {what} must be at least 1, got {value}")
+
+    def solve_layerwise(self, dense: Module, found: list[Consumer], updates: dict[str, LoraUpdate],
+                        placement: Placement, options: CalibrationOptions, module: Module
+                        ) -> Iterator[tuple[Consumer, Correction]]:
+        """The corrections with one decoder layer on the device at a time: each consumer is
+        solved as soon as the layer that reads it has seen every batch, its dense weight read
+        from its file then (consumers are read by one op each, so a correction written back
+        cannot change a later layer's inputs)."""
+        def dense_weight(name: str) -> torch.Tensor:
+            return effective_weight(lambda n: read_stored(dense.params[n]), updates, name)
+
+        if all(not dense_weight(c.param)[:, c.removed].any() for c in found):
+            raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+        batches = calibration_batches(module, options, "reconstruct")
+        by_name = {c.param: c for c in found}
+        for name, gram in complete_input_grams(dense, batches, by_name, placement):
+            c = by_name[name]
+            yield c, solve_correction(dense_weight(name), gram.cpu(), c.removed, c.kept, self.damp)
 
     def dense_module(self, module: Module, found: list[Consumer]) -> Module:
         """The module the removed units are read from (the reference, or ``module``), checked."""
@@ -249,18 +296,21 @@ class Reconstruct(ModulePass):
             return PassResult.unchanged(**{"consumers reconstructed": 0, "consumers skipped (shared weight)": len(skipped)})
         dense = self.dense_module(module, found)
         updates = lora_updates(dense)
-        dense_weights = {c.param: effective_weight(lambda n: dense.params[n].storage.load(), updates, c.param)
-                         for c in found}
-        if all(not dense_weights[c.param][:, c.removed].any() for c in found):
-            raise PassError("reconstruct: the removed units are zero already (prune zeroes them), so "
-                            "there is nothing to fold into the kept ones",
-                            hint="give reference=PATH.ir, the module saved before prune")
+        placement = placement_of(self)
         options = CalibrationOptions(self.data, self.batches, self.batch, self.seq_len, self.seed)
-        batches = calibration_batches(module, options, "reconstruct")
+        if use_layerwise(self.name, self.layerwise, dense, placement):
+            solved = self.solve_layerwise(dense, found, updates, placement, options, module)
+        else:
+            dense_weights = {c.param: effective_weight(lambda n: dense.params[n].storage.load(), updates,
+                                                       c.param) for c in found}
+            if all(not dense_weights[c.param][:, c.removed].any() for c in found):
+                raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+            batches = calibration_batches(module, options, "reconstruct")
+            # one consumer at a time: its gram, solve and update, then the next
+            solved = corrections(dense, found, dense_weights, batches, self.damp, placement=placement)
         before = after = 0.0
         columns = 0
-        # one consumer at a time: its gram, solve and update, then the next
-        for c, correction in corrections(dense, found, dense_weights, batches, self.damp):
+        for c, correction in solved:
             param = module.params[c.param]
             weight = param.storage.load()
             updated = weight.double()

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from lorashear.analysis.placement import Placement
 from lorashear.errors import PassError
 from lorashear.ir.core import Module
 from lorashear.runtime.executor import IRModel, lora_param_names
@@ -71,6 +72,43 @@ def check_device_text(pass_name: str, device: str) -> None:
     """Fail early on a device that is none of auto, cpu, cuda, cuda:N."""
     if not _DEVICE_PATTERN.fullmatch(device):
         raise PassError(f"{pass_name}: device={device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def check_precision_text(pass_name: str, precision: str) -> None:
+    """Fail early on a precision that is none of fp32, bf16, fp16."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise PassError(f"{pass_name}: precision={precision!r} is not one of fp32, bf16, fp16")
+
+
+def _resolve_device(pass_name: str, device: str, precision: str, local_rank: int | None,
+                    verb: str) -> torch.device:
+    """The device ``device`` means (auto: cuda when available; cuda: under torchrun the local
+    rank's, else the current one), checked against ``precision`` (bf16/fp16 need CUDA)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PassError(f"{pass_name}: device={device} but CUDA is not available",
+                            hint="use device=cpu (or auto)")
+        if device == "cuda":
+            device = f"cuda:{local_rank if local_rank is not None else torch.cuda.current_device()}"
+    resolved = torch.device(device)
+    if precision != "fp32" and resolved.type != "cuda":
+        raise PassError(f"{pass_name}: precision={precision} needs a CUDA device; on {resolved} "
+                        f"the pass {verb} in fp32", hint="use precision=fp32, or device=cuda")
+    return resolved
+
+
+def resolve_placement(pass_name: str, device: str, precision: str) -> Placement:
+    """The placement of a pass that runs the model without training it (``saliency``,
+    ``knowledge``, ``prune``, ``reconstruct``, ``lorashear eval``): its ``device`` and
+    ``precision`` options read as the training passes read them, with the same errors. It
+    joins no process group; under ``torchrun``, ``cuda`` means the local rank's GPU."""
+    check_device_text(pass_name, device)
+    check_precision_text(pass_name, precision)
+    world, _, local_rank = _world_from_environment()
+    resolved = _resolve_device(pass_name, device, precision, local_rank if world > 1 else None, "runs")
+    return Placement(resolved, _AUTOCAST_DTYPES.get(precision))
 
 
 def is_main_process() -> bool:
@@ -117,21 +155,10 @@ class TrainingRuntime:
         """Resolve the options and, under ``torchrun`` with WORLD_SIZE > 1, join (or start)
         the process group: gloo on the CPU, nccl on CUDA."""
         check_device_text(pass_name, device)
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise PassError(f"{pass_name}: precision={precision!r} is not one of fp32, bf16, fp16")
+        check_precision_text(pass_name, precision)
         world, rank, local_rank = _world_from_environment()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise PassError(f"{pass_name}: device={device} but CUDA is not available",
-                                hint="use device=cpu (or auto)")
-            if device == "cuda":
-                device = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
-        resolved = torch.device(device)
-        if precision != "fp32" and resolved.type != "cuda":
-            raise PassError(f"{pass_name}: precision={precision} needs a CUDA device; on {resolved} "
-                            "the pass trains in fp32", hint="use precision=fp32, or device=cuda")
+        resolved = _resolve_device(pass_name, device, precision, local_rank if world > 1 else None,
+                                   "trains")
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         if world > 1:
@@ -175,6 +202,12 @@ class TrainingRuntime:
         model = IRModel(module, device=self.device if self.device.type != "cpu" else None,
                         dtype=dtype, keep_dtype=keep, gradient_checkpointing=self.grad_checkpoint)
         return model.train() if trainable else model.eval().requires_grad_(False)
+
+    @property
+    def placement(self) -> Placement:
+        """Where analyses inside the training pass (group scoring) run: the runtime's device
+        and precision."""
+        return Placement(self.device, _AUTOCAST_DTYPES.get(self.precision))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast of forward and loss for bf16/fp16 on CUDA; nothing for fp32."""

@@ -48,3 +48,22 @@ def test_a_folder_without_a_model_is_one_clear_line(saved_model, tmp_path, capsy
     _, text = saved_model
     assert main(["eval", str(tmp_path), "--tasks", "ppl", "--text", str(text)]) == 1
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_eval_device_cpu_gives_the_default_numbers(saved_model, tmp_path):
+    folder, text = saved_model
+    reports = []
+    for extra in ([], ["--device", "cpu", "--precision", "fp32"]):
+        out = tmp_path / f"results{len(reports)}.json"
+        assert main(["eval", str(folder), "--tasks", "ppl", "--text", str(text), "--ppl-lengths", "16",
+                     "--max-windows", "3", "--no-progress", "--json", str(out), *extra]) == 0
+        reports.append([row["value"] for row in json.loads(out.read_text())["results"]])
+    assert reports[0] == reports[1]
+
+
+@pytest.mark.parametrize("extra", [["--device", "cpu", "--precision", "bf16"], ["--device", "tpu"]])
+def test_eval_refuses_bf16_on_the_cpu_and_unknown_devices(saved_model, extra, capsys):
+    folder, text = saved_model
+    assert main(["eval", str(folder), "--tasks", "ppl", "--text", str(text), *extra]) == 1
+    error = capsys.readouterr().err
+    assert "eval: " in error and ("precision=bf16 needs a CUDA device" in error or "device='tpu'" in error)

@@ -30,6 +30,10 @@ OTHER_VALUES = {
         "seq_len": 64, "batch": 2, "seed": 1, "probe_windows": 4, "log": "l.jsonl",
         "checkpoint_dir": "ck", "progress": False, "device": "cuda:1", "precision": "fp16",
         "grad_checkpoint": True},
+    "knowledge{data=a.ids}": {
+        "gamma": 0.2, "spread": 0.5, "kinds": ("mlp",), "data": "b.ids", "batches": 2, "batch": 1,
+        "seq_len": 64, "seed": 1, "progress": False, "device": "cpu", "precision": "bf16",
+        "layerwise": True},
 }
 
 
@@ -37,9 +41,10 @@ def test_the_training_passes_declare_the_same_run_only_options():
     assert set(run_only_options(lhspg.Lhspg)) == TRAINING_RUN_ONLY
     assert set(run_only_options(recover.Recover)) == TRAINING_RUN_ONLY
     (knowledge,) = parse_pipeline("knowledge")
-    assert run_only_options(knowledge) == ("progress",)
+    # device and layerwise: where and how a pass runs the model, as lhspg's device is run-only
+    assert run_only_options(knowledge) == ("progress", "device", "layerwise")
     assert result_text(dataclasses.replace(knowledge, progress=False)) == "knowledge"
-    assert get_pass("prune") and run_only_options(get_pass("prune")) == ()
+    assert get_pass("prune") and run_only_options(get_pass("prune")) == ("device", "layerwise")
 
 
 @pytest.mark.parametrize("text", list(OTHER_VALUES))
