@@ -162,7 +162,7 @@ def pipeline(args, device: torch.device, work: Path, stages: Stages):
     before = module.num_parameters()
     dense = clone_module(module)  # the step section times the uncompressed model
     stages.run("compress", run("compress"))
-    print(f"parameters {before / 1e9:.3f} B -> {module.num_parameters() / 1e9:.3f} B", flush=True)
+    print(f"parameters {before / 1e6:,.2f} M -> {module.num_parameters() / 1e6:,.2f} M", flush=True)
     stages.run("emit hf", lambda: save_model_dir(module, work / "hf", merge=True))
     return dense
 
