@@ -199,3 +199,23 @@ def test_unsupported_family_loads_with_lorashear_only(emitted, monkeypatch, tmp_
         want = emit_torch(module)(ids, attention_mask=mask).logits
         got = load_pretrained(model_dir)(ids, attention_mask=mask).logits
     assert (got - want).abs()[mask.bool()].max() <= 1e-4
+
+
+def test_remote_model_switches_attention_and_saves_again(emitted, tmp_path):
+    """``set_attn_implementation`` after loading reaches every per-layer config, and the model
+    saved by transformers loads again with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = emitted[0]["qwen2"][0]
+    ids, mask = emitted[1]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
+                                                 attn_implementation="eager").eval()
+    assert {layer.self_attn.config._attn_implementation for layer in model.model.layers} == {"eager"}
+    model.set_attn_implementation("sdpa")
+    assert {layer.self_attn.config._attn_implementation for layer in model.model.layers} == {"sdpa"}
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True).eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = again(input_ids=ids, attention_mask=mask).logits
+    assert (got - want).abs()[mask.bool()].max() <= 1e-5

@@ -35,13 +35,34 @@ class PerLayerWidths:
     """What the per-layer configurations share: the stock config of one layer."""
 
     def layer_config(self, layer: int):
-        """A copy of this configuration with layer ``layer``'s widths in the stock keys."""
+        """A copy of this configuration with layer ``layer``'s widths in the stock keys. Its
+        attention implementation stays the model's own: ``set_attn_implementation`` after
+        loading reaches every layer."""
         config = copy.deepcopy(self)
         for per_layer, key in PER_LAYER_FIELDS.items():
             values = getattr(self, per_layer, None)
             if values is not None:
                 setattr(config, key, int(values[layer]))
+        config.__class__ = _layer_class(type(self))
+        config.model_config = self
         return config
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _layer_class(cls: type) -> type:
+    """``cls`` whose attention implementation is read from (and written to) ``model_config``."""
+    if cls not in _LAYER_CLASSES:
+        def get(self):
+            return self.model_config._attn_implementation
+
+        def set_(self, value):
+            self.model_config._attn_implementation = value
+
+        _LAYER_CLASSES[cls] = type(f"{cls.__name__}Layer", (cls,),
+                                   {"_attn_implementation": property(get, set_)})
+    return _LAYER_CLASSES[cls]
 
 
 class LorashearLlamaConfig(PerLayerWidths, LlamaConfig):
