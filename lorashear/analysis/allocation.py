@@ -27,9 +27,22 @@ distinct split and calibration batch, no copy of the weights.
 - ``scope=global``: units of one kind compete across families on scores normalised by
   their family's RMS (layers score on different scales); shapes may differ per layer.
 
+- ``uniform=true`` (with ``scope=per-layer``): every family of a kind keeps the same count of
+  units, so each layer has the same widths and the stock ``config.json`` describes the result
+  (stock transformers, vLLM, TGI and llama.cpp's converter need that). The count is the one of
+  its whole-unit (or ``align``-multiple) neighbours whose removal lands nearest the kind's
+  target that the finer kinds can still balance, as ``per-layer`` rounds; which units go is
+  each family's own lowest scores. A ``knowledge`` analysis does not widen the families it
+  protects (that would break uniformity): they are scored and give the uniform count like every
+  other, so a sensitive layer is protected by its share of the uniform budget -- it gives its
+  equal share and never more, where ``scope=global`` can take more from it -- and the units it
+  gives are its least salient. Graded weights (``spread``) do not apply either.
+
 No family ever loses every unit. ``align=N`` rounds each MLP (and ``other``) family's kept
 count to a multiple of N; attention and hidden families are left in whole units (a KV head
-already is a hardware-friendly block; the hidden size is one global choice). Units an
+already is a hardware-friendly block; the hidden size is one global choice). ``align=auto``
+is :data:`AUTO_ALIGN` for families of at least :data:`AUTO_ALIGN_MIN_UNITS` units and 1 for
+narrower ones (a tiny model's MLP would lose whole tens of percent to the rounding). Units an
 earlier pass already removed (an existing ``prune-mask``) stay removed and count towards
 the ratio. Families a ``knowledge`` analysis protects give no units, but their parameters stay
 in the ratio's base: after ``knowledge{gamma=0.1}``, ``ratio=0.2`` still removes 20% of the
@@ -62,6 +75,21 @@ from lorashear.ir.core import Module
 
 #: Kinds whose units are whole blocks already; ``align`` leaves them alone.
 UNALIGNED_KINDS = frozenset({"attn", "hidden"})
+#: ``align=auto``: the multiple GPU matrix kernels like for MLP widths (tensor-core tiles)...
+AUTO_ALIGN = 64
+#: ... for families this wide at least (rounding then moves a family's count by at most 1/16).
+AUTO_ALIGN_MIN_UNITS = 8 * AUTO_ALIGN
+#: What ``align`` takes: a multiple of at least 1, or ``auto``.
+Align = int | Literal["auto"]
+
+
+def family_align(align: Align, family: GroupFamily) -> int:
+    """The multiple ``family``'s kept count is rounded to under ``align`` (1: none)."""
+    if family.kind in UNALIGNED_KINDS:
+        return 1
+    if align == "auto":
+        return AUTO_ALIGN if family.size >= AUTO_ALIGN_MIN_UNITS else 1
+    return int(align)
 
 
 def _half_up(x: float) -> int:
@@ -129,6 +157,29 @@ def _select_per_layer(budgets: list[FamilyBudget], target: float, remaining: flo
     return chosen
 
 
+def _select_uniform(budgets: list[FamilyBudget], target: float, remaining: float,
+                     later_capacity: float, align: Align) -> dict[int, int]:
+    """``uniform=true``: one kept count for every family of the kind (a multiple of the
+    families' ``align`` when they are wide enough to allow one), chosen among the neighbours of
+    the count that removes ``target`` as :func:`_select_per_layer` chooses its rounding."""
+    step = max(family_align(align, b.family) for b in budgets)
+    most = min(b.family.size - len(b.already) for b in budgets)  # never fewer removed than before
+    per_unit = sum(b.unit_numel for b in budgets)
+    exact = (sum(b.unit_numel * b.family.size for b in budgets) - target) / per_unit / step
+    high = (most // step) * step or most
+    best: tuple[float, float] | None = None
+    chosen: dict[int, int] = {}
+    for rounding in (_half_up, math.floor, math.ceil):
+        kept = min(max(rounding(exact) * step, min(step, high), 1), high)
+        counts = {b.family.id: b.family.size - kept for b in budgets}
+        taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
+        rest = remaining - taken
+        cost = (max(0.0, -rest) + max(0.0, rest - later_capacity), abs(taken - target))
+        if best is None or cost < best:
+            best, chosen = cost, counts
+    return chosen
+
+
 def _weighted_share(free: list[FamilyBudget], target: float) -> float:
     """The share ``s`` of units that, taken as ``s * weight`` of each family (at most all but
     one unit), removes ``target`` parameters; with every weight 1 simply target / parameters.
@@ -171,10 +222,11 @@ def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]
     return counts
 
 
-def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: int = 1,
-                 attn_share: float | None = None) -> dict[int, tuple[int, ...]]:
+def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: Align = 1,
+                 attn_share: float | None = None, uniform: bool = False) -> dict[int, tuple[int, ...]]:
     """Units to remove per family id: ``ratio`` of the parameters of the ``budgets``' families
-    (protected ones included, though they give no units), lowest scores first.
+    (protected ones included, though they give no units), lowest scores first. ``uniform``:
+    every family of a kind keeps the same count (the caller protects no family then).
 
     With ``attn_share``, the attention kind is served first and takes that share of the
     parameters to remove (rounded to whole units); the other kinds split the rest as usual.
@@ -184,7 +236,7 @@ def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: i
     for b in budgets:
         by_kind.setdefault(b.family.kind, []).append(b)
     for b in budgets:
-        if b.family.kind not in UNALIGNED_KINDS and align > b.family.size:
+        if b.family.kind not in UNALIGNED_KINDS and align != "auto" and align > b.family.size:
             raise PassError(f"align={align} is larger than family {b.family.id} ({b.family.kind}, "
                             f"layer {b.family.layer}), which has {b.family.size} groups")
     kind_params = {k: sum(b.unit_numel * b.family.size for b in bs) for k, bs in by_kind.items()}
@@ -206,15 +258,18 @@ def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: i
             target = fixed[kind]
         else:
             target = max(remaining if last else remaining * kind_params[kind] / params_left, 0.0)
-        if scope == "per-layer":
-            later = sum(capacity[k] for k in order[index + 1:])
+        later = sum(capacity[k] for k in order[index + 1:])
+        if uniform:
+            counts = _select_uniform(kind_budgets, target, remaining, later, align)
+        elif scope == "per-layer":
             counts = _select_per_layer(kind_budgets, target, remaining, later)
         else:
             counts = _select_global(kind_budgets, target)
         for b in kind_budgets:
             count = counts[b.family.id]
-            if kind not in UNALIGNED_KINDS and align > 1 and not b.protected:
-                count = align_count(count, b.family.size, align, len(b.already))
+            multiple = family_align(align, b.family)
+            if multiple > 1 and not b.protected and not uniform:
+                count = align_count(count, b.family.size, multiple, len(b.already))
             removed[b.family.id] = tuple(sorted(b.ranked()[:count]))
             remaining -= count * b.unit_numel
         if kind not in fixed:
@@ -244,6 +299,13 @@ def check_attn_share(pass_name: str, attn_share: AttnShare, kinds: tuple[str, ..
     if attn_share < 1.0 and set(kinds) <= {"attn"}:
         raise PassError(f"{pass_name} attn-share={attn_share} leaves {1 - attn_share:.0%} of the "
                         "removal to other kinds, and kinds=attn has none", hint="add mlp to kinds")
+
+
+def check_uniform(pass_name: str, uniform: bool, scope: str) -> None:
+    """A :class:`PassError` naming the pass when ``uniform`` meets ``scope=global``."""
+    if uniform and scope == "global":
+        raise PassError(f"{pass_name} uniform=true keeps every layer's widths the same, and "
+                        "scope=global lets them differ", hint="drop scope=global (per-layer is the default)")
 
 
 @dataclass(frozen=True)
@@ -306,8 +368,9 @@ def check_reachable(budgets: list[FamilyBudget], ratio: float) -> None:
                         f"at most {free:,}", hint="lower ratio or knowledge's gamma")
 
 
-def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, align: int,
-                      loss_of: Callable[[dict[int, tuple[int, ...]]], float]) -> SplitChoice:
+def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, align: Align,
+                      loss_of: Callable[[dict[int, tuple[int, ...]]], float],
+                      uniform: bool = False) -> SplitChoice:
     """``attn-share=auto``: of the proportional split and each of :data:`AUTO_SHARES`, the one
     whose removal leaves the least loss (``loss_of`` the masked model). Splits that choose the
     same units are measured once; on a tie the earlier candidate (proportional first) wins."""
@@ -317,7 +380,7 @@ def search_attn_share(budgets: list[FamilyBudget], ratio: float, scope: str, ali
     best: SplitChoice | None = None
     best_loss = math.inf
     for share in (None, *AUTO_SHARES):
-        removed = choose_units(budgets, ratio, scope, align, share)
+        removed = choose_units(budgets, ratio, scope, align, share, uniform)
         key = tuple(sorted(removed.items()))
         if key in seen:
             continue

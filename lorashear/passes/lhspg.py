@@ -60,10 +60,12 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from lorashear.analysis.allocation import (
+    Align,
     AttnShare,
     FamilyBudget,
     check_attn_share,
     check_reachable,
+    check_uniform,
     choose_units,
     families_to_prune,
     family_budgets,
@@ -248,6 +250,8 @@ class Lhspg(ModulePass):
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
     scope: Literal["per-layer", "global"] = option("per-layer", "allocation, as in prune")
+    uniform: bool = option(False, "every layer keeps the same number of units of each kind, as in prune")
+    align: Align = option(1, "round each MLP family's kept count to a multiple of this, as in prune")
     attn_share: AttnShare = attn_share_option("auto")  # lhspg always has data to measure on
     data: str = option("", "training text: a text/JSON/Parquet file (model's tokenizer), a .ids file "
                        "of token ids, a cached source name, or a YAML data spec (steps draw sources by weight)")
@@ -275,6 +279,9 @@ class Lhspg(ModulePass):
             raise PassError(f"lhspg settle must be in [0, 1), got {self.settle}")
         check_warmup(self.name, self.warmup)
         check_attn_share(self.name, self.attn_share, self.kinds)
+        check_uniform(self.name, self.uniform, self.scope)
+        if self.align != "auto" and self.align < 1:
+            raise PassError(f"lhspg align must be at least 1 or auto, got {self.align}")
         check_metric(self.metric)
         if self.rescore and self.metric != "taylor":
             raise PassError(f"lhspg rescore needs metric=taylor (got {self.metric}): only taylor "
@@ -298,6 +305,8 @@ class Lhspg(ModulePass):
     def run(self, module: Module, am: AnalysisManager) -> PassResult:
         groups: GroupsAttr = module.attributes["groups"]
         of_kinds, protected = families_to_prune(module, groups, self.kinds)
+        if self.uniform:  # protected by their share of the uniform budget, not by their width
+            protected = set()
         family_ids = [f.id for f in of_kinds if f.id not in protected]  # the ones that may lose units
         harness = LoraHarness.create(self, module, owner=result_text(self),
                                      total_steps=self.periods * self.steps)
@@ -329,8 +338,8 @@ class Lhspg(ModulePass):
                 budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected)
                 target = self.ratio * (period + 1) / self.periods
                 earlier = state.chosen_units
-                current = state.choose(index, choose_units(budgets, target, self.scope,
-                                                           attn_share=state.attn_share))
+                current = state.choose(index, choose_units(budgets, target, self.scope, self.align,
+                                                           state.attn_share, self.uniform))
                 folds: list[float] = []
                 fold = self.fold_before_zeroing(module, groups, model, runtime, calibration, earlier,
                                                 state.chosen_units, folds) if self.reconstruct else None
@@ -416,5 +425,6 @@ class Lhspg(ModulePass):
         batches = [runtime.to_device(b) for b in calibration]
         loss_of = masked_loss_fn(model, module, groups, batches, autocast=runtime.autocast)
         # every rank measures alike; rank 0's choice counts, so all ranks prune the same units
-        split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope, 1, loss_of))
+        split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope, self.align,
+                                                           loss_of, self.uniform))
         return split.share, split.statistics()

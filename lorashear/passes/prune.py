@@ -16,9 +16,11 @@ from typing import ClassVar, Literal
 import torch
 
 from lorashear.analysis.allocation import (
+    Align,
     AttnShare,
     check_attn_share,
     check_reachable,
+    check_uniform,
     choose_units,
     families_to_prune,
     family_budgets,
@@ -77,7 +79,11 @@ class Prune(ModulePass):
         "per-layer", "per-layer: the same share of every family; global: compare normalised "
         "scores across the families of a kind")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden, other)")
-    align: int = option(1, "round each MLP family's kept count to a multiple of this")
+    align: Align = option(1, "round each MLP family's kept count to a multiple of this; auto: 64 "
+                          "for families of at least 512 channels, else 1")
+    uniform: bool = option(False, "every layer keeps the same number of units of each kind (the "
+                           "stock config then describes the result); knowledge-protected layers "
+                           "give the same count as the others")
     attn_share: AttnShare = attn_share_option()
     weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0, 1.0), OPTION_DOCS["weights"])
     data: str = option("", OPTION_DOCS["data"])
@@ -94,8 +100,9 @@ class Prune(ModulePass):
         if self.metric is not None:
             check_metric(self.metric, self.weights)
         check_kinds(self.name, self.kinds)
-        if self.align < 1:
-            raise PassError(f"prune align must be at least 1, got {self.align}")
+        if self.align != "auto" and self.align < 1:
+            raise PassError(f"prune align must be at least 1 or auto, got {self.align}")
+        check_uniform(self.name, self.uniform, self.scope)
         check_placement_text(self)
         check_attn_share(self.name, self.attn_share, self.kinds)
         if self.attn_share == "auto" and "attn" in self.kinds and len(self.kinds) > 1 and not self.data:
@@ -127,6 +134,8 @@ class Prune(ModulePass):
         if not isinstance(groups, GroupsAttr):
             raise PassError("the 'groups' attribute is not a groups attribute", hint="run discover")
         families, protected = families_to_prune(module, groups, self.kinds)
+        if self.uniform:  # protected by their share of the uniform budget, not by their width
+            protected = set()
         free = [f.id for f in families if f.id not in protected]
         # read at most once, for scoring and the split search alike, and only if one needs it
         read_batches = functools.cache(lambda: calibration_batches(module, calibration_options(self), "prune"))
@@ -138,11 +147,11 @@ class Prune(ModulePass):
         split = None
         if self.attn_share == "auto" and has_split(budgets):
             loss_of = self.masked_loss(module, groups, read_batches())
-            split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of)
+            split = search_attn_share(budgets, self.ratio, self.scope, self.align, loss_of, self.uniform)
             chosen = split.removed
         else:
             chosen = choose_units(budgets, self.ratio, self.scope, self.align,
-                                  fixed_attn_share(self.attn_share))
+                                  fixed_attn_share(self.attn_share), self.uniform)
         removed = {**already, **chosen}
         zero_groups(module, groups, removed)
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)

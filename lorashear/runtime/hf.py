@@ -1,20 +1,37 @@
-"""Emission to a model directory and loading it back, without pickle or remote code.
+"""Emission to a model directory and loading it back (loading never unpickles or runs remote code).
 
 Two layouts share one writer:
 - ``torch``: the IR as it is (LoRA kept, trainable) + ``model.safetensors``; reload with
   :func:`load_pretrained` to continue training or run it.
 - ``hf``: LoRA merged into the base weights, ``config.json`` and ``model.safetensors`` under
-  the checkpoint's own names (plain ``transformers.AutoModelForCausalLM.from_pretrained``
-  loads it whenever every layer kept the config's shapes), the tokenizer files of the source
-  model, and ``lorashear.ir`` so :func:`load_pretrained` restores any shape exactly.
+  the checkpoint's own names, the tokenizer files of the source model, a ``README.md`` saying
+  how to load it, and ``lorashear.ir`` so :func:`load_pretrained` restores any shape exactly.
+
+What ``config.json`` claims follows the weights (:func:`hf_config`), checked by building each
+candidate model on the ``meta`` device and comparing its parameter shapes with the weights:
+
+- ``stock``: every layer kept the shapes the (updated) source config describes: the source's
+  config, and plain ``AutoModelForCausalLM.from_pretrained`` loads it (so do vLLM, TGI and
+  llama.cpp's converter).
+- ``remote-code``: the layers differ in width, and the family is one that
+  :mod:`lorashear.runtime.hf_modeling` covers (llama, mistral, qwen2, qwen3): a
+  ``lorashear_<family>`` config with per-layer widths read from the weights, registered through
+  ``auto_map`` with the two files copied beside it, so ``from_pretrained(dir,
+  trust_remote_code=True)`` loads it with stock transformers and no lorashear.
+- ``lorashear``: anything else (another family with layers of differing widths): a config
+  that claims no stock architecture (``model_type`` ``lorashear_ir``); only
+  :func:`load_pretrained` loads it. Emission never fails for this.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -29,6 +46,8 @@ from lorashear.ir.printer import print_module
 from lorashear.ir.storage import FileStorage
 from lorashear.ir.types import torch_dtype
 from lorashear.runtime.executor import IRModel, emit_torch
+from lorashear.runtime.hf_modeling import FOLDER as REMOTE_CODE_FOLDER
+from lorashear.runtime.hf_modeling import REMOTE_CODE_FILES
 
 IR_FILE = "lorashear.ir"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,9 +85,131 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
         if isinstance(config, HFConfigAttr):
             data = dict(config.config)
             data.pop("quantization_config", None)
+            if merge:
+                data, loads = hf_config(data, {n: tuple(p.type.shape) for n, p in module.params.items()
+                                               if not p.buffer})
+                if loads == "remote-code":
+                    for name in REMOTE_CODE_FILES:
+                        shutil.copy2(REMOTE_CODE_FOLDER / name, tmp / name)
+                (tmp / "README.md").write_text(_readme(loads, data), encoding="utf-8")
             (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         _copy_tokenizer(module, tmp)
     return out_dir
+
+
+#: How an emitted directory loads: see the module docstring.
+Loader = Literal["stock", "remote-code", "lorashear"]
+#: Families whose per-layer-width model :mod:`lorashear.runtime.hf_modeling` defines: the
+#: stock ``model_type`` and the infix of its class names (``Lorashear<infix>ForCausalLM``).
+REMOTE_CODE_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+#: ``model_type`` of a config that only :func:`load_pretrained` loads.
+LORASHEAR_ONLY_TYPE = "lorashear_ir"
+
+
+def hf_config(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], Loader]:
+    """The ``config.json`` to write beside parameters of ``shapes`` (merged, checkpoint names,
+    buffers left out) whose
+    source config, updated by the passes, is ``data``, and how the directory then loads: the
+    stock config when a stock model of it has exactly these shapes, else a per-layer-width
+    remote-code config when its model has them, else one that claims no stock architecture."""
+    if _model_shapes(data, None) == _expected(shapes, data):
+        return data, "stock"
+    family = REMOTE_CODE_FAMILIES.get(data.get("model_type", ""))
+    widths = per_layer_widths(data, shapes) if family else None
+    if family and widths:
+        remote = _remote_code_config(data, family, widths)
+        if _model_shapes(remote, family) == _expected(shapes, remote):
+            return remote, "remote-code"
+    return {**data, "model_type": LORASHEAR_ONLY_TYPE, "architectures": ["LorashearIRModel"],
+            "lorashear_source_model_type": data.get("model_type"),
+            "lorashear_loads_with": "lorashear.runtime.hf.load_pretrained (layers differ in width "
+                                    "and no stock or remote-code model describes them)"}, "lorashear"
+
+
+def per_layer_widths(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]] | None:
+    """Each layer's MLP width and query/key-value head counts, read from its ``mlp.down_proj``
+    and ``self_attn.q_proj``/``k_proj`` weights (None when a layer lacks them or a projection
+    is not whole heads of ``head_dim``)."""
+    try:
+        layers = int(data["num_hidden_layers"])
+        head_dim = int(data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    widths: dict[str, list[int]] = {"layer_intermediate_sizes": [], "layer_num_attention_heads": [],
+                                    "layer_num_key_value_heads": []}
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        down = shapes.get(prefix + "mlp.down_proj.weight")
+        q = shapes.get(prefix + "self_attn.q_proj.weight")
+        k = shapes.get(prefix + "self_attn.k_proj.weight")
+        if down is None or q is None or k is None or q[0] % head_dim or k[0] % head_dim:
+            return None
+        widths["layer_intermediate_sizes"].append(down[1])
+        widths["layer_num_attention_heads"].append(q[0] // head_dim)
+        widths["layer_num_key_value_heads"].append(k[0] // head_dim)
+    return widths
+
+
+def _remote_code_config(data: dict[str, Any], family: str, widths: dict[str, list[int]]) -> dict[str, Any]:
+    config = {k: v for k, v in data.items() if k not in ("lorashear_per_layer", "auto_map")}
+    config.update(widths)
+    config.update(
+        model_type=f"lorashear_{data['model_type']}",
+        architectures=[f"Lorashear{family}ForCausalLM"],
+        auto_map={"AutoConfig": f"configuration_lorashear.Lorashear{family}Config",
+                  "AutoModelForCausalLM": f"modeling_lorashear.Lorashear{family}ForCausalLM"},
+        head_dim=int(data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]),
+        intermediate_size=max(widths["layer_intermediate_sizes"]),
+        num_attention_heads=max(widths["layer_num_attention_heads"]),
+        num_key_value_heads=max(widths["layer_num_key_value_heads"]))
+    return config
+
+
+def _expected(shapes: dict[str, tuple[int, ...]], data: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` as a model's state dict lists them: a tied head is there, though not saved."""
+    if data.get("tie_word_embeddings") and "model.embed_tokens.weight" in shapes:
+        return {"lm_head.weight": shapes["model.embed_tokens.weight"], **shapes}
+    return dict(shapes)
+
+
+def _model_shapes(data: dict[str, Any], family: str | None) -> dict[str, tuple[int, ...]] | None:
+    """The parameter shapes of the model ``data`` describes, built on the ``meta`` device: the
+    stock one (``family`` None) or the per-layer one of :mod:`lorashear.runtime.hf_modeling`;
+    None when transformers cannot build it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            if family is None:
+                config = AutoConfig.for_model(**copy.deepcopy(data))
+                model = AutoModelForCausalLM.from_config(config)
+            else:
+                from lorashear.runtime.hf_modeling import (
+                    configuration_lorashear,
+                    modeling_lorashear,
+                )
+                config = getattr(configuration_lorashear, f"Lorashear{family}Config").from_dict(copy.deepcopy(data))
+                model = getattr(modeling_lorashear, f"Lorashear{family}ForCausalLM")(config)
+    except Exception:  # transformers raises many kinds for a config it cannot build
+        return None
+    return {name: tuple(t.shape) for name, t in model.named_parameters(remove_duplicate=False)}
+
+
+def _readme(loads: Loader, data: dict[str, Any]) -> str:
+    how = {
+        "stock": "Every layer has the shapes `config.json` describes: stock transformers loads it\n"
+                 "(`AutoModelForCausalLM.from_pretrained(dir)`), and so do tools that read a stock config.",
+        "remote-code": "Its layers differ in width (`layer_intermediate_sizes`, `layer_num_attention_heads`,\n"
+                       "`layer_num_key_value_heads` in `config.json`). Stock transformers loads it with the\n"
+                       "modeling file shipped here, which imports only torch and transformers:\n"
+                       "`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.",
+        "lorashear": f"Its layers differ in width and its family ({data.get('lorashear_source_model_type')}) has no\n"
+                     "per-layer-width modeling file: it loads with lorashear only,\n"
+                     "`lorashear.runtime.hf.load_pretrained(dir)`.",
+    }[loads]
+    return ("# A model pruned by lorashear\n\n" + how + "\n\n`lorashear.runtime.hf.load_pretrained(dir)` "
+            "loads it in every case, from `lorashear.ir`.\n")
 
 
 def _copy_tokenizer(module: Module, dest: Path) -> None:
