@@ -90,7 +90,8 @@ class ResultRow:
 def load_model(model_dir: str, cache_dir: str | None = None, *, device: Any = None,
                dtype: Any = None) -> tuple[Any, Any, Path]:
     """Load a transformers causal LM and its tokenizer from a folder (or 'default'), in fp32
-    (or ``dtype``) on the CPU (or ``device``)."""
+    (or ``dtype``) on the CPU (or ``device``). A pruned model with per-layer widths that
+    lorashear wrote loads through its ``lorashear.ir`` (never its remote code)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,13 +105,29 @@ def load_model(model_dir: str, cache_dir: str | None = None, *, device: Any = No
         raise ModelLoadError(f"'{folder}' is not a model folder (no config.json)",
                              hint="give a transformers model folder, or 'default'")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
-        if device is not None and torch.device(device).type != "cpu":
-            model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if _lorashear_only(folder):  # per-layer widths: lorashear's own runtime, no remote code
+            from lorashear.runtime.hf import load_pretrained
+
+            model = load_pretrained(folder, device=device, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+            if device is not None and torch.device(device).type != "cpu":
+                model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the model in '{folder}': {exc}") from exc
     return model.eval(), tokenizer, folder
+
+
+def _lorashear_only(folder: Path) -> bool:
+    """A directory lorashear wrote whose config names no stock architecture (a pruned model
+    with per-layer widths): its ``lorashear.ir`` is what loads it exactly."""
+    from lorashear.runtime.hf import IR_FILE
+
+    if not (folder / IR_FILE).is_file():
+        return False
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return str(config.get("model_type", "")).startswith("lorashear")
 
 
 def read_text(path: Path | None, tail_chars: int | None) -> str:

@@ -67,3 +67,32 @@ def test_eval_refuses_bf16_on_the_cpu_and_unknown_devices(saved_model, extra, ca
     assert main(["eval", str(folder), "--tasks", "ppl", "--text", str(text), *extra]) == 1
     error = capsys.readouterr().err
     assert "eval: " in error and ("precision=bf16 needs a CUDA device" in error or "device='tpu'" in error)
+
+
+def test_eval_loads_a_pruned_model_with_per_layer_widths(saved_model, tmp_path):
+    """A non-uniform output (a remote-code config, which stock loading refuses) is evaluated
+    through its lorashear.ir, without running its remote code."""
+    from lorashear.frontend.pretrained import lower_pretrained
+    from lorashear.passes import PassManager
+    from lorashear.runtime.hf import save_model_dir
+
+    folder, text = saved_model
+    module = lower_pretrained(folder)
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    mlp = [f for f in groups.families if f.kind == "mlp"]
+    from lorashear.analysis.groups import PruneMaskAttr
+
+    module.attributes["prune-mask"] = PruneMaskAttr.from_dict(
+        {f.id: tuple(range(f.layer + 1)) for f in mlp})  # a different width in every layer
+    PassManager.parse("compress").run(module)
+    out_dir = save_model_dir(module, tmp_path / "pruned", merge=True)
+    assert json.loads((out_dir / "config.json").read_text())["model_type"].startswith("lorashear")
+    results = {}
+    for name, model_dir in (("pruned", out_dir), ("dense", folder)):
+        out = tmp_path / f"{name}.json"
+        code = main(["eval", str(model_dir), "--tasks", "ppl", "--text", str(text),
+                     "--ppl-lengths", "32", "--max-windows", "2", "--no-progress", "--json", str(out)])
+        assert code == 0
+        results[name] = json.loads(out.read_text())["results"][0]["value"]
+    assert results["pruned"] != results["dense"]  # the pruned model, not the source, was scored
