@@ -244,7 +244,7 @@ class Recover(ModulePass):
         # earlier pass has spent its time; the data spec's contents are checked when it loads
         if self.steps > self.stage1_length:
             if self.loss in ("kd", "kd-hidden") and not self.reference:
-                raise PassError(f"recover: loss={self.loss} distils the unpruned model and needs it",
+                raise PassError(f"recover: loss={self.loss} distils the unpruned model's logits and needs it",
                                 hint="give reference=PATH.ir (the module before pruning)")
             if self.loss == "lm" and Path(self.data).suffix.lower() in PLAIN_TEXT_SUFFIXES:
                 raise PassError(f"recover: stage 2 (loss=lm) tunes on instruction records, and data={self.data} "
