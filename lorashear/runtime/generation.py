@@ -67,8 +67,11 @@ class IRForGeneration(PreTrainedModel, GenerationMixin):
                 **_: Any):
         if not self.cached:
             return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels)
-        return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels, cache=cache,
-                             use_cache=True)
+        out = self.ir_model(input_ids, attention_mask=attention_mask, labels=labels, cache=cache,
+                            use_cache=True)
+        if use_cache is False:  # generate(use_cache=False) would feed a returned cache back
+            return type(out)(loss=out.loss, logits=out.logits)
+        return out
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any):

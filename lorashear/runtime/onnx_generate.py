@@ -218,7 +218,7 @@ class OnnxForGeneration(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         ids = _numpy(input_ids)
         mask = _numpy(attention_mask) if attention_mask is not None else None
-        if not self.cached:
+        if not self.cached or use_cache is False:  # the whole sequence, from an empty past
             logits, _ = self.decoder.run(ids, mask)
             return CausalLMOutputWithPast(logits=torch.from_numpy(logits))
         if cache is not None and not isinstance(cache, Cache):

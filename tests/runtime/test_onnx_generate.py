@@ -3,7 +3,7 @@
 On the tiny Llama-GQA, Mistral and Qwen2 (LoRA merged at emission), and on a Llama pruned
 non-uniformly (random groups, compressed): greedy tokens and per-step scores in ONNX Runtime
 equal the PyTorch executor's, the cached decoder equals the scoring-only graph decoding the
-whole prefix each step, and beam search and seeded sampling match too. The emitted decoder's
+whole prefix each step (and ``generate(use_cache=False)``), and beam search and seeded sampling match too. The emitted decoder's
 inputs and outputs have the names and dynamic axes ONNX Runtime's decoders expect.
 """
 
@@ -47,15 +47,20 @@ def _assert_same_decoding(module, tmp_path) -> None:
     """Greedy in ONNX Runtime (cached and not) equals greedy in the PyTorch executor."""
     vocab = module.attributes["config"].config["vocab_size"]
     ids, mask = _prompt(vocab)
-    want = _greedy(emit_torch(module), ids, mask)
-    cached = _greedy(onnx_generator(emit_onnx(module, tmp_path / "kv.onnx", kv_cache=True)), ids, mask)
-    plain = _greedy(onnx_generator(emit_onnx(module, tmp_path / "plain.onnx")), ids, mask)
+    torch_model = emit_torch(module)
+    onnx_model = onnx_generator(emit_onnx(module, tmp_path / "kv.onnx", kv_cache=True))
+    want = _greedy(torch_model, ids, mask)
+    runs = {"onnx cached": _greedy(onnx_model, ids, mask),
+            # the whole prefix each step: the scoring-only graph, and generate(use_cache=False)
+            "onnx plain graph": _greedy(onnx_generator(emit_onnx(module, tmp_path / "plain.onnx")),
+                                        ids, mask),
+            "onnx use_cache=False": _greedy(onnx_model, ids, mask, use_cache=False),
+            "torch use_cache=False": _greedy(torch_model, ids, mask, use_cache=False)}
     assert want.sequences.shape == (2, 7 + NEW_TOKENS)
-    assert torch.equal(cached.sequences, want.sequences)
-    assert torch.equal(plain.sequences, cached.sequences)
-    for got, ref, full in zip(cached.scores, want.scores, plain.scores, strict=True):
-        assert (got - ref).abs().max().item() <= TOLERANCE
-        assert (got - full).abs().max().item() <= TOLERANCE
+    for name, run in runs.items():
+        assert torch.equal(run.sequences, want.sequences), name
+        for got, ref in zip(run.scores, want.scores, strict=True):
+            assert (got - ref).abs().max().item() <= TOLERANCE, name
 
 
 def test_decoder_inputs_and_outputs(lowered, tmp_path):
