@@ -16,7 +16,8 @@ from lorashear.runtime.hf import load_pretrained, save_model_dir
 from tests.conftest import save_word_tokenizer
 
 WORDS = ("the cat sat on a mat while one dog ran to it and we all saw how fast it went home "
-         "then she said hello to him before they left the old house by the sea").split()
+         "then she said hello to him before they left the old house by the sea").split() + [
+             f"w{i}" for i in range(100)]  # every id of the tiny model's 128 decodes to a word
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}assistant : {% endif %}")
 PROMPT = "the cat sat on a mat"
