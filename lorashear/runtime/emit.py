@@ -31,9 +31,15 @@ def emit(module: Module, fmt: str, out: str | os.PathLike, *, kv_cache: bool = T
     if fmt == "hf":
         return save_model_dir(module, out, merge=True)
     if fmt == "onnx":
+        from lorashear.runtime.kv_cache import KVCacheError
         from lorashear.runtime.onnx_emit import emit_onnx
 
-        path = emit_onnx(module, out, kv_cache=kv_cache)
+        try:
+            path = emit_onnx(module, out, kv_cache=kv_cache)
+        except KVCacheError as exc:
+            raise KVCacheError(f"cannot emit an ONNX decoder with past key values: {exc.message}",
+                               hint="--no-kv-cache (kv_cache=False) writes the scoring-only "
+                               "graph") from exc
         if kv_cache and Path(out).is_dir():
             write_decoder_files(module, path.parent)
         return path

@@ -148,3 +148,18 @@ def test_no_kv_cache_is_for_onnx_only(model_dirs, tmp_path, capsys):
 
     assert [v.name for v in onnx.load(str(tmp_path / "p.onnx")).graph.input] == \
         ["input_ids", "attention_mask"]
+
+
+def test_a_graph_without_attention_needs_no_kv_cache(tmp_path, capsys):
+    from lorashear.ir.core import DTypeArg, Graph, Module, Op, Value
+    from lorashear.ir.types import TensorType
+
+    ids = Value("input_ids", TensorType("i64", ("B", "S")))
+    out = Value("y", TensorType("f32", ("B", "S")))
+    save_ir(Module(Graph([ids], [Op("cast", [ids, DTypeArg("f32")], {}, [out])], [out], ["logits"])),
+            tmp_path / "m.ir")
+    assert emit_cli.main([str(tmp_path / "m.ir"), "--format", "onnx", "-o", str(tmp_path / "a.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no attention op" in err and "--no-kv-cache" in err, err
+    assert emit_cli.main([str(tmp_path / "m.ir"), "--format", "onnx", "-o", str(tmp_path / "a.onnx"),
+                          "--no-kv-cache"]) == 0
