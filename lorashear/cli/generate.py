@@ -169,6 +169,9 @@ def load_for_generation(args: argparse.Namespace, runtime: str) -> tuple[Any, An
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise GenerateOptionError(f"--device {args.device!r} is not a torch device") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateOptionError(f"--device {args.device}: torch sees no CUDA device here",
+                                  hint="use --device cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_pretrained(folder, device=device, dtype=dtype)
     generation = GenerationConfig.from_pretrained(folder) \

@@ -102,6 +102,7 @@ def test_sampling_repeats_with_a_seed(model_dirs, capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--num-beams", "0"], "--num-beams must be at least 1"),
     (["--runtime", "onnx", "--dtype", "bfloat16"], "--dtype applies to --runtime torch"),
+    (["--device", "tpu:7"], "is not a torch device"),
 ])
 def test_bad_options_are_one_clear_line(model_dirs, capsys, argv, message):
     hf, onnx_dir = model_dirs
