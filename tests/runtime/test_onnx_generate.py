@@ -9,6 +9,7 @@ inputs and outputs have the names and dynamic axes ONNX Runtime's decoders expec
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -90,9 +91,10 @@ def test_decoder_inputs_and_outputs(lowered, tmp_path):
         == ["input_ids", "attention_mask"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_pytorch_runtime(lowered, family, tmp_path):
-    _assert_same_decoding(lowered(family, True), tmp_path)
+@pytest.mark.parametrize("family, with_lora", [(f, True) for f in FAMILIES] + [("llama", False)])
+def test_greedy_equals_pytorch_runtime(lowered, family, with_lora, tmp_path):
+    """LoRA merged at emission (the executor keeps it unmerged), and a dense model."""
+    _assert_same_decoding(lowered(family, with_lora), tmp_path)
 
 
 def test_pruned_non_uniform_model_decodes(lowered, tmp_path):
@@ -127,9 +129,20 @@ def test_cache_grows_in_place_of_the_sessions_arrays(lowered, tmp_path):
     module = lowered("mistral", False)
     model = onnx_generator(emit_onnx(module, tmp_path / "kv.onnx", kv_cache=True))
     ids, mask = _prompt(128)
+    outputs = []
+    run = model.decoder.run
+
+    def recording_run(*args, **kwargs):
+        outputs.append(run(*args, **kwargs))
+        return outputs[-1]
+
+    model.decoder.run = recording_run
     cache = DynamicCache()
     out = model(ids, attention_mask=mask, cache=cache)
     assert out.cache is cache and cache.get_seq_length() == 7
+    _, presents = outputs[-1]  # the session's arrays are the cache's tensors: no copy
+    assert all(np.shares_memory(key, layer.keys.numpy()) and np.shares_memory(value, layer.values.numpy())
+               for (key, value), layer in zip(presents, cache.layers, strict=True))
     step = model(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
                  cache=cache)
     assert cache.get_seq_length() == 8 and len(cache.layers) == 3
