@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = sorted(p for p in Path(__file__).parent.glob("bench_*.py"))
+#: Scripts that are part of ``make bench`` although their names do not start with ``bench_``.
+EXTRA_SCRIPTS = ("decode_smollm2.py",)
+SCRIPTS = sorted(p for p in Path(__file__).parent.glob("bench_*.py")) + [
+    Path(__file__).parent / name for name in EXTRA_SCRIPTS]
 
 
 def main() -> int:

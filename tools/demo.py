@@ -8,8 +8,9 @@ the chosen groups are driven to zero) -> recover
 (stage 1: batches drawn from Austen, the King James Bible and the Python docs in proportion
 to how much each lost; stage 2: distillation of the unpruned model's logits, so no
 instruction data or network is needed) -> compress -> emit (Hugging Face directory and
-ONNX). It prints parameters, held-out perplexity per source, prefill speed in PyTorch and
-ONNX Runtime before and after, and two greedy generations side by side.
+ONNX decoders with past key values). It prints parameters, held-out perplexity per source,
+prefill speed in PyTorch and ONNX Runtime before and after, and greedy generations side by
+side (transformers' generate over the KV cache: dense, pruned, and pruned in ONNX Runtime).
 
 DEMO_BUDGET=full trains longer (better quality, much slower on a CPU).
 """
@@ -53,17 +54,16 @@ def prefill_tokens_per_second(run, batch: int, seq: int, vocab: int, repeats: in
 
 
 def greedy(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
+    """The model's greedy answer to ``prompt`` as a chat's user turn: transformers' ``generate``
+    over the model's KV cache (an IR model's or an ONNX Runtime decoder's), up to EOS."""
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    start = ids.shape[1]
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = model(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            if nxt.item() == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip().replace("\n", " ")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         do_sample=False, temperature=None, top_p=None, top_k=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
 
 
 def main() -> int:
@@ -87,6 +87,7 @@ def main() -> int:
     from lorashear.runtime.executor import emit_torch
     from lorashear.runtime.hf import load_pretrained, save_model_dir
     from lorashear.runtime.onnx_emit import emit_onnx
+    from lorashear.runtime.onnx_generate import OnnxDecoder, onnx_generator
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter
     budget_name = os.environ.get("DEMO_BUDGET", "quick")
@@ -135,15 +136,14 @@ def main() -> int:
                               seen_attributes=tracker.last_seen), out / "report.html")
     log(f"wrote the pruning report {out / 'report.html'}")
 
-    log("emitting a Hugging Face directory and ONNX models (pruned and, for comparison, dense)")
+    log("emitting a Hugging Face directory and ONNX decoders with past key values (pruned and, "
+        "for comparison, dense)")
     save_model_dir(module, out / "hf", merge=True)
-    onnx_paths = {"pruned 20%": emit_onnx(module, out / "model.onnx"),
-                  "dense": emit_onnx(dense, out / "dense.onnx")}
+    onnx_paths = {"pruned 20%": emit_onnx(module, out / "model.onnx", kv_cache=True),
+                  "dense": emit_onnx(dense, out / "dense.onnx", kv_cache=True)}
     small = load_pretrained(out / "hf")
     big = emit_torch(dense)
     vocab = module.attributes["config"].config["vocab_size"]
-
-    import onnxruntime as ort
 
     log(f"measuring held-out perplexity ({', '.join(SOURCES)}; never trained on) and speed")
     rows = []
@@ -154,14 +154,8 @@ def main() -> int:
         params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         with torch.no_grad():
             tps = prefill_tokens_per_second(lambda ids, m=model: m(ids), 1, 128, vocab)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(onnx_paths[label]), options,
-                                       providers=["CPUExecutionProvider"])
-        ort_tps = prefill_tokens_per_second(
-            lambda ids, s=session: s.run(None, {"input_ids": ids.numpy(),
-                                                "attention_mask": torch.ones_like(ids).numpy()}),
-            1, 128, vocab)
+        decoder = OnnxDecoder(onnx_paths[label], threads=torch.get_num_threads())
+        ort_tps = prefill_tokens_per_second(lambda ids, d=decoder: d.run(ids.numpy()), 1, 128, vocab)
         rows.append((label, params, ppl, tps, ort_tps))
 
     print()
@@ -178,6 +172,7 @@ def main() -> int:
     print(f"prompt: {PROMPT}")
     print(f"  dense : {greedy(big, tokenizer, PROMPT)}")
     print(f"  pruned: {greedy(small, tokenizer, PROMPT)}")
+    print(f"  pruned, ONNX Runtime: {greedy(onnx_generator(onnx_paths['pruned 20%']), tokenizer, PROMPT)}")
     print(f"\noutputs in {out} (hf/, model.onnx, report.html); total {time.perf_counter() - t0:.0f} s, budget '{budget_name}'")
     return 0
 

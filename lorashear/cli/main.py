@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from lorashear.cli._common import add_common_options, run_command
 
 #: Subcommand modules, imported lazily so `lorashear --help` stays fast.
-SUBCOMMANDS: tuple[str, ...] = ("data", "model", "eval")
+SUBCOMMANDS: tuple[str, ...] = ("data", "model", "eval", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorashear",
-        description="lorashear utilities: fetch offline data, prepare the default model, evaluate. "
+        description="lorashear utilities: fetch offline data, prepare the default model, evaluate, generate. "
         "The compiler itself is lorashear-lower / lorashear-opt / lorashear-emit.")
     add_common_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -54,7 +54,8 @@ def _make_callable_lm_class() -> type:
         """lm-eval's view of any causal LM callable ``model(input_ids, attention_mask)``.
 
         Supports the log-likelihood request types (multiple choice and rolling perplexity),
-        which is what every task of the paper's table uses; generation is not supported.
+        which is what every task of the paper's table uses, and generation tasks
+        (``generate_until``) for a model with a ``generate`` method.
         """
 
         def __init__(self, model: object, tokenizer: Any, *, batch_size: int = 16,
@@ -102,10 +103,70 @@ def _make_callable_lm_class() -> type:
             return totals
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-            raise HarnessError("generation tasks are not supported for a non-transformers model",
-                               hint="use multiple-choice or perplexity tasks")
+            """Each request's continuation, by the model's ``generate`` (lorashear's emitted
+            models have transformers' own; see :func:`generate_continuation`), one request at a
+            time in their order, so no padding enters a prompt."""
+            if not callable(getattr(self.model, "generate", None)):
+                raise HarnessError("generation tasks need a model with a generate() method",
+                                   hint="load it with lorashear.load_pretrained, or use "
+                                   "multiple-choice or perplexity tasks")
+            from tqdm.auto import tqdm
+
+            eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+            results = []
+            for request in tqdm(requests, disable=disable_tqdm, desc="lm-eval generate_until"):
+                context, gen_kwargs = request.args
+                text = generate_continuation(self.model, self.tokenizer, self.tok_encode(context),
+                                             gen_kwargs, eos=eos, max_length=self.max_length,
+                                             device=self._device)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            return results
 
     return CallableLM
+
+
+#: lm-eval's default cap on new tokens of a generation request (its ``HFLM.max_gen_toks``).
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def generate_continuation(model: Any, tokenizer: Any, context_ids: list[int],
+                          gen_kwargs: dict[str, Any], *, eos: str | None, max_length: int,
+                          device: Any = None) -> str:
+    """One lm-eval ``generate_until`` request on ``model.generate``, as lm-eval's HF backend
+    runs it: ``until`` stop strings (plus the EOS token's text) end the decoding and are cut
+    from the text, ``max_gen_toks`` caps the new tokens (default 256), decoding is greedy
+    unless the task asks for sampling (``do_sample``, or a temperature above 0), and the
+    prompt keeps its last ``max_length - max_gen_toks`` tokens."""
+    import torch
+    from lm_eval.models.utils import (
+        handle_stop_sequences,
+        normalize_gen_kwargs,
+        postprocess_generated_text,
+    )
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+
+    kwargs = dict(normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS))
+    until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+    max_gen_toks = kwargs.pop("max_gen_toks")
+    if max_gen_toks >= max_length:
+        raise HarnessError(f"the task asks for {max_gen_toks} new tokens; the model's context "
+                           f"is {max_length}", hint="raise max_length or lower max_gen_toks")
+    kwargs.pop("max_length", None)
+    if not kwargs.get("do_sample"):  # greedy: no sampling settings from the model's config
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    ids = torch.tensor([context_ids[-(max_length - max_gen_toks):]], dtype=torch.long, device=device)
+    if ids.shape[1] == 0:
+        raise HarnessError("a generation request has an empty context")
+    eos_id = tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_gen_toks,
+                             stopping_criteria=stop_sequences_criteria(tokenizer, until,
+                                                                       ids.shape[1], 1),
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id
+                             is not None else eos_id, **kwargs)
+    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    return postprocess_generated_text(generation=text, stop=until, think_end_token=None)
 
 
 def make_lm(model: object, tokenizer: Any, *, batch_size: int = 16, max_length: int = 2048,

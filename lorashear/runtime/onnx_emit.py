@@ -7,7 +7,13 @@ and its module path. Nothing goes through ``torch.onnx``: the graph is the IR's 
 pruned model with different sizes in every layer emits exactly like a stock one.
 
 The model takes the IR's graph inputs (``input_ids`` and ``attention_mask``, int64, with
-dynamic batch and sequence axes) and returns ``logits``. Initializers are the parameters
+dynamic batch and sequence axes) and returns ``logits``. With ``kv_cache=True`` it is the
+decoder with past that ONNX Runtime decodes incrementally (the graph of
+:func:`lorashear.runtime.kv_cache.add_kv_cache`): it also takes
+``past_key_values.{i}.key/.value`` (``[B, kv_heads, P, head_dim]``), its ``attention_mask``
+covers the ``P + S`` past and new tokens, and it also returns ``present.{i}.key/.value``
+(``[B, kv_heads, P + S, head_dim]``), the names Optimum and onnxruntime-genai use, with the
+batch, past and new lengths all dynamic; :mod:`lorashear.runtime.onnx_generate` decodes it. Initializers are the parameters
 under their IR names and in their checkpoint layout (a linear layer's weight stays
 ``[out, in]``; a ``Transpose`` node feeds ``MatMul``, and ONNX Runtime folds it once at load
 time). Weights are read from their storage only while the file is written, one at a time,
@@ -30,6 +36,7 @@ from lorashear.errors import EmissionError
 from lorashear.ir.core import Module, Op, clone_module
 from lorashear.ir.types import SymIntType
 from lorashear.runtime import onnx_attention, onnx_shape_ops  # noqa: F401  (register translations)
+from lorashear.runtime.kv_cache import add_kv_cache, has_kv_cache
 from lorashear.runtime.onnx_builder import OnnxGraphBuilder, onnx_dtype, onnx_shape
 from lorashear.runtime.onnx_ops import NO_TRANSLATION, TRANSLATIONS
 
@@ -132,11 +139,16 @@ def _root_cause(exc: BaseException) -> str:
 
 def emit_onnx(module: Module, path: str | os.PathLike, *, opset: int = 18,
               external_data_threshold: int | None = DEFAULT_EXTERNAL_DATA_THRESHOLD,
-              merge_lora: bool = True, check: bool = True) -> Path:
+              merge_lora: bool = True, check: bool = True, kv_cache: bool = False) -> Path:
     """Write ``module`` as an ONNX model at ``path``; returns the model file's path.
 
     ``path`` is the ``.onnx`` file, or an existing directory to write ``model.onnx`` into
     (as ``lorashear-emit --format onnx -o DIR`` does).
+
+    ``kv_cache=True`` writes the decoder with past (module docstring; a graph the KV-cache
+    rewrite cannot carry raises :class:`~lorashear.runtime.kv_cache.KVCacheError`, an
+    :class:`~lorashear.errors.EmissionError`); ``False`` writes the graph as it is: a module
+    the ``kv-cache`` pass already rewrote keeps its cache either way.
 
     When the weights exceed ``external_data_threshold`` bytes (``None``: never) they go to
     ``<path>.data`` next to the model, each tensor of at least :data:`INLINE_TENSOR_BYTES`.
@@ -148,6 +160,8 @@ def emit_onnx(module: Module, path: str | os.PathLike, *, opset: int = 18,
     path = Path(path)
     if path.is_dir():
         path = path / DEFAULT_FILE_NAME
+    if kv_cache and not has_kv_cache(module):
+        module = add_kv_cache(module)  # a rewritten copy: the caller's module is untouched
     model = build_onnx_model(module, opset=opset, merge_lora=merge_lora)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     external = external_data_threshold is not None and size > external_data_threshold
