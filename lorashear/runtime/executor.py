@@ -83,6 +83,22 @@ def layer_segments(module: Module) -> list[Segment]:
     return segments[::-1]
 
 
+def dead_after(module: Module) -> dict[int, tuple[int, ...]]:
+    """For each op (by id), the values (by id) that no later op and no graph output reads."""
+    last: dict[int, Op] = {}
+    for op in module.graph.ops:
+        for v in op.operands():
+            last[id(v)] = op
+        for r in op.results:
+            last.setdefault(id(r), op)  # read by nothing: dead at once
+    outputs = {id(v) for v in module.graph.outputs}
+    dead: dict[int, list[int]] = {}
+    for value, op in last.items():
+        if value not in outputs:
+            dead.setdefault(id(op), []).append(value)
+    return {op: tuple(values) for op, values in dead.items()}
+
+
 class IRModel(nn.Module):
     """Runs an IR :class:`Module`; ``forward`` follows ``transformers`` causal LMs.
 
@@ -114,6 +130,9 @@ class IRModel(nn.Module):
                                     "name (forward, training, ...)") from None
             self._slots[param.name] = (owner, leaf)
         self._prepared: dict[int, PreparedOp] = {}
+        #: op id -> the values nothing after it reads, dropped once it ran (memory is reused
+        #: while the forward runs instead of every op writing into fresh pages)
+        self._dead_after = dead_after(module)
         self._step_ir: Module | None = module if has_kv_cache(module) else None
         self._step_error: KVCacheError | None = None
 
@@ -188,6 +207,7 @@ class IRModel(nn.Module):
             except KVCacheError as exc:
                 self._step_error = exc
                 raise
+            self._dead_after.update(dead_after(self._step_ir))
         return self._step_ir
 
     def supports_cache(self) -> bool:
@@ -255,13 +275,13 @@ class IRModel(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             for segment in self._segments:
                 if segment.layer is None:
-                    self._run_ops(segment.ops, env, tensors, device)
+                    self._run_ops(segment.ops, env, tensors, device, keep_all=output_hidden_states)
                     continue
                 values = checkpoint(self._run_segment, segment, tensors, device,
                                     *(env[v] for v in segment.inputs), use_reentrant=False)
                 env.update(zip(segment.outputs, values, strict=True))
         else:
-            self._run_ops(self.ir.graph.ops, env, tensors, device)
+            self._run_ops(self.ir.graph.ops, env, tensors, device, keep_all=output_hidden_states)
         logits = env[id(self.ir.graph.outputs[0])]
         loss = self._lm_loss(logits, labels) if labels is not None else None
         hidden = tuple(env[v] for v in self.layer_outputs()) if output_hidden_states else None
@@ -322,9 +342,10 @@ class IRModel(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def _run_ops(self, ops: list[Op], env: dict[int, Any], tensors: dict[str, torch.Tensor],
-                 device: torch.device) -> None:
+                 device: torch.device, *, keep_all: bool = False) -> None:
         prepared = self._prepared
         training = self.training
+        dead = {} if keep_all else self._dead_after
 
         def param(p: Param) -> torch.Tensor:
             return tensors[p.name]
@@ -335,6 +356,8 @@ class IRModel(nn.Module):
                 entry = prepared[id(op)] = PreparedOp(op)
             try:
                 entry(env, param, device, training)
+                for value in dead.get(id(op), ()):
+                    env.pop(value, None)
             except LorashearError:
                 raise
             except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # data the verifier cannot see

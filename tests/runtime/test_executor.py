@@ -76,7 +76,7 @@ def test_suffix_loss_reruns_only_from_the_changed_layer(models, monkeypatch):
     losses = SuffixLoss(model, batches)
     ran = []
     real = type(model)._run_ops
-    monkeypatch.setattr(type(model), "_run_ops", lambda self, ops, *a: ran.append(len(ops)) or real(self, ops, *a))
+    monkeypatch.setattr(type(model), "_run_ops", lambda self, ops, *a, **kw: ran.append(len(ops)) or real(self, ops, *a, **kw))
     families = module.attributes["groups"].families
     last_mlp = max((f for f in families if f.kind == "mlp"), key=lambda f: f.layer)
     losses.loss({m.param for m in last_mlp.members})
