@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorashear.errors import EmissionError, ExecutionError, LorashearError, first_line
@@ -333,9 +333,16 @@ class IRModel(nn.Module):
         logits = outputs[0]
         presents = list(zip(outputs[1::2], outputs[2::2], strict=True))
         if isinstance(cache, Cache):
+            layers = cache.layers
             for i, ((old_key, _), (key, value)) in enumerate(zip(past, presents, strict=True)):
-                start = old_key.shape[2]
-                cache.update(key[:, :, start:], value[:, :, start:], i)
+                layer = layers[i] if i < len(layers) else None
+                if type(layer) is DynamicLayer and layer.is_initialized:
+                    # the graph has concatenated past and new already: hand the result over
+                    # instead of letting update() copy the whole past once more
+                    layer.keys, layer.values = key, value
+                else:
+                    start = old_key.shape[2]
+                    cache.update(key[:, :, start:], value[:, :, start:], i)
         else:
             cache = tuple(presents)
         loss = self._lm_loss(logits, labels) if labels is not None else None
