@@ -50,6 +50,7 @@ TOY_SIZES: dict[str, int] = {
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_kv_heads"), 2),
     **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim"), 16),
     "vocab_size": 128,
+    "rotary_dim": 8,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "max_sequence_length"), 256),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),

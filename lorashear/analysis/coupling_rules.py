@@ -239,6 +239,25 @@ def _reshape(b: CouplingBuilder, op: Op) -> None:
     b.pin_all(out, why)
 
 
+@coupling_rule("flatten")
+def _flatten(b: CouplingBuilder, op: Op) -> None:
+    """Merges axes ``start_dim..end_dim`` into one (GPT-J's interleaved rotary flattens its
+    stacked pairs): the merged axis is the merged axes' factors in order, mixed-radix with the
+    last innermost, the other axes pass through. Exact for the same reason as ``reshape``: a
+    row-major merge maps index ``(i, j)`` to ``i * n + j``."""
+    a = op.bound_args()
+    src, dst = b.desc(a["self"]), b.desc(op.results[0])
+    if not src:  # a scalar flattens to one element
+        return
+    start, end = a["start_dim"] % len(src), a["end_dim"] % len(src)
+    why = b.where(op)
+    for k in range(start):
+        b.fs.unify(src[k], dst[k], why)
+    b.fs.unify([f for axis in src[start:end + 1] for f in axis], dst[start], why)
+    for k in range(end + 1, len(src)):
+        b.fs.unify(src[k], dst[k - (end - start)], why)
+
+
 def _permute_like(b: CouplingBuilder, op: Op, x: Value, order: list[int]) -> None:
     src, dst = b.desc(x), b.desc(op.results[0])
     for k, j in enumerate(order):
@@ -328,6 +347,56 @@ def _slice(b: CouplingBuilder, op: Op) -> None:
             b.fs.unify(src[k], dst[k], b.where(op))
 
 
+@coupling_rule("repeat_interleave")
+def _repeat_interleave(b: CouplingBuilder, op: Op) -> None:
+    """Repeats each element ``repeats`` times in place along ``dim`` (``[a, b]`` ->
+    ``[a, a, b, b]``, as interleaved RoPE's cos/sin and some grouped-query attentions do): the
+    output axis is (the input axis, the copies), the copies innermost, and the copies factor is
+    pinned (a copy, not a channel), so a unit is an input channel with its copies; the other
+    axes pass through. Exact: output index ``i * repeats + c`` reads input index ``i``, so
+    removing input channel i removes exactly its copies. Without a ``dim`` (a flattened
+    result) or with per-element repeat counts: pinned."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    repeats, dim = a["repeats"], a["dim"]
+    if dim is None or not isinstance(repeats, int):
+        for ref in (x, out):
+            b.pin_all(ref, f"repeated without an axis or by counts in {b.where(op)}")
+        return
+    src, dst = b.desc(x), b.desc(out)
+    dim %= len(src)
+    why = b.where(op)
+    for k in range(len(src)):
+        if k != dim:
+            b.fs.unify(src[k], dst[k], why)
+            continue
+        copies = b.fs.new(repeats, f"copies made by {why}")
+        b.fs.unify(dst[k], src[k] + [copies], why)
+
+
+@coupling_rule("max.dim")
+def _max_dim(b: CouplingBuilder, op: Op) -> None:
+    """The maximum over ``dim`` (and where it is): the kept axes of the input are both
+    results' axes (``keepdim`` keeps a size-1 axis in place); ``dim`` is pinned, since a
+    pruned channel's zero can be the maximum. Exact on the kept axes: each result element
+    reads only its own slice along ``dim``."""
+    a = op.bound_args()
+    x = a["self"]
+    rank = len(x.type.shape)
+    dim = a["dim"] % rank
+    src = b.desc(x)
+    b.pin_axis(src[dim], f"taken the maximum over by {b.where(op)}")
+    for out in b.tensor_results(op):
+        dst = b.desc(out)
+        k = 0
+        for j in range(rank):
+            if j == dim:
+                k += 1 if a["keepdim"] else 0
+                continue
+            b.fs.unify(src[j], dst[k], b.where(op))
+            k += 1
+
+
 def _along_axis_pinned(b: CouplingBuilder, op: Op, tensors: list[Ref], outs: list[Ref], dim: int) -> None:
     reason = f"split or joined along an axis by {b.where(op)}"
     for ref in tensors + outs:
@@ -357,11 +426,29 @@ def _split(b: CouplingBuilder, op: Op) -> None:
     _along_axis_pinned(b, op, [a["self"]], list(op.results), a["dim"])
 
 
+@coupling_rule("stack")
+def _stack(b: CouplingBuilder, op: Op) -> None:
+    """Stacks same-shaped tensors along a new axis ``dim`` (GPT-J's rotary stacks its rotated
+    pairs): every input axis is the output axis it lands on, shared by all inputs; the new
+    axis (which tensor) is pinned. Exact: output element ``(.., t, ..)`` is input t's
+    element, so removing a channel from every input removes it from the output."""
+    a = op.bound_args()
+    out = op.results[0]
+    dst = b.desc(out)
+    dim = a["dim"] % len(dst)
+    b.pin_axis(dst[dim], f"axis made by {b.where(op)} (which tensor)")
+    for ref in (v for v in a["tensors"] if isinstance(v, (Value, Param))):
+        for j, axis in enumerate(b.desc(ref)):
+            b.fs.unify(axis, dst[j + (j >= dim)], b.where(op))
+
+
 # --- reductions and normalisation ---------------------------------------------------------------
 @coupling_rule("softmax", "softmax.internal", "log_softmax", "log_softmax.int")
 def _softmax(b: CouplingBuilder, op: Op) -> None:
     """Normalises over ``dim``: every axis passes through, and ``dim`` is pinned (removing
-    a channel changes every other channel's share)."""
+    a channel changes every other channel's share). Over the keys of attention scores
+    ``[batch, heads, queries, keys]`` (the last two axes the sequence), the static axes in
+    between are recorded as attention heads, as ``sdpa`` records its own."""
     a = op.bound_args()
     x, out = a["self"], op.results[0]
     dim = a["dim"] % len(x.type.shape)
@@ -370,6 +457,13 @@ def _softmax(b: CouplingBuilder, op: Op) -> None:
         if k == dim:
             b.pin_axis(src[k], f"normalised over by {b.where(op)}")
         b.fs.unify(src[k], dst[k], b.where(op))
+    shape = x.type.shape
+    if len(shape) >= 3 and dim == len(shape) - 1 and all(isinstance(d, str) for d in shape[-2:]):
+        # attention probabilities [.., heads, queries, keys] spelled out (eager attention, as
+        # sdpa computes them inside): the static axes before (query, key) are the heads
+        for k in range(1, len(shape) - 2):
+            if isinstance(shape[k], int):
+                b.head_factors.extend(src[k])
 
 
 @coupling_rule(*(kind for kind, definition in OP_DEFS.items() if definition.reduction))
@@ -433,7 +527,8 @@ pins("arange", "arange.start", "arange.start_step", "full", "ones", "zeros", "sc
      "new_ones", "new_zeros", "new_full", reason="made with a fixed size by {op}", operands=False)
 
 
-@coupling_rule("dim", "sym.add", "sym.sub", "sym.mul", "sym.floordiv", "sym.mod", "sym.neg")
+@coupling_rule("dim", "sym.add", "sym.sub", "sym.mul", "sym.floordiv", "sym.mod", "sym.neg", "sym.max",
+               "sym.min")
 def _symbolic(b: CouplingBuilder, op: Op) -> None:
     """Symbolic integers carry no channel axes; ``dim`` reads a size at run time, so it
     follows whatever compress makes of the axis it reads."""
@@ -442,16 +537,17 @@ def _symbolic(b: CouplingBuilder, op: Op) -> None:
 # --- kinds the analysis does not model: pinned, with the reason ----------------------------------
 pins("mm", "addmm", "baddbmm", reason="a matrix product the models we lower do not use (they use "
      "linear and matmul), not modelled: {op}")
+pins("max", "min", reason="a maximum or minimum of a whole tensor, not modelled: {op}")
+pins("index_put", reason="written at data-dependent positions, not modelled: {op}")
 pins("amax", "any", "all", reason="a max/any/all reduction (a pruned channel's zero can change "
      "its result), not modelled: {op}")
 pins("cumsum", reason="a running sum along an axis, not modelled: {op}")
 pins("diff", reason="differences of neighbours along an axis, not modelled: {op}")
 pins("roll", "flip", reason="elements moved along an axis by position, not modelled: {op}")
-pins("flatten", reason="a flatten, not modelled (lowering emits reshape for models): {op}")
 pins("gather", "index", "index_select", reason="indexed by data-dependent positions, not modelled: {op}")
 pins("narrow", "select", reason="part of an axis taken by position, not modelled: {op}")
 pins("repeat", reason="tiled copies along axes, not modelled: {op}")
-pins("stack", "unbind", reason="stacked or unstacked along an axis, not modelled: {op}")
+pins("unbind", reason="unstacked along an axis, not modelled: {op}")
 pins("tril", "triu", reason="masked by position along its last two axes, not modelled: {op}")
 pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its input, not "
      "modelled: {op}")

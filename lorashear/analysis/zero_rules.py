@@ -131,11 +131,18 @@ def _pow(ctx: ZeroContext, op: Op) -> set[int]:
 
 @zero_rule(*(kind for kind, definition in OP_DEFS.items() if definition.zero_preserving),
            "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "squeeze.dims", "expand",
-           "slice")
+           "slice", "repeat_interleave", "flatten")
 def _carried(ctx: ZeroContext, op: Op) -> set[int]:
     """Ops with ``f(0) == 0`` (the ``zero_preserving`` trait) and ops that only move, copy
     or select data keep their input's zero channels."""
     return ctx.zeros(_first_input(op))
+
+
+@zero_rule("stack")
+def _stack(ctx: ZeroContext, op: Op) -> set[int]:
+    """Stacked tensors are zero where every one of them is."""
+    tensors = ctx.tensors(op)
+    return set.intersection(*(ctx.zeros(t) for t in tensors)) if tensors else set()
 
 
 # --- reductions and normalisation ---------------------------------------------------------------

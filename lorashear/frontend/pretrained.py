@@ -229,6 +229,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
 
     generator = torch.Generator().manual_seed(seed)
     used_adapter_keys: set[str] = set()
+    tied = tied_names(model)
 
     def storage_for(name: str, tensor: torch.Tensor) -> Storage:
         shape = tuple(tensor.shape)
@@ -245,6 +246,8 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
                                  "binds weights by reference and cannot",
                                  hint="load it with transformers and save_pretrained it again, or "
                                  "pass --meta to lower the architecture only")
+        if name not in checkpoint:  # a tied weight saved under another of its names
+            name = next((alias for alias in tied.get(id(tensor), ()) if alias in checkpoint), name)
         return _bind(name, shape, checkpoint, f"model {model_dir}", None, meta=meta,
                      mismatch="does not match its config")
 
@@ -257,6 +260,17 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
     module.attributes["source"] = SourceAttr(str(model_dir.resolve()),
                                              str(Path(adapter).resolve()) if adapter else None)
     return module
+
+
+def tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """The checkpoint names of each parameter that has several (tied weights: RoBERTa's
+    ``lm_head.decoder.weight`` is its word embeddings, saved once under either name)."""
+    from lorashear.frontend.lower import canonical_param_name
+
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(canonical_param_name(name.removeprefix("base_model.model.")))
+    return {key: aliases for key, aliases in names.items() if len(aliases) > 1}
 
 
 def _bind(name: str, shape: tuple[int, ...], index: dict, what: str, used: set[str] | None, *,

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from lorashear.errors import EmissionError
 from lorashear.ir.core import Op, Value
 from lorashear.runtime.onnx_builder import INT64_MAX, OnnxGraphBuilder, normalize_axis, rank_of
-from lorashear.runtime.onnx_ops import result_dtype, result_rank, translates
+from lorashear.runtime.onnx_ops import no_translation, result_dtype, result_rank, translates
 
 
 @translates("reshape")
@@ -55,6 +55,27 @@ def _repeat(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     if extra > 0:  # torch prepends unit axes when there are more repeats than axes
         x = b.op("Unsqueeze", x, b.ints(list(range(extra))))
     return b.op("Tile", x, b.shape_vector(repeats))
+
+
+@translates("repeat_interleave")
+def _repeat_interleave(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """Each element ``repeats`` times along ``dim``: a new axis after ``dim``, broadcast to
+    ``repeats``, merged back into ``dim`` (row-major, so the copies sit side by side)."""
+    repeats, dim = a["repeats"], a["dim"]
+    if dim is None or not isinstance(repeats, int):
+        raise EmissionError("only repeat_interleave along one axis by a fixed count is translated")
+    rank = rank_of(a["self"])
+    axis = normalize_axis(dim, rank)
+    x = b.tensor(a["self"])
+    widened = b.op("Unsqueeze", x, b.ints([axis + 1]))
+    copies = b.op("Expand", widened, b.ints([1] * (axis + 1) + [repeats] + [1] * (rank - axis - 1)))
+    parts = [b.ints([-1])]
+    if axis > 0:
+        parts.insert(0, b.op("Shape", x, start=0, end=axis))
+    if axis < rank - 1:
+        parts.append(b.op("Shape", x, start=axis + 1))
+    shape = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=0)
+    return b.op("Reshape", copies, shape)
 
 
 @translates("transpose")
@@ -281,3 +302,7 @@ def _index(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
 @translates("tril", "triu")
 def _trilu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Trilu", b.tensor(a["self"]), b.sym_scalar(a["diagonal"]), upper=int(op.kind == "triu"))
+
+
+no_translation("index_put", reason="a write at data-dependent positions (ScatterND needs the "
+               "positions as one index tensor), not translated")
