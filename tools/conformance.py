@@ -65,6 +65,7 @@ TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_
 OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
     "ctrl": {"dff": 96},
+    "mamba2": {"head_dim": 32, "n_groups": 1},
 }
 
 #: How every stage of a row can end.
@@ -84,7 +85,10 @@ def _shrunk(config_dict: dict[str, Any], layers_before: int | None) -> dict[str,
         elif key in TOKEN_ID_KEYS and isinstance(value, list):
             out[key] = [v if v < TOY_SIZES["vocab_size"] else TOY_SIZES["vocab_size"] - 1 for v in value]
         elif isinstance(value, list) and layers_before and len(value) == layers_before and layers_before > 2:
-            out[key] = value[:2]  # per-layer lists (layer_types, ...)
+            # per-layer lists (layer_types, ...): the first layer and the first of another kind,
+            # so a hybrid keeps both kinds of layer
+            other = next((v for v in value[1:] if v != value[0]), value[1])
+            out[key] = [value[0], other]
     return out
 
 
@@ -136,6 +140,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}"
 
 
+def first_line_of(exc: BaseException) -> str:
+    from lorashear.errors import first_line
+
+    return first_line(exc)
+
+
 def _num_params(module) -> int:
     import math
 
@@ -163,6 +173,7 @@ def check_architecture(model_type: str, work: Path) -> dict[str, Any]:
         return row
 
     # build (transformers and peft, not ours: a failure here is the sweep's, not lorashear's)
+    base = None
     try:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -186,7 +197,17 @@ def check_architecture(model_type: str, work: Path) -> dict[str, Any]:
         with torch.no_grad():
             want = peft_model(input_ids=ids, attention_mask=mask).logits
     except Exception as exc:
-        return fail("builds", exc)
+        fail("builds", exc)
+        if base is not None:  # what lowering would say of the model transformers built
+            from lorashear.errors import UnsupportedModelError
+            from lorashear.frontend.scope import refuse_out_of_scope
+
+            try:
+                refuse_out_of_scope(base)
+            except UnsupportedModelError as refusal:
+                row["refused"] = True
+                row["reason"] = f"{first_line_of(refusal)} (the toy model does not run: {row['reason']})"
+        return row
     row["builds"] = True
 
     from lorashear.frontend.pretrained import lower_pretrained

@@ -25,6 +25,7 @@ from lorashear.frontend.layers import (
     stamp_layers,
     traced_layers_only,
 )
+from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
 from lorashear.ir.finite import refuse_nonfinite
 from lorashear.ir.handles import record_fingerprints
@@ -532,6 +533,7 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
     if isinstance(model, PeftModel):
         adapter = model.active_adapter if isinstance(model.active_adapter, str) else adapter
         model = model.get_base_model()
+    refuse_out_of_scope(model)
     was_training = model.training
     model.eval()
     try:
