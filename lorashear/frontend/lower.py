@@ -374,10 +374,16 @@ class _Lowering:
 
     # --- finishing --------------------------------------------------------------------------
     def _check_lora_recognised(self) -> None:
+        transposed = {op.loc for op in self.module.graph.ops if op.kind == "addmm"}
         for op in self.module.graph.ops:
             if op.kind == "lora_linear":
                 continue
             for p in op.params():
+                if (".lora_A." in f".{p.name}" or ".lora_B." in f".{p.name}") and op.loc in transposed:
+                    raise LoweringError(
+                        f"the LoRA adapter at module {op.loc} adapts a layer that stores its weight "
+                        "transposed (a Conv1D, peft's fan_in_fan_out), which lorashear does not fuse",
+                        hint="lower the model without the adapter, or with LoRA on nn.Linear layers only")
                 if ".lora_A." in f".{p.name}" or ".lora_B." in f".{p.name}":
                     raise LoweringError(
                         f"the LoRA adapter at module {op.loc or p.name} was not recognised as "

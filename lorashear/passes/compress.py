@@ -134,6 +134,21 @@ def _shape_literals(ctx: CompressContext, op: Op) -> None:
                                  else a for j, a in enumerate(sizes)])
 
 
+@compress_rule("split", "split_with_sizes")
+def _split_sizes(ctx: CompressContext, op: Op) -> None:
+    """A cut into pieces names their sizes: they become the pieces' new sizes (equal pieces
+    of a fused projection shrink together; ``chunk`` names a count, which stays)."""
+    a = op.bound_args()
+    dim = a["dim"] % len(a["self"].type.shape)
+    sizes = [r.type.shape[dim] for r in op.results]
+    if not all(isinstance(s, int) for s in sizes):
+        return
+    if op.kind == "split" and isinstance(a["split_size"], int) and len(set(sizes)) == 1:
+        _set_argument(op, "split_size", sizes[0])
+    elif op.kind == "split_with_sizes" and isinstance(a["split_sizes"], list):
+        _set_argument(op, "split_sizes", sizes)
+
+
 @compress_rule("mean")
 def _mean(ctx: CompressContext, op: Op) -> None:
     """A mean over a shrunk axis: an RMSNorm's is rescaled (:func:`_rescale_rms_norm`), any
@@ -180,7 +195,8 @@ def _axis_size(coupling: CouplingResult, key: int, axis: int, new_size: dict[int
     for f in coupling.axes[key][axis]:
         for leaf in fs.leaves(f):
             root = fs.find(leaf)
-            size *= new_size.get(root, fs.size[root] or 1)
+            known = fs.size[root]
+            size *= new_size.get(root, 1 if known is None else known)  # an empty axis stays empty
     return size
 
 
