@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -275,14 +278,19 @@ def check_architecture(model_type: str, work: Path) -> dict[str, Any]:
     return row
 
 
-def _child(model_type: str) -> None:
+def _child(model_types: list[str]) -> None:
+    """Check ``model_types`` one after another in this process (the imports are paid once),
+    printing each row as it is done."""
     import warnings
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    with tempfile.TemporaryDirectory(prefix=f"conformance-{model_type}-") as tmp:
-        row = check_architecture(model_type, Path(tmp))
-    print(ROW_PREFIX + json.dumps(row), flush=True)
+    for model_type in model_types:
+        start = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"conformance-{model_type}-") as tmp:
+            row = check_architecture(model_type, Path(tmp))
+        row["seconds"] = round(time.monotonic() - start, 1)
+        print(ROW_PREFIX + json.dumps(row), flush=True)
 
 
 # --- the sweep (parent) --------------------------------------------------------------------------
@@ -293,29 +301,51 @@ def architectures() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def run_one(model_type: str, timeout: float) -> dict[str, Any]:
-    """One architecture in a fresh, niced subprocess; a row even when it hangs or dies."""
+def _failed_row(model_type: str, reason: str, *, lorashear_error: bool) -> dict[str, Any]:
+    return {"architecture": model_type, "builds": None, "lower": None, "groups": {}, "compress": None,
+            "onnx": None, "reason": reason, "lorashear_error": lorashear_error}
+
+
+def run_batch(model_types: list[str], timeout: float) -> Iterator[dict[str, Any]]:
+    """Rows for ``model_types``, checked in order by niced subprocesses: one process for as
+    many as it gets through, a fresh one after an architecture that hangs past ``timeout``
+    seconds (killed, a "timed out" row) or kills its process (a "child died" row)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.monotonic()
-    cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__).resolve()), "--child", model_type]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"architecture": model_type, "builds": None, "lower": None, "groups": {}, "compress": None,
-                "onnx": None, "reason": f"timed out after {timeout:.0f} s", "lorashear_error": True,
-                "seconds": round(time.monotonic() - start, 1)}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(ROW_PREFIX):
-            row = json.loads(line[len(ROW_PREFIX):])
-            break
-    else:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        row = {"architecture": model_type, "builds": None, "lower": None, "groups": {}, "compress": None,
-               "onnx": None, "reason": f"child died (exit {proc.returncode}): {tail}",
-               "lorashear_error": False}
-    row["seconds"] = round(time.monotonic() - start, 1)
-    return row
+    pending = list(model_types)
+    while pending:
+        cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__).resolve()), "--child", ",".join(pending)]
+        with tempfile.TemporaryFile("w+") as stderr:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+            while pending:
+                try:
+                    line = lines.get(timeout=timeout)
+                except queue.Empty:
+                    proc.kill()
+                    proc.wait()
+                    yield _failed_row(pending.pop(0), f"timed out after {timeout:.0f} s", lorashear_error=True)
+                    break
+                if line is None:  # the process ended before reporting the current architecture
+                    proc.wait()
+                    stderr.seek(0)
+                    tail = (stderr.read().strip().splitlines() or ["no output"])[-1]
+                    yield _failed_row(pending.pop(0), f"child died (exit {proc.returncode}): {tail}",
+                                      lorashear_error=False)
+                    break
+                if line.startswith(ROW_PREFIX):
+                    row = json.loads(line[len(ROW_PREFIX):])
+                    pending.remove(row["architecture"])
+                    yield row
+            if proc.poll() is None and not pending:
+                proc.wait()
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
 
 
 def _mark(value: bool | None) -> str:
@@ -392,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
                         "new rows appended as they finish")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="write the table here (default: docs/architectures.md for a full sweep)")
-    parser.add_argument("--child", metavar="MODEL_TYPE", help=argparse.SUPPRESS)
+    parser.add_argument("--child", metavar="MODEL_TYPES", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.child)
+        _child(args.child.split(","))
         return 0
     names = [n for n in args.only.split(",") if n] if args.only else architectures()
     rows: dict[str, dict[str, Any]] = {}
@@ -404,10 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 row = json.loads(line)
                 rows[row["architecture"]] = row
-    for name in names:
-        if name in rows:
-            continue
-        row = run_one(name, args.timeout)
+    for row in run_batch([n for n in names if n not in rows], args.timeout):
+        name = row["architecture"]
         rows[name] = row
         if args.results is not None:
             with args.results.open("a") as f:
