@@ -278,6 +278,25 @@ def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_sh
     return i, j
 
 
+@coupling_rule("flatten")
+def _flatten(b: CouplingBuilder, op: Op) -> None:
+    """Merges axes ``start_dim..end_dim`` into one (GPT-J's interleaved rotary flattens its
+    stacked pairs): the merged axis is the merged axes' factors in order, mixed-radix with the
+    last innermost, the other axes pass through. Exact for the same reason as ``reshape``: a
+    row-major merge maps index ``(i, j)`` to ``i * n + j``."""
+    a = op.bound_args()
+    src, dst = b.desc(a["self"]), b.desc(op.results[0])
+    if not src:  # a scalar flattens to one element
+        return
+    start, end = a["start_dim"] % len(src), a["end_dim"] % len(src)
+    why = b.where(op)
+    for k in range(start):
+        b.fs.unify(src[k], dst[k], why)
+    b.fs.unify([f for axis in src[start:end + 1] for f in axis], dst[start], why)
+    for k in range(end + 1, len(src)):
+        b.fs.unify(src[k], dst[k - (end - start)], why)
+
+
 def _permute_like(b: CouplingBuilder, op: Op, x: Value, order: list[int]) -> None:
     src, dst = b.desc(x), b.desc(op.results[0])
     for k, j in enumerate(order):

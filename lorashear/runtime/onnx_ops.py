@@ -150,6 +150,12 @@ def _log1p(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Log", b.op("Add", b.tensor(a["self"], dtype), b.const(1.0, dtype)))
 
 
+@translates("expm1")
+def _expm1(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return b.op("Sub", b.op("Exp", b.tensor(a["self"], dtype)), b.const(1.0, dtype))
+
+
 @translates("softplus")
 def _softplus(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     """``log(1 + exp(beta x)) / beta``, and ``x`` itself where ``beta x > threshold`` (torch's
