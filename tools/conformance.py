@@ -53,6 +53,9 @@ TOY_SIZES: dict[str, int] = {
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_kv_heads"), 2),
     **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim"), 16),
     "vocab_size": 128,
+    # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3) and grouped routing
+    "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+    "v_head_dim": 16, "n_group": 1, "topk_group": 1,
     "rotary_dim": 8,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "max_sequence_length"), 256),
@@ -111,6 +114,10 @@ def toy_config(model_type: str):
             sub_layers = next((sub_data[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
                                if isinstance(sub_data.get(k), int)), None)
             overrides[key] = {**sub_data, **_shrunk(sub_data, sub_layers)}
+    if data.get("num_experts_per_tok", 0) is None and data.get("n_routed_experts"):
+        overrides["num_experts_per_tok"] = 2
+    if "kv_lora_rank" in data and "num_key_value_heads" in overrides:  # latent attention: no GQA
+        overrides["num_key_value_heads"] = overrides.get("num_attention_heads", 4)
     overrides.update(OVERRIDES.get(model_type, {}))
     return AutoConfig.for_model(model_type, **overrides)
 
@@ -173,6 +180,10 @@ def check_architecture(model_type: str, work: Path) -> dict[str, Any]:
         if stage != "builds" and not isinstance(exc, LorashearError):
             row["lorashear_error"] = False
             row["traceback"] = traceback.format_exc(limit=-6)
+        from lorashear.errors import UnsupportedModelError
+
+        if isinstance(exc, UnsupportedModelError):
+            row["refused"] = True
         return row
 
     # build (transformers and peft, not ours: a failure here is the sweep's, not lorashear's)
@@ -363,6 +374,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, int]:
         "compress": sum(1 for r in built if r.get("compress")),
         "compress_attn_mlp": len(full),
         "onnx": sum(1 for r in built if r.get("onnx")),
+        "refused": sum(1 for r in rows if r.get("refused")),
         "not_lorashear_errors": sum(1 for r in rows if not r.get("lorashear_error", True)),
     }
 
@@ -390,6 +402,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"- {s['compress']} prune + compress exactly with fewer parameters, {s['compress_attn_mlp']} "
         "of them with both attention and MLP groups",
         f"- {s['onnx']} run in ONNX Runtime, compressed, with the torch executor's logits",
+        f"- {s['refused']} refused as out of scope (state-space, recurrent or encoder-decoder "
+        "layers) with `UnsupportedModelError`, among them those whose toy model does not run",
         f"- {s['not_lorashear_errors']} end in an exception that is not a `LorashearError`",
         "",
         "Columns: *builds* (transformers + peft at toy size), *lower* (lowered logits == peft's), "
