@@ -129,6 +129,8 @@ class _Lowering:
     def _finish(self) -> Module:
         graph = self.module.graph
         graph.remove_dead_ops()
+        linear_from_transposed_matmul(graph)
+        graph.remove_dead_ops()
         fuse_lora(graph)
         graph.remove_dead_ops()
         self._check_lora_recognised()
@@ -394,6 +396,37 @@ class _Lowering:
         for i, op in enumerate(self.module.graph.ops):
             for j, r in enumerate(op.results):
                 r.name = str(i) if len(op.results) == 1 else f"{i}.{j}"
+
+
+def _transposed_param(value: Any) -> Param | None:
+    """The 2-D parameter W when ``value`` is ``W.T`` (``t``, ``permute([1, 0])``, ``transpose``)."""
+    op = value.producer if isinstance(value, Value) else None
+    if op is None or not op.args or not isinstance(op.args[0], Param) or len(op.args[0].type.shape) != 2:
+        return None
+    if op.kind == "t" or op.kind == "permute" and [d % 2 for d in op.args[1]] == [1, 0] \
+            or op.kind == "transpose" and {d % 2 for d in op.args[1:3]} == {0, 1}:
+        return op.args[0]
+    return None
+
+
+def linear_from_transposed_matmul(graph: Graph) -> int:
+    """Rewrite ``x @ W.T`` into ``linear(x, W)`` (Falcon's own linear layer multiplies by the
+    transposed weight), so such layers are linear layers to the analyses and to LoRA fusion;
+    returns how many were rewritten."""
+    rewritten = 0
+    for index, op in enumerate(graph.ops):
+        if op.kind != "matmul" or len(op.args) != 2 or not isinstance(op.args[0], Value):
+            continue
+        weight = _transposed_param(op.args[1])
+        if weight is None or len(op.args[0].type.shape) < 2:
+            continue
+        new = Op("linear", [op.args[0], weight], {}, [], loc=op.loc)
+        new.results = op.results
+        for r in new.results:
+            r.producer = new
+        graph.ops[index] = new
+        rewritten += 1
+    return rewritten
 
 
 def fuse_lora(graph: Graph) -> int:

@@ -98,7 +98,7 @@ _traits("""add add.scalar sub rsub mul mul.scalar div div.mode neg pow pow.tenso
            log abs reciprocal cos sin tanh sigmoid silu gelu relu erf clamp minimum maximum where
            where.scalar_other masked_fill masked_fill.tensor eq eq.scalar ne ne.scalar lt lt.scalar
            le le.scalar gt gt.scalar ge ge.scalar and or not logical_not logical_and logical_or
-           cast dropout softplus square floor log1p pow.scalar where.scalar_self expm1""", elementwise=True)
+           cast dropout softplus square floor log1p pow.scalar where.scalar_self where.scalar expm1""", elementwise=True)
 _traits("neg sqrt abs tanh silu gelu relu erf cast dropout sin square floor log1p expm1", zero_preserving=True)
 _traits("sum mean", reduction=True)
 _traits("arange arange.start arange.start_step full ones zeros scalar_tensor empty", creates_tensor=True)
@@ -129,6 +129,7 @@ _PLAIN = {
     "clamp.default": "clamp", "minimum.default": "minimum", "maximum.default": "maximum",
     "max.other": "maximum", "min.other": "minimum", "pow.Scalar": "pow.scalar",
     "where.self": "where", "where.ScalarOther": "where.scalar_other", "where.ScalarSelf": "where.scalar_self",
+    "where.Scalar": "where.scalar",
     "masked_fill.Scalar": "masked_fill", "masked_fill.Tensor": "masked_fill.tensor",
     # comparisons and logic
     "eq.Tensor": "eq", "eq.Scalar": "eq.scalar", "ne.Tensor": "ne", "ne.Scalar": "ne.scalar",

@@ -249,7 +249,7 @@ def _pow_scalar(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Pow", b.const(a["self"], dtype), b.tensor(a["exponent"], dtype))
 
 
-@translates("where", "where.scalar_other", "where.scalar_self")
+@translates("where", "where.scalar_other", "where.scalar_self", "where.scalar")
 def _where(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     dtype = result_dtype(op)
     return b.op("Where", b.tensor(a["condition"], "bool"), b.tensor(a["self"], dtype),

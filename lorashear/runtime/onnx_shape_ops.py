@@ -9,6 +9,7 @@ with a literal 0) the translation follows torch.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import onnx_ir as ir
@@ -16,7 +17,7 @@ import onnx_ir as ir
 from lorashear.errors import EmissionError
 from lorashear.ir.core import Op, Value
 from lorashear.runtime.onnx_builder import INT64_MAX, OnnxGraphBuilder, normalize_axis, rank_of
-from lorashear.runtime.onnx_ops import no_translation, result_dtype, result_rank, translates
+from lorashear.runtime.onnx_ops import result_dtype, result_rank, translates
 
 
 @translates("reshape")
@@ -304,5 +305,18 @@ def _trilu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Trilu", b.tensor(a["self"]), b.sym_scalar(a["diagonal"]), upper=int(op.kind == "triu"))
 
 
-no_translation("index_put", reason="a write at data-dependent positions (ScatterND needs the "
-               "positions as one index tensor), not translated")
+
+@translates("index_put")
+def _index_put(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``x[mask] = value`` with one boolean mask shaped like ``x`` and one value (Gemma 3
+    replaces its image tokens so): ``Where(mask, value, x)``. Other index forms are refused."""
+    x, indices, values = a["self"], a["indices"], a["values"]
+    masks = [i for i in indices if i is not None]
+    if a["accumulate"] or len(indices) != 1 or len(masks) != 1 or masks[0].type.dtype != "bool" \
+            or masks[0].type.shape != x.type.shape or math.prod(
+                d if isinstance(d, int) else 2 for d in getattr(values.type, "shape", (2,))) != 1:
+        raise EmissionError("only x[mask] = value (one boolean mask shaped like x, one value) is "
+                            "translated")
+    dtype = result_dtype(op)
+    value = b.op("Reshape", b.tensor(values, dtype), b.ints([]))
+    return b.op("Where", b.tensor(masks[0], "bool"), value, b.tensor(x, dtype))

@@ -149,3 +149,51 @@ class InPlaceIntoReadTensor(nn.Module):
 def test_in_place_write_into_a_tensor_read_later_is_refused():
     with pytest.raises(LoweringError, match=r"in-place op aten\.mul_\.Tensor .* a view shares"):
         lower(InPlaceIntoReadTensor())
+
+
+class TransposedLinearModel(nn.Module):
+    """Falcon's linear layer (``x @ W.T``) under a peft LoRA, and Gemma 3's ``ids[mask] = v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.falcon.modeling_falcon import FalconLinear
+
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.up = FalconLinear(HIDDEN, INNER, bias=False)
+        self.down = FalconLinear(INNER, HIDDEN, bias=False)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        ids = input_ids.clone()
+        ids[ids == VOCAB - 1] = 0  # index_put with one boolean mask
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return CausalLMOutput(logits=self.head(h))
+
+
+def test_transposed_matmul_is_a_linear_layer_and_its_lora_fuses(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    ort = pytest.importorskip("onnxruntime")
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    model = get_peft_model(TransposedLinearModel(), LoraConfig(r=2, lora_alpha=4, target_modules=["up", "down"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    module = lower(model)
+    kinds = [op.kind for op in module.graph.ops]
+    assert kinds.count("lora_linear") == 2 and "matmul" not in kinds and "index_put" in kinds
+    ids, _ = random_batch(VOCAB, batch=2, seq=6)
+    ids[0, 1] = VOCAB - 1
+    full = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=full).logits
+    assert (_logits(module, ids, full) - want).abs().max().item() <= 1e-5
+    emit_onnx(module, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
+    assert (torch.as_tensor(got) - want).abs().max().item() <= 1e-4
