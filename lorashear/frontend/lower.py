@@ -27,6 +27,7 @@ from lorashear.frontend.layers import (
 )
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.dims import parse_dim
 from lorashear.ir.finite import refuse_nonfinite
 from lorashear.ir.handles import record_fingerprints
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
@@ -222,11 +223,19 @@ class _Lowering:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = d.node.expr
+            expr = _static_min_max(d.node.expr, d.node.shape_env)
             if expr.is_number:
                 return int(expr)
-            return re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
+            text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
                           str(expr)).replace(" ", "")
+            try:
+                parse_dim(text)
+            except ValueError as exc:
+                raise LoweringError(f"torch.export gives {type(self.model).__name__} a size {text} "
+                                    f"outside the IR's size arithmetic: {exc}",
+                                    hint="sizes may use + - * // on the batch and sequence length "
+                                    "(max/min of sizes, as torch.sym_max makes, are not)") from None
+            return text
         raise LoweringError(f"unsupported dimension {d!r}")
 
     def _new_value(self, node_val: Any) -> Value:
@@ -450,6 +459,22 @@ def fuse_lora(graph: Graph) -> int:
             fused += 1
             break
     return fused
+
+
+def _static_min_max(expr, shape_env):
+    """``expr``, or its value where it holds a ``Max``/``Min`` that the sizes' known ranges
+    decide (MPT's ``1 - Max(0, 1 - S)`` is 1 for any sequence length of at least 2)."""
+    import sympy
+
+    if shape_env is None or not any(name in str(expr) for name in ("Max(", "Min(")):
+        return expr
+    try:
+        bounds = shape_env.bound_sympy(expr)
+    except Exception:  # noqa: BLE001 - torch's range analysis: undecided if it fails
+        return expr
+    if bounds.lower == bounds.upper and bounds.lower.is_number:
+        return sympy.Integer(int(bounds.lower))
+    return expr
 
 
 def _is_inplace(name: str) -> bool:

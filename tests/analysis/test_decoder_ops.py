@@ -197,3 +197,22 @@ def test_transposed_matmul_is_a_linear_layer_and_its_lora_fuses(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
     assert (torch.as_tensor(got) - want).abs().max().item() <= 1e-4
+
+
+class ClippedPositions(nn.Module):
+    """MPT's ALiBi clipped to a maximum length: a size ``min(S, 4)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        seq = input_ids.shape[1]
+        bias = torch.zeros(torch.sym_min(seq, 4)).sum()
+        return CausalLMOutput(logits=self.head(self.embed(input_ids)) + bias)
+
+
+def test_a_size_outside_the_size_arithmetic_is_refused_at_lowering():
+    with pytest.raises(LoweringError, match=r"a size Min\(4,S\) outside the IR's size arithmetic"):
+        lower(ClippedPositions())
