@@ -413,18 +413,24 @@ def _repeat_interleave(b: CouplingBuilder, op: Op) -> None:
         b.fs.unify(dst[k], src[k] + [copies], why)
 
 
-@coupling_rule("max.dim")
+@coupling_rule("max.dim", "logsumexp")
 def _max_dim(b: CouplingBuilder, op: Op) -> None:
-    """The maximum over ``dim`` (and where it is): the kept axes of the input are both
-    results' axes (``keepdim`` keeps a size-1 axis in place); ``dim`` is pinned, since a
-    pruned channel's zero can be the maximum. Exact on the kept axes: each result element
-    reads only its own slice along ``dim``."""
+    """The maximum (and where it is) or the log-sum-exp over ``dim`` (attention sinks): the
+    kept axes of the input are the results' axes (``keepdim`` keeps a size-1 axis in place);
+    ``dim`` is pinned, since a pruned channel's zero can be the maximum and adds ``exp(0)``
+    to the sum. Exact on the kept axes: each result element reads only its own slice along
+    ``dim``."""
     a = op.bound_args()
     x = a["self"]
     rank = len(x.type.shape)
-    dim = a["dim"] % rank
+    dims = a["dim"] if isinstance(a["dim"], list) else [a["dim"]]
+    if len(dims) != 1:
+        for ref in [x, *b.tensor_results(op)]:
+            b.pin_all(ref, f"reduced over several axes by {b.where(op)}")
+        return
+    dim = dims[0] % rank
     src = b.desc(x)
-    b.pin_axis(src[dim], f"taken the maximum over by {b.where(op)}")
+    b.pin_axis(src[dim], f"reduced over by {b.where(op)}")
     for out in b.tensor_results(op):
         dst = b.desc(out)
         k = 0

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorashear.errors import LorashearError, ModelLoadError, first_line
-from lorashear.frontend.lower import lower
+from lorashear.frontend.lower import canonical_param_name, lower
 from lorashear.ir.attributes import SourceAttr
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage, safetensors_keys
@@ -230,11 +230,22 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
     generator = torch.Generator().manual_seed(seed)
     used_adapter_keys: set[str] = set()
     tied = tied_names(model)
+    parameter_names = {canonical_param_name(n.removeprefix("base_model.model."))
+                       for n, _ in model.named_parameters(remove_duplicate=False)}
 
     def storage_for(name: str, tensor: torch.Tensor) -> Storage:
         shape = tuple(tensor.shape)
         if name in buffers:
             return DataStorage(buffers[name])
+        if name not in parameter_names:  # a constant tensor the forward makes
+            if tensor.device.type != "meta":
+                return DataStorage(tensor.detach().clone())
+            if not meta:
+                raise ModelLoadError(f"the forward of {type(model).__name__} makes a constant tensor "
+                                     f"({name}) on the device of its weights; traced without weights, "
+                                     "its value is unknown",
+                                     hint="lower the model in memory with lorashear.lower(model)")
+            return MetaStorage()
         if ".lora_A." in name or ".lora_B." in name:
             if adapter is not None:
                 return _bind(name, shape, adapter_tensors, f"adapter {adapter}", used_adapter_keys,
@@ -265,8 +276,6 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
 def tied_names(model: nn.Module) -> dict[int, list[str]]:
     """The checkpoint names of each parameter that has several (tied weights: RoBERTa's
     ``lm_head.decoder.weight`` is its word embeddings, saved once under either name)."""
-    from lorashear.frontend.lower import canonical_param_name
-
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(canonical_param_name(name.removeprefix("base_model.model.")))

@@ -144,6 +144,7 @@ _PLAIN = {
     "_log_softmax.default": "log_softmax", "log_softmax.int": "log_softmax.int",
     "cumsum.default": "cumsum", "layer_norm.default": "layer_norm", "rms_norm.default": "rms_norm",
     "any.dim": "any", "all.dim": "all", "max.dim": "max.dim", "max.default": "max",
+    "logsumexp.default": "logsumexp",
     "min.default": "min",
     # linear algebra
     "linear.default": "linear", "matmul.default": "matmul", "bmm.default": "bmm", "mm.default": "mm",

@@ -321,6 +321,7 @@ translates("mean")(_reduce("ReduceMean"))
 translates("sum")(_reduce("ReduceSum"))
 translates("amax")(_reduce("ReduceMax"))
 translates("max")(_reduce("ReduceMax"))
+translates("logsumexp")(_reduce("ReduceLogSumExp"))
 translates("min")(_reduce("ReduceMin"))
 
 
