@@ -368,9 +368,10 @@ def _layer_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     scale = b.const(1.0, dtype) if a["weight"] is None else b.tensor(a["weight"], dtype)
     if a["weight"] is None:
         scale = b.op("Expand", scale, b.ints(shape))
-    bias = None if a["bias"] is None else b.tensor(a["bias"], dtype)
-    return b.op("LayerNormalization", b.tensor(a["input"], dtype), scale, bias,
-                axis=-len(shape), epsilon=float(a["eps"]))
+    # no bias: the input is left out, not given empty (ONNX Runtime's layer-norm fusion
+    # crashes on an empty trailing input)
+    inputs = [b.tensor(a["input"], dtype), scale] + ([] if a["bias"] is None else [b.tensor(a["bias"], dtype)])
+    return b.op("LayerNormalization", *inputs, axis=-len(shape), epsilon=float(a["eps"]))
 
 
 @translates("rms_norm")

@@ -216,3 +216,34 @@ class ClippedPositions(nn.Module):
 def test_a_size_outside_the_size_arithmetic_is_refused_at_lowering():
     with pytest.raises(LoweringError, match=r"a size Min\(4,S\) outside the IR's size arithmetic"):
         lower(ClippedPositions())
+
+
+class BiasFreeLayerNorm(nn.Module):
+    """OLMo's layer norm: no bias (and no weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.norm = nn.LayerNorm(HIDDEN, elementwise_affine=True, bias=False)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        h = torch.nn.functional.layer_norm(self.norm(h), (HIDDEN,))
+        return CausalLMOutput(logits=self.head(h))
+
+
+def test_a_bias_free_layer_norm_runs_in_onnx_runtime(tmp_path):
+    """ONNX Runtime's optimiser crashed the process on LayerNormalization with an empty bias."""
+    ort = pytest.importorskip("onnxruntime")
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    model = BiasFreeLayerNorm().eval()
+    module = lower(model)
+    emit_onnx(module, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ids, _ = random_batch(VOCAB, batch=2, seq=5)
+    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
+    with torch.no_grad():
+        assert (torch.as_tensor(got) - model(ids).logits).abs().max().item() <= 1e-4
