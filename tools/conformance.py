@@ -379,8 +379,36 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
+def stage_of(row: dict[str, Any]) -> str:
+    """Where a row stopped: ``refused``, or the stage that failed."""
+    return "refused" if row.get("refused") else row.get("stage") or "sweep"
+
+
+def _causes(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """The reasons of the rows that do not go all the way, cut to their kind and counted."""
+    import re
+
+    causes: Counter[str] = Counter()
+    for r in rows:
+        if r.get("onnx"):
+            continue
+        reason = r.get("reason", "") or "no error, but not all the way"
+        reason = re.sub(r"model type '[^']*'", "model type X", reason)
+        reason = re.sub(r"model /tmp/\S+", "model", reason)
+        reason = re.sub(r" at module \S+| \(hint: .*", "", reason)
+        reason = re.sub(r"(could not trace) \w+:", r"\1:", reason)
+        reason = re.sub(r"stores \S+ as \S+", "stores a parameter as a key", reason)
+        reason = re.sub(r"module \S+ \(\w+\) is ", "a layer is ", reason)
+        cut = reason if stage_of(r) != "builds" else reason.split(":")[0]
+        cut = re.split(r"[\"(]|, which", cut, maxsplit=1)[0].strip()[:110]
+        causes[f"{stage_of(r)}: {cut}"] += 1
+    return causes.most_common()
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """docs/architectures.md: the counts, then one row per architecture."""
+    import re
+
     import peft
     import torch
     import transformers
@@ -411,12 +439,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "parameters), *onnx* (ONNX Runtime == torch on the compressed model), *reason* (where it "
         "stops: the first line of the error).",
         "",
+        "Where the others stop, most frequent first (reasons shortened; the table has them whole):",
+        "",
+        *[f"- {count} x {cause}" for cause, count in _causes(rows)],
+        "",
         "| architecture | builds | lower | groups | compress | onnx | reason |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["architecture"]):
         groups = ", ".join(f"{k} {v}" for k, v in sorted(r.get("groups", {}).items())) or "-"
-        reason = r.get("reason", "").replace("|", "\\|").replace("\n", " ")
+        reason = re.sub(r"/tmp/conformance-[^/\s]*/", "", r.get("reason", ""))  # the temporary directory
+        reason = reason.replace("|", "\\|").replace("\n", " ")
         if len(reason) > 160:
             reason = reason[:157] + "..."
         lines.append(f"| {r['architecture']} | {_mark(r.get('builds'))} | {_mark(r.get('lower'))} | "
