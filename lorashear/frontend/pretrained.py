@@ -241,7 +241,8 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
             if tensor.device.type != "meta":
                 return DataStorage(tensor.detach().clone())
             if not meta:
-                raise ModelLoadError(f"the forward of {type(model).__name__} makes a constant tensor "
+                raise ModelLoadError(f"the forward of {type(config).__name__.removesuffix('Config')} "
+                                     "makes a constant tensor "
                                      f"({name}) on the device of its weights; traced without weights, "
                                      "its value is unknown",
                                      hint="lower the model in memory with lorashear.lower(model)")
