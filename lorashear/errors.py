@@ -78,3 +78,8 @@ class ExecutionError(LorashearError):
 class KernelError(LorashearError):
     """A numeric kernel got inputs it cannot handle (shapes, dtypes, devices, group ids) or a
     backend that is not available (Triton missing, CPU tensors without the interpreter)."""
+
+
+class UnsupportedModelError(LoweringError):
+    """A model built from a construct lorashear does not prune (a state-space or recurrent
+    layer, an encoder-decoder): names the model type, the construct and where it is."""

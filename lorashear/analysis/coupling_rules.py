@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from lorashear.ir.core import Op, Param, Value
 from lorashear.ir.lora import lora_parts
 from lorashear.ir.ops import OP_DEFS, RuleTable
+from lorashear.ir.types import TensorType
 
 if TYPE_CHECKING:
     from lorashear.analysis.coupling import CouplingBuilder, Ref
@@ -153,6 +154,30 @@ def _matmul(b: CouplingBuilder, op: Op) -> None:
                 b.fs.unify(src[j], out[k], b.where(op))
 
 
+@coupling_rule("addmm")
+def _addmm(b: CouplingBuilder, op: Op) -> None:
+    """``beta * bias + alpha * (mat1 @ mat2)`` on matrices: GPT-2's ``Conv1D``, a linear
+    layer with its weight stored as ``[in, out]``. mat1's columns are mat2's rows (contracted:
+    the zero analysis keeps it only where one side is zero on pruned channels, as for
+    ``matmul``), the output's rows are mat1's, its columns mat2's and the bias's (where the
+    bias is not broadcast along them). Exact as ``linear``, with the weight transposed."""
+    a = op.bound_args()
+    bias, left, right = a["self"], a["mat1"], a["mat2"]
+    ld, rd, out = b.desc(left), b.desc(right), b.desc(op.results[0])
+    why = b.where(op)
+    b.fs.unify(ld[1], rd[0], why)
+    b.fs.unify(out[0], ld[0], why)
+    b.fs.unify(out[1], rd[1], why)
+    b.contractions.append((op, ld[1]))
+    if isinstance(bias, (Value, Param)):
+        shape = op.results[0].type.shape
+        bd = b.desc(bias)
+        for j, axis in enumerate(bd):
+            k = j + 2 - len(bd)
+            if k >= 0 and not (bias.type.shape[j] == 1 and shape[k] != 1):
+                b.fs.unify(axis, out[k], why)
+
+
 @coupling_rule("sdpa")
 def _sdpa(b: CouplingBuilder, op: Op) -> None:
     """Attention ``softmax(q k^T) v`` on ``[.., heads, seq, head_dim]``: batch axes and
@@ -195,21 +220,37 @@ def _reshape(b: CouplingBuilder, op: Op) -> None:
     the runs split differently (``[.., 576]`` into ``[.., 9, 64]`` splits the 576 factor
     into 9 x 64 everywhere it is used). Exact because a row-major reshape maps index
     ``(i, j)`` of the split axes to ``i * 64 + j``, so removing a unit of one factor removes
-    the same elements on both sides. Symbolic sizes match only themselves; a run that
-    cannot be matched pins both tensors."""
+    the same elements on both sides. Symbolic sizes match only themselves. Where the walk
+    stops (``[B, S, 64]`` into ``[B*S, 64]``, as GPT-2's Conv1D flattens its input), the
+    same walk runs from the right; the axes in between, which neither walk matched, are
+    pinned (their products agree, so the matched runs on either side stay exact)."""
     x, out = op.bound_args()["self"], op.results[0]
     src, dst = b.desc(x), b.desc(out)
     in_shape, out_shape = list(x.type.shape), list(out.type.shape)
-    i = j = 0
     why = f"{b.where(op)} mixes symbolic and channel sizes"
-    while i < len(in_shape) or j < len(out_shape):
-        if i < len(in_shape) and in_shape[i] == 1:
+    i, j = _match_runs(b, src, dst, in_shape, out_shape, 0, 0, len(in_shape), len(out_shape), why, 1)
+    if i == len(in_shape) and j == len(out_shape):
+        return
+    # from the right, down to where the left walk stopped (indices mirrored)
+    ri, rj = _match_runs(b, src[::-1], dst[::-1], in_shape[::-1], out_shape[::-1], 0, 0,
+                         len(in_shape) - i, len(out_shape) - j, why, -1)
+    for axis in src[i:len(in_shape) - ri] + dst[j:len(out_shape) - rj]:
+        b.pin_axis(axis, why)
+
+
+def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_shape: list, i: int,
+                j: int, in_end: int, out_end: int, why: str, direction: int) -> tuple[int, int]:
+    """Unify the runs of equal size product from ``(i, j)`` on, up to ``(in_end, out_end)``;
+    the positions where matching stopped. ``direction`` -1: the lists are reversed, so a run's
+    factors are reversed back into row-major order before unifying."""
+    while i < in_end or j < out_end:
+        if i < in_end and in_shape[i] == 1:
             i += 1
             continue
-        if j < len(out_shape) and out_shape[j] == 1:
+        if j < out_end and out_shape[j] == 1:
             j += 1
             continue
-        if i >= len(in_shape) or j >= len(out_shape):
+        if i >= in_end or j >= out_end:
             break
         p, q = in_shape[i], out_shape[j]
         if isinstance(p, str) or isinstance(q, str):
@@ -221,22 +262,39 @@ def _reshape(b: CouplingBuilder, op: Op) -> None:
         left, right = [i], [j]
         pa, pb = p, q
         while pa != pb:
-            if pa < pb and i + len(left) < len(in_shape) and isinstance(in_shape[i + len(left)], int):
+            if pa < pb and i + len(left) < in_end and isinstance(in_shape[i + len(left)], int):
                 pa *= in_shape[i + len(left)]
                 left.append(i + len(left))
-            elif pb < pa and j + len(right) < len(out_shape) and isinstance(out_shape[j + len(right)], int):
+            elif pb < pa and j + len(right) < out_end and isinstance(out_shape[j + len(right)], int):
                 pb *= out_shape[j + len(right)]
                 right.append(j + len(right))
             else:
                 break
         if pa != pb:
             break
-        b.fs.unify([f for k in left for f in src[k]], [f for k in right for f in dst[k]], why)
+        axes_in, axes_out = left[::direction], right[::direction]
+        b.fs.unify([f for k in axes_in for f in src[k]], [f for k in axes_out for f in dst[k]], why)
         i, j = left[-1] + 1, right[-1] + 1
-    else:
+    return i, j
+
+
+@coupling_rule("flatten")
+def _flatten(b: CouplingBuilder, op: Op) -> None:
+    """Merges axes ``start_dim..end_dim`` into one (GPT-J's interleaved rotary flattens its
+    stacked pairs): the merged axis is the merged axes' factors in order, mixed-radix with the
+    last innermost, the other axes pass through. Exact for the same reason as ``reshape``: a
+    row-major merge maps index ``(i, j)`` to ``i * n + j``."""
+    a = op.bound_args()
+    src, dst = b.desc(a["self"]), b.desc(op.results[0])
+    if not src:  # a scalar flattens to one element
         return
-    b.pin_all(x, why)
-    b.pin_all(out, why)
+    start, end = a["start_dim"] % len(src), a["end_dim"] % len(src)
+    why = b.where(op)
+    for k in range(start):
+        b.fs.unify(src[k], dst[k], why)
+    b.fs.unify([f for axis in src[start:end + 1] for f in axis], dst[start], why)
+    for k in range(end + 1, len(src)):
+        b.fs.unify(src[k], dst[k - (end - start)], why)
 
 
 def _permute_like(b: CouplingBuilder, op: Op, x: Value, order: list[int]) -> None:
@@ -328,6 +386,62 @@ def _slice(b: CouplingBuilder, op: Op) -> None:
             b.fs.unify(src[k], dst[k], b.where(op))
 
 
+@coupling_rule("repeat_interleave")
+def _repeat_interleave(b: CouplingBuilder, op: Op) -> None:
+    """Repeats each element ``repeats`` times in place along ``dim`` (``[a, b]`` ->
+    ``[a, a, b, b]``, as interleaved RoPE's cos/sin and some grouped-query attentions do): the
+    output axis is (the input axis, the copies), the copies innermost, and the copies factor is
+    pinned (a copy, not a channel), so a unit is an input channel with its copies; the other
+    axes pass through. Exact: output index ``i * repeats + c`` reads input index ``i``, so
+    removing input channel i removes exactly its copies. Without a ``dim`` (a flattened
+    result) or with per-element repeat counts: pinned."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    repeats, dim = a["repeats"], a["dim"]
+    if dim is None or not isinstance(repeats, int):
+        for ref in (x, out):
+            b.pin_all(ref, f"repeated without an axis or by counts in {b.where(op)}")
+        return
+    src, dst = b.desc(x), b.desc(out)
+    dim %= len(src)
+    why = b.where(op)
+    for k in range(len(src)):
+        if k != dim:
+            b.fs.unify(src[k], dst[k], why)
+            continue
+        copies = b.fs.new(repeats, f"copies made by {why}")
+        b.fs.unify(dst[k], src[k] + [copies], why)
+
+
+@coupling_rule("max.dim", "logsumexp")
+def _max_dim(b: CouplingBuilder, op: Op) -> None:
+    """The maximum (and where it is) or the log-sum-exp over ``dim`` (attention sinks): the
+    kept axes of the input are the results' axes (``keepdim`` keeps a size-1 axis in place);
+    ``dim`` is pinned, since a pruned channel's zero can be the maximum and adds ``exp(0)``
+    to the sum. Exact on the kept axes: each result element reads only its own slice along
+    ``dim``."""
+    a = op.bound_args()
+    x = a["self"]
+    rank = len(x.type.shape)
+    dims = a["dim"] if isinstance(a["dim"], list) else [a["dim"]]
+    if len(dims) != 1:
+        for ref in [x, *b.tensor_results(op)]:
+            b.pin_all(ref, f"reduced over several axes by {b.where(op)}")
+        return
+    dim = dims[0] % rank
+    src = b.desc(x)
+    b.pin_axis(src[dim], f"reduced over by {b.where(op)}")
+    for out in b.tensor_results(op):
+        dst = b.desc(out)
+        k = 0
+        for j in range(rank):
+            if j == dim:
+                k += 1 if a["keepdim"] else 0
+                continue
+            b.fs.unify(src[j], dst[k], b.where(op))
+            k += 1
+
+
 def _along_axis_pinned(b: CouplingBuilder, op: Op, tensors: list[Ref], outs: list[Ref], dim: int) -> None:
     reason = f"split or joined along an axis by {b.where(op)}"
     for ref in tensors + outs:
@@ -351,17 +465,56 @@ def _concat(b: CouplingBuilder, op: Op) -> None:
 
 @coupling_rule("split", "split_with_sizes", "chunk")
 def _split(b: CouplingBuilder, op: Op) -> None:
-    """Cuts along ``dim``: the other axes are shared by the input and every piece; the cut
-    axis is pinned (a channel's piece depends on positions)."""
+    """Cuts along ``dim``: the other axes are shared by the input and every piece. Into n
+    equal pieces of a static axis (a fused projection: GPT-2's ``c_attn`` into q, k and v,
+    Phi-3's ``gate_up_proj`` into gate and up), the cut axis is (which piece, the piece's
+    channel), the piece outermost and pinned, and every piece's axis is that one channel
+    factor: a unit is channel c of every piece together. Exact: input position
+    ``p * size + c`` is channel c of piece p, so removing c from the channel factor removes
+    it from every piece and from each block of the input alike (``compress`` rewrites the
+    piece size). Unequal pieces: the cut axis is pinned (a channel's piece depends on
+    positions)."""
     a = op.bound_args()
-    _along_axis_pinned(b, op, [a["self"]], list(op.results), a["dim"])
+    x, results = a["self"], [r for r in op.results if isinstance(r.type, TensorType)]
+    dim = a["dim"] % len(x.type.shape)
+    length = x.type.shape[dim]
+    sizes = {r.type.shape[dim] for r in results}
+    if len(results) < 2 or len(sizes) != 1 or not isinstance(length, int) \
+            or not isinstance(size := sizes.pop(), int) or size * len(results) != length:
+        _along_axis_pinned(b, op, [x], list(op.results), a["dim"])
+        return
+    why = b.where(op)
+    src, first = b.desc(x), b.desc(results[0])
+    piece = b.fs.new(len(results), f"which piece of the cut made by {why}")
+    b.fs.unify(src[dim], [piece] + first[dim], why)
+    for out in results:
+        for k, (p, q) in enumerate(zip(src, b.desc(out))):
+            b.fs.unify(first[dim] if k == dim else p, q, why)
+
+
+@coupling_rule("stack")
+def _stack(b: CouplingBuilder, op: Op) -> None:
+    """Stacks same-shaped tensors along a new axis ``dim`` (GPT-J's rotary stacks its rotated
+    pairs): every input axis is the output axis it lands on, shared by all inputs; the new
+    axis (which tensor) is pinned. Exact: output element ``(.., t, ..)`` is input t's
+    element, so removing a channel from every input removes it from the output."""
+    a = op.bound_args()
+    out = op.results[0]
+    dst = b.desc(out)
+    dim = a["dim"] % len(dst)
+    b.pin_axis(dst[dim], f"axis made by {b.where(op)} (which tensor)")
+    for ref in (v for v in a["tensors"] if isinstance(v, (Value, Param))):
+        for j, axis in enumerate(b.desc(ref)):
+            b.fs.unify(axis, dst[j + (j >= dim)], b.where(op))
 
 
 # --- reductions and normalisation ---------------------------------------------------------------
 @coupling_rule("softmax", "softmax.internal", "log_softmax", "log_softmax.int")
 def _softmax(b: CouplingBuilder, op: Op) -> None:
     """Normalises over ``dim``: every axis passes through, and ``dim`` is pinned (removing
-    a channel changes every other channel's share)."""
+    a channel changes every other channel's share). Over the keys of attention scores
+    ``[batch, heads, queries, keys]`` (the last two axes the sequence), the static axes in
+    between are recorded as attention heads, as ``sdpa`` records its own."""
     a = op.bound_args()
     x, out = a["self"], op.results[0]
     dim = a["dim"] % len(x.type.shape)
@@ -370,6 +523,13 @@ def _softmax(b: CouplingBuilder, op: Op) -> None:
         if k == dim:
             b.pin_axis(src[k], f"normalised over by {b.where(op)}")
         b.fs.unify(src[k], dst[k], b.where(op))
+    shape = x.type.shape
+    if len(shape) >= 3 and dim == len(shape) - 1 and all(isinstance(d, str) for d in shape[-2:]):
+        # attention probabilities [.., heads, queries, keys] spelled out (eager attention, as
+        # sdpa computes them inside): the static axes before (query, key) are the heads
+        for k in range(1, len(shape) - 2):
+            if isinstance(shape[k], int):
+                b.head_factors.extend(src[k])
 
 
 @coupling_rule(*(kind for kind, definition in OP_DEFS.items() if definition.reduction))
@@ -433,25 +593,27 @@ pins("arange", "arange.start", "arange.start_step", "full", "ones", "zeros", "sc
      "new_ones", "new_zeros", "new_full", reason="made with a fixed size by {op}", operands=False)
 
 
-@coupling_rule("dim", "sym.add", "sym.sub", "sym.mul", "sym.floordiv", "sym.mod", "sym.neg")
+@coupling_rule("dim", "sym.add", "sym.sub", "sym.mul", "sym.floordiv", "sym.mod", "sym.neg", "sym.max",
+               "sym.min")
 def _symbolic(b: CouplingBuilder, op: Op) -> None:
     """Symbolic integers carry no channel axes; ``dim`` reads a size at run time, so it
     follows whatever compress makes of the axis it reads."""
 
 
 # --- kinds the analysis does not model: pinned, with the reason ----------------------------------
-pins("mm", "addmm", "baddbmm", reason="a matrix product the models we lower do not use (they use "
+pins("mm", "baddbmm", reason="a matrix product the models we lower do not use (they use "
      "linear and matmul), not modelled: {op}")
+pins("max", "min", reason="a maximum or minimum of a whole tensor, not modelled: {op}")
+pins("index_put", reason="written at data-dependent positions, not modelled: {op}")
 pins("amax", "any", "all", reason="a max/any/all reduction (a pruned channel's zero can change "
      "its result), not modelled: {op}")
 pins("cumsum", reason="a running sum along an axis, not modelled: {op}")
 pins("diff", reason="differences of neighbours along an axis, not modelled: {op}")
 pins("roll", "flip", reason="elements moved along an axis by position, not modelled: {op}")
-pins("flatten", reason="a flatten, not modelled (lowering emits reshape for models): {op}")
 pins("gather", "index", "index_select", reason="indexed by data-dependent positions, not modelled: {op}")
 pins("narrow", "select", reason="part of an axis taken by position, not modelled: {op}")
 pins("repeat", reason="tiled copies along axes, not modelled: {op}")
-pins("stack", "unbind", reason="stacked or unstacked along an axis, not modelled: {op}")
+pins("unbind", reason="unstacked along an axis, not modelled: {op}")
 pins("tril", "triu", reason="masked by position along its last two axes, not modelled: {op}")
 pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its input, not "
      "modelled: {op}")

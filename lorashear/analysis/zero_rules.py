@@ -84,6 +84,29 @@ def _matmul(ctx: ZeroContext, op: Op) -> set[int]:
     return set()
 
 
+@zero_rule("addmm")
+def _addmm(ctx: ZeroContext, op: Op) -> set[int]:
+    """As ``linear`` with the weight ``[in, out]``: an output column is zero where mat2's
+    column and the bias are (a pruned Conv1D output channel); the contracted axis is checked
+    as ``matmul`` checks its own."""
+    a = op.bound_args()
+    bias, left, right = a["self"], a["mat1"], a["mat2"]
+    axis = ctx.contracted_axis(op)
+    if axis is not None:
+        zero = ctx.zeros(left) | ctx.zeros(right)
+        for f in axis:
+            for leaf in ctx.fs.leaves(f):
+                if ctx.fs.find(leaf) not in zero:
+                    ctx.fs.pin(leaf, f"contracted by {ctx.where(op)} between non-zero activations")
+    out = op.results[0]
+    got = ctx.axis_classes(ctx.desc(out)[1]) & ctx.zeros(right)
+    if isinstance(bias, (Value, Param)):
+        got &= ctx.zeros(bias)
+    elif bias not in (0, None) and a["beta"] != 0:
+        got = set()
+    return got
+
+
 @zero_rule("sdpa")
 def _sdpa(ctx: ZeroContext, op: Op) -> set[int]:
     """The output is a weighted sum of value rows: zero wherever ``value`` is zero (a
@@ -131,11 +154,18 @@ def _pow(ctx: ZeroContext, op: Op) -> set[int]:
 
 @zero_rule(*(kind for kind, definition in OP_DEFS.items() if definition.zero_preserving),
            "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "squeeze.dims", "expand",
-           "slice")
+           "slice", "repeat_interleave", "flatten")
 def _carried(ctx: ZeroContext, op: Op) -> set[int]:
     """Ops with ``f(0) == 0`` (the ``zero_preserving`` trait) and ops that only move, copy
     or select data keep their input's zero channels."""
     return ctx.zeros(_first_input(op))
+
+
+@zero_rule("stack")
+def _stack(ctx: ZeroContext, op: Op) -> set[int]:
+    """Stacked tensors are zero where every one of them is."""
+    tensors = ctx.tensors(op)
+    return set.intersection(*(ctx.zeros(t) for t in tensors)) if tensors else set()
 
 
 # --- reductions and normalisation ---------------------------------------------------------------

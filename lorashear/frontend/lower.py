@@ -25,7 +25,9 @@ from lorashear.frontend.layers import (
     stamp_layers,
     traced_layers_only,
 )
+from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.ir.dims import parse_dim
 from lorashear.ir.finite import refuse_nonfinite
 from lorashear.ir.handles import record_fingerprints
 from lorashear.ir.ops import ATEN_OPS, CAST_OPS, IDENTITY_OPS, SYM_OPERATORS
@@ -128,6 +130,8 @@ class _Lowering:
     def _finish(self) -> Module:
         graph = self.module.graph
         graph.remove_dead_ops()
+        linear_from_transposed_matmul(graph)
+        graph.remove_dead_ops()
         fuse_lora(graph)
         graph.remove_dead_ops()
         self._check_lora_recognised()
@@ -142,16 +146,32 @@ class _Lowering:
         ids = torch.zeros(2, 8, dtype=torch.long, device=device)
         mask = torch.ones(2, 8, dtype=torch.long, device=device)
         try:
-            return torch.export.export(
-                self.model, (ids,), kwargs={"attention_mask": mask, "use_cache": False},
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-                                "use_cache": None},
-                strict=False)
+            try:
+                return self._export_with(ids, mask, batch, seq)
+            except Exception as exc:
+                if "Constraints violated" not in str(exc):
+                    raise
+            # the model bounds the sequence (a learned position table): let export find the range
+            ep = self._export_with(ids, mask, Dim.DYNAMIC, Dim.DYNAMIC)
         except Exception as exc:
             first = first_line(exc)
             raise LoweringError(f"torch.export could not trace {type(self.model).__name__}: {first}",
                                 hint="the model must be a causal LM whose forward takes input_ids "
                                 "and attention_mask") from exc
+        _check_dynamic(ep, type(self.model).__name__)
+        return ep
+
+    def _export_with(self, ids: torch.Tensor, mask: torch.Tensor, batch: Any, seq: Any):
+        """``torch.export`` of the forward on ``(ids, attention_mask=mask, use_cache=False)``,
+        the dynamic shapes spelled as the forward's signature names its arguments (a forward
+        without a ``use_cache`` parameter keeps no cache, and is not given one)."""
+        dims = {0: batch, 1: seq}
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
+        shapes: dict[str, Any] = {"input_ids": dims, "attention_mask": dims, "use_cache": None}
+        parameters = _forward_parameters(self.model)
+        if parameters is not None and "use_cache" not in parameters:
+            del kwargs["use_cache"], shapes["use_cache"]
+        return torch.export.export(self.model, (ids,), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
 
     # --- parameters -------------------------------------------------------------------------
     def _bind_params(self, specs: list[tuple[Any, str | None, str | None]], constants: dict) -> None:
@@ -203,11 +223,19 @@ class _Lowering:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = d.node.expr
+            expr = _static_min_max(d.node.expr, d.node.shape_env)
             if expr.is_number:
                 return int(expr)
-            return re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
+            text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
                           str(expr)).replace(" ", "")
+            try:
+                parse_dim(text)
+            except ValueError as exc:
+                raise LoweringError(f"torch.export gives {type(self.model).__name__} a size {text} "
+                                    f"outside the IR's size arithmetic: {exc}",
+                                    hint="sizes may use + - * // on the batch and sequence length "
+                                    "(max/min of sizes, as torch.sym_max makes, are not)") from None
+            return text
         raise LoweringError(f"unsupported dimension {d!r}")
 
     def _new_value(self, node_val: Any) -> Value:
@@ -283,13 +311,58 @@ class _Lowering:
         if name == "sym_size.int":
             self._emit(node, "dim", [self.env[node.args[0]], int(node.args[1])], {})
             return
+        if name in _SPELLED_AS:
+            _SPELLED_AS[name](self, node)
+            return
         kind = ATEN_OPS.get(name)
+        if kind is None and _is_inplace(name):
+            kind = self._functional_kind(node, name)
         if kind is None:
             raise LoweringError(f"unsupported op aten.{name} at module {self._loc(node) or 'top level'}",
                                 hint="add it to lorashear/ir/ops.py if it is a plain tensor op")
         args = [self._arg(a, node) for a in node.args]
         kwargs = {k: self._arg(v, node) for k, v in node.kwargs.items() if k not in _PLACEMENT_KWARGS}
         self._emit(node, kind, args, kwargs)
+
+    def _functional_kind(self, node: fx.Node, name: str) -> str | None:
+        """The kind of an in-place op's functional twin (``mul_`` -> ``mul``), where running it
+        out of place computes the same: nothing reads the tensor it overwrites afterwards, and
+        the tensor and its views share no storage (a write through a view changes its base,
+        a write into a base its views)."""
+        packet, _, overload = name.partition(".")
+        kind = ATEN_OPS.get(f"{packet[:-1]}.{overload}")
+        target = node.args[0] if node.args else None
+        if kind is None or not isinstance(target, fx.Node):
+            return kind
+        where = f"in-place op aten.{name} at module {self._loc(node) or 'top level'}"
+        if target.op != "call_function" or _is_view(target):
+            raise LoweringError(f"{where} writes into {'a view' if target.op == 'call_function' else 'an input'} "
+                                f"({target.name}), which the IR's values cannot express")
+        order = self._node_order(node.graph)
+        if any(order[user] > order[node] for user in target.users if user is not node):
+            raise LoweringError(f"{where} overwrites {target.name}, which is read after it")
+        if any(_is_view(user) for user in target.users if user is not node):
+            raise LoweringError(f"{where} overwrites {target.name}, which a view shares")
+        return kind
+
+    def _node_order(self, graph: fx.Graph) -> dict[fx.Node, int]:
+        order = getattr(self, "_order", None)
+        if order is None or order[0] is not graph:
+            order = self._order = (graph, {n: i for i, n in enumerate(graph.nodes)})
+        return order[1]
+
+    def _sizes_of(self, node: fx.Node, like: fx.Node) -> list:
+        """``like``'s shape as a size list: literal ints, and a ``dim`` op per symbolic size."""
+        other = self._arg(like, node)
+        sizes: list = []
+        for axis, d in enumerate(like.meta["val"].shape):
+            if isinstance(d, int) or (isinstance(d, torch.SymInt) and d.node.expr.is_number):
+                sizes.append(int(d))
+                continue
+            value = self._new_value(d)
+            self.module.graph.ops.append(Op("dim", [other, axis], {}, [value], self._loc(node)))
+            sizes.append(value)
+        return sizes
 
     def _cast(self, node: fx.Node) -> None:
         x = self.env[node.args[0]]
@@ -312,10 +385,16 @@ class _Lowering:
 
     # --- finishing --------------------------------------------------------------------------
     def _check_lora_recognised(self) -> None:
+        transposed = {op.loc for op in self.module.graph.ops if op.kind == "addmm"}
         for op in self.module.graph.ops:
             if op.kind == "lora_linear":
                 continue
             for p in op.params():
+                if (".lora_A." in f".{p.name}" or ".lora_B." in f".{p.name}") and op.loc in transposed:
+                    raise LoweringError(
+                        f"the LoRA adapter at module {op.loc} adapts a layer that stores its weight "
+                        "transposed (a Conv1D, peft's fan_in_fan_out), which lorashear does not fuse",
+                        hint="lower the model without the adapter, or with LoRA on nn.Linear layers only")
                 if ".lora_A." in f".{p.name}" or ".lora_B." in f".{p.name}":
                     raise LoweringError(
                         f"the LoRA adapter at module {op.loc or p.name} was not recognised as "
@@ -326,6 +405,37 @@ class _Lowering:
         for i, op in enumerate(self.module.graph.ops):
             for j, r in enumerate(op.results):
                 r.name = str(i) if len(op.results) == 1 else f"{i}.{j}"
+
+
+def _transposed_param(value: Any) -> Param | None:
+    """The 2-D parameter W when ``value`` is ``W.T`` (``t``, ``permute([1, 0])``, ``transpose``)."""
+    op = value.producer if isinstance(value, Value) else None
+    if op is None or not op.args or not isinstance(op.args[0], Param) or len(op.args[0].type.shape) != 2:
+        return None
+    if op.kind == "t" or op.kind == "permute" and [d % 2 for d in op.args[1]] == [1, 0] \
+            or op.kind == "transpose" and {d % 2 for d in op.args[1:3]} == {0, 1}:
+        return op.args[0]
+    return None
+
+
+def linear_from_transposed_matmul(graph: Graph) -> int:
+    """Rewrite ``x @ W.T`` into ``linear(x, W)`` (Falcon's own linear layer multiplies by the
+    transposed weight), so such layers are linear layers to the analyses and to LoRA fusion;
+    returns how many were rewritten."""
+    rewritten = 0
+    for index, op in enumerate(graph.ops):
+        if op.kind != "matmul" or len(op.args) != 2 or not isinstance(op.args[0], Value):
+            continue
+        weight = _transposed_param(op.args[1])
+        if weight is None or len(op.args[0].type.shape) < 2:
+            continue
+        new = Op("linear", [op.args[0], weight], {}, [], loc=op.loc)
+        new.results = op.results
+        for r in new.results:
+            r.producer = new
+        graph.ops[index] = new
+        rewritten += 1
+    return rewritten
 
 
 def fuse_lora(graph: Graph) -> int:
@@ -349,6 +459,86 @@ def fuse_lora(graph: Graph) -> int:
             fused += 1
             break
     return fused
+
+
+def _static_min_max(expr, shape_env):
+    """``expr``, or its value where it holds a ``Max``/``Min`` that the sizes' known ranges
+    decide (MPT's ``1 - Max(0, 1 - S)`` is 1 for any sequence length of at least 2)."""
+    import sympy
+
+    if shape_env is None or not any(name in str(expr) for name in ("Max(", "Min(")):
+        return expr
+    try:
+        bounds = shape_env.bound_sympy(expr)
+    except Exception:  # noqa: BLE001 - torch's range analysis: undecided if it fails
+        return expr
+    if bounds.lower == bounds.upper and bounds.lower.is_number:
+        return sympy.Integer(int(bounds.lower))
+    return expr
+
+
+def _is_inplace(name: str) -> bool:
+    packet = name.partition(".")[0]
+    return packet.endswith("_") and not packet.startswith("_")
+
+
+#: ATen view ops: an in-place write into their result changes their input too.
+_VIEW_PACKETS = frozenset({"view", "_unsafe_view", "reshape", "transpose", "permute", "t", "expand",
+                           "unsqueeze", "squeeze", "slice", "select", "narrow", "as_strided", "alias",
+                           "detach", "split", "chunk", "unbind", "diagonal", "view_as", "expand_as",
+                           "numpy_T", "unfold", "unflatten", "flatten", "movedim", "split_with_sizes"})
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.target is operator.getitem:
+        return _is_view(node.args[0]) if isinstance(node.args[0], fx.Node) else False
+    return getattr(node.target, "_opname", None) in _VIEW_PACKETS
+
+
+def _numpy_t(lowering: _Lowering, node: fx.Node) -> None:
+    """``x.T``: every axis reversed, as a ``permute``."""
+    rank = len(node.args[0].meta["val"].shape)
+    lowering._emit(node, "permute", [lowering._arg(node.args[0], node), list(range(rank))[::-1]], {})
+
+
+def _shaped_as(kind: str) -> Callable[[_Lowering, fx.Node], None]:
+    """``x.view_as(y)``/``x.reshape_as(y)``/``x.expand_as(y)`` as ``reshape``/``expand`` to
+    ``y``'s sizes."""
+    def lower_as(lowering: _Lowering, node: fx.Node) -> None:
+        x = lowering._arg(node.args[0], node)
+        lowering._emit(node, kind, [x, lowering._sizes_of(node, node.args[1])], {})
+    return lower_as
+
+
+#: ATen overloads spelled with other IR kinds (they add no computation of their own).
+_SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
+    "numpy_T.default": _numpy_t,
+    "view_as.default": _shaped_as("reshape"),
+    "reshape_as.default": _shaped_as("reshape"),
+    "expand_as.default": _shaped_as("expand"),
+}
+
+
+def _forward_parameters(model: nn.Module):
+    """The parameters of ``model.forward`` by name (None where Python cannot tell)."""
+    import inspect
+
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_dynamic(ep, model_name: str) -> None:
+    """Refuse a trace that fixed the batch or sequence length of ``input_ids`` to the example's."""
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name == "input_ids":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and any(isinstance(d, int) for d in val.shape):
+                raise LoweringError(f"torch.export fixed the input shape of {model_name} to "
+                                    f"{list(val.shape)}: the model has no dynamic batch and sequence length",
+                                    hint="the model must run on any sequence length")
+            return
 
 
 def _single_use(v: Value, users) -> bool:
@@ -407,6 +597,7 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
     if isinstance(model, PeftModel):
         adapter = model.active_adapter if isinstance(model.active_adapter, str) else adapter
         model = model.get_base_model()
+    refuse_out_of_scope(model)
     was_training = model.training
     model.eval()
     try:

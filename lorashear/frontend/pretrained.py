@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorashear.errors import LorashearError, ModelLoadError, first_line
-from lorashear.frontend.lower import lower
+from lorashear.frontend.lower import canonical_param_name, lower
 from lorashear.ir.attributes import SourceAttr
 from lorashear.ir.core import Module
 from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage, Storage, safetensors_keys
@@ -87,16 +87,72 @@ def _load_config(model_dir: Path):
         raise ModelLoadError(f"cannot read the config of {model_dir}: {first_line(exc)}") from None
 
 
+def add_transformers_key_names(model: nn.Module, index: dict[str, tuple[str, tuple[int, ...], str]]) -> dict[str, str]:
+    """Add to a :func:`checkpoint_index` the names transformers loads its keys into.
+
+    transformers renames checkpoint keys on load (GPT-NeoX's ``embed_out`` is ``lm_head``,
+    ``LayerNorm.gamma`` is ``.weight``, a base model's keys gain or lose its
+    ``base_model_prefix``), and writes the old names back on save. Each renamed key is added
+    under the model's parameter name, still pointing into its file (no weight is read). Keys
+    that only a conversion (fusing, splitting, permuting tensors) makes into a parameter cannot
+    be bound by reference; they are returned as ``{parameter name: checkpoint key}`` so the
+    error can name them.
+    """
+    if not index:
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:  # a transformers without conversion mappings loads keys as they are
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    wanted = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None) or None
+    converted: dict[str, str] = {}
+    for key in sorted(index):
+        if key in wanted:
+            continue
+        try:
+            renamed, converter = rename_source_key(key, renamings, converters, prefix, wanted)
+        except Exception:  # noqa: BLE001 - a key transformers cannot name is reported as missing
+            continue
+        if renamed == key or renamed not in wanted:
+            continue
+        if converter is not None:
+            converted.setdefault(renamed, key)
+        else:
+            index.setdefault(renamed, index[key])
+    return converted
+
+
 def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
         with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            model = model_from_config(AutoModelForCausalLM, config)
     except ValueError as exc:
         raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
                              f"transformers can build: {first_line(exc)}") from None
     return model.to(dtype).eval()
+
+
+def model_from_config(auto_class, config) -> nn.Module:
+    """``auto_class.from_config`` with PyTorch's fused attention (``sdpa``), or the model's own
+    (``eager``) where transformers has no sdpa path for the architecture (BLOOM, GPT-2-family
+    relatives): both trace to plain ATen ops."""
+    try:
+        return auto_class.from_config(config, attn_implementation="sdpa")
+    except ValueError as exc:
+        if "scaled_dot_product_attention" not in str(exc):
+            raise
+    return auto_class.from_config(config, attn_implementation="eager")
 
 
 def _adapter_config(adapter_dir: Path):
@@ -146,6 +202,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
     config = _load_config(model_dir)
     checkpoint = {} if meta else checkpoint_index(model_dir)
     model = _build_skeleton(config, dtype)
+    converted = add_transformers_key_names(model, checkpoint)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
     model.to("meta")
 
@@ -172,16 +229,37 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
 
     generator = torch.Generator().manual_seed(seed)
     used_adapter_keys: set[str] = set()
+    tied = tied_names(model)
+    parameter_names = {canonical_param_name(n.removeprefix("base_model.model."))
+                       for n, _ in model.named_parameters(remove_duplicate=False)}
 
     def storage_for(name: str, tensor: torch.Tensor) -> Storage:
         shape = tuple(tensor.shape)
         if name in buffers:
             return DataStorage(buffers[name])
+        if name not in parameter_names:  # a constant tensor the forward makes
+            if tensor.device.type != "meta":
+                return DataStorage(tensor.detach().clone())
+            if not meta:
+                raise ModelLoadError(f"the forward of {type(config).__name__.removesuffix('Config')} "
+                                     "makes a constant tensor "
+                                     f"({name}) on the device of its weights; traced without weights, "
+                                     "its value is unknown",
+                                     hint="lower the model in memory with lorashear.lower(model)")
+            return MetaStorage()
         if ".lora_A." in name or ".lora_B." in name:
             if adapter is not None:
                 return _bind(name, shape, adapter_tensors, f"adapter {adapter}", used_adapter_keys,
                              meta=meta, mismatch="was made for another base model")
             return MetaStorage() if meta else DataStorage(fresh_lora_factor(name, shape, generator))
+        if name not in checkpoint and name in converted:
+            raise ModelLoadError(f"model {model_dir} stores {name} as {converted[name]}, which "
+                                 "transformers converts on load (fuses, splits or reorders); lorashear "
+                                 "binds weights by reference and cannot",
+                                 hint="load it with transformers and save_pretrained it again, or "
+                                 "pass --meta to lower the architecture only")
+        if name not in checkpoint:  # a tied weight saved under another of its names
+            name = next((alias for alias in tied.get(id(tensor), ()) if alias in checkpoint), name)
         return _bind(name, shape, checkpoint, f"model {model_dir}", None, meta=meta,
                      mismatch="does not match its config")
 
@@ -194,6 +272,15 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
     module.attributes["source"] = SourceAttr(str(model_dir.resolve()),
                                              str(Path(adapter).resolve()) if adapter else None)
     return module
+
+
+def tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """The checkpoint names of each parameter that has several (tied weights: RoBERTa's
+    ``lm_head.decoder.weight`` is its word embeddings, saved once under either name)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(canonical_param_name(name.removeprefix("base_model.model.")))
+    return {key: aliases for key, aliases in names.items() if len(aliases) > 1}
 
 
 def _bind(name: str, shape: tuple[int, ...], index: dict, what: str, used: set[str] | None, *,

@@ -98,8 +98,8 @@ _traits("""add add.scalar sub rsub mul mul.scalar div div.mode neg pow pow.tenso
            log abs reciprocal cos sin tanh sigmoid silu gelu relu erf clamp minimum maximum where
            where.scalar_other masked_fill masked_fill.tensor eq eq.scalar ne ne.scalar lt lt.scalar
            le le.scalar gt gt.scalar ge ge.scalar and or not logical_not logical_and logical_or
-           cast dropout softplus square floor log1p""", elementwise=True)
-_traits("neg sqrt abs tanh silu gelu relu erf cast dropout sin square floor log1p", zero_preserving=True)
+           cast dropout softplus square floor log1p pow.scalar where.scalar_self where.scalar expm1""", elementwise=True)
+_traits("neg sqrt abs tanh silu gelu relu erf cast dropout sin square floor log1p expm1", zero_preserving=True)
 _traits("sum mean", reduction=True)
 _traits("arange arange.start arange.start_step full ones zeros scalar_tensor empty", creates_tensor=True)
 _traits("reshape", shape_arg="shape")
@@ -107,6 +107,7 @@ _traits("expand full ones zeros empty new_ones new_zeros new_full", shape_arg="s
 _traits("dropout lora_linear", training_aware=True)
 _traits("linear lora_linear", weight_arg="weight")
 _traits("split split_with_sizes chunk unbind", num_results=None)
+_traits("max.dim", num_results=2)
 
 
 # --- ops that execute as one ATen overload --------------------------------------------------
@@ -124,9 +125,11 @@ _PLAIN = {
     "tanh.default": "tanh", "sigmoid.default": "sigmoid", "silu.default": "silu",
     "gelu.default": "gelu", "relu.default": "relu", "erf.default": "erf",
     "softplus.default": "softplus", "square.default": "square", "floor.default": "floor",
-    "log1p.default": "log1p",
+    "log1p.default": "log1p", "expm1.default": "expm1",
     "clamp.default": "clamp", "minimum.default": "minimum", "maximum.default": "maximum",
-    "where.self": "where", "where.ScalarOther": "where.scalar_other",
+    "max.other": "maximum", "min.other": "minimum", "pow.Scalar": "pow.scalar",
+    "where.self": "where", "where.ScalarOther": "where.scalar_other", "where.ScalarSelf": "where.scalar_self",
+    "where.Scalar": "where.scalar",
     "masked_fill.Scalar": "masked_fill", "masked_fill.Tensor": "masked_fill.tensor",
     # comparisons and logic
     "eq.Tensor": "eq", "eq.Scalar": "eq.scalar", "ne.Tensor": "ne", "ne.Scalar": "ne.scalar",
@@ -140,7 +143,9 @@ _PLAIN = {
     "softmax.int": "softmax", "_softmax.default": "softmax.internal",
     "_log_softmax.default": "log_softmax", "log_softmax.int": "log_softmax.int",
     "cumsum.default": "cumsum", "layer_norm.default": "layer_norm", "rms_norm.default": "rms_norm",
-    "any.dim": "any", "all.dim": "all",
+    "any.dim": "any", "all.dim": "all", "max.dim": "max.dim", "max.default": "max",
+    "logsumexp.default": "logsumexp",
+    "min.default": "min",
     # linear algebra
     "linear.default": "linear", "matmul.default": "matmul", "bmm.default": "bmm", "mm.default": "mm",
     "addmm.default": "addmm", "baddbmm.default": "baddbmm", "embedding.default": "embedding",
@@ -157,6 +162,7 @@ _PLAIN = {
     "index.Tensor": "index", "gather.default": "gather", "index_select.default": "index_select",
     "tril.default": "tril", "triu.default": "triu", "diff.default": "diff",
     "roll.default": "roll", "flip.default": "flip",
+    "repeat_interleave.self_int": "repeat_interleave", "index_put.default": "index_put",
     # tensors made from scratch
     "arange.default": "arange", "arange.start": "arange.start", "arange.start_step": "arange.start_step",
     "full.default": "full", "ones.default": "ones", "zeros.default": "zeros",
@@ -176,7 +182,8 @@ for _overload, _kind in _PLAIN.items():
 
 #: ATen overloads that carry no computation for inference and are dropped by lowering.
 IDENTITY_OPS = frozenset({
-    "clone.default", "contiguous.default", "alias.default", "detach.default", "lift_fresh_copy.default",
+    "clone.default", "contiguous.default", "alias.default", "detach.default", "detach_.default",
+    "lift_fresh_copy.default",
     "_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default",
     "_assert_async.msg", "sym_constrain_range.default",
 })
@@ -216,10 +223,23 @@ _define("sym.floordiv", operator.floordiv)
 _define("sym.mod", operator.mod)
 _define("sym.neg", operator.neg)
 
+
+def _sym_max(a: int, b: int) -> int:
+    return max(a, b)
+
+
+def _sym_min(a: int, b: int) -> int:
+    return min(a, b)
+
+
+_define("sym.max", _sym_max, doc="the larger of two (symbolic) integers")
+_define("sym.min", _sym_min, doc="the smaller of two (symbolic) integers")
+
 #: Python-level operators on symbolic integers that export records, and their IR kinds.
 SYM_OPERATORS: dict[Callable, str] = {
     operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
     operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg",
+    torch.sym_max: "sym.max", torch.sym_min: "sym.min",
 }
 
 if _KIND_TRAITS.keys() - OP_DEFS.keys():  # a misspelt kind in a trait declaration

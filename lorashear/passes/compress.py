@@ -134,6 +134,21 @@ def _shape_literals(ctx: CompressContext, op: Op) -> None:
                                  else a for j, a in enumerate(sizes)])
 
 
+@compress_rule("split", "split_with_sizes")
+def _split_sizes(ctx: CompressContext, op: Op) -> None:
+    """A cut into pieces names their sizes: they become the pieces' new sizes (equal pieces
+    of a fused projection shrink together; ``chunk`` names a count, which stays)."""
+    a = op.bound_args()
+    dim = a["dim"] % len(a["self"].type.shape)
+    sizes = [r.type.shape[dim] for r in op.results]
+    if not all(isinstance(s, int) for s in sizes):
+        return
+    if op.kind == "split" and isinstance(a["split_size"], int) and len(set(sizes)) == 1:
+        _set_argument(op, "split_size", sizes[0])
+    elif op.kind == "split_with_sizes" and isinstance(a["split_sizes"], list):
+        _set_argument(op, "split_sizes", sizes)
+
+
 @compress_rule("mean")
 def _mean(ctx: CompressContext, op: Op) -> None:
     """A mean over a shrunk axis: an RMSNorm's is rescaled (:func:`_rescale_rms_norm`), any
@@ -180,7 +195,8 @@ def _axis_size(coupling: CouplingResult, key: int, axis: int, new_size: dict[int
     for f in coupling.axes[key][axis]:
         for leaf in fs.leaves(f):
             root = fs.find(leaf)
-            size *= new_size.get(root, fs.size[root] or 1)
+            known = fs.size[root]
+            size *= new_size.get(root, 1 if known is None else known)  # an empty axis stays empty
     return size
 
 
@@ -281,9 +297,15 @@ def _update_config(module: Module, groups: GroupsAttr, removed: dict[int, tuple[
     if len(eps_scale) == 1 and "rms_norm_eps" in config:
         config["rms_norm_eps"] = config["rms_norm_eps"] * eps_scale.pop()
     per_layer: dict[int, dict[str, int]] = {}
+    # configs that name their sizes otherwise (GPT-2's n_embd, BART's d_model, a composite
+    # model's text_config) keep them; the new sizes are recorded beside them
+    stock_keys = {"hidden_size", "num_attention_heads"} <= config.keys()
     for family in groups.families:
         kept = family.size - len(set(removed.get(family.id, ())))
-        if family.kind == "hidden":
+        if family.kind == "hidden" and not stock_keys:
+            if kept != family.size:
+                config["lorashear_hidden_size"] = kept
+        elif family.kind == "hidden":
             if kept != family.size:
                 config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
                 config["hidden_size"] = kept
@@ -292,13 +314,18 @@ def _update_config(module: Module, groups: GroupsAttr, removed: dict[int, tuple[
             per_layer.setdefault(family.layer, {})[key] = kept
     for key in ("num_key_value_heads", "intermediate_size"):
         values = {sizes[key] for sizes in per_layer.values() if key in sizes}
-        if len(values) == 1:
+        if len(values) == 1 and stock_keys:
             (value,) = values
             if key == "num_key_value_heads":
                 heads_per_kv = config["num_attention_heads"] // config.get("num_key_value_heads", config["num_attention_heads"])
                 config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
                 config["num_attention_heads"] = value * heads_per_kv
             config[key] = value
+    if not stock_keys:
+        if per_layer:
+            config["lorashear_per_layer"] = {str(k): v for k, v in sorted(per_layer.items())}
+        module.attributes["config"] = HFConfigAttr(config)
+        return
     uniform = all(len({s[k] for s in per_layer.values() if k in s}) <= 1
                   for k in ("num_key_value_heads", "intermediate_size"))
     if not uniform:

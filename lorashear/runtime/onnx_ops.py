@@ -90,7 +90,8 @@ def _sym_binary(onnx_op: str) -> Translation:
     return translate
 
 
-for _kind, _onnx_op in (("sym.add", "Add"), ("sym.sub", "Sub"), ("sym.mul", "Mul")):
+for _kind, _onnx_op in (("sym.add", "Add"), ("sym.sub", "Sub"), ("sym.mul", "Mul"), ("sym.max", "Max"),
+                        ("sym.min", "Min")):
     translates(_kind)(_sym_binary(_onnx_op))
 
 
@@ -147,6 +148,12 @@ def _square(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
 def _log1p(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     dtype = result_dtype(op)
     return b.op("Log", b.op("Add", b.tensor(a["self"], dtype), b.const(1.0, dtype)))
+
+
+@translates("expm1")
+def _expm1(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return b.op("Sub", b.op("Exp", b.tensor(a["self"], dtype)), b.const(1.0, dtype))
 
 
 @translates("softplus")
@@ -235,7 +242,14 @@ def _clamp(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Clip", b.tensor(a["self"], dtype), low, high)
 
 
-@translates("where", "where.scalar_other")
+@translates("pow.scalar")
+def _pow_scalar(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``scalar ** tensor`` (ALiBi's slopes ``2 ** -k``)."""
+    dtype = result_dtype(op)
+    return b.op("Pow", b.const(a["self"], dtype), b.tensor(a["exponent"], dtype))
+
+
+@translates("where", "where.scalar_other", "where.scalar_self", "where.scalar")
 def _where(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     dtype = result_dtype(op)
     return b.op("Where", b.tensor(a["condition"], "bool"), b.tensor(a["self"], dtype),
@@ -306,6 +320,20 @@ def _reduce(onnx_op: str) -> Translation:
 translates("mean")(_reduce("ReduceMean"))
 translates("sum")(_reduce("ReduceSum"))
 translates("amax")(_reduce("ReduceMax"))
+translates("max")(_reduce("ReduceMax"))
+translates("logsumexp")(_reduce("ReduceLogSumExp"))
+translates("min")(_reduce("ReduceMin"))
+
+
+@translates("max.dim")
+def _max_dim(b: OnnxGraphBuilder, op: Op, a: dict) -> list[ir.Value]:
+    """The maximum over ``dim`` and its first index (as torch returns)."""
+    x = b.tensor(a["self"], result_dtype(op))
+    axis = _axes(a["dim"], rank_of(a["self"]))
+    keepdims = int(bool(a["keepdim"]))
+    values = b.op("ReduceMax", x, b.ints(axis), keepdims=keepdims)
+    indices = b.op("ArgMax", x, axis=axis[0], keepdims=keepdims, select_last_index=0)
+    return [values, b.cast(indices, result_dtype(op, 1))]
 
 
 def _reduce_bool(onnx_op: str) -> Translation:
@@ -340,9 +368,10 @@ def _layer_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     scale = b.const(1.0, dtype) if a["weight"] is None else b.tensor(a["weight"], dtype)
     if a["weight"] is None:
         scale = b.op("Expand", scale, b.ints(shape))
-    bias = None if a["bias"] is None else b.tensor(a["bias"], dtype)
-    return b.op("LayerNormalization", b.tensor(a["input"], dtype), scale, bias,
-                axis=-len(shape), epsilon=float(a["eps"]))
+    # no bias: the input is left out, not given empty (ONNX Runtime's layer-norm fusion
+    # crashes on an empty trailing input)
+    inputs = [b.tensor(a["input"], dtype), scale] + ([] if a["bias"] is None else [b.tensor(a["bias"], dtype)])
+    return b.op("LayerNormalization", *inputs, axis=-len(shape), epsilon=float(a["eps"]))
 
 
 @translates("rms_norm")

@@ -9,6 +9,7 @@ with a literal 0) the translation follows torch.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import onnx_ir as ir
@@ -55,6 +56,27 @@ def _repeat(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     if extra > 0:  # torch prepends unit axes when there are more repeats than axes
         x = b.op("Unsqueeze", x, b.ints(list(range(extra))))
     return b.op("Tile", x, b.shape_vector(repeats))
+
+
+@translates("repeat_interleave")
+def _repeat_interleave(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """Each element ``repeats`` times along ``dim``: a new axis after ``dim``, broadcast to
+    ``repeats``, merged back into ``dim`` (row-major, so the copies sit side by side)."""
+    repeats, dim = a["repeats"], a["dim"]
+    if dim is None or not isinstance(repeats, int):
+        raise EmissionError("only repeat_interleave along one axis by a fixed count is translated")
+    rank = rank_of(a["self"])
+    axis = normalize_axis(dim, rank)
+    x = b.tensor(a["self"])
+    widened = b.op("Unsqueeze", x, b.ints([axis + 1]))
+    copies = b.op("Expand", widened, b.ints([1] * (axis + 1) + [repeats] + [1] * (rank - axis - 1)))
+    parts = [b.ints([-1])]
+    if axis > 0:
+        parts.insert(0, b.op("Shape", x, start=0, end=axis))
+    if axis < rank - 1:
+        parts.append(b.op("Shape", x, start=axis + 1))
+    shape = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=0)
+    return b.op("Reshape", copies, shape)
 
 
 @translates("transpose")
@@ -281,3 +303,20 @@ def _index(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
 @translates("tril", "triu")
 def _trilu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Trilu", b.tensor(a["self"]), b.sym_scalar(a["diagonal"]), upper=int(op.kind == "triu"))
+
+
+
+@translates("index_put")
+def _index_put(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``x[mask] = value`` with one boolean mask shaped like ``x`` and one value (Gemma 3
+    replaces its image tokens so): ``Where(mask, value, x)``. Other index forms are refused."""
+    x, indices, values = a["self"], a["indices"], a["values"]
+    masks = [i for i in indices if i is not None]
+    if a["accumulate"] or len(indices) != 1 or len(masks) != 1 or masks[0].type.dtype != "bool" \
+            or masks[0].type.shape != x.type.shape or math.prod(
+                d if isinstance(d, int) else 2 for d in getattr(values.type, "shape", (2,))) != 1:
+        raise EmissionError("only x[mask] = value (one boolean mask shaped like x, one value) is "
+                            "translated")
+    dtype = result_dtype(op)
+    value = b.op("Reshape", b.tensor(values, dtype), b.ints([]))
+    return b.op("Where", b.tensor(masks[0], "bool"), value, b.tensor(x, dtype))

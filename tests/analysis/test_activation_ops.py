@@ -28,6 +28,7 @@ ACTIVATIONS = {
     "softplus": F.softplus,
     "log1p": lambda x: torch.log1p(F.relu(x)),
     "floor": lambda x: torch.floor(x * 4) / 4,
+    "expm1": lambda x: torch.expm1(torch.clamp(x, max=1.0)),  # Apertus xIELU
 }
 
 
