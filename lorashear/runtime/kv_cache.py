@@ -12,7 +12,9 @@ Nothing here knows a model family. The rewrite reads the graph:
   grouped-query repeat (``unsqueeze -> expand -> reshape``) to the per-KV-head tensor
   ``[B, kv_heads, S, head_dim]``; that value, rotary embedding already applied, is what is
   cached. Right after the op that makes it, the past is concatenated in front of it, and every
-  reader (the repeat, the attention) sees all ``P + S`` positions.
+  reader sees all ``P + S`` positions. The attention then reads the cache itself with
+  ``enable_gqa=True`` instead of a copy of it per query head (the same heads in the same
+  order, so the same result: exactly so on torch's CPU kernel).
 - **Two sequence lengths.** The lowered graph has one sequence length; the step has two: the
   new tokens ``S`` and the whole sequence ``T = P + S``. Every op is replayed on meta tensors
   with distinct sizes for ``B``, ``S`` and ``P``, so each axis says which length it has. A size
@@ -143,6 +145,9 @@ class _Rewrite:
         self.B, self.S, self.P = _fresh_sizes(module)
         self.T = self.P + self.S
         self.names = {v.name for v in graph.inputs} | {r.name for op in graph.ops for r in op.results}
+        #: sdpa ops (by id) whose keys and values are grouped-query repeats of these cache points:
+        #: the step reads the cache directly with ``enable_gqa=True``
+        self.grouped: dict[int, tuple[Value, Value]] = {}
         self.counter = 0
 
     # -- naming and types -------------------------------------------------------------------
@@ -222,6 +227,9 @@ class _Rewrite:
                 raise KVCacheError(f"{_where(op)} is causal by flag, not by a mask: with a cache "
                                    "its queries and keys have different lengths")
             key, value = (self.unrepeat(args[name], op) for name in ("key", "value"))
+            if key is not args["key"] and value is not args["value"] and not args.get("enable_gqa") \
+                    and self.repeats_heads(args["key"], key) and self.repeats_heads(args["value"], value):
+                self.grouped[id(op)] = (key, value)
             known = points.get(id(key))
             if known is not None and points.get(id(value)) == (known[0], "value"):
                 continue  # an attention that shares an earlier one's cache
@@ -231,6 +239,15 @@ class _Rewrite:
             points[id(value)] = (len(entries), "value")
             entries.append((key, value))
         return points, entries
+
+    @staticmethod
+    def repeats_heads(repeated: Value, point: Value) -> bool:
+        """Whether ``repeated`` is ``point``'s heads each repeated ``n`` times in a row, as
+        ``sdpa(enable_gqa=True)`` repeats them (``[B, H, S, D] -> [B, H, n, S, D] -> [B, H*n, S, D]``)."""
+        expanded = repeated.producer.bound_args()["self"].type
+        heads, n = point.type.shape[1], expanded.shape[2] if expanded.rank == 5 else None
+        return (isinstance(n, int) and expanded.shape[1] == heads
+                and repeated.type.shape[1] == heads * n and repeated.type.shape[2:] == point.type.shape[2:])
 
     def unrepeat(self, v: Any, attention: Op) -> Value:
         """The per-KV-head value a key/value operand repeats (``repeat_kv``), or itself."""
@@ -371,6 +388,10 @@ class _Rewrite:
             args = [map_arg(a, ref) for a in op.args]
             kwargs = {k: map_arg(v, ref) for k, v in op.kwargs.items()}
             args, kwargs = self.align(op, args, kwargs, meta, last_tokens)
+            if id(op) in self.grouped:  # attend over the cached KV heads, not a copy per query head
+                key, value = self.grouped[id(op)]
+                args = [args[0], mapped[id(key)], mapped[id(value)], *args[3:]]
+                kwargs = {**kwargs, "enable_gqa": True}
             new = Op(op.kind, args, kwargs, [Value(r.name, r.type) for r in op.results], op.loc)
             self.meta_run(new, meta, module)
             for r_old, r_new in zip(op.results, new.results, strict=True):
