@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorashear.errors import EmissionError, ExecutionError, LorashearError, first_line
@@ -37,7 +37,9 @@ from lorashear.runtime.kv_cache import (
     KVCacheError,
     add_kv_cache,
     cache_layout,
+    cached_pairs,
     has_kv_cache,
+    store_present,
 )
 
 
@@ -227,10 +229,7 @@ class IRModel(nn.Module):
         if cache is None:
             return empty
         if isinstance(cache, Cache):
-            layers = cache.layers
-            return [(layers[i].keys, layers[i].values)
-                    if i < len(layers) and layers[i].is_initialized and layers[i].keys.numel() else pair
-                    for i, pair in enumerate(empty)]
+            return cached_pairs(cache, empty)
         pairs = [tuple(pair) for pair in cache]
         if len(pairs) != len(layout):
             raise ExecutionError(f"the cache has {len(pairs)} entries; the graph caches "
@@ -333,16 +332,8 @@ class IRModel(nn.Module):
         logits = outputs[0]
         presents = list(zip(outputs[1::2], outputs[2::2], strict=True))
         if isinstance(cache, Cache):
-            layers = cache.layers
             for i, ((old_key, _), (key, value)) in enumerate(zip(past, presents, strict=True)):
-                layer = layers[i] if i < len(layers) else None
-                if type(layer) is DynamicLayer and layer.is_initialized:
-                    # the graph has concatenated past and new already: hand the result over
-                    # instead of letting update() copy the whole past once more
-                    layer.keys, layer.values = key, value
-                else:
-                    start = old_key.shape[2]
-                    cache.update(key[:, :, start:], value[:, :, start:], i)
+                store_present(cache, i, key, value, old_key.shape[2])
         else:
             cache = tuple(presents)
         loss = self._lm_loss(logits, labels) if labels is not None else None

@@ -22,27 +22,54 @@ from lorashear.ir.attributes import HFConfigAttr
 from lorashear.runtime.executor import IRModel
 
 
-def hf_config(model: IRModel) -> PretrainedConfig:
-    """The model's Hugging Face config (from its ``hf.config`` attribute), for generation's
-    token ids and limits; a bare config when the module has none."""
-    attr = model.ir.attributes.get("config")
-    data = dict(attr.config) if isinstance(attr, HFConfigAttr) else {}
-    data.pop("quantization_config", None)
-    data.pop("auto_map", None)
+def decoder_config(data: dict[str, Any]) -> PretrainedConfig:
+    """A bare ``PretrainedConfig`` of a model's ``config.json`` contents, for generation's
+    token ids and limits (no quantisation, no remote code, a decoder)."""
+    data = {k: v for k, v in data.items() if k not in ("quantization_config", "auto_map")}
     config = PretrainedConfig.from_dict(data)
     config.is_encoder_decoder = False
     return config
 
 
-class IRForGeneration(PreTrainedModel, GenerationMixin):
-    """An IR model as transformers' generation expects one (see the module docstring).
+def hf_config(model: IRModel) -> PretrainedConfig:
+    """The model's Hugging Face config (from its ``hf.config`` attribute); a bare config when
+    the module has none."""
+    attr = model.ir.attributes.get("config")
+    return decoder_config(dict(attr.config) if isinstance(attr, HFConfigAttr) else {})
 
-    Holds the IR model without registering it as a submodule, so it adds no parameters and
-    shares the IR model's tensors, device and dtype."""
+
+class CacheGeneration(PreTrainedModel, GenerationMixin):
+    """What a runtime's adapter to transformers' generation shares (the executor's here, ONNX
+    Runtime's in :mod:`lorashear.runtime.onnx_generate`): a subclass sets ``cached`` (whether
+    its model decodes over a KV cache) and defines ``forward``."""
 
     config_class = PretrainedConfig
     main_input_name = "input_ids"
     _supports_cache_class = True
+    cached: bool
+
+    def _supports_default_dynamic_cache(self) -> bool:
+        return self.cached
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any):
+        """``GenerationMixin.generate`` with a full-layer ``DynamicCache`` by default (a
+        sliding-window cache layer would drop past keys the graph's mask expects); a model
+        without a cache recomputes the prefix each step."""
+        use_cache = kwargs.get("use_cache", self.generation_config.use_cache)
+        if self.cached and use_cache is not False and kwargs.get("cache") is None \
+                and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = DynamicCache()
+        if not self.cached:
+            kwargs["use_cache"] = False
+        return super().generate(inputs, **kwargs)
+
+
+class IRForGeneration(CacheGeneration):
+    """An IR model as transformers' generation expects one (see the module docstring).
+
+    Holds the IR model without registering it as a submodule, so it adds no parameters and
+    shares the IR model's tensors, device and dtype."""
 
     def __init__(self, model: IRModel, config: PretrainedConfig | None = None,
                  generation_config: GenerationConfig | None = None) -> None:
@@ -59,9 +86,6 @@ class IRForGeneration(PreTrainedModel, GenerationMixin):
     def dtype(self) -> torch.dtype:
         return self.ir_model._float_dtype()
 
-    def _supports_default_dynamic_cache(self) -> bool:
-        return self.cached
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
                 logits_to_keep: int = 0, **_: Any):
@@ -70,16 +94,8 @@ class IRForGeneration(PreTrainedModel, GenerationMixin):
         return self.ir_model(input_ids, attention_mask=attention_mask, labels=labels, cache=cache,
                              use_cache=True, logits_to_keep=logits_to_keep)
 
-    @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any):
-        """``GenerationMixin.generate`` with a full-layer ``DynamicCache`` by default (a
-        sliding-window cache layer would drop past keys the graph's mask expects)."""
-        use_cache = kwargs.get("use_cache", self.generation_config.use_cache)
-        if self.cached and use_cache is not False and kwargs.get("cache") is None \
-                and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = DynamicCache()
-        if not self.cached:
-            kwargs["use_cache"] = False
+        """:meth:`CacheGeneration.generate` with the IR model in eval mode (dropout off)."""
         was_training = self.ir_model.training
         self.ir_model.eval()
         try:

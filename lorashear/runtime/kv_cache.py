@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from lorashear.errors import EmissionError, first_line
 from lorashear.ir.core import Graph, Module, Op, Param, Value, clone_module, map_arg
@@ -72,6 +73,31 @@ class CacheLayout:
         dtype = dtype or torch_dtype(self.dtype)
         return (torch.empty(batch, self.kv_heads, 0, self.key_dim, dtype=dtype, device=device),
                 torch.empty(batch, self.kv_heads, 0, self.value_dim, dtype=dtype, device=device))
+
+
+def cached_pairs(cache: Cache, empty: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Each entry's past keys and values as ``cache`` holds them (layer ``i`` holds entry
+    ``i``), or the entry's ``empty`` pair where the layer holds nothing yet."""
+    layers = cache.layers
+    return [(layers[i].keys, layers[i].values)
+            if i < len(layers) and layers[i].is_initialized and layers[i].keys.numel() else pair
+            for i, pair in enumerate(empty)]
+
+
+def store_present(cache: Cache, index: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
+    """Cache layer ``index`` holds ``key``/``value`` (the graph's ``present``: all ``P + S``
+    positions, past ones from ``start`` on new) from now on. A ``DynamicLayer`` takes them as
+    they are, since the graph concatenated past and new already; any other layer kind appends
+    the new positions through its own ``update`` (which would copy the whole past again)."""
+    while len(cache.layers) <= index and cache.layer_class_to_replicate is not None:
+        cache.layers.append(cache.layer_class_to_replicate())
+    layer = cache.layers[index] if index < len(cache.layers) else None
+    if type(layer) is DynamicLayer:
+        if not layer.is_initialized:
+            layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+    else:
+        cache.update(key[:, :, start:], value[:, :, start:], index)
 
 
 def has_kv_cache(module: Module) -> bool:
@@ -523,4 +549,4 @@ class _NoHoist(Exception):
 
 
 __all__ = ["CacheLayout", "KVCacheError", "PAST_KEY", "PAST_VALUE", "PRESENT_KEY", "PRESENT_VALUE",
-           "add_kv_cache", "cache_layout", "has_kv_cache"]
+           "add_kv_cache", "cache_layout", "cached_pairs", "has_kv_cache", "store_present"]

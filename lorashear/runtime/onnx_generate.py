@@ -22,12 +22,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorashear.errors import ExecutionError, ModelLoadError
-from lorashear.runtime.kv_cache import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from lorashear.runtime.generation import CacheGeneration, decoder_config
+from lorashear.runtime.kv_cache import (
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    cached_pairs,
+    store_present,
+)
 
 #: ONNX tensor element types the decoder's inputs may have, as numpy dtypes.
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -148,22 +156,15 @@ def read_config(folder: Path) -> tuple[PretrainedConfig, GenerationConfig | None
             data = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    for key in ("quantization_config", "auto_map"):
-        data.pop(key, None)
-    config = PretrainedConfig.from_dict(data)
-    config.is_encoder_decoder = False
+    config = decoder_config(data)
     generation = None
     if (folder / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(folder)
     return config, generation
 
 
-class OnnxForGeneration(PreTrainedModel, GenerationMixin):
+class OnnxForGeneration(CacheGeneration):
     """An ONNX decoder as transformers' generation expects a model (see the module docstring)."""
-
-    config_class = PretrainedConfig
-    main_input_name = "input_ids"
-    _supports_cache_class = True
 
     def __init__(self, decoder: OnnxDecoder, config: PretrainedConfig | None = None,
                  generation_config: GenerationConfig | None = None) -> None:
@@ -183,32 +184,12 @@ class OnnxForGeneration(PreTrainedModel, GenerationMixin):
     def dtype(self) -> torch.dtype:
         return self.decoder.dtype
 
-    def _supports_default_dynamic_cache(self) -> bool:
-        return self.cached
-
     def _past(self, cache: Cache | None, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         empty = [entry.empty(batch) for entry in self.decoder.layout]
         if cache is None:
             return empty
-        layers = cache.layers
-        return [(_numpy(layers[i].keys), _numpy(layers[i].values))
-                if i < len(layers) and layers[i].is_initialized and layers[i].keys.numel() else pair
-                for i, pair in enumerate(empty)]
-
-    @staticmethod
-    def _store(cache: Cache, index: int, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
-        """Cache layer ``index`` holds ``key``/``value`` (all ``P + S`` positions) from now on:
-        a ``DynamicLayer`` takes the session's arrays as they are (no copy); any other layer
-        kind appends the new positions through its own ``update``."""
-        while len(cache.layers) <= index and cache.layer_class_to_replicate is not None:
-            cache.layers.append(cache.layer_class_to_replicate())
-        layer = cache.layers[index] if index < len(cache.layers) else None
-        if type(layer) is DynamicLayer:
-            if not layer.is_initialized:
-                layer.lazy_initialization(key, value)
-            layer.keys, layer.values = key, value
-        else:
-            cache.update(key[:, :, start:], value[:, :, start:], index)
+        pairs = cached_pairs(cache, [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in empty])
+        return [(_numpy(k), _numpy(v)) for k, v in pairs]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
@@ -227,25 +208,13 @@ class OnnxForGeneration(PreTrainedModel, GenerationMixin):
         past = self._past(cache, ids.shape[0])
         logits, presents = self.decoder.run(ids, mask, past)
         for i, ((old_key, _), (key, value)) in enumerate(zip(past, presents, strict=True)):
-            self._store(cache, i, torch.from_numpy(key), torch.from_numpy(value), old_key.shape[2])
+            store_present(cache, i, torch.from_numpy(key), torch.from_numpy(value), old_key.shape[2])
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
                 torch.from_numpy(logits)[:, :-1].reshape(-1, logits.shape[-1]),
                 labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=torch.from_numpy(logits), cache=cache)
-
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any):
-        """``GenerationMixin.generate`` with a full-layer ``DynamicCache`` by default (the
-        graph's mask says which past positions each token sees, so the cache keeps all)."""
-        use_cache = kwargs.get("use_cache", self.generation_config.use_cache)
-        if self.cached and use_cache is not False and kwargs.get("cache") is None \
-                and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = DynamicCache()
-        if not self.cached:
-            kwargs["use_cache"] = False
-        return super().generate(inputs, **kwargs)
 
 
 def onnx_generator(path: str | os.PathLike, *, providers: list[str] | None = None,
