@@ -143,17 +143,29 @@ def _select_per_layer(budgets: list[FamilyBudget], target: float, remaining: flo
     back by MLP channels, so a coarse kind must not overshoot what the rest can balance."""
     free = [b for b in budgets if not b.protected]
     share = _weighted_share(free, target)
+
+    def counts(rounding) -> dict[int, int]:
+        chosen = {b.family.id: len(b.already) for b in budgets if b.protected}
+        chosen.update({b.family.id: min(max(rounding(share * b.weight * b.family.size), len(b.already)),
+                                        b.family.size - 1) for b in free})
+        return chosen
+
+    return _best_rounding(budgets, target, remaining, later_capacity, counts)
+
+
+def _best_rounding(budgets: list[FamilyBudget], target: float, remaining: float,
+                   later_capacity: float, counts) -> dict[int, int]:
+    """Of ``counts(rounding)`` for rounding to nearest, down and up, the first whose remainder
+    the later kinds can absorb best (``0 <= rest <= later_capacity``), then nearest ``target``."""
     best: tuple[float, float] | None = None
     chosen: dict[int, int] = {}
     for rounding in (_half_up, math.floor, math.ceil):
-        counts = {b.family.id: len(b.already) for b in budgets if b.protected}
-        counts.update({b.family.id: min(max(rounding(share * b.weight * b.family.size), len(b.already)),
-                                        b.family.size - 1) for b in free})
-        taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
+        candidate = counts(rounding)
+        taken = sum(b.unit_numel * candidate[b.family.id] for b in budgets)
         rest = remaining - taken
         cost = (max(0.0, -rest) + max(0.0, rest - later_capacity), abs(taken - target))
         if best is None or cost < best:
-            best, chosen = cost, counts
+            best, chosen = cost, candidate
     return chosen
 
 
@@ -167,17 +179,12 @@ def _select_uniform(budgets: list[FamilyBudget], target: float, remaining: float
     per_unit = sum(b.unit_numel for b in budgets)
     exact = (sum(b.unit_numel * b.family.size for b in budgets) - target) / per_unit / step
     high = (most // step) * step or most
-    best: tuple[float, float] | None = None
-    chosen: dict[int, int] = {}
-    for rounding in (_half_up, math.floor, math.ceil):
+
+    def counts(rounding) -> dict[int, int]:
         kept = min(max(rounding(exact) * step, min(step, high), 1), high)
-        counts = {b.family.id: b.family.size - kept for b in budgets}
-        taken = sum(b.unit_numel * counts[b.family.id] for b in budgets)
-        rest = remaining - taken
-        cost = (max(0.0, -rest) + max(0.0, rest - later_capacity), abs(taken - target))
-        if best is None or cost < best:
-            best, chosen = cost, counts
-    return chosen
+        return {b.family.id: b.family.size - kept for b in budgets}
+
+    return _best_rounding(budgets, target, remaining, later_capacity, counts)
 
 
 def _weighted_share(free: list[FamilyBudget], target: float) -> float:
