@@ -124,6 +124,23 @@ def with_random_weights(module):
     return module
 
 
+def lhspg_step_setup(module, model, device: torch.device):
+    """What an LHSPG step needs beside the model: the AdamW optimizer of its trainable
+    tensors, the group index of the attention and MLP families, a seeded random fifth of the
+    groups chosen, and their shrink strengths."""
+    from lorashear.passes.lhspg import build_group_index
+
+    groups = module.attributes["groups"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    index = build_group_index(module, model, groups,
+                              [f.id for f in groups.families if f.kind in ("attn", "mlp")])
+    chosen = torch.zeros(index.num_groups, dtype=torch.bool)
+    chosen[torch.randperm(index.num_groups, generator=torch.Generator().manual_seed(0))
+           [: index.num_groups // 5]] = True
+    chosen = chosen.to(device)
+    return optimizer, index, chosen, torch.full(chosen.shape, 1e-4, device=device)
+
+
 def step_ratio(device: torch.device, smoke: bool, ir_path: str | None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -131,7 +148,6 @@ def step_ratio(device: torch.device, smoke: bool, ir_path: str | None) -> None:
     from lorashear.ir.fileformat import load_ir
     from lorashear.kernels import ProjectionPlan, project_groups
     from lorashear.passes import PassManager
-    from lorashear.passes.lhspg import build_group_index
     from lorashear.runtime.executor import IRModel
 
     config = LlamaConfig(**(TINY if smoke else SMOLLM2))
@@ -147,16 +163,8 @@ def step_ratio(device: torch.device, smoke: bool, ir_path: str | None) -> None:
         module = lower_pretrained(tmp, lora_rank=8)
         print(f"lowered in {time.perf_counter() - started:.1f} s", flush=True)
     PassManager.parse("discover").run(module)
-    groups = module.attributes["groups"]
     model = IRModel(module, device=device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    index = build_group_index(module, model, groups,
-                              [f.id for f in groups.families if f.kind in ("attn", "mlp")])
-    chosen = torch.zeros(index.num_groups, dtype=torch.bool)
-    chosen[torch.randperm(index.num_groups, generator=torch.Generator().manual_seed(0))
-           [: index.num_groups // 5]] = True
-    chosen = chosen.to(device)
-    lambdas = torch.full(chosen.shape, 1e-4, device=device)
+    optimizer, index, chosen, lambdas = lhspg_step_setup(module, model, device)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
 
     plans = {"torch plan": ProjectionPlan(index.weights, chosen, backend="torch")}

@@ -30,8 +30,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "bench"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import gpu_check  # noqa: E402  (bench/: the LHSPG step's set-up and the bandwidth section)
 
 #: Model shapes (HF Llama configs). ``8b`` is Llama-3-8B's.
 SHAPES = {
@@ -171,22 +174,13 @@ def step_and_projection(args, device: torch.device, module, results: dict) -> No
     """A plain LoRA step against the LHSPG step (projection plan over 20% of the groups),
     eager and as a CUDA graph; the projection's bandwidth beside a device copy."""
     from lorashear.kernels import ProjectionPlan
-    from lorashear.passes.lhspg import build_group_index
     from lorashear.runtime.executor import IRModel
 
     cuda = device.type == "cuda"
-    groups = module.attributes["groups"]
     model = IRModel(module, device=device, dtype=torch.bfloat16 if cuda else None,
                     keep_dtype={p for p in module.params if ".lora_" in p},
                     gradient_checkpointing=cuda).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    index = build_group_index(module, model, groups,
-                              [f.id for f in groups.families if f.kind in ("attn", "mlp")])
-    chosen = torch.zeros(index.num_groups, dtype=torch.bool)
-    chosen[torch.randperm(index.num_groups, generator=torch.Generator().manual_seed(0))
-           [: index.num_groups // 5]] = True
-    chosen = chosen.to(device)
-    lambdas = torch.full(chosen.shape, 1e-4, device=device)
+    optimizer, index, chosen, lambdas = gpu_check.lhspg_step_setup(module, model, device)
     vocab = SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
@@ -245,9 +239,6 @@ def step_and_projection(args, device: torch.device, module, results: dict) -> No
 
 def projection_bandwidth(device: torch.device, tiny: bool) -> None:
     """The projection on a LLaMA-7B decoder layer against a device copy (gpu_check's section)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import gpu_check
-
     gpu_check.bandwidth(device, smoke=tiny)
 
 
