@@ -238,7 +238,8 @@ class IRModel(nn.Module):
 
     def _float_dtype(self) -> torch.dtype:
         """The dtype of the model's floating parameters (what its keys come out in)."""
-        for tensor in self._live_tensors().values():
+        for owner, leaf in self._slots.values():  # the first floating one, not a dict of all
+            tensor = getattr(owner, leaf)
             if tensor.is_floating_point():
                 return tensor.dtype
         return torch.float32
