@@ -38,7 +38,17 @@ BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LH
 steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
 ``prune`` alike (default auto, the split the README's table uses; empty: each pass's own default,
 which for ``prune`` is proportional); BENCH_LHSPG_METRIC (default wanda, ``lhspg``'s own
-default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH_THREADS (default 2). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH_THREADS (default 2).
+Issue #24's components, offered to lorashear and the one-shot rows alike: BENCH_RECONSTRUCT=1
+(``lhspg{reconstruct=true}``; after each one-shot ``prune`` a ``reconstruct`` against the adapted
+model, evaluated as its own row before any training), BENCH_RECONSTRUCT_BIAS=1 (that
+``reconstruct`` with ``bias=true``), BENCH_RECOVER_TRAIN=lora|lora+norms|all (``recover``'s
+``train=`` in every recovery, default lora) and BENCH_RECOVER_LOSS=kd|kd-hidden (stage 2's
+loss, default kd). BENCH_ADAPTED=PATH.ir keeps the adapted model between runs: written
+there after the adaptation when missing, read instead of adapting when present (it must come
+from the same budget's adaptation; the table's header names the file). BENCH_ONESHOT_TRAIN=0
+stops each one-shot method after its untrained rows (pruned, + reconstruct);
+BENCH_ONESHOT_FIRST=1 runs the one-shot methods before lorashear at each ratio. Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -77,6 +87,7 @@ SOURCES = ("austen", "web", "tdavid", "python-docs")  # austen first: the headli
 RATIOS = (0.2, 0.5)
 METRICS = ("taylor", "wanda", "magnitude", "random")
 TAG = "side-by-side"
+STAGE2 = "+ stage 2 (kd)"  # the row's name whatever stage 2's loss (the table's header says it)
 OUT_NAME = os.environ.get("BENCH_NAME", "side_by_side")
 
 
@@ -155,6 +166,11 @@ class Bench:
         self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "wanda")  # lhspg's default
         # knowledge{gamma} before lhspg (0: none); lorashear only: the one-shot rows are the peers
         self.knowledge = float(os.environ.get("BENCH_KNOWLEDGE", "0.1"))
+        # issue #24's components, offered to every method that prunes or recovers
+        self.reconstruct = os.environ.get("BENCH_RECONSTRUCT", "") not in ("", "0")
+        self.reconstruct_bias = os.environ.get("BENCH_RECONSTRUCT_BIAS", "") not in ("", "0")
+        self.recover_train = os.environ.get("BENCH_RECOVER_TRAIN", "lora")
+        self.stage2_loss = os.environ.get("BENCH_RECOVER_LOSS", "kd")
 
     # --- data ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -162,10 +178,12 @@ class Bench:
 
         from lorashear.eval.local_task import build_local_task
         from lorashear.frontend.pretrained import lower_pretrained
+        from lorashear.ir.core import clone_module
         from lorashear.models.default import prepare_default_model
         from lorashear.passes import PassManager
 
         b = self.budget
+        self.adapted_from = None
         with self.phase("data"):
             self.model_dir = prepare_default_model()
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -185,12 +203,26 @@ class Bench:
         with self.phase("lower + discover"):
             self.base = lower_pretrained(self.model_dir, lora_rank=8)
             PassManager.parse("discover").run(self.base)
-        if b.adapt:
+        adapted = Path(os.environ["BENCH_ADAPTED"]) if os.environ.get("BENCH_ADAPTED") else None
+        if b.adapt and adapted is not None and adapted.is_file():
+            from lorashear.ir.fileformat import load_ir
+
+            with self.phase(f"read the adapted model {adapted}"):
+                self.base = load_ir(adapted)
+                PassManager.parse("discover").run(self.base)
+            self.adapted_from = str(adapted)
+        elif b.adapt:
             self.evaluate(self.base, self.add(method="base model", ratio=0.0, stage="fresh LoRA",
                                               train_tokens=0, share_removed=0.0), task=False)
             with self.phase(f"adapt the LoRA ({b.adapt} steps)"):
                 adapt_lora(self.base, self.spec, b.adapt, b.batch, b.seq_len,
                            f"sampling=static,probe-windows={b.probe_windows}")
+            if adapted is not None:
+                from lorashear.ir.fileformat import save_ir
+
+                keep = clone_module(self.base)
+                keep.attributes.pop("groups", None)
+                save_ir(keep, adapted)
         self.adapted_hf = None  # Torch-Pruning's input, written when it first runs
         with self.phase("reference"):
             self.save_reference()
@@ -257,6 +289,9 @@ class Bench:
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
                 "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
                 "knowledge_gamma": self.knowledge, "speed_timing": "median of 5 runs",
+                "reconstruct": self.reconstruct, "reconstruct_bias": self.reconstruct_bias,
+                "recover_train": self.recover_train, "stage2_loss": self.stage2_loss,
+                "adapted_from": getattr(self, "adapted_from", None),
                 "source_train_tokens": getattr(self, "token_counts", {}),
                 "rows": self.rows, "phases": self.phases}
         (OUT_DIR / f"{OUT_NAME}.json").write_text(json.dumps(data, indent=1))
@@ -265,9 +300,10 @@ class Bench:
     def recover_text(self, steps: int, stage1: int, kd: bool, seed: int = 0) -> str:
         b = self.budget
         return (f"recover{{data={self.spec},steps={steps},stage1-steps={stage1},"
-                f"loss={'kd' if kd else 'lm'},reference={self.reference},lr=0.001,"
+                f"loss={self.stage2_loss if kd else 'lm'},reference={self.reference},lr=0.001,"
                 f"seq-len={b.seq_len},batch={b.batch},probe-every={b.probe_every},"
-                f"probe-windows={b.probe_windows},seed={seed},progress=false}}")
+                f"probe-windows={b.probe_windows},seed={seed},train={self.recover_train},"
+                "progress=false}")
 
     def run_passes(self, module, text: str, label: str) -> dict:
         from lorashear.passes import PassManager
@@ -334,7 +370,7 @@ class Bench:
             stats = self.run_passes(module, (
                 f"{knowledge}lhspg{{ratio={ratio},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
                 f"seq-len={b.seq_len},metric={self.lhspg_metric},lr=0.001,data={self.mix},"
-                f"progress=false{share}}},"
+                f"progress=false{share}{',reconstruct=true' if self.reconstruct else ''}}},"
                 "compress"), f"{method} lhspg @{ratio}")
             row["share_removed"] = stats["lhspg"].get("parameter share removed")
             row["lhspg_stats"] = _jsonable(stats["lhspg"])
@@ -347,7 +383,7 @@ class Bench:
             self.run_passes(module, self.recover_text(b.stage1, b.stage1, kd=False),
                             f"{method} recover stage 1 @{ratio}")
             self.evaluate(module, row)
-            row = self.add(method=method, ratio=ratio, stage="+ stage 2 (kd)",
+            row = self.add(method=method, ratio=ratio, stage=STAGE2,
                            train_tokens=b.train_tokens, share_removed=row["share_removed"])
             self.run_passes(module, self.recover_text(b.stage2, 0, kd=True),
                             f"{method} recover stage 2 @{ratio}")
@@ -396,12 +432,25 @@ class Bench:
         try:
             text = one_shot_pipeline(metric, ratio, self.mix, calibration=self.calibration,
                                      attn_share=self.attn_share)
-            stats = self.run_passes(module, f"{text},compress", f"{method} prune @{ratio}")
+            # the masked model equals the compressed one: compress after reconstruct's row
+            stats = self.run_passes(module, text if self.reconstruct else f"{text},compress",
+                                    f"{method} prune @{ratio}")
             row["share_removed"] = stats["prune"].get("parameter share removed")
             row["prune_stats"] = _jsonable(stats["prune"])
             self.evaluate(module, row)
+            if self.reconstruct:
+                row = self.add(method=method, ratio=ratio, stage="+ reconstruct", train_tokens=0,
+                               share_removed=row["share_removed"])
+                bias = ",bias=true" if self.reconstruct_bias else ""
+                stats = self.run_passes(module, f"reconstruct{{reference={self.reference},data={self.mix},"
+                                                f"seq-len={self.budget.seq_len}{bias}}},compress",
+                                        f"{method} reconstruct @{ratio}")
+                row["reconstruct_stats"] = _jsonable(stats["reconstruct"])
+                self.evaluate(module, row)
         except Exception as exc:  # noqa: BLE001
             self.fail(row, exc)
+            return
+        if os.environ.get("BENCH_ONESHOT_TRAIN", "1") == "0":
             return
         # taylor is the strongest one-shot metric (DESIGN.md 9): its midway row answers "LHSPG
         # alone vs one-shot at equal tokens", and its shapes stand for every one-shot model's speed
@@ -488,7 +537,7 @@ def versus(rows: list[dict], row: dict) -> str:
     """Who wins on the headline perplexity: this row or lorashear at the same tokens."""
     if row["method"] in ("dense", "lorashear") or "ppl" not in row:
         return ""
-    stage = {"+ recovery (= LHSPG tokens)": "LHSPG", "+ recovery (equal budget)": "+ stage 2 (kd)"}
+    stage = {"+ recovery (= LHSPG tokens)": "LHSPG", "+ recovery (equal budget)": STAGE2}
     ours = _final(rows, "lorashear", row["ratio"], stage.get(row["stage"], ""))
     if ours is None:
         return ""
@@ -516,6 +565,15 @@ def markdown(data: dict) -> str:
     gamma = data.get("knowledge_gamma", 0)
     head += (f", after `knowledge{{gamma={gamma:g}}}` (its calibration: no training tokens); the one-shot "
              "rows have no knowledge analysis, like the methods they stand for." if gamma else ".")
+    if data.get("adapted_from"):
+        head += f" The adapted model was read from `{data['adapted_from']}`, a previous run's adaptation."
+    if data.get("reconstruct"):
+        bias = "{bias=true}" if data.get("reconstruct_bias") else ""
+        head += (f" With `reconstruct{bias}`: `lhspg{{reconstruct=true}}`, and each one-shot `prune` followed "
+                 "by `reconstruct` against the adapted model (its own row, no training).")
+    if data.get("recover_train", "lora") != "lora" or data.get("stage2_loss", "kd") != "kd":
+        head += (f" Every recovery trains `{data.get('recover_train', 'lora')}`; stage 2's loss is "
+                 f"`{data.get('stage2_loss', 'kd')}`.")
     if data.get("attn_share") is not None:
         head += f" lorashear and one-shot prune with `attn-share={data['attn_share']}`."
     else:  # the passes' own defaults: say which, a row's split is no longer visible otherwise
@@ -619,11 +677,14 @@ def main() -> int:
         bench.prepare()
         if "dense" not in skip:
             bench.dense()
+        one_shot_first = os.environ.get("BENCH_ONESHOT_FIRST", "0") != "0"
         for ratio in ratios:
-            if "lorashear" not in skip:
+            if "lorashear" not in skip and not one_shot_first:
                 bench.lorashear(ratio)
             for metric in filter(None, metrics):
                 bench.one_shot(ratio, metric)
+            if "lorashear" not in skip and one_shot_first:
+                bench.lorashear(ratio)
             if "torch-pruning" not in skip:
                 bench.torch_pruning(ratio)
     finally:

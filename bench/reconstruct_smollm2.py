@@ -8,7 +8,7 @@ held-out novel). ``reconstruct`` reads the removed units from the dense module: 
 saving it as ``reference=``, the script gives the dense copy the pruned copy's ``prune-mask``
 (units still alive), which folds the same weights and activations and then zeroes them.
 
-    python3 bench/reconstruct_smollm2.py --ratio 0.2 --metric wanda --damps 0.01,0.1
+    python3 bench/reconstruct_smollm2.py --ratio 0.2 --metric wanda --damps 0.01,0.1 --biases false,true
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--kinds", default="attn,mlp")
     parser.add_argument("--damps", default="0.01")
+    parser.add_argument("--biases", default="false",
+                        help="reconstruct's bias= values to run for each damp (false,true: both)")
     parser.add_argument("--calibration", default="batches=8,batch=4,seq-len=128",
                         help="calibration options of prune and reconstruct (32 windows x 128 tokens)")
     parser.add_argument("--windows", type=int, default=16)
@@ -65,15 +67,17 @@ def main() -> int:
     rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin})
     print(rows[-1], flush=True)
     for damp in args.damps.split(","):
-        rebuilt = clone_module(module)
-        rebuilt.attributes["prune-mask"] = pruned.attributes["prune-mask"]
-        manager = PassManager.parse(f'reconstruct{{data="{args.train}",{args.calibration},damp={damp},'
-                                    f'kinds={args.kinds}}}')
-        begin = time.perf_counter()
-        manager.run(rebuilt)
-        rows.append({"what": f"+ reconstruct damp={damp}", "ppl": ppl(rebuilt),
-                     "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
-        print(rows[-1], flush=True)
+        for bias in args.biases.split(","):
+            rebuilt = clone_module(module)
+            rebuilt.attributes["prune-mask"] = pruned.attributes["prune-mask"]
+            manager = PassManager.parse(f'reconstruct{{data="{args.train}",{args.calibration},damp={damp},'
+                                        f'kinds={args.kinds},bias={bias}}}')
+            begin = time.perf_counter()
+            manager.run(rebuilt)
+            label = f"+ reconstruct damp={damp}" + (", bias" if bias == "true" else "")
+            rows.append({"what": label, "ppl": ppl(rebuilt),
+                         "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
+            print(rows[-1], flush=True)
     print("\n| model | held-out ppl |\n|---|---:|")
     for row in rows:
         print(f"| {row['what']} | {row['ppl']:.1f} |")

@@ -413,8 +413,16 @@ def _segment_by_segment(module: Module, batches: Iterable[torch.Tensor],
             yield list(params)
 
 
+def _gram(rows: torch.Tensor, ones: bool) -> torch.Tensor:
+    """``X^T X`` of float64 ``rows`` (tokens x features); with ``ones`` X has a last column
+    of ones, so the last row and column hold the feature sums and the token count."""
+    if ones:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows.T @ rows
+
+
 def complete_input_grams(module: Module, batches: Iterable[torch.Tensor], names: Iterable[str],
-                         placement: Placement) -> Iterator[tuple[str, torch.Tensor]]:
+                         placement: Placement, *, ones: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`input_gram_matrices` layer-wise, each ``(name, X^T X)`` given as soon as the
     segment that reads the weight is done (so only one layer's grams are held at a time). A
     weight in ``names`` must be read by one segment only (a consumer of ``reconstruct``)."""
@@ -426,7 +434,7 @@ def complete_input_grams(module: Module, batches: Iterable[torch.Tensor], names:
         if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name in wanted:
             rows = env[id(op.args[0])].float().reshape(-1, env[id(op.args[0])].shape[-1]).double()
             name = op.args[1].name
-            gram = rows.T @ rows
+            gram = _gram(rows, ones)
             grams[name] = grams[name] + gram if name in grams else gram
 
     for read in _segment_by_segment(module, batches, see, load, placement):
@@ -451,18 +459,18 @@ def input_square_sums(module: Module, batches: torch.Tensor, *, placement: Place
 
 def input_gram_matrices(module: Module, batches: Iterable[torch.Tensor], names: Iterable[str], *,
                         tensor_of: Callable[[Param], torch.Tensor] | None = None,
-                        placement: Placement | None = None, layerwise: bool = False
-                        ) -> dict[str, torch.Tensor]:
+                        placement: Placement | None = None, layerwise: bool = False,
+                        ones: bool = False) -> dict[str, torch.Tensor]:
     """Per linear weight name in ``names``, the float64 ``X^T X`` of its inputs over all
     calibration tokens (``[in_features, in_features]``, on the batches' device; X is tokens x
-    in_features): the second moments a least-squares reconstruction solves with."""
+    in_features): the second moments a least-squares reconstruction solves with. With
+    ``ones``, X has a column of ones appended (``[in + 1, in + 1]``): a bias's moments."""
     wanted = set(names)
     grams: dict[str, torch.Tensor] = {}
 
     def visit(name: str, x: torch.Tensor) -> None:
         if name in wanted:
-            rows = x.reshape(-1, x.shape[-1]).double()
-            gram = rows.T @ rows
+            gram = _gram(x.reshape(-1, x.shape[-1]).double(), ones)
             grams[name] = grams[name] + gram if name in grams else gram
 
     for_each_linear_input(module, batches, visit, tensor_of=tensor_of, placement=placement,

@@ -32,8 +32,17 @@ hold it without changing their rank, and the base weight is what ``compress`` sl
 ``merge-lora`` adds the update to. The LoRA factors are left as they are; the effective kept
 weight becomes ``W_K + dW + s * B @ A_K``, exactly the reconstructed one.
 
-The removed columns stay zero (and the LoRA ``A`` columns that prune zeroed too), so the
-masked model still equals the compressed one. A weight that is tied to another use (a tied
+``bias=true`` solves for a bias with the kept columns (FLAP's compensation of the removed
+units' mean contribution, here jointly with the least squares): X gets a row of ones, solved
+undamped, so ``dW`` and ``b`` minimise ``||E_R X_R - dW X_K - b||^2``. A consumer without a
+bias gets a new ``<name>.bias`` parameter (in the families that slice the weight's output
+rows, so ``compress`` slices it too); ``lorashear-emit --format hf`` then sets the family's
+``attention_bias`` / ``mlp_bias`` where its config has them (the other projections' biases
+zero), else the directory loads with lorashear only.
+
+The removed columns stay zero (and the LoRA ``A`` columns that prune zeroed too), and so do
+the rows of removed units in the consumer's output axis (a removed hidden channel is a row of
+``o_proj``), so the masked model still equals the compressed one. A weight that is tied to another use (a tied
 ``lm_head`` is the token embedding) is left alone: correcting it would change the embedding.
 """
 
@@ -41,14 +50,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from lorashear.analysis.coupling import DimensionCoupling
-from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds
+from lorashear.analysis.groups import FamilyMember, GroupsAttr, PruneMaskAttr, check_kinds
 from lorashear.analysis.layerwise import use_layerwise
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
@@ -62,8 +71,9 @@ from lorashear.analysis.saliency import (
 )
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import LorashearError, PassError
-from lorashear.ir.core import Module, Param
+from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.storage import DataStorage
+from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.options import (
     Layerwise,
@@ -143,20 +153,37 @@ class Correction:
     delta: torch.Tensor  # float64 [out, |K|]
     error_before: float
     error_after: float
+    bias: torch.Tensor | None = None  # float64 [out], with ``bias=true``
 
 
 def solve_correction(dense: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor,
-                     keep: torch.Tensor, damp: float) -> Correction:
+                     keep: torch.Tensor, damp: float, *, bias: bool = False) -> Correction:
     """``dW = E_R H_RK (H_KK + lambda I)^-1`` with ``H = X^T X`` (float64, [in, in]) and
     ``lambda = damp * mean(diag H_KK)``; a Cholesky solve, least squares if H_KK is singular.
-    ``removed`` and ``keep`` are boolean masks of the input columns R and K."""
-    e_r = dense[:, removed]
+    ``removed`` and ``keep`` are boolean masks of the input columns R and K. With ``bias``,
+    ``gram`` is ``[in + 1, in + 1]``, X with a last column of ones
+    (``input_gram_matrices(ones=True)``), solved as one more kept input and not damped; its
+    solution is the bias."""
+    if bias:
+        removed = torch.cat([removed, removed.new_zeros(1)])
+        keep = torch.cat([keep, keep.new_ones(1)])
+        e_r = dense[:, removed[:-1]]
+    else:
+        e_r = dense[:, removed]
     h_kk, h_kr, h_rr = gram[keep][:, keep], gram[keep][:, removed], gram[removed][:, removed]
     before = float(torch.einsum("ij,jk,ik->", e_r, h_rr, e_r))
-    scale = float(h_kk.diagonal().mean()) if h_kk.numel() else 0.0
+    diagonal = h_kk.diagonal()[:-1] if bias else h_kk.diagonal()
+    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
     if scale <= 0 or before == 0:  # the kept inputs are all zero, or R fed nothing
-        return Correction(torch.zeros(dense.shape[0], int(keep.sum()), dtype=torch.float64), before, before)
-    system = h_kk + damp * scale * torch.eye(len(h_kk), dtype=torch.float64)
+        kept = int(keep.sum()) - bias
+        return Correction(torch.zeros(dense.shape[0], kept, dtype=torch.float64), before, before,
+                          torch.zeros(dense.shape[0], dtype=torch.float64) if bias else None)
+    if bias:
+        ridge = torch.full((len(h_kk),), damp * scale, dtype=torch.float64)
+        ridge[-1] = 0  # the bias is not shrunk
+        system = h_kk + torch.diag(ridge)
+    else:
+        system = h_kk + damp * scale * torch.eye(len(h_kk), dtype=torch.float64)
     rhs = h_kr @ e_r.T  # [|K|, out]: (dW)^T = system^-1 H_KR E_R^T
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
@@ -167,21 +194,24 @@ def solve_correction(dense: torch.Tensor, gram: torch.Tensor, removed: torch.Ten
     # ||E_R X_R - dW X_K||^2 expanded in the second moments
     after = before - 2 * float(torch.einsum("ij,jk,ik->", delta, h_kr, e_r)) \
         + float(torch.einsum("ij,jk,ik->", delta, h_kk, delta))
+    if bias:
+        return Correction(delta[:, :-1], before, max(after, 0.0), delta[:, -1])
     return Correction(delta, before, max(after, 0.0))
 
 
 def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.Tensor],
                 batches: Iterable[torch.Tensor], damp: float, *,
                 tensor_of: Callable[[Param], torch.Tensor] | None = None,
-                placement: Placement | None = None) -> Iterator[tuple[Consumer, Correction]]:
+                placement: Placement | None = None, bias: bool = False
+                ) -> Iterator[tuple[Consumer, Correction]]:
     """Each consumer's correction, solved one at a time, from its dense effective weight in
     ``weights`` (consumed) and the inputs of ``module``'s graph on ``batches`` (parameters
     from ``tensor_of``, default their stored data on the ``placement``)."""
     grams = input_gram_matrices(module, batches, [c.param for c in found], tensor_of=tensor_of,
-                                placement=placement)
+                                placement=placement, ones=bias)
     for c in found:
         gram = grams.pop(c.param).cpu()
-        yield c, solve_correction(weights.pop(c.param), gram, c.removed, c.kept, damp)
+        yield c, solve_correction(weights.pop(c.param), gram, c.removed, c.kept, damp, bias=bias)
 
 
 def fold_live(model: Any, module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
@@ -228,6 +258,8 @@ class Reconstruct(ModulePass):
     reference: str = option("", "IR file of the module before pruning (its removed units alive): "
                             "the weights and activations folded; without it the module's own, "
                             "whose removed units must not be zero yet (they are zeroed after)")
+    bias: bool = option(False, "also solve for a bias (the removed inputs' mean contribution): "
+                        "added to each consumer, a new parameter where it has none")
     kinds: tuple[str, ...] = option(FOLDED_KINDS, "group kinds whose removed units are folded (attn, "
                                     "mlp, hidden, other); hidden measured worse (bench/RESULTS.md)")
     device: str = device_option("run the model (the calibration forward; grams accumulate there)")
@@ -257,9 +289,10 @@ class Reconstruct(ModulePass):
             raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
         batches = calibration_batches(module, options, "reconstruct")
         by_name = {c.param: c for c in found}
-        for name, gram in complete_input_grams(dense, batches, by_name, placement):
+        for name, gram in complete_input_grams(dense, batches, by_name, placement, ones=self.bias):
             c = by_name[name]
-            yield c, solve_correction(dense_weight(name), gram.cpu(), c.removed, c.kept, self.damp)
+            yield c, solve_correction(dense_weight(name), gram.cpu(), c.removed, c.kept, self.damp,
+                                      bias=self.bias)
 
     def dense_module(self, module: Module, found: list[Consumer]) -> Module:
         """The module the removed units are read from (the reference, or ``module``), checked."""
@@ -307,9 +340,10 @@ class Reconstruct(ModulePass):
                 raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
             batches = calibration_batches(module, options, "reconstruct")
             # one consumer at a time: its gram, solve and update, then the next
-            solved = corrections(dense, found, dense_weights, batches, self.damp, placement=placement)
+            solved = corrections(dense, found, dense_weights, batches, self.damp, placement=placement,
+                                 bias=self.bias)
         before = after = 0.0
-        columns = 0
+        columns = biases_added = 0
         for c, correction in solved:
             param = module.params[c.param]
             weight = param.storage.load()
@@ -317,14 +351,82 @@ class Reconstruct(ModulePass):
             updated[:, c.kept] += correction.delta
             updated[:, ~c.kept] = 0
             param.storage = DataStorage(updated.to(weight.dtype))
+            if correction.bias is not None:
+                groups, added = add_bias(module, groups, c.param, correction.bias)
+                biases_added += added
             before += correction.error_before
             after += correction.error_after
             columns += int(c.removed.sum())
         if dense is module:  # the removed units were alive: now they are the masked model's zeros
             zero_groups(module, groups, removed)
+        else:  # the corrections wrote output rows of removed units (hidden channels) too
+            zero_params(module, groups, removed, {c.param for c in found}
+                        | {bias_of(module, c.param).name for c in found if bias_of(module, c.param)})
         statistics: dict[str, Any] = {
             "consumers reconstructed": len(found), "columns folded": columns,
             "output error left": round(after / before, 6) if before > 0 else 0.0}
+        if self.bias:
+            statistics["biases added"] = biases_added
         if skipped:
             statistics["consumers skipped (shared weight)"] = len(skipped)
-        return PassResult(True, frozenset({DimensionCoupling}), statistics)
+        # a new bias is a new parameter of the graph: its coupling is not the one computed
+        return PassResult(True, frozenset() if biases_added else frozenset({DimensionCoupling}), statistics)
+
+
+def consumer_op(module: Module, weight: str) -> Op:
+    """The one linear op that reads ``weight`` (a consumer's)."""
+    for op in module.graph.ops:
+        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name == weight:
+            return op
+    raise PassError(f"reconstruct: no linear op reads @{weight}")
+
+
+def bias_of(module: Module, weight: str) -> Param | None:
+    """The bias parameter of the linear op that reads ``weight`` (None: it has none)."""
+    bias = consumer_op(module, weight).bound_args().get("bias")
+    return bias if isinstance(bias, Param) else None
+
+
+def add_bias(module: Module, groups: GroupsAttr, weight: str, values: torch.Tensor) -> tuple[GroupsAttr, int]:
+    """Add ``values`` (float64 [out]) to the bias of the linear op that reads ``weight``: its
+    own, or a new parameter ``<weight less .weight>.bias`` that joins every family slicing the
+    weight's output rows (and its unprunable axes). Returns the groups (updated when a
+    parameter was added) and 1 if one was."""
+    current = bias_of(module, weight)
+    if current is not None:
+        tensor = current.storage.load()
+        current.storage = DataStorage((tensor.double() + values).to(tensor.dtype))
+        return groups, 0
+    op, param = consumer_op(module, weight), module.params[weight]
+    stem = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+    name = f"{stem}.bias"
+    if name in module.params:
+        raise PassError(f"reconstruct: @{weight}'s op has no bias but a parameter @{name} exists")
+    bias = module.add_param(Param(name, TensorType(param.type.dtype, (param.type.shape[0],)),
+                                  DataStorage(values.to(torch_dtype(param.type.dtype)))))
+    if "bias" in op.kwargs:
+        op.kwargs["bias"] = bias
+    else:
+        op.args = [*op.args, *([None] * (3 - len(op.args)))]
+        op.args[2] = bias
+    families = tuple(replace(f, members=f.members + tuple(
+        FamilyMember(name, 0, m.stride) for m in f.members if m.param == weight and m.axis == 0))
+        for f in groups.families)
+    unprunable = groups.unprunable + tuple((name, 0, why) for p, axis, why in groups.unprunable
+                                           if p == weight and axis == 0)
+    groups = replace(groups, families=families, unprunable=unprunable)
+    module.attributes["groups"] = groups
+    return groups, 1
+
+
+def zero_params(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
+                names: set[str]) -> None:
+    """Zero the removed units' slices of the parameters ``names`` only (a masked entry is
+    multiplied by 0, a kept one by 1: kept values keep their bits)."""
+    for (name, axis), keep in keep_masks(module, groups, removed).items():
+        if name in names:
+            param = module.params[name]
+            tensor = param.storage.load()
+            shape = [1] * tensor.dim()
+            shape[axis] = -1
+            param.storage = DataStorage(tensor * keep.view(shape).to(tensor.dtype))

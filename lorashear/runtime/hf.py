@@ -21,6 +21,11 @@ candidate model on the ``meta`` device and comparing its parameter shapes with t
 - ``lorashear``: anything else (another family with layers of differing widths): a config
   that claims no stock architecture (``model_type`` ``lorashear_ir``); only
   :func:`load_pretrained` loads it. Emission never fails for this.
+
+Biases the source has none of (``reconstruct{bias=true}`` adds them to ``o_proj`` and
+``down_proj``) are claimed through the family's own flags where its config has them
+(``attention_bias``, ``mlp_bias``: :func:`bias_flags`), with a zero bias written for every
+other projection the flag gives one; without such a flag the directory loads with lorashear.
 """
 
 from __future__ import annotations
@@ -73,6 +78,22 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
     tensors: dict[str, torch.Tensor] = {}
     for name, p in module.params.items():
         tensors[name] = p.storage.load().to("cpu", torch_dtype(p.type.dtype)).contiguous()
+    config = module.attributes.get("config")
+    data: dict[str, Any] | None = None
+    if isinstance(config, HFConfigAttr):
+        data = dict(config.config)
+        data.pop("quantization_config", None)
+        if merge:
+            shapes = {n: tuple(p.type.shape) for n, p in module.params.items() if not p.buffer}
+            flagged, zeros = bias_flags(data, shapes)
+            needs_flags = flagged is not data
+            data, loads = hf_config(data, shapes)
+            if needs_flags:
+                with_biases, loads_with = hf_config(flagged, {**shapes, **zeros})
+                if loads_with != "lorashear":  # a stock or remote-code model has these shapes
+                    data, loads = with_biases, loads_with
+                    for name, shape in zeros.items():
+                        tensors[name] = torch.zeros(shape, dtype=tensors[name[: -len("bias")] + "weight"].dtype)
     with atomic_path(out_dir, directory=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "lorashear"})
         weights = str((out_dir / WEIGHTS_FILE).resolve())
@@ -81,13 +102,8 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
             p.storage = FileStorage(weights, name, fingerprint)
         text = print_module(module, path_fn=lambda path: os.path.relpath(path, out_dir.resolve()))
         (tmp / IR_FILE).write_text(text, encoding="utf-8")
-        config = module.attributes.get("config")
-        if isinstance(config, HFConfigAttr):
-            data = dict(config.config)
-            data.pop("quantization_config", None)
+        if data is not None:
             if merge:
-                data, loads = hf_config(data, {n: tuple(p.type.shape) for n, p in module.params.items()
-                                               if not p.buffer})
                 if loads == "remote-code":
                     for name in REMOTE_CODE_FILES:
                         shutil.copy2(REMOTE_CODE_FOLDER / name, tmp / name)
@@ -124,6 +140,29 @@ def hf_config(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tuple
             "lorashear_source_model_type": data.get("model_type"),
             "lorashear_loads_with": "lorashear.runtime.hf.load_pretrained (layers differ in width "
                                     "and no stock or remote-code model describes them)"}, "lorashear"
+
+
+#: Config flags that give a family's projections biases, and the module path part they cover.
+BIAS_FLAGS = (("attention_bias", ".self_attn."), ("mlp_bias", ".mlp."))
+
+
+def bias_flags(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+               ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """For weights that carry biases the config ``data`` says its projections lack (a
+    ``*.self_attn.*.bias`` while ``attention_bias`` is false; ``mlp_bias`` likewise): the config
+    with those flags set, and the shapes of the zero biases every other 2-D weight under the
+    flagged parts then needs. ``(data, {})`` when nothing is to be flagged."""
+    flagged = [(flag, part) for flag, part in BIAS_FLAGS
+               if data.get(flag) is False and any(n.endswith(".bias") and part in n for n in shapes)]
+    if not flagged:
+        return data, {}
+    zeros = {}
+    for name, shape in shapes.items():
+        if name.endswith(".weight") and len(shape) == 2 and any(part in name for _, part in flagged):
+            bias = name[: -len("weight")] + "bias"
+            if bias not in shapes:
+                zeros[bias] = (shape[0],)
+    return {**data, **{flag: True for flag, _ in flagged}}, zeros
 
 
 def per_layer_widths(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]] | None:

@@ -206,3 +206,41 @@ def test_lhspg_reconstruct_folds_before_each_forced_zeroing(trained):
     compressed = clone_module(folded)
     compress_module(compressed, folded.attributes["groups"], folded.attributes["prune-mask"].as_dict())
     assert (_outputs(folded, held_out[:4]) - _outputs(compressed, held_out[:4])).abs().max() <= 1e-4
+
+
+# --- bias=true -----------------------------------------------------------------------------------
+def test_solve_with_a_bias_recovers_removed_inputs_that_are_affine_in_kept_ones():
+    from lorashear.analysis.saliency import _gram
+
+    g = torch.Generator().manual_seed(4)
+    x_kept = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    offset = torch.randn(3, generator=g, dtype=torch.float64)  # the part no kept column carries
+    x = torch.cat([x_kept, x_kept @ torch.randn(5, 3, generator=g, dtype=torch.float64) + offset], 1)
+    weight = torch.randn(7, 8, generator=g, dtype=torch.float64)
+    removed = torch.tensor([False] * 5 + [True] * 3)
+    plain = solve_correction(weight, x.T @ x, removed, ~removed, 0.0)
+    assert plain.bias is None and plain.error_after > 1e-3 * plain.error_before  # no bias: not exact
+    correction = solve_correction(weight, _gram(x, ones=True), removed, ~removed, 0.0, bias=True)
+    folded = x_kept @ (weight[:, :5] + correction.delta).T + correction.bias
+    assert torch.allclose(folded, x @ weight.T, atol=1e-9)
+    assert correction.error_after <= 1e-9 * correction.error_before
+    damped = solve_correction(weight, _gram(x, ones=True), removed, ~removed, 0.1, bias=True)
+    assert 0 < damped.error_after < plain.error_after  # the bias is not damped away
+
+
+@pytest.mark.parametrize("prune_kinds", ["attn,mlp", "attn,mlp,hidden"])
+def test_bias_true_masked_equals_compressed_and_the_bias_is_sliced(trained, prune_kinds):
+    _, _, held_out = trained
+    pruned, rebuilt, statistics = _prune_and_reconstruct(trained, prune_kinds, bias="true")
+    assert statistics["biases added"] == statistics["consumers reconstructed"] == 4  # 2 o_proj, 2 down_proj
+    _, _, no_bias = _prune_and_reconstruct(trained, prune_kinds)
+    # one more free parameter per output: the calibration error left can only fall (held-out
+    # quality is the benchmark's: bench/RESULTS.md)
+    assert statistics["output error left"] < no_bias["output error left"]
+    width = rebuilt.params["model.layers.0.mlp.down_proj.bias"].type.shape[0]
+    masked = _outputs(rebuilt, held_out[:4])
+    PassManager.parse("compress").run(rebuilt)
+    assert (masked - _outputs(rebuilt, held_out[:4])).abs().max() <= 1e-4
+    hidden = rebuilt.params["model.norm.weight"].type.shape[0]
+    assert rebuilt.params["model.layers.0.mlp.down_proj.bias"].type.shape == (hidden,)
+    assert (hidden < width) == ("hidden" in prune_kinds)

@@ -85,6 +85,30 @@ def _prune_non_uniform(module, seed: int):
     return module
 
 
+def _reconstructed_with_bias(module, root, name: str, uniform: bool):
+    """``prune`` (non-uniform: layer 0 loses a KV group too), ``reconstruct{bias=true}`` against
+    the module before pruning, ``compress``: o_proj and down_proj gain biases Llama has none of."""
+    from lorashear.ir.fileformat import save_ir
+
+    module = clone_module(module)
+    PassManager.parse("discover").run(module)
+    save_ir(clone_module(module), root / f"{name}-dense.ir")
+    data = root / "calibration.ids"
+    data.write_text(" ".join(map(str, torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(5)).tolist())))
+    if not uniform:
+        groups = module.attributes["groups"]
+        attn0 = next(f for f in groups.families if f.kind == "attn" and f.layer == 0)
+        module.attributes["prune-mask"] = PruneMaskAttr.from_dict({attn0.id: (attn0.size - 1,)})
+    prune = ("prune{ratio=0.4,metric=random,uniform=true}" if uniform
+             else "prune{ratio=0.3,metric=random,scope=global,kinds=mlp,seed=3}")
+    manager = PassManager.parse(f'{prune},reconstruct{{data="{data}",seq-len=16,batches=2,batch=2,bias=true,'
+                                f'reference="{root / f"{name}-dense.ir"}"}},compress')
+    manager.run(module)
+    # each down_proj; each o_proj (uniform) or layer 0's, the one whose head went (non-uniform)
+    assert manager.records[1].statistics["biases added"] == (4 if uniform else 3)
+    return module
+
+
 def _greedy(model, prompt: torch.Tensor, eos: set[int]) -> torch.Tensor:
     """Greedy decoding by full recomputation: the reference for ``generate``."""
     ids = prompt
@@ -112,6 +136,9 @@ def emitted(lowered, tmp_path_factory):
     uniform = clone_module(lowered("qwen2", True))
     PassManager.parse("discover,prune{ratio=0.4,metric=random,uniform=true},compress").run(uniform)
     modules["uniform-qwen2"] = uniform
+    modules["bias-llama"] = _reconstructed_with_bias(lowered("llama", True), root, "bias-llama", False)
+    modules["uniform-bias-llama"] = _reconstructed_with_bias(lowered("llama", True), root,
+                                                             "uniform-bias-llama", True)
     dirs = {}
     for name, module in modules.items():
         dirs[name] = save_model_dir(module, root / name, merge=True)
@@ -128,7 +155,7 @@ def emitted(lowered, tmp_path_factory):
     return {name: (dirs[name], modules[name], results[name]) for name in modules}, (ids, mask)
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, "qwen3"])
+@pytest.mark.parametrize("name", [*FAMILIES, "qwen3", "bias-llama"])
 def test_non_uniform_loads_with_remote_code_only(emitted, name):
     (model_dir, module, result), (ids, mask) = emitted[0][name], emitted[1]
     config = json.loads((model_dir / "config.json").read_text())
@@ -170,6 +197,32 @@ def test_uniform_prune_keeps_the_stock_config(emitted):
         want = reference(ids, attention_mask=mask).logits
     assert (result["logits"] - want).abs()[mask.bool()].max() <= 1e-4
     assert torch.equal(result["tokens"], _greedy(reference, torch.tensor(PROMPT), _eos(config)))
+
+
+@pytest.mark.parametrize("name", ["bias-llama", "uniform-bias-llama"])
+def test_reconstructed_biases_are_claimed_through_the_config_flags(emitted, name):
+    """``reconstruct{bias=true}`` gave o_proj and down_proj biases: the config sets Llama's
+    ``attention_bias`` and ``mlp_bias``, the other projections get zero biases, and stock
+    transformers (with the shipped file where the widths differ) computes lorashear's logits."""
+    from safetensors.torch import load_file
+
+    (model_dir, _, result), (ids, mask) = emitted[0][name], emitted[1]
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
+    assert config["model_type"] == ("llama" if name.startswith("uniform") else "lorashear_llama")
+    weights = load_file(model_dir / hf.WEIGHTS_FILE)
+    for layer in range(2):
+        prefix = f"model.layers.{layer}."
+        for zero in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert not weights[f"{prefix}{zero}.bias"].any(), zero
+        folded = ("self_attn.o_proj", "mlp.down_proj") if layer == 0 or name.startswith("uniform") \
+            else ("mlp.down_proj",)
+        for part in ("self_attn.o_proj", "mlp.down_proj"):
+            assert bool(weights[f"{prefix}{part}.bias"].any()) == (part in folded), part
+    with torch.no_grad():
+        want = load_pretrained(model_dir)(ids, attention_mask=mask).logits
+    assert (result["logits"] - want).abs()[mask.bool()].max() <= 1e-4
+    assert torch.equal(result["tokens"], _greedy(load_pretrained(model_dir), torch.tensor(PROMPT), _eos(config)))
 
 
 def test_stock_loading_refuses_a_non_uniform_model(emitted):
