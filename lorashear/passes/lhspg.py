@@ -365,10 +365,11 @@ class Lhspg(ModulePass):
         data = self.training_data(module)
         # the data is read once: these windows score the groups, choose the split and rescore
         calibration = data.draw(min(4, data.count // self.batch), self.batch, self.seed)
-        # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
+        # every rank scores alike; rank 0's scores choose the groups, so all ranks agree;
+        # sharded, one decoder layer at a time (the model need not fit one device)
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration,
-            placement=runtime.placement))
+            placement=runtime.placement, **({"layerwise": True} if runtime.sharded else {})))
         start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
         check_reachable(start_budgets, self.ratio)
         model = harness.build(module, self.seed)

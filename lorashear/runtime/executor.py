@@ -179,7 +179,9 @@ class IRModel(nn.Module):
     @staticmethod
     def _load(param: Param, device, dtype) -> torch.Tensor:
         want = torch_dtype(param.type.dtype)
-        if device is not None and torch.device(device).type == "meta":
+        if device is not None and torch.device(device).type == "meta":  # in the dtype asked for
+            if dtype is not None and want.is_floating_point:
+                want = dtype
             return torch.empty(param.type.shape, dtype=want, device="meta")
         if not param.storage.has_data:
             raise EmissionError(f"parameter @{param.name} has no data (the module was lowered with "

@@ -160,9 +160,10 @@ class LoraHarness:
         self.kept |= set(names)
 
     def _kept_tensor(self, name: str) -> torch.Tensor:
-        """A kept tensor whole (gathered from the ranks' shards when sharded: a collective)."""
+        """A kept tensor whole (sharded: gathered from the ranks' shards, a collective, and
+        moved to the host at once, so the device never holds more than one whole tensor)."""
         tensor = self.model.tensor(name)
-        return whole(tensor) if self.runtime.sharded else tensor
+        return whole(tensor).cpu() if self.runtime.sharded else tensor
 
     def _kept_names(self) -> list[str]:
         """The kept tensors' names, sorted when sharded: every rank gathers them in one order."""
@@ -244,11 +245,16 @@ class LoraHarness:
         self.runtime.sync_tensors(self.model.tensor(n) for n in sorted(self.kept))
         if not self.checkpoint_dir:
             return
-        tensors = {n: self._kept_tensor(n) for n in self._kept_names()}
         moments = optimizer_tensors(self.optimizer, self._names)
-        if self.runtime.sharded:  # gathered whole, in one order on every rank
-            moments = {key: whole(moments[key]) for key in sorted(moments)}
-        tensors.update(moments)
+        if self.runtime.sharded:  # gathered whole by every rank in one order; rank 0 keeps them
+            tensors = {}
+            for key in sorted(self.kept) + sorted(moments):
+                value = self._kept_tensor(key) if key in self.kept else whole(moments[key]).cpu()
+                if self.runtime.is_main:
+                    tensors[key] = value
+        else:
+            tensors = {n: self._kept_tensor(n) for n in self.kept}
+            tensors.update(moments)
         tensors.update(self.runtime.rng_tensors())  # a collective: every rank takes part
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(self.owner, state, tensors))

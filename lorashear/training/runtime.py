@@ -270,22 +270,35 @@ class TrainingRuntime:
         keep = (lora_param_names(module) | also_train
                 | {p.name for p in module.params.values() if p.buffer}
                 if dtype is not None else frozenset())
+        if self.sharded:
+            return self._sharded_model(module, dtype, keep, trainable)
         model = IRModel(module, device=self.device if self.device.type != "cpu" else None,
                         dtype=dtype, keep_dtype=keep, gradient_checkpointing=self.grad_checkpoint)
-        model = model.train() if trainable else model.eval().requires_grad_(False)
-        if self.sharded:
-            self._shard(model)
-        return model
+        return model.train() if trainable else model.eval().requires_grad_(False)
 
-    def _shard(self, model: IRModel) -> None:
-        """FSDP2 over the mesh: each decoder layer its own group, the rest the model's. Every
-        group frees its whole parameters after its forward (the model's too: a pass reads and
+    def _sharded_model(self, module: Module, dtype: torch.dtype | None, keep: frozenset[str],
+                       trainable: bool) -> IRModel:
+        """The model sharded with FSDP2 over the mesh, each decoder layer its own group and the
+        rest the model's, without ever holding it whole: built on the meta device, sharded,
+        then each rank's rows of every parameter read from the IR's storage one tensor at a
+        time (the device holds only shards; the host one whole tensor at a time). Every group
+        frees its gathered parameters after its forward (the model's too: a pass reads and
         writes shards between steps, never a stale gathered copy)."""
         from torch.distributed.fsdp import fully_shard
 
+        model = IRModel(module, device="meta", dtype=dtype, keep_dtype=keep,
+                        gradient_checkpointing=self.grad_checkpoint)
+        model = model.train() if trainable else model.eval().requires_grad_(False)
         for layer in model.call_layers().values():
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=True)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            for param in module.params.values():
+                local, start = local_rows_of(model.tensor(param.name))
+                data = IRModel._load(param, None, None)  # the checks of an unsharded build
+                local.copy_(data[start:start + local.shape[0]] if data.dim() else data)
+        return model
 
     @property
     def placement(self) -> Placement:
