@@ -8,6 +8,9 @@ factors are trainable, everything else frozen: this is also what the training pa
 With ``gradient_checkpointing=True`` the forward runs each decoder layer (the contiguous ops
 whose provenance ``loc`` lies under ``...layers.<i>``) under ``torch.utils.checkpoint``: the
 layer's activations are dropped after the forward and recomputed in the backward pass.
+After :meth:`IRModel.call_layers` the forward runs each decoder layer as a call of the
+submodule its parameters live under, so per-module hooks (FSDP2's gather and free) fire
+around it.
 """
 
 from __future__ import annotations
