@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -135,7 +136,7 @@ def test_fsdp2_lhspg_then_recover_equal_one_process(setup, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(tmp_path / "fsdp.py"), str(tmp_path / "in.ir"), str(out), *sharded]
     path = os.pathsep.join([str(Path(lorashear.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
 
     one = clone_module(module)  # the one-process run, while the two processes work
@@ -148,7 +149,7 @@ def test_fsdp2_lhspg_then_recover_equal_one_process(setup, tmp_path):
     try:  # a few tens of seconds alone; minutes on a crowded CPU
         output, _ = child.communicate(timeout=600)
     except subprocess.TimeoutExpired:
-        child.kill()
+        os.killpg(child.pid, signal.SIGKILL)  # the launcher and its two workers
         output, _ = child.communicate()
         pytest.fail("the two processes did not finish:\n" + output.decode()[-3000:])
     assert child.returncode == 0, output.decode()[-3000:]
