@@ -15,12 +15,20 @@ device-to-device copy (``gpu_check.py``'s section).
 
 ``--json PATH`` writes every figure. Each section reports and goes on when one fails; the exit
 code says whether all ran.
+
+``--fsdp2`` runs under ``torchrun`` (``torchrun --nproc-per-node 8 bench/gpu_pipeline.py
+--fsdp2``; on the CPU ``--device cpu`` with gloo): ``lhspg`` and ``recover`` run with
+``shard=fsdp2`` (each rank holds a row-chunk of every parameter, each decoder layer whole only
+while it runs), every other stage on every rank as without it; rank 0 prints and writes the
+figures (its own peak memory). The step and bandwidth sections are one-process measurements
+and are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -89,10 +97,15 @@ def write_ids(path: Path, vocab: int, tokens: int, seed: int) -> Path:
 class Stages:
     """Runs named stages, timing each and reading the peak CUDA memory it reached."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, quiet: bool = False) -> None:
         self.device = device
         self.rows: list[dict] = []
         self.failed = False
+        self.quiet = quiet  # a torchrun rank other than 0
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
 
     def run(self, name: str, fn, tokens: int = 0) -> object:
         if self.device.type == "cuda":
@@ -105,7 +118,7 @@ class Stages:
             self.failed = True
             traceback.print_exc()
             self.rows.append({"stage": name, "error": traceback.format_exc(limit=1).strip()})
-            print(f"| {name} | failed | | |", flush=True)
+            print(f"| {name} | failed | | |", flush=True)  # every rank: say which failed
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -115,8 +128,8 @@ class Stages:
                "peak_cuda_gib": None if peak is None else round(peak, 2),
                "tokens_per_s": round(tokens / seconds, 1) if tokens else None}
         self.rows.append(row)
-        print(f"| {name} | {seconds:.1f} | {'-' if peak is None else f'{peak:.1f}'} | "
-              f"{row['tokens_per_s'] or '-'} |", flush=True)
+        self.say(f"| {name} | {seconds:.1f} | {'-' if peak is None else f'{peak:.1f}'} | "
+                 f"{row['tokens_per_s'] or '-'} |")
         return result
 
 
@@ -133,10 +146,13 @@ def pipeline(args, device: torch.device, work: Path, stages: Stages):
     b, s, steps = args.batch, args.seq, args.steps
     data = write_ids(work / "train.ids", vocab, max(4 * b * s, 8 * s) * 4, seed=1)
     (work / "spec.yaml").write_text("sources:\n  - path: train.ids\n    name: train\n")
-    place = f"device={device},precision={precision}"
+    # under torchrun "cuda" is each rank's own GPU
+    place = f"device={'cuda' if cuda and args.fsdp2 else device},precision={precision}"
     train = f"{place},grad-checkpoint={'true' if cuda else 'false'},progress=false"
+    if args.fsdp2:
+        train += ",shard=fsdp2"
 
-    print("| stage | s | peak CUDA GiB | tokens/s |\n|---|---:|---:|---:|", flush=True)
+    stages.say("| stage | s | peak CUDA GiB | tokens/s |\n|---|---:|---:|---:|")
 
     def lower():
         module = lower_pretrained(write_config(args.shape, work, dtype), lora_rank=8, meta=True,
@@ -165,7 +181,7 @@ def pipeline(args, device: torch.device, work: Path, stages: Stages):
     before = module.num_parameters()
     dense = clone_module(module)  # the step section times the uncompressed model
     stages.run("compress", run("compress"))
-    print(f"parameters {before / 1e6:,.2f} M -> {module.num_parameters() / 1e6:,.2f} M", flush=True)
+    stages.say(f"parameters {before / 1e6:,.2f} M -> {module.num_parameters() / 1e6:,.2f} M")
     stages.run("emit hf", lambda: save_model_dir(module, work / "hf", merge=True))
     return dense
 
@@ -255,20 +271,26 @@ def main(argv=None) -> int:
                         help="shard lhspg/recover with FSDP2 over the torchrun processes")
     args = parser.parse_args(argv)
     tiny = args.shape == "tiny"
-    args.batch = args.batch or (2 if tiny else 4)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.fsdp2 and world < 2:
+        parser.error("--fsdp2 shards over the processes of a torchrun launch: run it as "
+                     "torchrun --nproc-per-node N bench/gpu_pipeline.py --fsdp2 ...")
+    base = 2 if tiny else 4
+    args.batch = args.batch or (world * -(-base // world) if args.fsdp2 else base)  # splits over ranks
     args.seq = args.seq or (32 if tiny else 2048)
     args.steps = args.steps or (2 if tiny else 4)
-    if args.fsdp2:
-        parser.error("--fsdp2: lhspg and recover do not shard with FSDP2 yet (issue #21 item 3); "
-                     "data parallel over torchrun processes is what runs today")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    if args.fsdp2 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__}, {name}; shape {args.shape}, batch {args.batch} x "
-          f"{args.seq}, {args.steps} steps per training stage", flush=True)
+    stages = Stages(device, quiet=rank > 0)
+    stages.say(f"torch {torch.__version__}, {name}; shape {args.shape}, batch {args.batch} x "
+               f"{args.seq}, {args.steps} steps per training stage"
+               + (f"; lhspg/recover sharded (FSDP2) over {world} processes" if args.fsdp2 else ""))
     results: dict = {"shape": args.shape, "device": name, "batch": args.batch, "seq": args.seq,
-                     "steps": args.steps}
-    stages = Stages(device)
+                     "steps": args.steps, "fsdp2_processes": world if args.fsdp2 else None}
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-") as tmp:
         dense = pipeline(args, device, Path(tmp), stages)
         results["stages"] = stages.rows
@@ -276,15 +298,17 @@ def main(argv=None) -> int:
             results["peak_cuda_gib"] = max((r.get("peak_cuda_gib") or 0) for r in stages.rows)
         for section in (lambda: step_and_projection(args, device, dense, results),
                         lambda: projection_bandwidth(device, tiny)):
-            if dense is None:
+            if dense is None or args.fsdp2:  # one-process measurements
                 break
             try:
                 section()
             except Exception:  # noqa: BLE001
                 stages.failed = True
                 traceback.print_exc()
-    if args.json:
+    if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.fsdp2 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 1 if stages.failed else 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 from lorashear.errors import KernelError
 from lorashear.kernels.group_projection_ref import (
+    GroupSumReduce,
     group_sq_norms_reference,
     prepare_reference,
     project_groups_reference,
@@ -141,6 +142,12 @@ class ProjectionPlan:
     path is off by default until it has been measured on a GPU (``bench/gpu_check.py`` checks
     it against eager runs).
 
+    Sharded weights (``shard=fsdp2``: each process holds some rows of every weight, and the
+    ``weights`` given are those rows with their group ids): ``reduce`` sums a per-group vector
+    over the processes in place, and the plan calls it on the partial group sums (norms,
+    inner products of the trial point with the base slice) between the kernel passes, so
+    every process takes the same decisions while no whole weight is ever gathered.
+
     Results equal :func:`project_groups` over ``chosen | done`` (``done`` groups report zero
     norms and ``zeroed``). The returned statistics live in the plan's buffers when a CUDA
     graph runs: read them before the next :meth:`step`.
@@ -148,9 +155,13 @@ class ProjectionPlan:
 
     def __init__(self, weights: Sequence[GroupedWeight], chosen: torch.Tensor, *,
                  done: torch.Tensor | None = None, backend: Backend = "auto",
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, reduce: GroupSumReduce | None = None) -> None:
         if not isinstance(chosen, torch.Tensor) or chosen.dim() != 1:
             raise KernelError("chosen must be a 1-D bool tensor with one entry per group")
+        if cuda_graph and reduce is not None:
+            raise KernelError("a projection whose group sums are reduced over processes cannot "
+                              "be captured as a CUDA graph", hint="cuda_graph=False")
+        self._reduce = reduce
         num_groups, device = chosen.numel(), chosen.device
         done = torch.zeros_like(chosen) if done is None else done
         check_projection_inputs(weights, num_groups, chosen, force=done)
@@ -211,10 +222,11 @@ class ProjectionPlan:
             lora_b.index_fill_(0, rows, 0.0)
             lora_a.index_fill_(1, cols, 0.0)
         if self.backend == "triton":
-            stats = self._prepared.run(self.chosen, self._lambdas, eps, self._force)
+            stats = self._prepared.run(self.chosen, self._lambdas, eps, self._force,
+                                       self._reduce)
         else:
             stats = project_prepared_reference(self._prepared, self.chosen, self._lambdas, eps,
-                                               self._force)
+                                               self._force, self._reduce)
         return GroupProjectionStats(sq_norm=stats.sq_norm, inner=stats.inner,
                                     zeroed=stats.zeroed | self.done)
 

@@ -18,7 +18,7 @@ and ``A`` columns are cleared: ``W + s * B @ A`` keeps the value ``x~`` there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,10 @@ from lorashear.kernels.grouped_weight import (
     half_space_decision,
     shrink_coefficients,
 )
+
+GroupSumReduce = Callable[[torch.Tensor], None]
+"""Sums a float32 per-group vector over the processes that each hold some rows of every
+weight, in place (``torch.distributed.all_reduce``): the projection of sharded weights."""
 
 TRIAL_CACHE_BYTES = 512 * 2**20
 """Trial points of restricted slices kept between passes 2 and 3 (a few hundred MB at most;
@@ -180,16 +184,23 @@ def prepare_reference(weights: Sequence[GroupedWeight], chosen: torch.Tensor) ->
 
 
 def project_prepared_reference(prepared: Sequence[PreparedWeight], chosen: torch.Tensor,
-                               lambdas: torch.Tensor, eps: float,
-                               force: torch.Tensor) -> GroupProjectionStats:
+                               lambdas: torch.Tensor, eps: float, force: torch.Tensor,
+                               reduce: GroupSumReduce | None = None) -> GroupProjectionStats:
     """:func:`project_groups_reference` over weights prepared by :func:`prepare_reference`
-    for the same ``chosen``: a training loop prepares once per set of chosen groups."""
+    for the same ``chosen``: a training loop prepares once per set of chosen groups.
+
+    ``reduce`` (sharded weights: each process holds some rows of every weight) sums a
+    per-group vector over the processes in place; it is called on the norms after pass 1 and
+    on the inner products after pass 2, so every process decides on the whole groups' sums
+    while reading and writing only its own rows."""
     num_groups = chosen.numel()
     views = [part.view() for part in prepared]
     # Pass 1: the norms, which every shrink term below divides by.
     sq_norm = torch.zeros(num_groups, dtype=torch.float32, device=chosen.device)
     for part, view in zip(prepared, views):
         _add_group_sums(view.weight.float().square(), part.members, sq_norm)
+    if reduce is not None:
+        reduce(sq_norm)
     coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
 
     # Pass 2: the trial point x~ and its inner product with W per group. The trial points of
@@ -204,6 +215,8 @@ def project_prepared_reference(prepared: Sequence[PreparedWeight], chosen: torch
         keep = restricted and trial.numel() * trial.element_size() <= budget
         budget -= trial.numel() * trial.element_size() if keep else 0
         kept.append(trial if keep else None)
+    if reduce is not None:
+        reduce(inner)
 
     zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
 

@@ -43,7 +43,7 @@ through Triton's interpreter (about 10^4 times slower than torch: tests only).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -298,7 +298,10 @@ class PreparedTriton:
                 self.lora_masks.append((grouped, row_member[:, None], col_chosen[None, :]))
 
     def run(self, chosen: torch.Tensor, lambdas: torch.Tensor, eps: float,
-            force: torch.Tensor) -> GroupProjectionStats:
+            force: torch.Tensor, reduce: Callable[[torch.Tensor], None] | None = None
+            ) -> GroupProjectionStats:
+        """One step; ``reduce`` sums the per-group partial sums over the processes of sharded
+        weights (as in the reference)."""
         num_groups = chosen.numel()
         device = chosen.device
         chosen_bytes = self.chosen_bytes
@@ -311,6 +314,9 @@ class PreparedTriton:
                 launch.lora_scale, WITH_INNER=True, HAS_LORA=launch.has_lora,
                 DOT_IN_FP32=launch.dot_in_fp32, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
                 BLOCK_R=launch.block_r, num_warps=DEFAULT_NUM_WARPS)
+        if reduce is not None:
+            reduce(sq_norm)
+            reduce(merged_inner)
         coefficient = shrink_coefficients(sq_norm, lambdas, chosen)
 
         correction = torch.zeros(num_groups, dtype=torch.float32, device=device)
@@ -320,6 +326,8 @@ class PreparedTriton:
                     *launch.weight_args, launch.row_group, launch.col_group, chosen_bytes,
                     coefficient, correction, launch.n_rows, launch.n_cols,
                     BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_warps=DEFAULT_NUM_WARPS)
+        if reduce is not None:
+            reduce(correction)
         inner = torch.where(chosen, merged_inner - coefficient * sq_norm - correction, 0.0)
         zeroed = half_space_decision(sq_norm, inner, chosen, eps, force)
 

@@ -48,13 +48,16 @@ The result is the masked model plus the
 Device, precision, data parallelism under ``torchrun``, the optimizer, checkpoints, the step
 log and the write-back into the IR are the :class:`~lorashear.training.harness.LoraHarness`'s:
 every rank trains on its slice of the same global batch, the LoRA gradients are all-reduced,
-and the projection runs on every rank alike.
+and the projection runs on every rank alike. With ``shard=fsdp2`` each rank holds a row-chunk
+of every weight and LoRA B (FSDP2): the projection reads and writes only this rank's rows, its
+per-group sums (norms, inner products of the trial point with the base slice) are summed over
+the ranks between its passes, and only the small LoRA A factors are gathered whole for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -87,13 +90,14 @@ from lorashear.errors import PassError
 from lorashear.ir.attributes import RecordListAttr, register_attribute
 from lorashear.ir.core import Module
 from lorashear.ir.lora import adapters
-from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms
+from lorashear.kernels import GroupedWeight, ProjectionPlan, group_norms, group_sq_norms
 from lorashear.passes.base import ModulePass, PassResult, option
 from lorashear.passes.options import (
     attn_share_option,
     device_option,
     grad_checkpoint_option,
     precision_option,
+    shard_option,
     warmup_option,
 )
 from lorashear.passes.reconstruct import FOLDED_KINDS, fold_live
@@ -103,9 +107,13 @@ from lorashear.runtime.executor import IRModel, lora_param_names
 from lorashear.training.harness import LoraHarness
 from lorashear.training.runtime import (
     Precision,
+    Shard,
     TrainingRuntime,
     check_device_text,
+    check_shard_text,
     check_warmup,
+    local_rows_of,
+    whole,
 )
 
 
@@ -127,14 +135,34 @@ class GroupIndex:
     num_groups: int
     weights: list[GroupedWeight]
     touched: list[str]  # names of every parameter the projection may change
+    #: sharded model: (LoRA A parameter, its whole copy the kernels read and write), per weight
+    gathered: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def gid(self, family_id: int, unit: int) -> int:
         return self.offsets[family_id] + unit
 
+    def gather(self) -> None:
+        """Sharded: refresh the whole copies of the LoRA A factors (r x in each: the only
+        tensors gathered for the projection; a base row's update ``B[row] @ A`` needs every
+        row of A, and a column group zeroes a column of A on every rank)."""
+        for param, copy in self.gathered:
+            copy.copy_(whole(param))
 
-def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family_ids: list[int]
-                      ) -> GroupIndex:
-    """Row/column group ids per base weight; LoRA factors ride along with their base weight."""
+    def scatter(self) -> None:
+        """Sharded: write this rank's rows of the projected A copies back into the shards."""
+        for param, copy in self.gathered:
+            local, start = local_rows_of(param)
+            local.copy_(copy[start:start + local.shape[0]])
+
+
+def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family_ids: list[int],
+                      *, sharded: bool = False) -> GroupIndex:
+    """Row/column group ids per base weight; LoRA factors ride along with their base weight.
+
+    ``sharded`` (FSDP2): each grouped weight is this rank's rows of the base weight (and of
+    LoRA B, sharded alike), with their row group ids; LoRA A is a whole copy
+    (:meth:`GroupIndex.gather`). The projection then sums its per-group partial sums over the
+    ranks (:class:`~lorashear.kernels.ProjectionPlan`'s ``reduce``)."""
     offsets, total = {}, 0
     for f in family_ids:
         offsets[f] = total
@@ -159,19 +187,31 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
             if (axes[m.axis] >= 0).any():
                 raise PassError(f"lhspg: @{m.param} axis {m.axis} belongs to two chosen families")
             axes[m.axis] = (unit + offsets[f]).to(torch.int32)
-    weights, touched = [], []
+    weights, touched, gathered = [], [], []
     device = model.device
     for name, (rows, cols) in ids.items():
         rows, cols = rows.to(device), cols.to(device)
         tensor = model.tensor(name)
-        view = tensor.data if tensor.dim() == 2 else tensor.data.view(-1, 1)
         a_name, b_name, scaling = lora_of.get(name, (None, None, 1.0))
-        lora_a = model.tensor(a_name).data if a_name else None
-        lora_b = model.tensor(b_name).data if b_name else None
+        if sharded:
+            local, start = local_rows_of(tensor)
+            rows = rows[start:start + local.shape[0]]
+            view = local if local.dim() == 2 else local.view(-1, 1)
+            lora_a = lora_b = None
+            if a_name:
+                lora_b, b_start = local_rows_of(model.tensor(b_name))
+                if (b_start, lora_b.shape[0]) != (start, local.shape[0]):
+                    raise PassError(f"lhspg: @{b_name} is not sharded by the rows of @{name}")
+                lora_a = whole(model.tensor(a_name)).clone()
+                gathered.append((model.tensor(a_name), lora_a))
+        else:
+            view = tensor.data if tensor.dim() == 2 else tensor.data.view(-1, 1)
+            lora_a = model.tensor(a_name).data if a_name else None
+            lora_b = model.tensor(b_name).data if b_name else None
         weights.append(GroupedWeight(view, rows.to(view.device), cols.to(view.device),
                                      lora_b, lora_a, scaling))
         touched += [n for n in (name, a_name, b_name) if n]
-    return GroupIndex(offsets, total, weights, touched)
+    return GroupIndex(offsets, total, weights, touched, gathered)
 
 
 @dataclass
@@ -269,6 +309,7 @@ class Lhspg(ModulePass):
     device: str = device_option()
     precision: Precision = precision_option()
     grad_checkpoint: bool = grad_checkpoint_option()
+    shard: Shard = shard_option()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -290,6 +331,16 @@ class Lhspg(ModulePass):
         if not self.data:
             raise PassError("lhspg needs training data", hint="lhspg{data=book.txt}, a .ids file, a cached source (data=austen) or a YAML data spec")
         check_device_text(self.name, self.device)
+        check_shard_text(self.name, self.shard)
+        if self.shard == "fsdp2":
+            for asked, what in ((self.cuda_graph, "cuda-graph=true (the projection all-reduces "
+                                 "its group sums between kernels)"),
+                                (self.rescore, "rescore=true (taylor scores of the live model)"),
+                                (self.reconstruct, "reconstruct=true (least squares on whole "
+                                 "live weights)")):
+                if asked:
+                    raise PassError(f"lhspg: shard=fsdp2 does not support {what}",
+                                    hint="drop the option, or shard=none")
 
     @property
     def shrink_steps(self) -> int:
@@ -314,14 +365,15 @@ class Lhspg(ModulePass):
         data = self.training_data(module)
         # the data is read once: these windows score the groups, choose the split and rescore
         calibration = data.draw(min(4, data.count // self.batch), self.batch, self.seed)
-        # every rank scores alike; rank 0's scores choose the groups, so all ranks agree
+        # every rank scores alike; rank 0's scores choose the groups, so all ranks agree;
+        # sharded, one decoder layer at a time (the model need not fit one device)
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration,
-            placement=runtime.placement))
+            placement=runtime.placement, **({"layerwise": True} if runtime.sharded else {})))
         start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
         check_reachable(start_budgets, self.ratio)
         model = harness.build(module, self.seed)
-        index = build_group_index(module, model, groups, family_ids)
+        index = build_group_index(module, model, groups, family_ids, sharded=runtime.sharded)
         harness.track(index.touched)  # the projection changes base slices in place
         saved = harness.resume("step_total")
         if saved is not None:
@@ -385,12 +437,19 @@ class Lhspg(ModulePass):
         clear the LoRA of earlier ones; returns the steps' losses."""
         runtime, shrink_steps = harness.runtime, self.shrink_steps
         chosen_here, current_here = runtime.to_device(state.chosen), runtime.to_device(current)
-        start_norms = group_norms(index.weights, index.num_groups)
+        # sharded: each rank's rows give partial group sums, summed over the ranks
+        reduce = runtime.sum_over_ranks if runtime.sharded else None
+        if reduce is None:
+            start_norms = group_norms(index.weights, index.num_groups)
+        else:
+            start_norms = group_sq_norms(index.weights, index.num_groups)
+            reduce(start_norms)
+            start_norms = start_norms.sqrt()
         lambdas = torch.where(current_here, self.lam * start_norms / shrink_steps,
                               torch.zeros_like(start_norms))
         # groups of earlier periods are exactly zero: the plan only clears their LoRA
         plan = ProjectionPlan(index.weights, current_here, done=chosen_here & ~current_here,
-                              cuda_graph=self.cuda_graph)
+                              cuda_graph=self.cuda_graph, reduce=reduce)
         losses = []
         bar = harness.bar(range(self.steps), f"lhspg period {period + 1}/{self.periods}")
         for step in bar:
@@ -400,11 +459,13 @@ class Lhspg(ModulePass):
             loss_value = harness.step(loss, state.step_total)
             if before_zeroing is not None and step == shrink_steps - 1:
                 before_zeroing()
+            index.gather()  # sharded: the whole LoRA A factors (else nothing)
             stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
+            index.scatter()
             if step == shrink_steps - 1 and shrink_steps < self.steps:
                 # settling: this period's groups are zero now and stay so, like earlier ones
                 plan = ProjectionPlan(index.weights, torch.zeros_like(chosen_here),
-                                      done=chosen_here, cuda_graph=self.cuda_graph)
+                                      done=chosen_here, cuda_graph=self.cuda_graph, reduce=reduce)
             zero_share = float(stats.zeroed[chosen_here].float().mean()) if state.chosen.any() else 0.0
             losses.append(loss_value)
             state.first_loss = loss_value if state.first_loss is None else state.first_loss
@@ -425,6 +486,7 @@ class Lhspg(ModulePass):
         batches = [runtime.to_device(b) for b in calibration]
         loss_of = masked_loss_fn(model, module, groups, batches, autocast=runtime.autocast)
         # every rank measures alike; rank 0's choice counts, so all ranks prune the same units
-        split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope, self.align,
-                                                           loss_of, self.uniform))
+        with runtime.masks_on_shards():  # sharded: each split's units zeroed on every rank's rows
+            split = runtime.broadcast_object(search_attn_share(budgets, self.ratio, self.scope,
+                                                               self.align, loss_of, self.uniform))
         return split.share, split.statistics()

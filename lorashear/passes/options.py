@@ -46,6 +46,16 @@ def layerwise_option() -> Any:
                   "available RAM on the CPU)", run_only=True)
 
 
+def shard_option() -> Any:
+    """``shard`` of the training passes: replicate the model on every process, or shard it."""
+    # run-only: the sharded run trains what the replicated one trains (up to the order of float
+    # sums), and its checkpoints hold whole tensors, so either can resume the other's
+    return option("none", "none: every process holds the whole model (data parallel under "
+                  "torchrun); fsdp2: under torchrun, each process holds a row-chunk of every "
+                  "parameter (FSDP2 per decoder layer; a layer is gathered only while it runs)",
+                  run_only=True)
+
+
 def grad_checkpoint_option() -> Any:
     # run-only: recomputing the activations gives the same gradients (dropout replays its RNG)
     return option(False, "recompute each decoder layer's activations in the backward pass "

@@ -36,7 +36,9 @@ schedule, checkpoints, the log file and the write-back into the IR are the
 :class:`~lorashear.training.harness.LoraHarness`'s. Under data parallelism every rank draws the
 same source and global batch and trains on its slice; stage-2 gradients are weighted by each
 slice's count of labelled tokens; probe losses are rank 0's on every rank, so all ranks sample
-alike.
+alike. With ``shard=fsdp2`` the model (and the reference of ``loss=kd``) is sharded per
+decoder layer over the ranks (FSDP2); the removed units' rows and columns are zeroed in each
+rank's rows of the trained tensors.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from lorashear.passes.options import (
     device_option,
     grad_checkpoint_option,
     precision_option,
+    shard_option,
     warmup_option,
 )
 from lorashear.passes.registry import register_pass
@@ -76,8 +79,11 @@ from lorashear.training.harness import LoraHarness
 from lorashear.training.runtime import (
     Precision,
     Schedule,
+    Shard,
     check_device_text,
+    check_shard_text,
     check_warmup,
+    local_rows_of,
 )
 
 #: Suffixes of a single data file that can hold no instruction records.
@@ -229,6 +235,7 @@ class Recover(ModulePass):
     device: str = device_option()
     precision: Precision = precision_option()
     grad_checkpoint: bool = grad_checkpoint_option()
+    shard: Shard = shard_option()
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -240,6 +247,7 @@ class Recover(ModulePass):
             raise PassError("recover needs probe-every, batch, probe-windows >= 1 and seq-len >= 2")
         check_warmup(self.name, self.warmup)
         check_device_text(self.name, self.device)
+        check_shard_text(self.name, self.shard)
         # what is plain from the options alone fails while the pipeline parses, before any
         # earlier pass has spent its time; the data spec's contents are checked when it loads
         if self.steps > self.stage1_length:
@@ -353,13 +361,19 @@ class Recover(ModulePass):
                 if name in trained]
 
     @staticmethod
-    def zero_removed(model: IRModel, masks: list[tuple[str, int, torch.Tensor]]) -> None:
-        """Set the live trained rows and columns of removed units back to zero."""
+    def zero_removed(model: IRModel, masks: list[tuple[str, int, torch.Tensor]],
+                     sharded: bool = False) -> None:
+        """Set the live trained rows and columns of removed units back to zero (``sharded``:
+        in this rank's rows of each tensor)."""
         with torch.no_grad():
             for param_name, axis, keep in masks:
                 tensor = model.tensor(param_name)
                 shape = [1] * tensor.dim()
                 shape[axis] = -1
+                if sharded:
+                    tensor, start = local_rows_of(tensor)
+                    if axis == 0:
+                        keep = keep[start:start + tensor.shape[0]]
                 tensor.mul_(keep.view(shape).to(tensor.device, tensor.dtype))
 
     # --- the pass ------------------------------------------------------------------------------
@@ -391,7 +405,7 @@ class Recover(ModulePass):
                 loss, share = self.step_loss(harness, model, teacher, data, state)
                 loss_value = harness.step(loss, state.step, share)
                 if masks:  # removed units stay removed, so compress stays exact
-                    self.zero_removed(model, masks)
+                    self.zero_removed(model, masks, harness.runtime.sharded)
                 state.losses.append(loss_value)
                 state.step += 1
                 bar.set_postfix(loss=f"{loss_value:.3f}")
@@ -458,7 +472,12 @@ class Recover(ModulePass):
         # the loss is a mean over labelled tokens, which differ per slice
         share = labelled_tokens(local_labels) / max(labelled_tokens(labels), 1)
         with runtime.autocast():
-            return model(ids, attention_mask=mask, labels=local_labels).loss, share
+            out = model(ids, attention_mask=mask, labels=local_labels)
+        if share == 0 and runtime.sharded:
+            # a mean over no tokens is NaN, and every rank must run the backward (FSDP2's
+            # reduce-scatters): a zero over the logits gives zero gradients instead
+            return out.logits.sum() * 0.0, share
+        return out.loss, share
 
     @staticmethod
     def hidden_keep(module: Module) -> torch.Tensor | None:

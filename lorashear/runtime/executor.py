@@ -8,10 +8,14 @@ factors are trainable, everything else frozen: this is also what the training pa
 With ``gradient_checkpointing=True`` the forward runs each decoder layer (the contiguous ops
 whose provenance ``loc`` lies under ``...layers.<i>``) under ``torch.utils.checkpoint``: the
 layer's activations are dropped after the forward and recomputed in the backward pass.
+After :meth:`IRModel.call_layers` the forward runs each decoder layer as a call of the
+submodule its parameters live under, so per-module hooks (FSDP2's gather and free) fire
+around it.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -137,11 +141,50 @@ class IRModel(nn.Module):
         self._dead_after = dead_after(module)
         self._step_ir: Module | None = module if has_kv_cache(module) else None
         self._step_error: KVCacheError | None = None
+        #: decoder layer name -> its parameter container, once :meth:`call_layers` made them
+        #: callable (None: forward runs every op itself, as always)
+        self._layer_calls: dict[str, nn.Module] | None = None
+
+    def call_layers(self) -> dict[str, nn.Module]:
+        """Make each decoder layer's parameter container (the submodule ``model.layers.<i>``
+        the layer's parameters are registered under) a module that runs the layer's ops when
+        called, and let the plain forward call it. Hooks on those modules then fire around
+        each layer, which is what FSDP2's ``fully_shard`` needs: it gathers a layer's
+        parameters in its pre-forward hook and frees them after (and again for the backward).
+        The ops and their order are the same; each layer reads the live parameters when it
+        starts. Returns the containers by layer name (a layer whose parameters live under no
+        container of its name is left to the forward, as before)."""
+        if self._layer_calls is None:
+            self._layer_calls = {}
+            for segment in self._segments:
+                container = self._container(segment.layer) if segment.layer else None
+                if container is None or type(container) is not nn.Module:
+                    continue
+                container.__class__ = _LayerCall  # adds a forward, nothing else
+                container.run_layer = functools.partial(self._call_layer, segment)
+                self._layer_calls[segment.layer] = container
+        return self._layer_calls
+
+    def _container(self, path: str) -> nn.Module | None:
+        owner: nn.Module | None = self
+        for part in path.split("."):
+            owner = owner._modules.get(part) if owner is not None else None
+        return owner
+
+    def _call_layer(self, segment: Segment, device: torch.device, *inputs: Any) -> tuple[Any, ...]:
+        """One decoder layer as a module call (:meth:`call_layers`), checkpointed like the
+        forward checkpoints its layers."""
+        tensors = self._live_tensors()  # read now: a hook may just have gathered them
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._run_segment, segment, tensors, device, *inputs, use_reentrant=False)
+        return self._run_segment(segment, tensors, device, *inputs)
 
     @staticmethod
     def _load(param: Param, device, dtype) -> torch.Tensor:
         want = torch_dtype(param.type.dtype)
-        if device is not None and torch.device(device).type == "meta":
+        if device is not None and torch.device(device).type == "meta":  # in the dtype asked for
+            if dtype is not None and want.is_floating_point:
+                want = dtype
             return torch.empty(param.type.shape, dtype=want, device="meta")
         if not param.storage.has_data:
             raise EmissionError(f"parameter @{param.name} has no data (the module was lowered with "
@@ -272,7 +315,15 @@ class IRModel(nn.Module):
         env = self._input_env(input_ids, attention_mask)
         tensors = self._live_tensors()
         device = input_ids.device
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self._layer_calls is not None:
+            for segment in self._segments:
+                layer = self._layer_calls.get(segment.layer) if segment.layer else None
+                if layer is None:
+                    self._run_ops(segment.ops, env, tensors, device, keep_all=output_hidden_states)
+                    continue
+                values = layer(device, *(env[v] for v in segment.inputs))
+                env.update(zip(segment.outputs, values, strict=True))
+        elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             for segment in self._segments:
                 if segment.layer is None:
                     self._run_ops(segment.ops, env, tensors, device, keep_all=output_hidden_states)
@@ -370,6 +421,16 @@ class IRModel(nn.Module):
         env = dict(zip(segment.inputs, inputs, strict=True))
         self._run_ops(segment.ops, env, tensors, device)
         return tuple(env[v] for v in segment.outputs)
+
+
+class _LayerCall(nn.Module):
+    """A decoder layer's parameter container that runs the layer when called
+    (:meth:`IRModel.call_layers`)."""
+
+    run_layer: Any
+
+    def forward(self, device: torch.device, *inputs: Any) -> tuple[Any, ...]:
+        return self.run_layer(device, *inputs)
 
 
 class SuffixLoss:

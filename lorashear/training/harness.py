@@ -19,23 +19,15 @@ each optimizer step, what its checkpoint remembers. The harness owns
 - the JSON-lines step log (``log=``, rank 0 only, flushed after every line and trimmed on
   resume) and the progress bars.
 
-Where the work of scaling out plugs in (one 7-8B model on one GPU; past one GPU on FSDP2):
-everything a pass touches goes through :meth:`build` (the model and its optimizer),
-:meth:`step` (backward, gradient reduction, optimizer step), :meth:`checkpoint` /
-:meth:`resume` / :meth:`write_back` (the kept tensors as whole tensors) and
-``harness.runtime`` (batches, broadcasts). So
-
-- sharding (FSDP2's ``fully_shard`` per decoder layer) or layer-wise streaming of the frozen
-  base weights from host memory belongs in :meth:`build`, with the optimizer built over the
-  local shards of the LoRA factors;
-- the gradient reduction belongs in :meth:`step` (FSDP2 reduce-scatters inside the backward;
-  :meth:`TrainingRuntime.step` all-reduces the replicated LoRA gradients by hand);
-- gathering a sharded tensor whole (``DTensor.full_tensor``) belongs in :meth:`_kept_tensor`,
-  which checkpoints, resyncs and the write-back read, and scattering it back in :meth:`resume`;
-- a pass that changes base weights in place (``lhspg``'s projection) names them with
-  :meth:`track`, so the harness knows which shards it must gather.
-
-None of that is implemented yet: today the model is replicated on every rank.
+Sharding (``shard=fsdp2``, :class:`~lorashear.training.runtime.TrainingRuntime`): :meth:`build`
+shards the model per decoder layer with FSDP2 and makes the optimizer over the local shards
+(FSDP2's parameters are DTensors, and AdamW's moments follow them); :meth:`step` lets FSDP2
+reduce-scatter the gradients inside the backward pass; the kept tensors are gathered whole
+(``DTensor.full_tensor``, every rank in sorted name order) by :meth:`checkpoint` and
+:meth:`write_back`, and :meth:`resume` puts each rank's rows of a checkpoint's whole tensors
+(and of its optimizer moments) back into its shards. A pass that changes base weights in place
+(``lhspg``'s projection) names them with :meth:`track` and works on each rank's rows
+(:func:`~lorashear.training.runtime.local_rows_of`).
 """
 
 from __future__ import annotations
@@ -66,9 +58,28 @@ from lorashear.training.runtime import (
     Precision,
     Schedule,
     TrainingRuntime,
+    is_sharded,
+    local_rows_of,
     set_warmup_lr,
     warmup_steps,
+    whole,
 )
+
+
+def shard_like(model: IRModel, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor as the sharded run holds it: an optimizer moment (``opt.<param>.<slot>``)
+    of a sharded parameter as a DTensor of this rank's rows, placed like the parameter; any
+    other tensor as it is."""
+    name, _, slot = key[4:].rpartition(".")
+    if not key.startswith("opt.") or slot == "step":
+        return value
+    param = model.tensor(name)
+    if not is_sharded(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None)
 
 
 class TrainingOptions(Protocol):
@@ -84,6 +95,7 @@ class TrainingOptions(Protocol):
     log: str
     checkpoint_dir: str
     progress: bool
+    shard: str
 
 
 @dataclass
@@ -116,7 +128,7 @@ class LoraHarness:
             raise PassError(f"{options.name} trains LoRA adapters, and the module has none",
                             hint="lower with --adapter DIR or --lora-rank R")
         runtime = TrainingRuntime.create(options.name, options.device, options.precision,
-                                         options.grad_checkpoint)
+                                         options.grad_checkpoint, options.shard)
         runtime.check_batch(options.batch)
         return cls(runtime, owner, options.lr, warmup_steps(options.warmup, total_steps), schedule,
                    total_steps, options.checkpoint_dir, options.log, options.progress)
@@ -148,7 +160,19 @@ class LoraHarness:
         self.kept |= set(names)
 
     def _kept_tensor(self, name: str) -> torch.Tensor:
-        return self.model.tensor(name)
+        """A kept tensor whole (sharded: gathered from the ranks' shards, a collective, and
+        moved to the host at once, so the device never holds more than one whole tensor)."""
+        tensor = self.model.tensor(name)
+        return whole(tensor).cpu() if self.runtime.sharded else tensor
+
+    def _kept_names(self) -> list[str]:
+        """The kept tensors' names, sorted when sharded: every rank gathers them in one order."""
+        return sorted(self.kept) if self.runtime.sharded else list(self.kept)
+
+    def _load_kept(self, name: str, value: torch.Tensor) -> None:
+        """Set kept tensor ``name`` to the whole tensor ``value`` (this rank's rows when sharded)."""
+        local, start = local_rows_of(self.model.tensor(name))
+        local.copy_(value[start:start + local.shape[0]])
 
     # --- training ------------------------------------------------------------------------------
     def step(self, loss: torch.Tensor, step: int, share: float | None = None) -> float:
@@ -201,8 +225,14 @@ class LoraHarness:
             return None
         with torch.no_grad():
             for name in self.kept:
-                self._kept_tensor(name).copy_(resumed.tensors[name])
-        restore_optimizer(self.optimizer, dict(self.model.named_parameters()), resumed.tensors)
+                if self.runtime.sharded:
+                    self._load_kept(name, resumed.tensors[name])
+                else:
+                    self._kept_tensor(name).copy_(resumed.tensors[name])
+        tensors = resumed.tensors
+        if self.runtime.sharded:  # each rank's rows of the moments of its shards
+            tensors = {key: shard_like(self.model, key, value) for key, value in tensors.items()}
+        restore_optimizer(self.optimizer, dict(self.model.named_parameters()), tensors)
         step = resumed.state[step_key]
         self.runtime.restore_rng(resumed.tensors, self.seed, step)
         if self.log_path and self.runtime.is_main:
@@ -212,11 +242,19 @@ class LoraHarness:
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Resync the kept tensors to rank 0's and, with a ``checkpoint-dir``, save them, the
         optimizer moments, every rank's RNG state and the pass's ``state`` (rank 0 writes)."""
-        self.runtime.sync_tensors(self._kept_tensor(n) for n in sorted(self.kept))
+        self.runtime.sync_tensors(self.model.tensor(n) for n in sorted(self.kept))
         if not self.checkpoint_dir:
             return
-        tensors = {n: self._kept_tensor(n) for n in self.kept}
-        tensors.update(optimizer_tensors(self.optimizer, self._names))
+        moments = optimizer_tensors(self.optimizer, self._names)
+        if self.runtime.sharded:  # gathered whole by every rank in one order; rank 0 keeps them
+            tensors = {}
+            for key in sorted(self.kept) + sorted(moments):
+                value = self._kept_tensor(key) if key in self.kept else whole(moments[key]).cpu()
+                if self.runtime.is_main:
+                    tensors[key] = value
+        else:
+            tensors = {n: self._kept_tensor(n) for n in self.kept}
+            tensors.update(moments)
         tensors.update(self.runtime.rng_tensors())  # a collective: every rank takes part
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_dir, TrainingCheckpoint(self.owner, state, tensors))
@@ -225,7 +263,7 @@ class LoraHarness:
     def write_back(self, module: Module) -> None:
         """The kept tensors, as trained, into ``module``'s parameters (in their IR dtype)."""
         with torch.no_grad():
-            for name in self.kept:
+            for name in self._kept_names():
                 ir_dtype = torch_dtype(module.params[name].type.dtype)
                 module.params[name].storage = DataStorage(
                     self._kept_tensor(name).detach().to(device="cpu", dtype=ir_dtype).clone())

@@ -12,6 +12,16 @@ global batch; everything after the optimizer step (projection, masks, saliency a
 choices) then runs identically on every rank. Only rank 0 writes checkpoints, logs, progress
 bars and output files.
 
+Sharding (``shard=fsdp2``, under ``torchrun`` only): every decoder layer's parameter
+container (:meth:`IRModel.call_layers`) and then the model itself are wrapped by FSDP2's
+``fully_shard`` over one process group of all ranks, so each rank holds its row-chunk (dim 0)
+of every parameter: frozen base weights, LoRA factors, the trained base tensors and their
+AdamW moments. A layer's whole parameters exist only while it runs forward or backward (its
+hooks gather them and free them after); the embedding, final norm and head (the model's own
+group) likewise. Data parallelism is as above: each rank trains on its slice of the same
+global batch; FSDP2 reduce-scatters the gradients inside the backward pass, each rank's
+weighted by its token share. A pass reads its sharded tensors through :func:`local_rows_of`.
+
 With one process on the CPU in ``fp32`` the runtime adds nothing to what the passes did
 before: the same calls in the same order, so results stay bitwise identical.
 """
@@ -34,6 +44,9 @@ from lorashear.ir.core import Module
 from lorashear.runtime.executor import IRModel, lora_param_names
 
 Precision = Literal["fp32", "bf16", "fp16"]
+#: How a training pass lays its model over the processes: ``none`` replicates it on every rank
+#: (data parallelism); ``fsdp2`` shards it per decoder layer with FSDP2's ``fully_shard``.
+Shard = Literal["none", "fsdp2"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,6 +91,42 @@ def check_precision_text(pass_name: str, precision: str) -> None:
     """Fail early on a precision that is none of fp32, bf16, fp16."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise PassError(f"{pass_name}: precision={precision!r} is not one of fp32, bf16, fp16")
+
+
+def check_shard_text(pass_name: str, shard: str) -> None:
+    """Fail early on a shard value that is none of none, fsdp2."""
+    if shard not in ("none", "fsdp2"):
+        raise PassError(f"{pass_name}: shard={shard!r} is not one of none, fsdp2")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a sharded FSDP2 parameter (a DTensor) rather than a whole one."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_rows_of(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's shard of ``tensor`` as a plain tensor (a view: writing it writes the
+    parameter) and the index of its first row in the whole tensor. FSDP2 shards dim 0 in
+    ``torch.chunk``'s pieces; a whole tensor is its own shard, at row 0."""
+    if not is_sharded(tensor):
+        return tensor.data, 0
+    local = tensor.to_local().detach()  # shares the shard's storage, no autograd view
+    rows, world = tensor.shape[0], tensor.device_mesh.size()
+    start = min(tensor.device_mesh.get_local_rank() * -(-rows // world), rows)
+    if local.shape[0] != min(rows - start, -(-rows // world)):
+        raise PassError(f"a sharded tensor of {rows} rows holds {local.shape[0]} rows from row {start} "
+                        f"on this rank: not torch.chunk's pieces over {world} ranks")
+    return local, start
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a sharded one gathered from every rank (a collective: every rank
+    calls it, in the same order), a whole one as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def _resolve_device(pass_name: str, device: str, precision: str, local_rank: int | None,
@@ -149,14 +198,26 @@ class TrainingRuntime:
     world_size: int = 1
     rank: int = 0
     scaler: Any = None  # torch.amp.GradScaler for fp16
+    shard: Shard = "none"
+    mesh: Any = None  # the DeviceMesh of all ranks when sharded
 
     @classmethod
-    def create(cls, pass_name: str, device: str, precision: str, grad_checkpoint: bool) -> TrainingRuntime:
+    def create(cls, pass_name: str, device: str, precision: str, grad_checkpoint: bool,
+               shard: str = "none") -> TrainingRuntime:
         """Resolve the options and, under ``torchrun`` with WORLD_SIZE > 1, join (or start)
-        the process group: gloo on the CPU, nccl on CUDA."""
+        the process group: gloo on the CPU, nccl on CUDA. ``shard=fsdp2`` needs that group."""
         check_device_text(pass_name, device)
         check_precision_text(pass_name, precision)
+        check_shard_text(pass_name, shard)
         world, rank, local_rank = _world_from_environment()
+        if shard == "fsdp2":
+            if world < 2:
+                raise PassError(f"{pass_name}: shard=fsdp2 shards the model over the processes of "
+                                f"a torchrun launch, and this is one process (WORLD_SIZE={world})",
+                                hint="torchrun --nproc-per-node N -m lorashear.cli ..., or shard=none")
+            if precision == "fp16":
+                raise PassError(f"{pass_name}: shard=fsdp2 does not train in fp16 (its loss "
+                                "scaler is not sharded)", hint="use precision=bf16 (or fp32)")
         resolved = _resolve_device(pass_name, device, precision, local_rank if world > 1 else None,
                                    "trains")
         if resolved.type == "cuda":
@@ -171,12 +232,22 @@ class TrainingRuntime:
                 dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
             world, rank = dist.get_world_size(), dist.get_rank()
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        return cls(pass_name, resolved, precision, grad_checkpoint, world, rank, scaler)
+        mesh = None
+        if shard == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(resolved.type, (world,))
+        return cls(pass_name, resolved, precision, grad_checkpoint, world, rank, scaler, shard, mesh)
 
     # --- who does what -----------------------------------------------------------------------
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the ranks (``shard=fsdp2``)."""
+        return self.shard == "fsdp2"
 
     @property
     def is_main(self) -> bool:
@@ -199,9 +270,35 @@ class TrainingRuntime:
         keep = (lora_param_names(module) | also_train
                 | {p.name for p in module.params.values() if p.buffer}
                 if dtype is not None else frozenset())
+        if self.sharded:
+            return self._sharded_model(module, dtype, keep, trainable)
         model = IRModel(module, device=self.device if self.device.type != "cpu" else None,
                         dtype=dtype, keep_dtype=keep, gradient_checkpointing=self.grad_checkpoint)
         return model.train() if trainable else model.eval().requires_grad_(False)
+
+    def _sharded_model(self, module: Module, dtype: torch.dtype | None, keep: frozenset[str],
+                       trainable: bool) -> IRModel:
+        """The model sharded with FSDP2 over the mesh, each decoder layer its own group and the
+        rest the model's, without ever holding it whole: built on the meta device, sharded,
+        then each rank's rows of every parameter read from the IR's storage one tensor at a
+        time (the device holds only shards; the host one whole tensor at a time). Every group
+        frees its gathered parameters after its forward (the model's too: a pass reads and
+        writes shards between steps, never a stale gathered copy)."""
+        from torch.distributed.fsdp import fully_shard
+
+        model = IRModel(module, device="meta", dtype=dtype, keep_dtype=keep,
+                        gradient_checkpointing=self.grad_checkpoint)
+        model = model.train() if trainable else model.eval().requires_grad_(False)
+        for layer in model.call_layers().values():
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=True)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            for param in module.params.values():
+                local, start = local_rows_of(model.tensor(param.name))
+                data = IRModel._load(param, None, None)  # the checks of an unsharded build
+                local.copy_(data[start:start + local.shape[0]] if data.dim() else data)
+        return model
 
     @property
     def placement(self) -> Placement:
@@ -248,6 +345,8 @@ class TrainingRuntime:
         gradient: each rank scales its gradients by its share and an all-reduce sums them. A
         rank with no tokens (``share == 0``, its loss a NaN mean over nothing) adds zeros."""
         optimizer.zero_grad(set_to_none=True)
+        if self.sharded:
+            return self._sharded_step(loss, optimizer, share)
         if not self.distributed:
             if self.scaler is None:
                 loss.backward()
@@ -278,6 +377,38 @@ class TrainingRuntime:
             self.scaler.update()
         return float(flat[-1])
 
+    def _sharded_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, share: float) -> float:
+        """FSDP2's step: the backward reduce-scatters each gradient as the mean over ranks, so
+        each rank's loss is weighted by ``share * world_size`` before it; every rank runs the
+        backward (the reduce-scatters are collectives), so a pass gives a rank without tokens a
+        finite zero loss over its forward."""
+        import torch.distributed as dist
+
+        weight = share * self.world_size
+        (loss if weight == 1.0 else loss * weight).backward()
+        optimizer.step()
+        total = (loss.detach().float() * share if share > 0
+                 else torch.zeros((), device=self.device)).reshape(1).to(self.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    def masks_on_shards(self) -> contextlib.AbstractContextManager:
+        """Sharded: let a whole plain tensor (a keep mask) act on a sharded parameter as a
+        replicated one (DTensor's implicit replication: each rank applies its rows of it), as
+        ``units_zeroed`` does; nothing otherwise."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        return implicit_replication()
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the ranks, in place (per-group partial sums of sharded weights)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+
     def broadcast_object(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (saliency scores, probe losses): decisions that
         steer training must be the same everywhere, even where float reductions are not."""
@@ -299,6 +430,8 @@ class TrainingRuntime:
 
         with torch.no_grad():
             for tensor in tensors:
+                if self.sharded and is_sharded(tensor):  # one rank owns each shard: nothing to drift apart
+                    continue
                 dist.broadcast(tensor.data, src=0)
 
     # --- checkpoints -------------------------------------------------------------------------

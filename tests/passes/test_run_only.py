@@ -14,7 +14,7 @@ from lorashear.passes.pipeline import format_pass, parse_pipeline
 from lorashear.passes.registry import get_pass
 from lorashear.passes.resume import result_text, run_only_options
 
-TRAINING_RUN_ONLY = {"log", "checkpoint_dir", "progress", "device", "grad_checkpoint"}
+TRAINING_RUN_ONLY = {"log", "checkpoint_dir", "progress", "device", "grad_checkpoint", "shard"}
 
 #: A pass text and, for every option of the pass, another value it accepts.
 OTHER_VALUES = {
@@ -24,14 +24,14 @@ OTHER_VALUES = {
         "attn_share": 0.5, "uniform": True, "align": 64, "data": "b.ids", "seq_len": 64, "batch": 2,
         "seed": 1, "log": "l.jsonl",
         "checkpoint_dir": "ck", "progress": False, "cuda_graph": True, "device": "cpu",
-        "precision": "bf16", "grad_checkpoint": True},
+        "precision": "bf16", "grad_checkpoint": True, "shard": "fsdp2"},
     "recover{data=spec.yaml,reference=ref.ir}": {
         "data": "other.yaml", "steps": 30, "stage1_steps": 10, "probe_every": 5, "sampling": "static",
         "loss": "kd", "reference": "other.ir", "lr": 0.01, "schedule": "cosine", "warmup": 0,
         "train": "all", "hidden_weight": 0.5,
         "seq_len": 64, "batch": 2, "seed": 1, "probe_windows": 4, "log": "l.jsonl",
         "checkpoint_dir": "ck", "progress": False, "device": "cuda:1", "precision": "fp16",
-        "grad_checkpoint": True},
+        "grad_checkpoint": True, "shard": "fsdp2"},
     "knowledge{data=a.ids}": {
         "gamma": 0.2, "spread": 0.5, "kinds": ("mlp",), "data": "b.ids", "batches": 2, "batch": 1,
         "seq_len": 64, "seed": 1, "progress": False, "device": "cpu", "precision": "bf16",
