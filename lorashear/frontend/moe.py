@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorashear.errors import LoweringError
-from lorashear.ir.core import Module, Op, Param
+from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType
 
@@ -97,7 +97,7 @@ def _experts_modules(model: nn.Module) -> list[nn.Module]:
     """The modules that run through transformers' experts interface (fused 3-D experts)."""
     return [m for m in model.modules()
             if hasattr(m, "config") and hasattr(m, "_apply_gate") and hasattr(m, "down_proj")
-            and isinstance(getattr(m, "down_proj"), nn.Parameter) and m.down_proj.dim() == 3]
+            and isinstance(m.down_proj, nn.Parameter) and m.down_proj.dim() == 3]
 
 
 @contextlib.contextmanager
@@ -179,3 +179,41 @@ def split_fused_experts(module: Module) -> int:
 def _is_expert_select(op: Op, param: Param) -> bool:
     return (op.kind == "select" and len(op.args) == 3 and op.args[0] is param and op.args[1] == 0
             and isinstance(op.args[2], int) and len(param.type.shape) >= 2)
+
+
+def fuse_expert_params(module: Module) -> dict[str, tuple[int, ...]]:
+    """The inverse of :func:`split_fused_experts`, in place: where every expert of a fused
+    parameter is there with one shape, stack them back into the fused parameter under its
+    checkpoint name and read each expert through ``select(@fused, 0, e)`` (ops put first in the
+    graph), so an emitted checkpoint keeps transformers' names and layout. Experts whose
+    shapes differ (pruned to different widths) stay split. Returns the fused shapes by name."""
+    by_fused: dict[str, dict[int, Param]] = {}
+    for name, param in module.params.items():
+        fused = fused_param_name(name)
+        if fused is not None:
+            by_fused.setdefault(fused[0], {})[fused[1]] = param
+    fused_shapes: dict[str, tuple[int, ...]] = {}
+    selects: list[Op] = []
+    replace: dict[int, Value] = {}
+    for fused, experts in by_fused.items():
+        shapes = {tuple(p.type.shape) for p in experts.values()}
+        if sorted(experts) != list(range(len(experts))) or len(shapes) != 1 or fused in module.params:
+            continue
+        first = experts[0]
+        storages = [experts[e].storage for e in range(len(experts))]
+        storage = MetaStorage() if not all(s.has_data for s in storages) \
+            else DataStorage(torch.stack([s.load() for s in storages]))
+        param = module.add_param(Param(fused, TensorType(first.type.dtype, (len(experts), *first.type.shape)),
+                                       storage, buffer=first.buffer))
+        fused_shapes[fused] = tuple(param.type.shape)
+        for e in range(len(experts)):
+            value = Value(f"{fused}.{e}", experts[e].type)
+            selects.append(Op("select", [param, 0, e], {}, [value], loc=fused.rpartition(".")[0]))
+            value.producer = selects[-1]
+            replace[id(experts[e])] = value
+            del module.params[experts[e].name]
+    if selects:
+        for op in module.graph.ops:
+            op.replace_refs(lambda r: replace.get(id(r), r))
+        module.graph.ops[:0] = selects
+    return fused_shapes

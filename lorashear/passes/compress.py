@@ -24,6 +24,7 @@ from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.errors import PassError
+from lorashear.frontend.moe import fused_param_name
 from lorashear.ir.attributes import HFConfigAttr
 from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.ops import OP_DEFS, RuleTable, parameter_names
@@ -309,6 +310,8 @@ def _update_config(module: Module, groups: GroupsAttr, removed: dict[int, tuple[
             if kept != family.size:
                 config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
                 config["hidden_size"] = kept
+        elif family.kind == "mlp" and all(fused_param_name(m.param) for m in family.members):
+            continue  # one expert's channels: emission reads the experts' width from the weights
         elif family.layer is not None and family.kind in ("attn", "mlp"):
             key = "num_key_value_heads" if family.kind == "attn" else "intermediate_size"
             per_layer.setdefault(family.layer, {})[key] = kept
