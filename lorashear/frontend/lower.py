@@ -25,7 +25,7 @@ from lorashear.frontend.layers import (
     stamp_layers,
     traced_layers_only,
 )
-from lorashear.frontend.moe import dense_experts, split_fused_experts
+from lorashear.frontend.moe import add_expert_gates, dense_experts, split_fused_experts
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
 from lorashear.ir.dims import parse_dim
@@ -136,6 +136,7 @@ class _Lowering:
         graph.remove_dead_ops()
         fuse_lora(graph)
         graph.remove_dead_ops()
+        add_expert_gates(self.module, self.model)  # MoE: a maskable gate per expert (frontend/moe.py)
         self._check_lora_recognised()
         self.module.remove_unused_params()
         self._renumber()

@@ -217,3 +217,65 @@ def fuse_expert_params(module: Module) -> dict[str, tuple[int, ...]]:
             op.replace_refs(lambda r: replace.get(id(r), r))
         module.graph.ops[:0] = selects
     return fused_shapes
+
+
+#: The suffix of the buffer :func:`add_expert_gates` gives each router.
+EXPERT_MASK = "expert_mask"
+
+
+def routers(model: nn.Module) -> dict[str, int]:
+    """The weight of each fused experts module's router (canonical name) and its expert count:
+    the sibling module whose ``weight`` has one row per expert."""
+    from lorashear.frontend.lower import canonical_module_path
+
+    found: dict[str, int] = {}
+    parents = {id(m): (path, m) for path, m in model.named_modules()}
+    for path, module in model.named_modules():
+        if module not in _experts_modules(model) or "." not in path:
+            continue
+        parent_path = path.rpartition(".")[0]
+        _, parent = next((p, m) for p, m in parents.values() if p == parent_path)
+        experts = module.down_proj.shape[0]
+        for name, child in parent.named_children():
+            weight = getattr(child, "weight", None)
+            if child is not module and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                    and weight.shape[0] == experts:
+                found[canonical_module_path(f"{parent_path}.{name}") + ".weight"] = experts
+                break
+    return found
+
+
+def add_expert_gates(module: Module, model: nn.Module) -> int:
+    """Add to each router's logits ``log(@<router>.expert_mask)``, a buffer of ones (so it adds
+    an exact zero), in place; returns how many routers got one. Masking an expert then zeroes
+    its entry with the rest of its group: its logit becomes ``-inf``, its routing probability
+    an exact zero, and no token chooses it, which is what removing the router's row does
+    (the softmax's denominator and the top-k over the other experts are unchanged)."""
+    names = routers(model)
+    graph = module.graph
+    added = 0
+    for index in range(len(graph.ops) - 1, -1, -1):
+        op = graph.ops[index]
+        weight = op.args[1] if op.kind in ("linear", "lora_linear") and len(op.args) > 1 else None
+        if not isinstance(weight, Param) or weight.name not in names:
+            continue
+        logits = op.results[0]
+        mask_name = f"{weight.name.rpartition('.')[0]}.{EXPERT_MASK}"
+        dtype = logits.type.dtype
+        mask = module.add_param(Param(mask_name, TensorType(dtype, (names[weight.name],)),
+                                      DataStorage(torch.ones(names[weight.name], dtype=_torch_dtype(dtype))),
+                                      buffer=True))
+        log = Op("log", [mask], {}, [Value(f"{logits.name}.log_mask", TensorType(dtype, mask.type.shape))], op.loc)
+        gated = Op("add", [logits, log.results[0]], {}, [Value(f"{logits.name}.gated", logits.type)], op.loc)
+        for user in graph.ops[index + 1:]:
+            user.replace_refs(lambda r, logits=logits, gated=gated: gated.results[0] if r is logits else r)
+        graph.outputs = [gated.results[0] if v is logits else v for v in graph.outputs]
+        graph.ops[index + 1:index + 1] = [log, gated]
+        added += 1
+    return added
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from lorashear.ir.types import torch_dtype
+
+    return torch_dtype(name)

@@ -109,6 +109,8 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
                 d if isinstance(d, str) else _axis_size(coupling, key, j, new_size)
                 for j, d in enumerate(ref.type.shape)))
 
+    _remove_experts(module, coupling, groups, removed)  # MoE: whole experts (no-op without)
+
     # shape literals and divisors
     shrunk = {id(r.op) for r in coupling.reductions if any(fs.find(f) in new_size for f in r.factors)}
     ctx = CompressContext(module, coupling, new_size, shrunk)
@@ -353,3 +355,91 @@ class Compress(ModulePass):
             return PassResult(True, frozenset(), {"parameters removed": 0})
         stats = compress_module(module, groups, removed, am)
         return PassResult(True, frozenset(), stats)
+
+
+# --- Mixture of Experts: whole experts (see lorashear/analysis/moe.py) ---------------------------
+def _remove_experts(module: Module, coupling: CouplingResult, groups: GroupsAttr,
+                    removed: dict[int, tuple[int, ...]]) -> None:
+    """Delete the removed experts of every ``expert`` family: each one's term of the layer's sum
+    (an ``add`` whose one operand depends on no kept expert becomes its other operand), then
+    its ops and parameters; the routing columns of the kept experts are renumbered, and so are
+    their parameters (``experts.3.`` -> ``experts.2.``). Router rows and mask entries are
+    sliced with the family's members like any other axis."""
+    fs = coupling.factors
+    gone: dict[int, set[int]] = {}  # family leaf -> removed experts
+    for family_id, units in removed.items():
+        if units and groups.families[family_id].kind == "expert":
+            gone[coupling.families[family_id].leaf] = set(units)
+    if not gone:
+        return
+    graph = module.graph
+    for op in graph.ops:  # the top-k must still find k experts
+        if op.kind == "topk" and id(op.args[0]) in coupling.axes:
+            a = op.bound_args()
+            leaves = {fs.find(x) for x in coupling.leaves(a["self"], a["dim"] % len(a["self"].type.shape))}
+            for leaf in leaves & gone.keys():
+                kept = fs.size[leaf] - len(gone[leaf])
+                if kept < a["k"]:
+                    raise PassError(f"cannot remove {len(gone[leaf])} of the {fs.size[leaf]} experts routed "
+                                    f"by {op.loc or 'a router'}: its top-k chooses {a['k']} of them")
+    depends: dict[int, frozenset[tuple[int, int]]] = {}  # id(value) -> the (leaf, expert) it reads
+    replace: dict[int, Value] = {}
+    for op in graph.ops:
+        deps = frozenset().union(*(depends.get(id(v), frozenset()) for v in op.operands()))
+        if op.kind == "select" and isinstance(op.args[0], Value) and id(op.args[0]) in coupling.axes:
+            x = op.args[0]
+            dim = op.args[1] % len(x.type.shape)
+            leaves = [fs.find(f) for f in coupling.leaves(x, dim)]
+            if len(leaves) == 1 and leaves[0] in gone:
+                expert = op.args[2] % fs.size[leaves[0]]
+                deps = deps | {(leaves[0], expert)}
+                if expert not in gone[leaves[0]]:
+                    op.args[2] = expert - sum(1 for g in gone[leaves[0]] if g < expert)
+        if op.kind == "add" and len(op.operands()) == 2 and len(op.args) == 2:
+            left, right = op.args
+            for leaf, experts in gone.items():
+                on_left = {e for lf, e in depends.get(id(left), ()) if lf == leaf}
+                on_right = {e for lf, e in depends.get(id(right), ()) if lf == leaf}
+                if on_left and on_left <= experts and on_right - experts:
+                    replace[id(op.results[0])] = right
+                elif on_right and on_right <= experts and on_left - experts:
+                    replace[id(op.results[0])] = left
+        for r in op.results:
+            depends[id(r)] = deps
+
+    def resolve(r):
+        while isinstance(r, Value) and id(r) in replace:
+            r = replace[id(r)]
+        return r
+
+    for op in graph.ops:
+        op.replace_refs(resolve)
+    graph.outputs = [resolve(v) for v in graph.outputs]
+    graph.remove_dead_ops()
+    used = module.used_params()
+    for name in [n for n in module.params if n not in used and fused_param_name(n)]:
+        del module.params[name]
+    _renumber_experts(module)
+
+
+def _renumber_experts(module: Module) -> None:
+    """Rename per-expert parameters so each fused parameter's experts are 0..n-1 again."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in module.params:
+        fused = fused_param_name(name)
+        if fused is not None:
+            groups.setdefault(fused[0], []).append((fused[1], name))
+    renamed = {}
+    for fused, experts in groups.items():
+        for new, (_, name) in enumerate(sorted(experts)):
+            prefix, leaf = fused.rsplit(".", 1)
+            if name.endswith("_bias"):
+                leaf = name.rsplit(".", 1)[1]
+            renamed[name] = f"{prefix}.{new}.{leaf}"
+    if all(old == new for old, new in renamed.items()):
+        return
+    params = {}
+    for name, param in module.params.items():
+        param.name = renamed.get(name, name)
+        params[param.name] = param
+    module.params = params

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorashear.errors import LoweringError
+from lorashear.analysis.groups import FamilyMember, PruneMaskAttr
+from lorashear.analysis.masking import zero_groups
+from lorashear.errors import LoweringError, PassError
 from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
@@ -103,9 +105,63 @@ def test_discover_finds_each_experts_channels(tiny):
                          and f.kind == "mlp"]
             assert family.layer == layer and family.size == tiny.width
             assert {(m.param, m.axis, m.stride) for m in family.members} == {(gate_up, 0, 1), (down, 1, 1)}
-        unprunable = {(name, axis): reason for name, axis, reason in groups.unprunable}
-        assert "softmax" in unprunable[(f"model.layers.{layer}.mlp.gate.weight", 0)]
+        (experts,) = [f for f in groups.families if f.kind == "expert" and f.layer == layer]
+        router = f"model.layers.{layer}.mlp.gate."
+        assert experts.size == EXPERTS
+        assert set(experts.members) == {FamilyMember(router + "weight", 0, 1),
+                                        FamilyMember(router + "expert_mask", 0, 1)}
+        assert (router + "weight", 0) not in {(name, axis) for name, axis, _ in groups.unprunable}
     assert {"attn", "hidden"} <= {f.kind for f in groups.families}
+
+
+def _mask(module, removed: dict[int, tuple[int, ...]]) -> None:
+    """What ``prune`` does with its choice: zero the units and record the mask."""
+    groups = module.attributes["groups"]
+    zero_groups(module, groups, removed)
+    module.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
+
+
+def _choose(module, experts_by_layer: dict[int, tuple[int, ...]], channels_every: int):
+    """Remove the given experts per layer and every ``channels_every``-th channel of each
+    expert (offset by expert, so experts keep different channels)."""
+    PassManager.parse("discover").run(module)
+    removed = {}
+    for f in module.attributes["groups"].families:
+        if f.kind == "expert":
+            removed[f.id] = experts_by_layer[f.layer]
+        elif f.kind == "mlp":
+            removed[f.id] = tuple(range(f.id % channels_every, f.size, channels_every))
+    _mask(module, removed)
+
+
+def test_removing_whole_experts_is_exact(tiny, tmp_path):
+    import onnxruntime as ort
+
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    module = tiny.module()
+    _choose(module, {0: (1,), 1: (0, 3)}, channels_every=4)
+    masked = tiny.logits(module)
+    assert (masked - tiny.want).abs().max().item() > 1e-3  # the removed experts were in use
+    small = clone_module(module)
+    PassManager.parse("compress").run(small)
+    assert (tiny.logits(small) - masked).abs().max().item() <= 1e-5
+    for layer, kept in ((0, 3), (1, 2)):
+        assert tuple(small.params[f"model.layers.{layer}.mlp.gate.weight"].type.shape) == (kept, 64)
+        names = {n for n in small.params if n.startswith(f"model.layers.{layer}.mlp.experts.")}
+        assert names == {n for e in range(kept) for n in _expert_params(small, layer, e)}
+    assert not any(op.kind == "select" and op.args[2] >= 3 for op in small.graph.ops if op.loc.endswith("experts"))
+    emit_onnx(small, tmp_path / "moe.onnx")
+    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": tiny.ids.numpy(), "attention_mask": tiny.mask.numpy()})
+    assert (torch.from_numpy(logits) - tiny.logits(small)).abs().max().item() <= 1e-4
+
+
+def test_compress_refuses_to_leave_fewer_experts_than_top_k(tiny):
+    module = tiny.module()
+    _choose(module, {0: (0, 1, 2), 1: ()}, channels_every=8)
+    with pytest.raises(PassError, match="top-k chooses 2"):
+        PassManager.parse("compress").run(module)
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +214,15 @@ def test_uniformly_pruned_moe_reloads_with_stock_transformers(tiny, tmp_path):
     from lorashear.runtime.hf import save_model_dir
 
     module = tiny.module()
-    PassManager.parse("discover").run(module)
-    PassManager.parse("prune{ratio=0.25,metric=random,kinds=mlp}").run(module)
+    _choose(module, {0: (2,), 1: (0,)}, channels_every=4)  # one expert and a quarter of each one's channels
     PassManager.parse("compress").run(module)
     save_model_dir(module, tmp_path / "hf", merge=True)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     kept = tiny.width - tiny.width // 4
     assert config[tiny.width_key] == kept and config["model_type"] in ("mixtral", "qwen3_moe")
+    assert config.get("num_local_experts", config.get("num_experts")) == EXPERTS - 1
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", experts_implementation="eager").eval()
-    assert tuple(stock.model.layers[0].mlp.experts.down_proj.shape) == (EXPERTS, 64, kept)
+    assert tuple(stock.model.layers[0].mlp.experts.down_proj.shape) == (EXPERTS - 1, 64, kept)
     with torch.no_grad():
         got = stock(input_ids=tiny.ids, attention_mask=tiny.mask).logits
     assert (got - tiny.logits(module)).abs().max().item() <= 1e-4
