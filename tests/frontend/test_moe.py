@@ -236,3 +236,19 @@ def test_lora_on_fused_expert_parameters_is_refused(tiny):
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=ATTENTION, target_parameters=["gate_up_proj"]))
     with pytest.raises(LoweringError, match="target_parameters"):
         lower(peft_model)
+
+
+def test_experts_are_scored_by_their_routed_output(tiny):
+    from lorashear.analysis.saliency import score_groups
+
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    experts = {f.layer: f.id for f in groups.families if f.kind == "expert"}
+    _mask(module, {experts[0]: (2,)})  # expert 2 of layer 0 is never chosen now
+    batches = torch.randint(0, 128, (2, 2, 12), generator=torch.Generator().manual_seed(3))
+    scores = score_groups(module, groups, "wanda", batches=batches)
+    assert scores[experts[0]][2].item() == 0.0
+    assert all(scores[experts[0]][e].item() > 0 for e in (0, 1, 3))
+    assert all(scores[experts[1]][e].item() > 0 for e in range(EXPERTS))
+    assert set(scores) == set(range(len(groups.families)))  # the other families keep their metric
