@@ -20,15 +20,19 @@ from lorashear.runtime.executor import emit_torch
 
 EXPERTS, TOP_K = 4, 2
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
 
 
 def _config(family: str):
-    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=TOP_K)
     if family == "mixtral":
         return MixtralConfig(**common, intermediate_size=48, num_local_experts=EXPERTS), "intermediate_size"
+    if family == "qwen2_moe":  # with a shared expert beside the routed ones
+        return Qwen2MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32, num_experts=EXPERTS,
+                              shared_expert_intermediate_size=40), "moe_intermediate_size"
     return Qwen3MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32, num_experts=EXPERTS,
                           head_dim=16), "moe_intermediate_size"
 
@@ -48,7 +52,8 @@ class Tiny:
                     p.normal_(0, 0.2)
         self.model_dir = root / "model"
         base.save_pretrained(self.model_dir)  # for the stock reload's comparison of configs
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION))
+        targets = ATTENTION + (SHARED if family == "qwen2_moe" else [])
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
@@ -70,7 +75,7 @@ class Tiny:
             return emit_torch(module)(self.ids, attention_mask=self.mask).logits
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "qwen2_moe"])
 def tiny(request, tmp_path_factory) -> Tiny:
     return Tiny(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -129,7 +134,7 @@ def _choose(module, experts_by_layer: dict[int, tuple[int, ...]], channels_every
     for f in module.attributes["groups"].families:
         if f.kind == "expert":
             removed[f.id] = experts_by_layer[f.layer]
-        elif f.kind == "mlp":
+        elif f.kind == "mlp" and all(".experts." in m.param for m in f.members):
             removed[f.id] = tuple(range(f.id % channels_every, f.size, channels_every))
     _mask(module, removed)
 
@@ -219,7 +224,7 @@ def test_uniformly_pruned_moe_reloads_with_stock_transformers(tiny, tmp_path):
     save_model_dir(module, tmp_path / "hf", merge=True)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     kept = tiny.width - tiny.width // 4
-    assert config[tiny.width_key] == kept and config["model_type"] in ("mixtral", "qwen3_moe")
+    assert config[tiny.width_key] == kept and config["model_type"] in ("mixtral", "qwen3_moe", "qwen2_moe")
     assert config.get("num_local_experts", config.get("num_experts")) == EXPERTS - 1
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", experts_implementation="eager").eval()
     assert tuple(stock.model.layers[0].mlp.experts.down_proj.shape) == (EXPERTS - 1, 64, kept)
@@ -252,3 +257,28 @@ def test_experts_are_scored_by_their_routed_output(tiny):
     assert all(scores[experts[0]][e].item() > 0 for e in (0, 1, 3))
     assert all(scores[experts[1]][e].item() > 0 for e in range(EXPERTS))
     assert set(scores) == set(range(len(groups.families)))  # the other families keep their metric
+
+
+def test_shared_expert_channels_are_a_family_and_compress_exactly(tmp_path_factory):
+    tiny = Tiny("qwen2_moe", tmp_path_factory.mktemp("shared"))
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    removed = {}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.shared_expert."
+        (shared,) = [f for f in groups.families if f.kind == "mlp"
+                     and any(m.param == prefix + "down_proj.weight" for m in f.members)]
+        assert shared.layer == layer and shared.size == 40
+        assert {(m.param, m.axis) for m in shared.members} == {
+            (prefix + "gate_proj.weight", 0), (prefix + "gate_proj.lora_B.weight", 0),
+            (prefix + "up_proj.weight", 0), (prefix + "up_proj.lora_B.weight", 0),
+            (prefix + "down_proj.weight", 1), (prefix + "down_proj.lora_A.weight", 1)}
+        removed[shared.id] = tuple(range(layer, 40, 3))
+    _mask(module, removed)
+    small = clone_module(module)
+    PassManager.parse("compress").run(small)
+    assert (tiny.logits(small) - tiny.logits(module)).abs().max().item() <= 1e-5
+    kept = {layer: 40 - len(removed_units) for layer, removed_units in enumerate(removed.values())}
+    for layer in range(2):
+        assert small.params[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"].type.shape[1] == kept[layer]
