@@ -229,12 +229,13 @@ def routers(model: nn.Module) -> dict[str, int]:
     from lorashear.frontend.lower import canonical_module_path
 
     found: dict[str, int] = {}
-    parents = {id(m): (path, m) for path, m in model.named_modules()}
-    for path, module in model.named_modules():
-        if module not in _experts_modules(model) or "." not in path:
+    by_path = dict(model.named_modules())
+    experts_ids = {id(m) for m in _experts_modules(model)}
+    for path, module in by_path.items():
+        if id(module) not in experts_ids or "." not in path:
             continue
         parent_path = path.rpartition(".")[0]
-        _, parent = next((p, m) for p, m in parents.values() if p == parent_path)
+        parent = by_path[parent_path]
         experts = module.down_proj.shape[0]
         for name, child in parent.named_children():
             weight = getattr(child, "weight", None)
