@@ -18,7 +18,10 @@ expert's weights are ``select``s of the fused parameters by a literal index, whi
 :func:`split_fused_experts` turns into parameters of their own
 (``...experts.3.gate_up_proj``): every expert is then an ordinary gated MLP of two linears,
 so the coupling analysis finds each expert's channels as one family, and ``compress`` slices
-each expert on its own. The routing ops (``topk``, ``scatter``) pin the expert axis.
+each expert on its own. The routing ops (``topk``, ``scatter``) pin the expert axis;
+:func:`add_expert_gates` gives each router a mask buffer that makes a whole expert a
+removable unit all the same (:mod:`lorashear.analysis.moe`). Emission stacks the experts back
+into transformers' fused parameters (:func:`fuse_expert_params`) where they share one shape.
 
 The cost is compute: lowered, a layer runs all of its experts on every token (``experts /
 top_k`` times eager's expert work), which the pruning passes accept for exactness.
