@@ -75,7 +75,7 @@ class Tiny:
             return emit_torch(module)(self.ids, attention_mask=self.mask).logits
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
 def tiny(request, tmp_path_factory) -> Tiny:
     return Tiny(request.param, tmp_path_factory.mktemp(request.param))
 
