@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from lorashear.analysis.coupling_rules import COUPLING_RULES
 from lorashear.analysis.manager import Analysis
+from lorashear.analysis.moe import couple_experts, expert_families
 from lorashear.analysis.zero_rules import ZERO_RULES
 from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.types import TensorType
@@ -239,11 +240,13 @@ class CouplingBuilder:
                 self.pin_all(v, "graph input")
         for op in self.module.graph.ops:
             self.couple(op)
+        couple_experts(self)  # MoE: the routing matrix's expert axis is the router's
         for v in self.module.graph.outputs:
             self.pin_all(v, "model output (e.g. the vocabulary)")
         result = CouplingResult(self.fs, self.axes, self.refs)
         self.check_zeros(result)
         self.collect_families(result)
+        expert_families(self, result)  # MoE: whole experts (analysis/moe.py)
         return result
 
     def couple(self, op: Op) -> None:

@@ -617,3 +617,9 @@ pins("unbind", reason="unstacked along an axis, not modelled: {op}")
 pins("tril", "triu", reason="masked by position along its last two axes, not modelled: {op}")
 pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its input, not "
      "modelled: {op}")
+
+
+# --- Mixture-of-Experts routing (lorashear/frontend/moe.py) --------------------------------------
+pins("topk", reason="the experts (or channels) ranked by {op}: which ones it picks depends on "
+     "every entry along its axis, and its indices name positions")
+pins("scatter", reason="written at data-dependent positions (the router's chosen experts) by {op}")

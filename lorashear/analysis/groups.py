@@ -16,7 +16,7 @@ import torch
 
 from lorashear.ir.attributes import Attribute, register_attribute
 
-KINDS = ("attn", "mlp", "hidden", "other")
+KINDS = ("attn", "mlp", "hidden", "other", "expert")
 
 
 def check_kinds(pass_name: str, kinds: tuple[str, ...]) -> None:

@@ -556,6 +556,15 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
             if calibration is None:
                 raise PassError(f"metric {metric!r} needs calibration text: data=PATH")
             batches = calibration_batches(module, calibration, f"metric {metric!r}")
+        experts = [f for f in family_ids if groups.families[f].kind == "expert"]
+        if experts:  # MoE: with any data metric, whole experts are scored by their routed output
+            others = [f for f in family_ids if f not in experts]
+            scores = expert_scores(module, groups, experts, batches, placement=placement)
+            if others:
+                scores.update(score_groups(module, groups, metric, weights=weights, seed=seed,
+                                           family_ids=others, batches=batches, placement=placement,
+                                           layerwise=layerwise))
+            return {f: scores[f] for f in family_ids}
         if metric == "taylor" and layerwise:
             return layerwise_gradient_scores(module, groups, family_ids, batches, placement or Placement())
         if metric == "taylor":
@@ -566,3 +575,60 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
     if metric == "combined":
         return combined_scores(stats, weights)
     return {f: proxy_score(s, metric) for f, s in stats.items()}
+
+
+# --- Mixture of Experts: whole experts ------------------------------------------------------------
+def expert_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int], batches: torch.Tensor, *,
+                  placement: Placement | None = None) -> dict[int, torch.Tensor]:
+    """Per expert of each ``expert`` family: ``sum_t ||w_e(t) * y_e(t)||`` over the calibration
+    tokens t, where ``w_e(t)`` is the routing weight the token gives the expert (zero unless
+    the router chose it) and ``y_e(t)`` the expert's output: routing frequency times output
+    norm in one statistic, the expert's contribution to the layer's sum. It is read at the
+    ``mul`` of each expert's output by its column of the routing matrix (a ``select`` of that
+    column, at the experts module, as :mod:`lorashear.frontend.moe` lowers it)."""
+    family_ids = list(family_ids)
+    scores = {f: torch.zeros(groups.families[f].size, dtype=torch.float64) for f in family_ids}
+    experts_at: dict[str, int] = {}  # experts module path -> family id
+    for f in family_ids:
+        for member in groups.families[f].members:
+            if member.param.endswith(".expert_mask"):
+                experts_at[member.param.rsplit(".", 2)[0] + ".experts"] = f
+    column: dict[int, tuple[int, int]] = {}  # id(value) -> (family, expert) of a routing column
+    weighted: dict[int, tuple[int, int]] = {}  # id(op) -> the expert whose weighted output it makes
+    for op in module.graph.ops:
+        if op.loc not in experts_at or not op.results:
+            continue
+        if op.kind == "select" and len(op.args) == 3 and not isinstance(op.args[0], Param) and op.args[1] == 1:
+            column[id(op.results[0])] = (experts_at[op.loc], op.args[2])
+        elif op.kind in ("unsqueeze", "reshape", "slice", "cast") and id(op.args[0]) in column:
+            column[id(op.results[0])] = column[id(op.args[0])]
+        elif op.kind == "mul":
+            hit = [column[id(a)] for a in op.args if id(a) in column]
+            if hit:
+                weighted[id(op)] = hit[0]
+    if not weighted:
+        raise PassError("no routed expert outputs found to score the expert groups",
+                        hint="expert groups come from lowering a fused-experts MoE model")
+
+    def see(op: Op, env: dict[int, Any]) -> None:
+        hit = weighted.get(id(op))
+        if hit is not None:
+            f, e = hit
+            size = groups.families[f].size
+            scores[f][e % size] += env[id(op.results[0])].double().norm(dim=-1).sum().cpu()
+
+    placement = placement or Placement()
+    load = placement.param_loader(module, by_reference=False)
+    ops = module.graph.ops
+    last_use = {id(v): index for index, op in enumerate(ops) for v in op.operands()}
+    with torch.no_grad(), placement.autocast():
+        for ids in batches:
+            ids = placement.to_device(ids)
+            env = input_env(module, ids)
+            for index, op in enumerate(ops):
+                run_op(op, env, load, device=ids.device)
+                see(op, env)
+                for v in op.operands():
+                    if last_use.get(id(v)) == index:
+                        env.pop(id(v), None)
+    return scores

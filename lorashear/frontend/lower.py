@@ -25,6 +25,7 @@ from lorashear.frontend.layers import (
     stamp_layers,
     traced_layers_only,
 )
+from lorashear.frontend.moe import add_expert_gates, dense_experts, split_fused_experts
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
 from lorashear.ir.dims import parse_dim
@@ -129,11 +130,13 @@ class _Lowering:
 
     def _finish(self) -> Module:
         graph = self.module.graph
+        split_fused_experts(self.module)  # MoE: one parameter per expert (frontend/moe.py)
         graph.remove_dead_ops()
         linear_from_transposed_matmul(graph)
         graph.remove_dead_ops()
         fuse_lora(graph)
         graph.remove_dead_ops()
+        add_expert_gates(self.module, self.model)  # MoE: a maskable gate per expert (frontend/moe.py)
         self._check_lora_recognised()
         self.module.remove_unused_params()
         self._renumber()
@@ -605,10 +608,11 @@ def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str
         storage_fn = storage_fn or _in_memory_storage
         stack = None if trace_all_layers else find_layer_stack(model)
         module = None
-        if stack is not None:
-            module = _Lowering(model, storage_fn, adapter).run_stamped(device, stack)
-        if module is None:
-            module = _Lowering(model, storage_fn, adapter).run(device)
+        with dense_experts(model):  # MoE: static-shape experts (frontend/moe.py)
+            if stack is not None:
+                module = _Lowering(model, storage_fn, adapter).run_stamped(device, stack)
+            if module is None:
+                module = _Lowering(model, storage_fn, adapter).run(device)
     finally:
         model.train(was_training)
     config = getattr(model, "config", None)

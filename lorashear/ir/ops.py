@@ -170,6 +170,10 @@ _PLAIN = {
     "new_ones.default": "new_ones", "new_zeros.default": "new_zeros", "new_full.default": "new_full",
     "ones_like.default": "ones_like", "zeros_like.default": "zeros_like", "full_like.default": "full_like",
 }
+# --- Mixture-of-Experts routing (frontend/moe.py's dense experts) ---------------------------
+_PLAIN.update({"topk.default": "topk", "scatter.src": "scatter"})
+_traits("topk", num_results=2)
+
 for _overload, _kind in _PLAIN.items():
     ATEN_OPS[_overload] = _kind
     if _kind in OP_DEFS:

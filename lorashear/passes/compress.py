@@ -24,6 +24,7 @@ from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal
 from lorashear.errors import PassError
+from lorashear.frontend.moe import fused_param_name
 from lorashear.ir.attributes import HFConfigAttr
 from lorashear.ir.core import Module, Op, Param, Value
 from lorashear.ir.ops import OP_DEFS, RuleTable, parameter_names
@@ -107,6 +108,8 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
             ref.type = ref.type.with_shape(tuple(
                 d if isinstance(d, str) else _axis_size(coupling, key, j, new_size)
                 for j, d in enumerate(ref.type.shape)))
+
+    _remove_experts(module, coupling, groups, removed)  # MoE: whole experts (no-op without)
 
     # shape literals and divisors
     shrunk = {id(r.op) for r in coupling.reductions if any(fs.find(f) in new_size for f in r.factors)}
@@ -309,6 +312,8 @@ def _update_config(module: Module, groups: GroupsAttr, removed: dict[int, tuple[
             if kept != family.size:
                 config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
                 config["hidden_size"] = kept
+        elif family.kind == "mlp" and all(fused_param_name(m.param) for m in family.members):
+            continue  # one expert's channels: emission reads the experts' width from the weights
         elif family.layer is not None and family.kind in ("attn", "mlp"):
             key = "num_key_value_heads" if family.kind == "attn" else "intermediate_size"
             per_layer.setdefault(family.layer, {})[key] = kept
@@ -350,3 +355,91 @@ class Compress(ModulePass):
             return PassResult(True, frozenset(), {"parameters removed": 0})
         stats = compress_module(module, groups, removed, am)
         return PassResult(True, frozenset(), stats)
+
+
+# --- Mixture of Experts: whole experts (see lorashear/analysis/moe.py) ---------------------------
+def _remove_experts(module: Module, coupling: CouplingResult, groups: GroupsAttr,
+                    removed: dict[int, tuple[int, ...]]) -> None:
+    """Delete the removed experts of every ``expert`` family: each one's term of the layer's sum
+    (an ``add`` whose one operand depends on no kept expert becomes its other operand), then
+    its ops and parameters; the routing columns of the kept experts are renumbered, and so are
+    their parameters (``experts.3.`` -> ``experts.2.``). Router rows and mask entries are
+    sliced with the family's members like any other axis."""
+    fs = coupling.factors
+    gone: dict[int, set[int]] = {}  # family leaf -> removed experts
+    for family_id, units in removed.items():
+        if units and groups.families[family_id].kind == "expert":
+            gone[coupling.families[family_id].leaf] = set(units)
+    if not gone:
+        return
+    graph = module.graph
+    for op in graph.ops:  # the top-k must still find k experts
+        if op.kind == "topk" and id(op.args[0]) in coupling.axes:
+            a = op.bound_args()
+            leaves = {fs.find(x) for x in coupling.leaves(a["self"], a["dim"] % len(a["self"].type.shape))}
+            for leaf in leaves & gone.keys():
+                kept = fs.size[leaf] - len(gone[leaf])
+                if kept < a["k"]:
+                    raise PassError(f"cannot remove {len(gone[leaf])} of the {fs.size[leaf]} experts routed "
+                                    f"by {op.loc or 'a router'}: its top-k chooses {a['k']} of them")
+    depends: dict[int, frozenset[tuple[int, int]]] = {}  # id(value) -> the (leaf, expert) it reads
+    replace: dict[int, Value] = {}
+    for op in graph.ops:
+        deps = frozenset().union(*(depends.get(id(v), frozenset()) for v in op.operands()))
+        if op.kind == "select" and isinstance(op.args[0], Value) and id(op.args[0]) in coupling.axes:
+            x = op.args[0]
+            dim = op.args[1] % len(x.type.shape)
+            leaves = [fs.find(f) for f in coupling.leaves(x, dim)]
+            if len(leaves) == 1 and leaves[0] in gone:
+                expert = op.args[2] % fs.size[leaves[0]]
+                deps = deps | {(leaves[0], expert)}
+                if expert not in gone[leaves[0]]:
+                    op.args[2] = expert - sum(1 for g in gone[leaves[0]] if g < expert)
+        if op.kind == "add" and len(op.operands()) == 2 and len(op.args) == 2:
+            left, right = op.args
+            for leaf, experts in gone.items():
+                on_left = {e for lf, e in depends.get(id(left), ()) if lf == leaf}
+                on_right = {e for lf, e in depends.get(id(right), ()) if lf == leaf}
+                if on_left and on_left <= experts and on_right - experts:
+                    replace[id(op.results[0])] = right
+                elif on_right and on_right <= experts and on_left - experts:
+                    replace[id(op.results[0])] = left
+        for r in op.results:
+            depends[id(r)] = deps
+
+    def resolve(r):
+        while isinstance(r, Value) and id(r) in replace:
+            r = replace[id(r)]
+        return r
+
+    for op in graph.ops:
+        op.replace_refs(resolve)
+    graph.outputs = [resolve(v) for v in graph.outputs]
+    graph.remove_dead_ops()
+    used = module.used_params()
+    for name in [n for n in module.params if n not in used and fused_param_name(n)]:
+        del module.params[name]
+    _renumber_experts(module)
+
+
+def _renumber_experts(module: Module) -> None:
+    """Rename per-expert parameters so each fused parameter's experts are 0..n-1 again."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in module.params:
+        fused = fused_param_name(name)
+        if fused is not None:
+            groups.setdefault(fused[0], []).append((fused[1], name))
+    renamed = {}
+    for fused, experts in groups.items():
+        for new, (_, name) in enumerate(sorted(experts)):
+            prefix, leaf = fused.rsplit(".", 1)
+            if name.endswith("_bias"):
+                leaf = name.rsplit(".", 1)[1]
+            renamed[name] = f"{prefix}.{new}.{leaf}"
+    if all(old == new for old, new in renamed.items()):
+        return
+    params = {}
+    for name, param in module.params.items():
+        param.name = renamed.get(name, name)
+        params[param.name] = param
+    module.params = params

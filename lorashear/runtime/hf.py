@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from lorashear._atomic import atomic_path
 from lorashear.errors import EmissionError, ModelLoadError
+from lorashear.frontend.moe import fuse_expert_params
 from lorashear.ir.attributes import HFConfigAttr, SourceAttr
 from lorashear.ir.core import Module, clone_module
 from lorashear.ir.fileformat import load_ir
@@ -69,8 +70,10 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
     if out_dir.exists() and not out_dir.is_dir():
         raise EmissionError(f"output {out_dir} exists and is not a directory")
     module = clone_module(module)
+    expert_shapes: dict[str, tuple[int, ...]] = {}
     if merge:
         merge_lora(module)
+        expert_shapes = fuse_expert_params(module)  # MoE: transformers' fused expert tensors
     missing = [n for n, p in module.params.items() if not p.storage.has_data]
     if missing:
         raise EmissionError(f"cannot emit weights: {len(missing)} parameters have no data "
@@ -84,6 +87,7 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
         data = dict(config.config)
         data.pop("quantization_config", None)
         if merge:
+            data = moe_config(data, expert_shapes)
             shapes = {n: tuple(p.type.shape) for n, p in module.params.items() if not p.buffer}
             flagged, zeros = bias_flags(data, shapes)
             needs_flags = flagged is not data
@@ -111,6 +115,24 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
             (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         _copy_tokenizer(module, tmp)
     return out_dir
+
+
+def moe_config(data: dict[str, Any], expert_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``data`` with its expert count and expert MLP width read from the fused ``down_proj``
+    ``[experts, hidden, intermediate]`` of every layer, where all layers agree (otherwise no
+    stock config describes the weights, and ``data`` is returned unchanged)."""
+    downs = {shape for name, shape in expert_shapes.items() if name.endswith(".down_proj") and len(shape) == 3}
+    if len(downs) != 1:
+        return data
+    experts, _, width = downs.pop()
+    data = dict(data)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(data.get(key), int):
+            data[key] = experts
+            break
+    key = "moe_intermediate_size" if isinstance(data.get("moe_intermediate_size"), int) else "intermediate_size"
+    data[key] = width
+    return data
 
 
 #: How an emitted directory loads: see the module docstring.

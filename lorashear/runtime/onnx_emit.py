@@ -35,7 +35,7 @@ from lorashear._atomic import atomic_path
 from lorashear.errors import EmissionError
 from lorashear.ir.core import Module, Op, clone_module
 from lorashear.ir.types import SymIntType
-from lorashear.runtime import onnx_attention, onnx_shape_ops  # noqa: F401  (register translations)
+from lorashear.runtime import onnx_attention, onnx_moe, onnx_shape_ops  # noqa: F401  (register translations)
 from lorashear.runtime.kv_cache import add_kv_cache, has_kv_cache
 from lorashear.runtime.onnx_builder import OnnxGraphBuilder, onnx_dtype, onnx_shape
 from lorashear.runtime.onnx_ops import NO_TRANSLATION, TRANSLATIONS

@@ -1,0 +1,285 @@
+"""Mixture-of-Experts layers, lowered as one gated MLP per expert.
+
+transformers 5 stores a layer's experts as fused 3-D parameters (``experts.gate_up_proj``
+``[experts, 2 * intermediate, hidden]``, ``experts.down_proj`` ``[experts, hidden,
+intermediate]``) and runs them through an ``experts_implementation``: ``eager`` loops over the
+experts some token chose (``nonzero``, ``where`` and ``index_add_`` on data-dependent shapes,
+which ``torch.export`` refuses: "unsupported scalarType" is its trace of ``nonzero`` on a
+mask), ``batched_mm``/``grouped_mm`` gather each token's expert weights by index (an expert is
+then a data-dependent row of a parameter, which no axis of the coupling analysis follows).
+
+While lowering, :func:`dense_experts` makes every experts module run
+:func:`dense_experts_forward` instead: every expert on every token, each expert's output
+weighted by its column of the routing matrix (the router's top-k weights scattered into
+``[tokens, experts]``, zero where the token did not choose the expert). A zero weight
+contributes an exact zero, so the sum equals the eager loop's (the same experts' outputs
+added in the same ascending order) to rounding; the trace has only static shapes. Each
+expert's weights are ``select``s of the fused parameters by a literal index, which
+:func:`split_fused_experts` turns into parameters of their own
+(``...experts.3.gate_up_proj``): every expert is then an ordinary gated MLP of two linears,
+so the coupling analysis finds each expert's channels as one family, and ``compress`` slices
+each expert on its own. The routing ops (``topk``, ``scatter``) pin the expert axis;
+:func:`add_expert_gates` gives each router a mask buffer that makes a whole expert a
+removable unit all the same (:mod:`lorashear.analysis.moe`). Emission stacks the experts back
+into transformers' fused parameters (:func:`fuse_expert_params`) where they share one shape.
+
+The cost is compute: lowered, a layer runs all of its experts on every token (``experts /
+top_k`` times eager's expert work), which the pruning passes accept for exactness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorashear.errors import LoweringError
+from lorashear.ir.core import Module, Op, Param, Value
+from lorashear.ir.storage import DataStorage, MetaStorage
+from lorashear.ir.types import TensorType
+
+#: The name :func:`dense_experts` registers its forward under in transformers' interface.
+DENSE_EXPERTS = "lorashear_dense"
+#: The fused expert parameters split per expert, and which of them hold the MLP's input side.
+FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _expert_weight(experts: nn.Module, name: str, e: int) -> torch.Tensor:
+    """Expert ``e``'s ``[out, in]`` weight of the fused parameter ``name``."""
+    weight = getattr(experts, name)[e]
+    return weight.transpose(0, 1) if getattr(experts, "is_transposed", False) else weight
+
+
+def _expert_bias(experts: nn.Module, name: str, e: int) -> torch.Tensor | None:
+    if not getattr(experts, "has_bias", False):
+        return None
+    return getattr(experts, f"{name}_bias")[e]
+
+
+def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts forward (``[tokens, hidden]``, the chosen experts and their
+    weights ``[tokens, top_k]``) with static shapes: every expert on every token, weighted by
+    the scattered routing weights (see the module docstring)."""
+    has_gate = getattr(self, "has_gate", True)
+    first = "gate_up_proj" if has_gate else "up_proj"
+    num_experts = getattr(self, first).shape[0]
+    routing = top_k_weights.new_zeros(hidden_states.shape[0], num_experts).scatter(1, top_k_index, top_k_weights)
+    out = None
+    for e in range(num_experts):
+        h = F.linear(hidden_states, _expert_weight(self, first, e), _expert_bias(self, first, e))
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+        h = F.linear(h, _expert_weight(self, "down_proj", e), _expert_bias(self, "down_proj", e))
+        if getattr(self, "has_post_expert_norm", False):
+            h = self.post_expert_norm(h)
+        h = (h * routing[:, e, None]).to(hidden_states.dtype)
+        out = h if out is None else out + h
+    return out
+
+
+def _refuse_expert_lora(model: nn.Module) -> None:
+    """peft adapts a parameter (``target_parameters``: fused experts, a router's weight) by
+    re-parametrising it during the forward; those factors are not fused into per-expert
+    ``lora_linear`` ops, so such an adapter is refused rather than lowered as merged weights."""
+    from lorashear.frontend.lower import canonical_module_path
+
+    for path, module in model.named_modules():
+        if type(module).__name__ == "ParamWrapper":
+            raise LoweringError(
+                f"the LoRA adapter at module {canonical_module_path(path)} adapts the parameter "
+                f"{getattr(module, 'parameter_name', '?')} (peft's target_parameters, as 'all-linear' "
+                "chooses for fused MoE experts and routers), which lorashear does not lower",
+                hint="adapt the model's nn.Linear modules only: LoraConfig(target_modules=[...]) naming "
+                     "the attention and MLP projections, with target_parameters unset")
+
+
+def _experts_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that run through transformers' experts interface (fused 3-D experts)."""
+    return [m for m in model.modules()
+            if hasattr(m, "config") and hasattr(m, "_apply_gate") and hasattr(m, "down_proj")
+            and isinstance(m.down_proj, nn.Parameter) and m.down_proj.dim() == 3]
+
+
+@contextlib.contextmanager
+def dense_experts(model: nn.Module) -> Iterator[None]:
+    """Run every fused experts module of ``model`` through :func:`dense_experts_forward` for
+    the duration of the block (the configs' ``_experts_implementation`` is restored after)."""
+    _refuse_expert_lora(model)
+    modules = _experts_modules(model)
+    if not modules:
+        yield
+        return
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(DENSE_EXPERTS, dense_experts_forward)
+    configs = {id(m.config): m.config for m in modules}
+    # the attribute behind PretrainedConfig._experts_implementation (a property whose setter
+    # also dispatches to sub-configs): set and restored on exactly these configs
+    saved = {key: config.__dict__.get(_IMPLEMENTATION) for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config.__dict__[_IMPLEMENTATION] = DENSE_EXPERTS
+        yield
+    finally:
+        for key, config in configs.items():
+            config.__dict__[_IMPLEMENTATION] = saved[key]
+
+
+_IMPLEMENTATION = "_experts_implementation_internal"
+
+
+def expert_param_name(fused: str, expert: int) -> str:
+    """``model.layers.0.mlp.experts.gate_up_proj`` -> ``model.layers.0.mlp.experts.3.gate_up_proj``."""
+    prefix, _, leaf = fused.rpartition(".")
+    return f"{prefix}.{expert}.{leaf}"
+
+
+def fused_param_name(name: str) -> tuple[str, int] | None:
+    """The fused parameter and expert index of a name :func:`expert_param_name` made, or None."""
+    parts = name.split(".")
+    leaf = parts[-1].removesuffix("_bias")
+    if len(parts) < 3 or leaf not in FUSED_EXPERT_PARAMS or not parts[-2].isdigit():
+        return None
+    return ".".join(parts[:-2] + parts[-1:]), int(parts[-2])
+
+
+def split_fused_experts(module: Module) -> int:
+    """Replace ``select(@fused, 0, e)`` of a fused 3-D expert parameter by a parameter of expert
+    ``e``'s slice (:func:`expert_param_name`), in place; returns how many selects it replaced.
+    Only where every use of the fused parameter is such a select (the dense trace's), so the
+    fused parameter then goes unused and is dropped."""
+    graph = module.graph
+    uses: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        for p in op.params():
+            uses.setdefault(p.name, []).append(op)
+    experts: dict[int, Param] = {}  # id(select result) -> the expert's parameter
+    for name, ops in uses.items():
+        param = module.params[name]
+        leaf = name.rpartition(".")[2].removesuffix("_bias")
+        if leaf not in FUSED_EXPERT_PARAMS or not all(_is_expert_select(op, param) for op in ops):
+            continue
+        data = param.storage.load() if param.storage.has_data else None
+        for op in ops:
+            e = op.args[2] % param.type.shape[0]
+            expert_name = expert_param_name(name, e)
+            expert = module.params.get(expert_name)
+            if expert is None:
+                storage = MetaStorage() if data is None else DataStorage(data[e])
+                expert = module.add_param(Param(expert_name, TensorType(param.type.dtype, param.type.shape[1:]),
+                                                storage, buffer=param.buffer))
+            experts[id(op.results[0])] = expert
+    if experts:
+        for op in graph.ops:
+            op.replace_refs(lambda r: experts.get(id(r), r))
+        graph.outputs = [experts.get(id(v), v) for v in graph.outputs]
+    return len(experts)
+
+
+def _is_expert_select(op: Op, param: Param) -> bool:
+    return (op.kind == "select" and len(op.args) == 3 and op.args[0] is param and op.args[1] == 0
+            and isinstance(op.args[2], int) and len(param.type.shape) >= 2)
+
+
+def fuse_expert_params(module: Module) -> dict[str, tuple[int, ...]]:
+    """The inverse of :func:`split_fused_experts`, in place: where every expert of a fused
+    parameter is there with one shape, stack them back into the fused parameter under its
+    checkpoint name and read each expert through ``select(@fused, 0, e)`` (ops put first in the
+    graph), so an emitted checkpoint keeps transformers' names and layout. Experts whose
+    shapes differ (pruned to different widths) stay split. Returns the fused shapes by name."""
+    by_fused: dict[str, dict[int, Param]] = {}
+    for name, param in module.params.items():
+        fused = fused_param_name(name)
+        if fused is not None:
+            by_fused.setdefault(fused[0], {})[fused[1]] = param
+    fused_shapes: dict[str, tuple[int, ...]] = {}
+    selects: list[Op] = []
+    replace: dict[int, Value] = {}
+    for fused, experts in by_fused.items():
+        shapes = {tuple(p.type.shape) for p in experts.values()}
+        if sorted(experts) != list(range(len(experts))) or len(shapes) != 1 or fused in module.params:
+            continue
+        first = experts[0]
+        storages = [experts[e].storage for e in range(len(experts))]
+        storage = MetaStorage() if not all(s.has_data for s in storages) \
+            else DataStorage(torch.stack([s.load() for s in storages]))
+        param = module.add_param(Param(fused, TensorType(first.type.dtype, (len(experts), *first.type.shape)),
+                                       storage, buffer=first.buffer))
+        fused_shapes[fused] = tuple(param.type.shape)
+        for e in range(len(experts)):
+            value = Value(f"{fused}.{e}", experts[e].type)
+            selects.append(Op("select", [param, 0, e], {}, [value], loc=fused.rpartition(".")[0]))
+            value.producer = selects[-1]
+            replace[id(experts[e])] = value
+            del module.params[experts[e].name]
+    if selects:
+        for op in module.graph.ops:
+            op.replace_refs(lambda r: replace.get(id(r), r))
+        module.graph.ops[:0] = selects
+    return fused_shapes
+
+
+#: The suffix of the buffer :func:`add_expert_gates` gives each router.
+EXPERT_MASK = "expert_mask"
+
+
+def routers(model: nn.Module) -> dict[str, int]:
+    """The weight of each fused experts module's router (canonical name) and its expert count:
+    the sibling module whose ``weight`` has one row per expert."""
+    from lorashear.frontend.lower import canonical_module_path
+
+    found: dict[str, int] = {}
+    by_path = dict(model.named_modules())
+    experts_ids = {id(m) for m in _experts_modules(model)}
+    for path, module in by_path.items():
+        if id(module) not in experts_ids or "." not in path:
+            continue
+        parent_path = path.rpartition(".")[0]
+        parent = by_path[parent_path]
+        experts = module.down_proj.shape[0]
+        for name, child in parent.named_children():
+            weight = getattr(child, "weight", None)
+            if child is not module and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                    and weight.shape[0] == experts:
+                found[canonical_module_path(f"{parent_path}.{name}") + ".weight"] = experts
+                break
+    return found
+
+
+def add_expert_gates(module: Module, model: nn.Module) -> int:
+    """Add to each router's logits ``log(@<router>.expert_mask)``, a buffer of ones (so it adds
+    an exact zero), in place; returns how many routers got one. Masking an expert then zeroes
+    its entry with the rest of its group: its logit becomes ``-inf``, its routing probability
+    an exact zero, and no token chooses it, which is what removing the router's row does
+    (the softmax's denominator and the top-k over the other experts are unchanged)."""
+    names = routers(model)
+    graph = module.graph
+    added = 0
+    for index in range(len(graph.ops) - 1, -1, -1):
+        op = graph.ops[index]
+        weight = op.args[1] if op.kind in ("linear", "lora_linear") and len(op.args) > 1 else None
+        if not isinstance(weight, Param) or weight.name not in names:
+            continue
+        logits = op.results[0]
+        mask_name = f"{weight.name.rpartition('.')[0]}.{EXPERT_MASK}"
+        dtype = logits.type.dtype
+        mask = module.add_param(Param(mask_name, TensorType(dtype, (names[weight.name],)),
+                                      DataStorage(torch.ones(names[weight.name], dtype=_torch_dtype(dtype))),
+                                      buffer=True))
+        log = Op("log", [mask], {}, [Value(f"{logits.name}.log_mask", TensorType(dtype, mask.type.shape))], op.loc)
+        gated = Op("add", [logits, log.results[0]], {}, [Value(f"{logits.name}.gated", logits.type)], op.loc)
+        for user in graph.ops[index + 1:]:
+            user.replace_refs(lambda r, logits=logits, gated=gated: gated.results[0] if r is logits else r)
+        graph.outputs = [gated.results[0] if v is logits else v for v in graph.outputs]
+        graph.ops[index + 1:index + 1] = [log, gated]
+        added += 1
+    return added
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from lorashear.ir.types import torch_dtype
+
+    return torch_dtype(name)

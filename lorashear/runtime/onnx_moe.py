@@ -1,0 +1,28 @@
+"""ONNX translations of Mixture-of-Experts routing (:mod:`lorashear.frontend.moe`): the
+router's ``topk`` and the ``scatter`` of its weights into a ``[tokens, experts]`` matrix."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from lorashear.ir.core import Op
+from lorashear.runtime.onnx_builder import OnnxGraphBuilder, normalize_axis, rank_of
+from lorashear.runtime.onnx_ops import result_dtype, translates
+
+
+@translates("topk")
+def _topk(b: OnnxGraphBuilder, op: Op, a: dict) -> list[ir.Value]:
+    """The ``k`` largest (or smallest) along ``dim`` and their indices, as ``TopK``."""
+    axis = normalize_axis(a["dim"], rank_of(a["self"]))
+    values, indices = b.op_multi("TopK", b.tensor(a["self"]), b.ints([int(a["k"])]), num_outputs=2,
+                                 axis=axis, largest=int(bool(a["largest"])), sorted=int(bool(a["sorted"])))
+    return [values, b.cast(indices, result_dtype(op, 1))]
+
+
+@translates("scatter")
+def _scatter(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``self`` with ``src``'s elements written at ``index`` along ``dim``, as
+    ``ScatterElements`` (no reduction: the router's indices are distinct per token)."""
+    axis = normalize_axis(a["dim"], rank_of(a["self"]))
+    return b.op("ScatterElements", b.tensor(a["self"]), b.tensor(a["index"], "i64"),
+                b.tensor(a["src"], result_dtype(op)), axis=axis)

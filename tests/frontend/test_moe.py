@@ -1,0 +1,284 @@
+"""Mixture of Experts (Mixtral, Qwen3-MoE): fused 3-D experts lower exactly as one gated MLP
+per expert, each expert's channels are a family, compress slices them exactly, and the
+result runs in ONNX Runtime and reloads (lorashear and, pruned uniformly, stock transformers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorashear.analysis.groups import FamilyMember, PruneMaskAttr
+from lorashear.analysis.masking import zero_groups
+from lorashear.errors import LoweringError, PassError
+from lorashear.frontend.lower import lower
+from lorashear.ir.core import clone_module
+from lorashear.passes import PassManager
+from lorashear.runtime.executor import emit_torch
+
+EXPERTS, TOP_K = 4, 2
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
+
+
+def _config(family: str):
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=TOP_K)
+    if family == "mixtral":
+        return MixtralConfig(**common, intermediate_size=48, num_local_experts=EXPERTS), "intermediate_size"
+    if family == "qwen2_moe":  # with a shared expert beside the routed ones
+        return Qwen2MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32, num_experts=EXPERTS,
+                              shared_expert_intermediate_size=40), "moe_intermediate_size"
+    return Qwen3MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32, num_experts=EXPERTS,
+                          head_dim=16), "moe_intermediate_size"
+
+
+class Tiny:
+    def __init__(self, family: str, root: Path) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config, self.width_key = _config(family)
+        self.width = getattr(config, self.width_key)
+        base = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # routers and experts away from their tiny init, so routing varies
+            for name, p in base.named_parameters():
+                if ".mlp." in name:
+                    p.normal_(0, 0.2)
+        self.model_dir = root / "model"
+        base.save_pretrained(self.model_dir)  # for the stock reload's comparison of configs
+        targets = ATTENTION + (SHARED if family == "qwen2_moe" else [])
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        self.peft_model = peft_model.eval()
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 128, (2, 9), generator=g)
+        self.mask = torch.ones_like(self.ids)
+        with torch.no_grad():
+            self.want = self.peft_model(input_ids=self.ids, attention_mask=self.mask).logits
+        self.lowered = lower(self.peft_model)
+
+    def module(self):
+        """A fresh copy of the lowered model (passes change it in place)."""
+        return clone_module(self.lowered)
+
+    def logits(self, module) -> torch.Tensor:
+        with torch.no_grad():
+            return emit_torch(module)(self.ids, attention_mask=self.mask).logits
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def tiny(request, tmp_path_factory) -> Tiny:
+    return Tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _expert_params(module, layer: int, expert: int) -> tuple[str, str]:
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}."
+    return prefix + "gate_up_proj", prefix + "down_proj"
+
+
+def test_lowered_logits_equal_peft(tiny):
+    module = tiny.module()
+    assert (tiny.logits(module) - tiny.want).abs().max().item() <= 1e-4
+    full = lower(tiny.peft_model, trace_all_layers=True)  # every layer traced: the same numbers
+    assert (tiny.logits(full) - tiny.logits(module)).abs().max().item() == 0
+    for layer in range(2):
+        assert f"model.layers.{layer}.mlp.experts.gate_up_proj" not in module.params
+        for e in range(EXPERTS):
+            gate_up, down = _expert_params(module, layer, e)
+            assert tuple(module.params[gate_up].type.shape) == (2 * tiny.width, 64)
+            assert tuple(module.params[down].type.shape) == (64, tiny.width)
+    assert {op.kind for op in module.graph.ops} >= {"topk", "scatter", "lora_linear"}
+
+
+def test_discover_finds_each_experts_channels(tiny):
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    for layer in range(2):
+        for e in range(EXPERTS):
+            gate_up, down = _expert_params(module, layer, e)
+            (family,) = [f for f in groups.families if any(m.param == down for m in f.members)
+                         and f.kind == "mlp"]
+            assert family.layer == layer and family.size == tiny.width
+            assert {(m.param, m.axis, m.stride) for m in family.members} == {(gate_up, 0, 1), (down, 1, 1)}
+        (experts,) = [f for f in groups.families if f.kind == "expert" and f.layer == layer]
+        router = f"model.layers.{layer}.mlp.gate."
+        assert experts.size == EXPERTS
+        assert set(experts.members) == {FamilyMember(router + "weight", 0, 1),
+                                        FamilyMember(router + "expert_mask", 0, 1)}
+        assert (router + "weight", 0) not in {(name, axis) for name, axis, _ in groups.unprunable}
+    assert {"attn", "hidden"} <= {f.kind for f in groups.families}
+
+
+def _mask(module, removed: dict[int, tuple[int, ...]]) -> None:
+    """What ``prune`` does with its choice: zero the units and record the mask."""
+    groups = module.attributes["groups"]
+    zero_groups(module, groups, removed)
+    module.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
+
+
+def _choose(module, experts_by_layer: dict[int, tuple[int, ...]], channels_every: int):
+    """Remove the given experts per layer and every ``channels_every``-th channel of each
+    expert (offset by expert, so experts keep different channels)."""
+    PassManager.parse("discover").run(module)
+    removed = {}
+    for f in module.attributes["groups"].families:
+        if f.kind == "expert":
+            removed[f.id] = experts_by_layer[f.layer]
+        elif f.kind == "mlp" and all(".experts." in m.param for m in f.members):
+            removed[f.id] = tuple(range(f.id % channels_every, f.size, channels_every))
+    _mask(module, removed)
+
+
+def test_removing_whole_experts_is_exact(tiny, tmp_path):
+    import onnxruntime as ort
+
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    module = tiny.module()
+    _choose(module, {0: (1,), 1: (0, 3)}, channels_every=4)
+    masked = tiny.logits(module)
+    assert (masked - tiny.want).abs().max().item() > 1e-3  # the removed experts were in use
+    small = clone_module(module)
+    PassManager.parse("compress").run(small)
+    assert (tiny.logits(small) - masked).abs().max().item() <= 1e-5
+    for layer, kept in ((0, 3), (1, 2)):
+        assert tuple(small.params[f"model.layers.{layer}.mlp.gate.weight"].type.shape) == (kept, 64)
+        names = {n for n in small.params if n.startswith(f"model.layers.{layer}.mlp.experts.")}
+        assert names == {n for e in range(kept) for n in _expert_params(small, layer, e)}
+    assert not any(op.kind == "select" and op.args[2] >= 3 for op in small.graph.ops if op.loc.endswith("experts"))
+    emit_onnx(small, tmp_path / "moe.onnx")
+    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": tiny.ids.numpy(), "attention_mask": tiny.mask.numpy()})
+    assert (torch.from_numpy(logits) - tiny.logits(small)).abs().max().item() <= 1e-4
+
+
+def test_compress_refuses_to_leave_fewer_experts_than_top_k(tiny):
+    module = tiny.module()
+    _choose(module, {0: (0, 1, 2), 1: ()}, channels_every=8)
+    with pytest.raises(PassError, match="top-k chooses 2"):
+        PassManager.parse("compress").run(module)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny):
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    PassManager.parse("prune{ratio=0.3,metric=random,kinds=attn,mlp,hidden}").run(module)
+    small = clone_module(module)
+    PassManager.parse("compress").run(small)
+    return module, small
+
+
+def test_compress_is_exact_and_shrinks_every_expert(tiny, compressed):
+    masked, small = compressed
+    assert (tiny.logits(small) - tiny.logits(masked)).abs().max().item() <= 1e-5
+    for layer in range(2):
+        for e in range(EXPERTS):
+            gate_up, down = _expert_params(small, layer, e)
+            width = small.params[down].type.shape[1]
+            assert width < tiny.width
+            assert tuple(small.params[gate_up].type.shape)[0] == 2 * width
+    assert sum(p.type.numel() for p in small.params.values()) < sum(p.type.numel() for p in masked.params.values())
+
+
+def test_onnx_runtime_matches_torch_on_the_compressed_moe(tiny, compressed, tmp_path):
+    import onnxruntime as ort
+
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    _, small = compressed
+    emit_onnx(small, tmp_path / "moe.onnx")
+    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": tiny.ids.numpy(), "attention_mask": tiny.mask.numpy()})
+    assert (torch.from_numpy(logits) - tiny.logits(small)).abs().max().item() <= 1e-4
+
+
+def test_pruned_moe_reloads_with_load_pretrained(tiny, compressed, tmp_path):
+    from lorashear.runtime.hf import load_pretrained, save_model_dir
+
+    _, small = compressed
+    save_model_dir(small, tmp_path / "hf", merge=True)
+    with torch.no_grad():
+        got = load_pretrained(tmp_path / "hf")(tiny.ids, attention_mask=tiny.mask).logits
+    assert (got - tiny.logits(small)).abs().max().item() <= 1e-5
+
+
+def test_uniformly_pruned_moe_reloads_with_stock_transformers(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorashear.runtime.hf import save_model_dir
+
+    module = tiny.module()
+    _choose(module, {0: (2,), 1: (0,)}, channels_every=4)  # one expert and a quarter of each one's channels
+    PassManager.parse("compress").run(module)
+    save_model_dir(module, tmp_path / "hf", merge=True)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    kept = tiny.width - tiny.width // 4
+    assert config[tiny.width_key] == kept and config["model_type"] in ("mixtral", "qwen3_moe", "qwen2_moe")
+    assert config.get("num_local_experts", config.get("num_experts")) == EXPERTS - 1
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", experts_implementation="eager").eval()
+    assert tuple(stock.model.layers[0].mlp.experts.down_proj.shape) == (EXPERTS - 1, 64, kept)
+    with torch.no_grad():
+        got = stock(input_ids=tiny.ids, attention_mask=tiny.mask).logits
+    assert (got - tiny.logits(module)).abs().max().item() <= 1e-4
+
+
+def test_lora_on_fused_expert_parameters_is_refused(tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=ATTENTION, target_parameters=["gate_up_proj"]))
+    with pytest.raises(LoweringError, match="target_parameters"):
+        lower(peft_model)
+
+
+def test_experts_are_scored_by_their_routed_output(tiny):
+    from lorashear.analysis.saliency import score_groups
+
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    experts = {f.layer: f.id for f in groups.families if f.kind == "expert"}
+    _mask(module, {experts[0]: (2,)})  # expert 2 of layer 0 is never chosen now
+    batches = torch.randint(0, 128, (2, 2, 12), generator=torch.Generator().manual_seed(3))
+    scores = score_groups(module, groups, "wanda", batches=batches)
+    assert scores[experts[0]][2].item() == 0.0
+    assert all(scores[experts[0]][e].item() > 0 for e in (0, 1, 3))
+    assert all(scores[experts[1]][e].item() > 0 for e in range(EXPERTS))
+    assert set(scores) == set(range(len(groups.families)))  # the other families keep their metric
+
+
+def test_shared_expert_channels_are_a_family_and_compress_exactly(tmp_path_factory):
+    tiny = Tiny("qwen2_moe", tmp_path_factory.mktemp("shared"))
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    removed = {}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.shared_expert."
+        (shared,) = [f for f in groups.families if f.kind == "mlp"
+                     and any(m.param == prefix + "down_proj.weight" for m in f.members)]
+        assert shared.layer == layer and shared.size == 40
+        assert {(m.param, m.axis) for m in shared.members} == {
+            (prefix + "gate_proj.weight", 0), (prefix + "gate_proj.lora_B.weight", 0),
+            (prefix + "up_proj.weight", 0), (prefix + "up_proj.lora_B.weight", 0),
+            (prefix + "down_proj.weight", 1), (prefix + "down_proj.lora_A.weight", 1)}
+        removed[shared.id] = tuple(range(layer, 40, 3))
+    _mask(module, removed)
+    small = clone_module(module)
+    PassManager.parse("compress").run(small)
+    assert (tiny.logits(small) - tiny.logits(module)).abs().max().item() <= 1e-5
+    kept = {layer: 40 - len(removed_units) for layer, removed_units in enumerate(removed.values())}
+    for layer in range(2):
+        assert small.params[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"].type.shape[1] == kept[layer]
