@@ -28,13 +28,14 @@ SHAPE = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632
          "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
 
 
-def write_model(folder: Path, layers: int) -> None:
+def write_model(folder: Path, layers: int, shape: dict | None = None) -> None:
     """config.json and a sharded safetensors checkpoint of random weights (std 0.02, norms 1),
-    written tensor by tensor from a meta-device skeleton."""
+    written tensor by tensor from a meta-device skeleton; a Llama of ``shape`` (default
+    :data:`SHAPE`) with ``layers`` decoder layers."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, max_position_embeddings=2048,
+    config = LlamaConfig(**{**(shape or SHAPE), "num_hidden_layers": layers}, max_position_embeddings=2048,
                          tie_word_embeddings=False, torch_dtype="float32")
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
