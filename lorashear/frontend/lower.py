@@ -9,6 +9,7 @@ LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` becomes one
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from collections.abc import Callable
@@ -144,6 +145,10 @@ class _Lowering:
         return self.module
 
     def _export(self, device: torch.device):
+        with scalar_constants_off_meta():
+            return self._export_on(device)
+
+    def _export_on(self, device: torch.device):
         from torch.export import Dim
 
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=1 << 20)
@@ -608,6 +613,27 @@ def _filled_buffer(lowering: _Lowering, node: fx.Node) -> None:
     for _, _, _, _, piece, piece_copy in pieces:
         lowering.deferred[piece] = skip
         lowering.deferred[piece_copy] = assemble if order[piece_copy] == last else skip
+
+
+@contextlib.contextmanager
+def scalar_constants_off_meta():
+    """While tracing, ``torch.tensor(x, device=meta)`` of a Python number makes a 0-d tensor
+    on the CPU instead (GPT-Neo's mask value is ``torch.tensor(finfo.min, device=weights'
+    device)``): traced without weights, a constant on ``meta`` has no value; a 0-d CPU tensor
+    mixes with tensors of any device, and becomes a constant of the IR."""
+    original = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        device = kwargs.get("device")
+        if isinstance(data, (bool, int, float)) and device is not None and torch.device(device).type == "meta":
+            kwargs["device"] = "cpu"
+        return original(data, *args, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = original
 
 
 def _grad_region(node: fx.Node) -> tuple[fx.Node, list]:

@@ -138,9 +138,36 @@ def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
         with parameters_on_meta():
             model = model_from_config(AutoModelForCausalLM, config)
     except ValueError as exc:
-        raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
-                             f"transformers can build: {first_line(exc)}") from None
+        named = _named_causal_lm(config)
+        if named is None:
+            raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
+                                 f"transformers can build: {first_line(exc)}") from None
+        with parameters_on_meta():
+            model = model_from_config(_ClassAsAuto(named), config)
     return model.to(dtype).eval()
+
+
+class _ClassAsAuto:
+    """A model class with an auto class's ``from_config``."""
+
+    def __init__(self, cls) -> None:
+        self.cls = cls
+
+    def from_config(self, config, **kwargs):
+        return self.cls._from_config(config, **kwargs)
+
+
+def _named_causal_lm(config):
+    """The causal-LM class the config's ``architectures`` names, where the auto classes do not
+    map the config (a multimodal family's text model, as Emu3's and Mllama's ``*ForCausalLM``
+    saved on their own: their config is the text sub-config); None where there is none."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None) if name.endswith("ForCausalLM") else None
+        if cls is not None and isinstance(config, getattr(cls, "config_class", ())):
+            return cls
+    return None
 
 
 def model_from_config(auto_class, config) -> nn.Module:
