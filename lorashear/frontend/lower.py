@@ -123,6 +123,7 @@ class _Lowering:
 
     def _lower_nodes(self, ep) -> None:
         self.graph_module = ep.graph_module
+        self.logits_leaf = _logits_leaf(ep.call_spec.out_spec)
         for node in ep.graph.nodes:
             try:
                 self._node(node)
@@ -232,7 +233,7 @@ class _Lowering:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = _static_min_max(d.node.expr, d.node.shape_env)
+            expr = _exact_quotients(_static_min_max(d.node.expr, d.node.shape_env))
             if expr.is_number:
                 return int(expr)
             text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
@@ -288,6 +289,9 @@ class _Lowering:
             outs = node.args[0]
             outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
             tensors = [self.env[o] for o in outs if isinstance(o, fx.Node)]
+            if len(tensors) != 1 and self.logits_leaf is not None and self.logits_leaf < len(outs) \
+                    and isinstance(outs[self.logits_leaf], fx.Node):
+                tensors = [self.env[outs[self.logits_leaf]]]  # the logits, not the model's memories
             if len(tensors) != 1:
                 raise LoweringError(f"expected the model to return logits only, got {len(tensors)} tensors")
             self.module.graph.outputs = tensors
@@ -519,6 +523,28 @@ def _static_min_max(expr, shape_env):
     return expr
 
 
+def _exact_quotients(expr):
+    """``expr`` with each floor division that divides exactly replaced by its quotient (XLNet's
+    ``S**2 // S`` is ``S``); unchanged where none does."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    if expr.is_number or not expr.has(FloorDiv):
+        return expr
+
+    def quotient(node):
+        exact = sympy.cancel(node.args[0] / node.args[1])
+        if sympy.fraction(exact)[1] == 1 and exact.is_polynomial() \
+                and all(c.is_integer for c in sympy.Poly(exact).coeffs()):
+            return exact
+        return node
+
+    try:
+        return expr.replace(lambda n: isinstance(n, FloorDiv), quotient)
+    except Exception:  # noqa: BLE001 - an expression sympy cannot rewrite stays as it is
+        return expr
+
+
 def _is_inplace(name: str) -> bool:
     packet = name.partition(".")[0]
     return packet.endswith("_") and not packet.startswith("_")
@@ -666,6 +692,16 @@ _SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
     "reshape_as.default": _shaped_as("reshape"),
     "expand_as.default": _shaped_as("expand"),
 }
+
+
+def _logits_leaf(spec) -> int | None:
+    """Which flattened output the field ``logits`` of the model's output is (XLNet returns its
+    memories beside the logits), or None where the output has no such field."""
+    context = getattr(spec, "context", None)
+    if not isinstance(context, list) or "logits" not in context:
+        return None
+    children = spec.children()
+    return sum(child.num_leaves for child in children[:context.index("logits")])
 
 
 def _forward_parameters(model: nn.Module):

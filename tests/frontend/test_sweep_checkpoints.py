@@ -5,7 +5,10 @@ sub-config, is not in the auto classes' mapping: the class is taken from ``archi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from transformers.utils import ModelOutput
 
 from lorashear.frontend.pretrained import lower_pretrained
 from lorashear.ir.storage import FileStorage
@@ -44,3 +47,47 @@ def test_text_model_of_a_multimodal_family_lowers(tmp_path):
                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     _lowers_like(Emu3ForCausalLM(config), tmp_path / "emu3")
+
+
+@dataclass
+class MemoryOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    mems: tuple | None = None
+
+
+class WithMemories(torch.nn.Module):
+    """Returns its memories beside the logits, as XLNet's ``mems``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.head = torch.nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        return MemoryOutput(logits=self.head(h), mems=(h * 2, h + 1))
+
+
+def test_the_logits_field_is_the_output_when_a_model_returns_more():
+    from lorashear.frontend.lower import lower
+
+    model = WithMemories().eval()
+    module = lower(model)
+    ids, mask = random_batch(VOCAB, batch=2, seq=5)
+    with torch.no_grad():
+        assert (emit_torch(module)(ids, attention_mask=mask).logits - model(ids).logits).abs().max() <= 1e-6
+    assert [op.kind for op in module.graph.ops] == ["embedding", "linear"]  # the memories are dropped
+
+
+def test_an_exact_floor_division_of_sizes_is_its_quotient():
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    from lorashear.frontend.lower import _exact_quotients
+
+    s, b = sympy.symbols("s0 s1", positive=True, integer=True)
+    assert _exact_quotients(FloorDiv(s**2, s)) == s  # XLNet's S**2 // S
+    assert _exact_quotients(FloorDiv(2 * s * b, 2 * b) + 1) == s + 1
+    inexact = FloorDiv(s, 2)
+    assert _exact_quotients(inexact) == inexact
