@@ -184,6 +184,10 @@ def _gelu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Mul", half_x, b.op("Add", gate, b.const(1.0, dtype)))
 
 
+#: torch's arithmetic on booleans, as ONNX's logic ops (Reformer multiplies masks).
+_BOOL_ARITHMETIC = {"Mul": "And", "Add": "Or", "Max": "Or", "Min": "And"}
+
+
 def _binary(onnx_op: str, *, reverse: bool = False) -> Translation:
     """``self OP other`` (or ``other OP self``) in the result type; ``alpha`` scales ``other``."""
     def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
@@ -194,6 +198,8 @@ def _binary(onnx_op: str, *, reverse: bool = False) -> Translation:
             left, right = right, left
         if alpha != 1:  # add/sub scale `other`; rsub (reverse) scales `self`
             right = b.op("Mul", right, b.const(alpha, dtype))
+        if dtype == "bool" and onnx_op in _BOOL_ARITHMETIC:  # ONNX arithmetic takes no booleans
+            return b.op(_BOOL_ARITHMETIC[onnx_op], left, right)
         return b.op(onnx_op, left, right)
     return translate
 

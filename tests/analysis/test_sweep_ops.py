@@ -180,3 +180,34 @@ class HalfFilled(nn.Module):
 def test_a_buffer_left_partly_empty_is_refused():
     with pytest.raises(LoweringError, match="not filled whole by copies"):
         lower(HalfFilled())
+
+
+class BooleanArithmetic(nn.Module):
+    """Multiplies and adds boolean masks (Reformer): ONNX has no boolean Mul or Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        both = (input_ids > 3) * (input_ids < 20)
+        either = (input_ids < 2) + (input_ids > 30)
+        h = self.embed(input_ids).masked_fill(both[..., None], 0.5).masked_fill(either[..., None], -1.0)
+        return CausalLMOutput(logits=self.head(h))
+
+
+def test_boolean_arithmetic_emits_as_logic(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    model = BooleanArithmetic().eval()
+    module = lower(model)
+    emit_onnx(module, tmp_path / "bool.onnx")
+    session = ort.InferenceSession(str(tmp_path / "bool.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.arange(VOCAB).view(2, VOCAB // 2)
+    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (torch.as_tensor(got) - want).abs().max().item() <= 1e-5
