@@ -63,6 +63,10 @@ TOY_SIZES: dict[str, int] = {
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k"), 2),
 }
 
+#: Sizes some default configs leave ``None`` where their model reads a number (Ministral's and
+#: HunYuan's ``head_dim``, Nemotron's ``num_key_value_heads``); every real checkpoint sets them.
+NONE_SIZES = ("head_dim", "num_key_value_heads")
+
 #: Token ids a config names: kept inside the toy vocabulary.
 TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
                  "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id")
@@ -72,6 +76,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
     "ctrl": {"dff": 96},
     "mamba2": {"head_dim": 32, "n_groups": 1},
+    "reformer": {"is_decoder": True, "axial_pos_embds": False},  # its causal-LM head refuses an encoder
+    "big_bird": {"attention_type": "original_full"},  # block-sparse needs sequences of 700+ tokens
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # 15 of its 35 layers share caches; 2 layers here
 }
 
 #: How every stage of a row can end.
@@ -83,7 +91,9 @@ def _shrunk(config_dict: dict[str, Any], layers_before: int | None) -> dict[str,
     """Overrides that shrink one (sub-)config given as its ``to_dict()``."""
     out: dict[str, Any] = {}
     for key, value in config_dict.items():
-        if key in TOY_SIZES and isinstance(value, int) and not isinstance(value, bool):
+        if key in NONE_SIZES and value is None:
+            out[key] = TOY_SIZES[key]  # left to the model's defaults, which it does not fill in
+        elif key in TOY_SIZES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, TOY_SIZES[key]) if key.endswith("_tok") or key in ("top_k", "moe_k", "moe_topk") \
                 else TOY_SIZES[key]
         elif key in TOKEN_ID_KEYS and isinstance(value, int) and value >= TOY_SIZES["vocab_size"]:
@@ -98,6 +108,28 @@ def _shrunk(config_dict: dict[str, Any], layers_before: int | None) -> dict[str,
     return out
 
 
+def _kept_layers(config_dict: dict[str, Any], layers: int) -> list[int]:
+    """The two original layers the shrunk config keeps, as :func:`_shrunk` picks per-layer
+    lists: the first, and the first of another kind (the second where all are alike)."""
+    for value in config_dict.values():
+        if isinstance(value, list) and len(value) == layers and layers > 2:
+            other = next((i for i, v in enumerate(value) if v != value[0]), 1)
+            return [0, other]
+    return [0, 1]
+
+
+def _shrunk_with_layers(config_dict: dict[str, Any], layers: int | None) -> dict[str, Any]:
+    """:func:`_shrunk`, and the per-layer overrides (Gemma 4's wider full-attention heads),
+    keyed by layer index, of the layers kept, renumbered."""
+    out = _shrunk(config_dict, layers)
+    if isinstance(config_dict.get("per_layer_config"), dict) and layers:
+        kept = _kept_layers(config_dict, layers)
+        out["per_layer_config"] = {str(new): {**value, **_shrunk(value, None)}
+                                   for key, value in config_dict["per_layer_config"].items()
+                                   for new, old in enumerate(kept) if int(key) == old}
+    return out
+
+
 def toy_config(model_type: str):
     """The default config of ``model_type`` with its sizes shrunk (sub-configs too)."""
     from transformers import AutoConfig, PretrainedConfig
@@ -106,18 +138,23 @@ def toy_config(model_type: str):
     data = default.to_dict()
     layers = next((data[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
                    if isinstance(data.get(k), int)), None)
-    overrides = _shrunk(data, layers)
+    overrides = _shrunk_with_layers(data, layers)
     for key in list(data):
-        sub = getattr(default, key, None)
+        try:
+            sub = getattr(default, key, None)
+        except Exception:  # noqa: BLE001 - an attribute that varies per layer has no one value
+            continue
         if isinstance(sub, PretrainedConfig):
             sub_data = sub.to_dict()
             sub_layers = next((sub_data[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
                                if isinstance(sub_data.get(k), int)), None)
-            overrides[key] = {**sub_data, **_shrunk(sub_data, sub_layers)}
+            overrides[key] = {**sub_data, **_shrunk_with_layers(sub_data, sub_layers)}
     if data.get("num_experts_per_tok", 0) is None and data.get("n_routed_experts"):
         overrides["num_experts_per_tok"] = 2
     if "kv_lora_rank" in data and "num_key_value_heads" in overrides:  # latent attention: no GQA
         overrides["num_key_value_heads"] = overrides.get("num_attention_heads", 4)
+    if "qk_rope_head_dim" in data and "head_dim" in data:  # latent attention: RoPE's head_dim is the rotary part
+        overrides["head_dim"] = overrides.get("qk_rope_head_dim", data["qk_rope_head_dim"])
     overrides.update(OVERRIDES.get(model_type, {}))
     return AutoConfig.for_model(model_type, **overrides)
 

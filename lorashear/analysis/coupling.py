@@ -336,6 +336,9 @@ class ZeroContext:
         for op, axis in builder.pending_reductions:
             self._reduced.setdefault(id(op), []).append(axis)
         self._contracted = {id(op): axis for op, axis in builder.contractions}
+        self._all_contracted: dict[int, list[list[int]]] = {}
+        for op, axis in builder.contractions:
+            self._all_contracted.setdefault(id(op), []).append(axis)
 
     def desc(self, ref: Ref) -> list[list[int]]:
         return self.builder.desc(ref)
@@ -366,6 +369,11 @@ class ZeroContext:
     def contracted_axis(self, op: Op) -> list[int] | None:
         """The axis a matrix product contracts, when its coupling rule recorded one."""
         return self._contracted.get(id(op))
+
+    def contracted_axes(self, op: Op) -> list[list[int]]:
+        """Every axis an op contracts (an ``einsum`` may contract several), as its coupling
+        rule recorded them."""
+        return self._all_contracted.get(id(op), [])
 
     def record_reduction(self, op: Op, leaf: int) -> None:
         """``op`` reduces over ``leaf``'s pruned channels, which are zero: compress adapts it."""

@@ -386,6 +386,23 @@ def _slice(b: CouplingBuilder, op: Op) -> None:
             b.fs.unify(src[k], dst[k], b.where(op))
 
 
+@coupling_rule("select")
+def _select(b: CouplingBuilder, op: Op) -> None:
+    """Takes index ``index`` of axis ``dim``, which disappears: the input's other axes are the
+    output's, in order; the indexed axis is pinned (which entry is read is a position, as
+    BLOOM's and Persimmon's fused ``query_key_value`` viewed as ``[.., heads, 3, head_dim]``
+    pick q, k and v). Exact: output element ``(.., j, ..)`` is input element
+    ``(.., index, j, ..)``, so removing a channel of a kept axis on both sides leaves the
+    other elements where they were."""
+    a = op.bound_args()
+    x = a["self"]
+    src, dst = b.desc(x), b.desc(op.results[0])
+    dim = a["dim"] % len(src)
+    b.pin_axis(src[dim], f"indexed by position by {b.where(op)}")
+    for j, k in zip([j for j in range(len(src)) if j != dim], range(len(dst)), strict=True):
+        b.fs.unify(src[j], dst[k], b.where(op))
+
+
 @coupling_rule("repeat_interleave")
 def _repeat_interleave(b: CouplingBuilder, op: Op) -> None:
     """Repeats each element ``repeats`` times in place along ``dim`` (``[a, b]`` ->
@@ -411,6 +428,36 @@ def _repeat_interleave(b: CouplingBuilder, op: Op) -> None:
             continue
         copies = b.fs.new(repeats, f"copies made by {why}")
         b.fs.unify(dst[k], src[k] + [copies], why)
+
+
+@coupling_rule("repeat")
+def _repeat(b: CouplingBuilder, op: Op) -> None:
+    """Tiles the input ``repeats[k]`` times along each axis (``[a, b]`` -> ``[a, b, a, b]``, as
+    DiffLlama's grouped-query attention copies its KV heads), the counts aligned with the
+    input's axes from the right, extra leading counts making new axes: a tiled output axis is
+    (the copies, the input axis), the copies outermost and pinned (a copy, not a channel), so
+    a unit is an input channel with all its copies; an axis repeated once passes through, a
+    new axis is pinned. Exact: output index ``c * n + i`` reads input index ``i``, so removing
+    input channel i removes exactly its copies (``compress`` leaves the counts alone)."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    repeats = a["repeats"]
+    src, dst = b.desc(x), b.desc(out)
+    why = b.where(op)
+    if not isinstance(repeats, list) or not all(isinstance(r, int) for r in repeats):
+        for ref in (x, out):
+            b.pin_all(ref, f"tiled by counts known only at run time in {why}")
+        return
+    offset = len(dst) - len(src)
+    for k, count in enumerate(repeats):
+        j = k - offset
+        if j < 0:
+            b.pin_axis(dst[k], f"axis made by {why} (copies)")
+        elif count == 1:
+            b.fs.unify(src[j], dst[k], why)
+        else:
+            copies = b.fs.new(count, f"copies made by {why}")
+            b.fs.unify(dst[k], [copies] + src[j], why)
 
 
 @coupling_rule("max.dim", "logsumexp")
@@ -584,8 +631,34 @@ def _rms_norm(b: CouplingBuilder, op: Op) -> None:
                                 "for compress to rescale")
 
 
-pins("layer_norm", reason="mean-centred and normalised over (a pruned channel is zero, not absent, "
-     "in that mean and variance, so no rescaling makes the shrunk norm exact) by {op}")
+@coupling_rule("layer_norm")
+def _layer_norm(b: CouplingBuilder, op: Op) -> None:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the trailing ``normalized_shape``
+    axes: the other axes of x pass through to the output (each vector is normalised on its
+    own, so a head axis in front of a query/key norm over head_dim stays a channel space);
+    the normalised axes are pinned on x, the output, the weight and the bias: a pruned
+    channel is zero, not absent, in that mean and variance, so no rescaling makes the shrunk
+    norm exact."""
+    a = op.bound_args()
+    x = a["input"]
+    src, dst = b.desc(x), b.desc(op.results[0])
+    rank = len(src)
+    normalised = rank - len(a["normalized_shape"])
+    why = LAYER_NORM_PIN.format(op=b.where(op))
+    for k in range(rank):
+        if k >= normalised:
+            b.pin_axis(src[k], why)
+            b.pin_axis(dst[k], why)
+        else:
+            b.fs.unify(src[k], dst[k], b.where(op))
+    for ref in (a["weight"], a["bias"]):
+        if isinstance(ref, (Value, Param)):
+            b.pin_all(ref, why)
+
+
+LAYER_NORM_PIN = ("mean-centred and normalised over (a pruned channel is zero, not absent, in that "
+                  "mean and variance, so no rescaling makes the shrunk norm exact) by {op}")
+PIN_REASONS["layer_norm"] = LAYER_NORM_PIN
 
 
 # --- made from scratch, and symbolic sizes -------------------------------------------------------
@@ -611,8 +684,7 @@ pins("cumsum", reason="a running sum along an axis, not modelled: {op}")
 pins("diff", reason="differences of neighbours along an axis, not modelled: {op}")
 pins("roll", "flip", reason="elements moved along an axis by position, not modelled: {op}")
 pins("gather", "index", "index_select", reason="indexed by data-dependent positions, not modelled: {op}")
-pins("narrow", "select", reason="part of an axis taken by position, not modelled: {op}")
-pins("repeat", reason="tiled copies along axes, not modelled: {op}")
+pins("narrow", reason="part of an axis taken by position, not modelled: {op}")
 pins("unbind", reason="unstacked along an axis, not modelled: {op}")
 pins("tril", "triu", reason="masked by position along its last two axes, not modelled: {op}")
 pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its input, not "
@@ -623,3 +695,143 @@ pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its 
 pins("topk", reason="the experts (or channels) ranked by {op}: which ones it picks depends on "
      "every entry along its axis, and its indices name positions")
 pins("scatter", reason="written at data-dependent positions (the router's chosen experts) by {op}")
+
+
+# --- ops of the conformance sweep's decoders (issue #22) ------------------------------------------
+pins("eye", reason="made with a fixed size by {op}", operands=False)
+
+
+def padded_axes(op: Op) -> dict[int, tuple[int, int]]:
+    """The axes a ``pad``/``pad.constant`` op pads, with (before, after): torch spells the
+    amounts as pairs from the last axis backwards."""
+    a = op.bound_args()
+    rank = len(a["self"].type.shape)
+    amounts = list(a["pad"])
+    return {rank - 1 - i: (amounts[2 * i], amounts[2 * i + 1]) for i in range(len(amounts) // 2)
+            if (amounts[2 * i], amounts[2 * i + 1]) != (0, 0)}
+
+
+@coupling_rule("pad", "pad.constant")
+def _pad(b: CouplingBuilder, op: Op) -> None:
+    """Pads axes at their ends (Zaya's causal convolution pads the sequence): an axis not
+    padded passes through; a padded axis is pinned on both sides (its elements move by the
+    padding). Exact: the output is the input with elements added at the ends of the padded
+    axes, so a channel of an unpadded axis stays the same channel."""
+    x, out = op.bound_args()["self"], op.results[0]
+    padded = padded_axes(op)
+    why = f"padded by {b.where(op)}"
+    for k, (src, dst) in enumerate(zip(b.desc(x), b.desc(out), strict=True)):
+        if k in padded:
+            b.pin_axis(src, why)
+            b.pin_axis(dst, why)
+        else:
+            b.fs.unify(src, dst, b.where(op))
+
+
+def einsum_subscripts(op: Op) -> tuple[list[str], str] | None:
+    """An ``einsum``'s subscripts, one string of letters per operand and the output's, with an
+    ellipsis spelled out as upper-case letters (the axes it stands for); None where an operand
+    repeats a letter (a diagonal) or the equation has no explicit output."""
+    a = op.bound_args()
+    equation = a["equation"].replace(" ", "")
+    if "->" not in equation:
+        return None
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    tensors = a["tensors"]
+    if len(terms) != len(tensors):
+        return None
+    ellipsis = max((len(t.type.shape) - len(term.replace("...", "")) for term, t in zip(terms, tensors)
+                    if "..." in term), default=0)
+
+    def spelled(term: str, rank: int) -> str:
+        if "..." not in term:
+            return term
+        extra = rank - len(term.replace("...", ""))
+        return term.replace("...", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[ellipsis - extra:ellipsis])
+
+    terms = [spelled(term, len(t.type.shape)) for term, t in zip(terms, tensors)]
+    output = output.replace("...", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:ellipsis])
+    if any(len(set(term)) != len(term) for term in (*terms, output)):
+        return None
+    return terms, output
+
+
+@coupling_rule("einsum")
+def _einsum(b: CouplingBuilder, op: Op) -> None:
+    """An Einstein sum (ProphetNet's attention): every axis that one subscript letter names,
+    in any operand or the output, is one index space, except a size-1 axis broadcast over a
+    larger one; a letter missing from the output is contracted, and kept for the zero
+    analysis as ``matmul``'s contracted axis is (exact only where an operand is zero on the
+    pruned channels). Exact for the reason ``matmul`` is: each output element sums products
+    of the operand elements its letters select. Diagonals and implicit outputs: pinned."""
+    a = op.bound_args()
+    tensors = [t for t in a["tensors"] if isinstance(t, (Value, Param))]
+    subscripts = einsum_subscripts(op)
+    out = op.results[0]
+    if subscripts is None or len(tensors) != len(a["tensors"]):
+        for ref in [*tensors, out]:
+            b.pin_all(ref, f"an einsum with a diagonal or an implicit output in {b.where(op)}")
+        return
+    terms, output = subscripts
+    why = b.where(op)
+    axes: dict[str, list[int]] = dict(zip(output, b.desc(out)))
+    sizes: dict[str, int | str] = dict(zip(output, out.type.shape))
+    for term, ref in zip(terms, tensors):
+        for letter, axis, size in zip(term, b.desc(ref), ref.type.shape):
+            if size == 1 and sizes.get(letter, 1) != 1:
+                continue
+            if letter in axes:
+                b.fs.unify(axes[letter], axis, why)
+            else:
+                axes[letter], sizes[letter] = axis, size
+    for letter in sorted(set("".join(terms)) - set(output)):
+        b.contractions.append((op, axes[letter]))
+
+
+def conv1d_kind(op: Op) -> str | None:
+    """``"dense"`` for a ``conv1d`` with one group, ``"depthwise"`` for one group per channel
+    (one filter per input channel), None for anything else (grouped, or a computed weight)."""
+    a = op.bound_args()
+    weight, groups = a["weight"], a["groups"]
+    if not isinstance(weight, Param) or len(weight.type.shape) != 3:
+        return None
+    out_channels, per_group, _ = weight.type.shape
+    if groups == 1:
+        return "dense"
+    if per_group == 1 and groups == out_channels:
+        return "depthwise"
+    return None
+
+
+@coupling_rule("conv1d")
+def _conv1d(b: CouplingBuilder, op: Op) -> None:
+    """A 1-D convolution ``[batch, channels, length]`` (LFM's and Inkling's short convolutions
+    over the sequence): the batch axis passes through; the length axis and the kernel taps are
+    pinned (positions). With one group, the input channels are the weight's columns and the
+    output channels its rows and the bias, as for ``linear``; depthwise (one filter per
+    channel), input channel, output channel, weight row and bias entry are one channel space
+    (``compress`` sets ``groups`` to the kept count). Exact as ``linear``: an output channel
+    comes only from its own filter and bias entry, which reads only its own input channels.
+    Other group counts, or a weight that is not a parameter: pinned."""
+    a = op.bound_args()
+    x, weight, bias, out = a["input"], a["weight"], a["bias"], op.results[0]
+    kind = conv1d_kind(op)
+    why = b.where(op)
+    refs = [r for r in (x, weight, bias, out) if isinstance(r, (Value, Param))]
+    if kind is None:
+        for ref in refs:
+            b.pin_all(ref, f"a grouped convolution, not modelled: {why}")
+        return
+    xd, wd, od = b.desc(x), b.desc(weight), b.desc(out)
+    for axis in (xd[-1], od[-1], wd[2]):
+        b.pin_axis(axis, f"convolved along by {why}")
+    if len(xd) == 3:
+        b.fs.unify(xd[0], od[0], why)
+    b.fs.unify(od[-2], wd[0], why)
+    if isinstance(bias, (Value, Param)):
+        b.fs.unify(b.desc(bias)[0], wd[0], why)
+    if kind == "dense":
+        b.fs.unify(xd[-2], wd[1], why)
+    else:
+        b.fs.unify(xd[-2], od[-2], why)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from lorashear.analysis.coupling_rules import conv1d_kind
 from lorashear.ir.core import Op, Param, Value
 from lorashear.ir.lora import lora_parts
 from lorashear.ir.ops import OP_DEFS, RuleTable, parameter_names
@@ -154,7 +155,7 @@ def _pow(ctx: ZeroContext, op: Op) -> set[int]:
 
 @zero_rule(*(kind for kind, definition in OP_DEFS.items() if definition.zero_preserving),
            "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "squeeze.dims", "expand",
-           "slice", "repeat_interleave", "flatten")
+           "slice", "repeat_interleave", "flatten", "select", "repeat")
 def _carried(ctx: ZeroContext, op: Op) -> set[int]:
     """Ops with ``f(0) == 0`` (the ``zero_preserving`` trait) and ops that only move, copy
     or select data keep their input's zero channels."""
@@ -203,3 +204,43 @@ def _rms_norm(ctx: ZeroContext, op: Op) -> set[int]:
     zero = ctx.zeros(a["input"])
     _check_reduced(ctx, op, zero)
     return zero | ctx.zeros(a["weight"])
+
+
+# --- ops of the conformance sweep's decoders (issue #22) ------------------------------------------
+@zero_rule("pad", "pad.constant")
+def _pad(ctx: ZeroContext, op: Op) -> set[int]:
+    """Padding with zeros keeps the input's zero channels (on the unpadded axes, the only ones
+    that carry channels); with any other fill or mode nothing is known."""
+    a = op.bound_args()
+    value = a["value"]
+    if a.get("mode", "constant") != "constant" or value not in (None, 0, 0.0):
+        return set()
+    return ctx.zeros(a["self"])
+
+
+@zero_rule("einsum")
+def _einsum(ctx: ZeroContext, op: Op) -> set[int]:
+    """Each output element sums products that take one element of every operand: it is zero
+    where any operand is zero on an output letter's channel. A contracted letter is checked as
+    ``matmul`` checks its contracted axis: pinned unless some operand is zero on its pruned
+    channels."""
+    tensors = ctx.tensors(op)
+    zero = set().union(*(ctx.zeros(t) for t in tensors)) if tensors else set()
+    for axis in ctx.contracted_axes(op):
+        for f in axis:
+            for leaf in ctx.fs.leaves(f):
+                if ctx.fs.find(leaf) not in zero:
+                    ctx.fs.pin(leaf, f"contracted by {ctx.where(op)} between non-zero activations")
+    return zero
+
+
+@zero_rule("conv1d")
+def _conv1d(ctx: ZeroContext, op: Op) -> set[int]:
+    """An output channel is zero where its filter (weight row, with its bias entry) is pruned,
+    and, depthwise, where its input channel is zero."""
+    a = op.bound_args()
+    kind = conv1d_kind(op)
+    if kind is None:
+        return set()
+    rows = ctx.axis_classes(ctx.desc(a["weight"])[0])
+    return rows | (ctx.zeros(a["input"]) if kind == "depthwise" else set())

@@ -9,6 +9,7 @@ LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` becomes one
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from collections.abc import Callable
@@ -78,6 +79,9 @@ class _Lowering:
         self.env: dict[fx.Node, Any] = {}
         self.symbols: dict[str, str] = {}
         self.counter = 0
+        #: nodes lowered by a pattern that an earlier node started (a buffer filled slice by
+        #: slice): node -> what lowers it instead of its own op
+        self.deferred: dict[fx.Node, Callable[[_Lowering, fx.Node], None]] = {}
 
     # --- entry ------------------------------------------------------------------------------
     def run(self, example_device: torch.device) -> Module:
@@ -119,6 +123,8 @@ class _Lowering:
         return self._finish()
 
     def _lower_nodes(self, ep) -> None:
+        self.graph_module = ep.graph_module
+        self.logits_leaf = _logits_leaf(ep.call_spec.out_spec)
         for node in ep.graph.nodes:
             try:
                 self._node(node)
@@ -143,6 +149,10 @@ class _Lowering:
         return self.module
 
     def _export(self, device: torch.device):
+        with scalar_constants_off_meta():
+            return self._export_on(device)
+
+    def _export_on(self, device: torch.device):
         from torch.export import Dim
 
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=1 << 20)
@@ -226,7 +236,7 @@ class _Lowering:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = _static_min_max(d.node.expr, d.node.shape_env)
+            expr = _exact_quotients(_static_min_max(d.node.expr, d.node.shape_env))
             if expr.is_number:
                 return int(expr)
             text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
@@ -282,14 +292,26 @@ class _Lowering:
             outs = node.args[0]
             outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
             tensors = [self.env[o] for o in outs if isinstance(o, fx.Node)]
+            if len(tensors) != 1 and self.logits_leaf is not None and self.logits_leaf < len(outs) \
+                    and isinstance(outs[self.logits_leaf], fx.Node):
+                tensors = [self.env[outs[self.logits_leaf]]]  # the logits, not the model's memories
             if len(tensors) != 1:
                 raise LoweringError(f"expected the model to return logits only, got {len(tensors)} tensors")
             self.module.graph.outputs = tensors
             self.module.graph.output_names = ["logits"]
             return
+        if node.op == "get_attr" and isinstance(getattr(self.graph_module, node.target, None), fx.GraphModule):
+            self.env[node] = getattr(self.graph_module, node.target)  # a region a wrapper runs
+            return
         if node.op != "call_function":
             raise LoweringError(f"unsupported graph node {node.op} {node.target}")
         target = node.target
+        if target in _INLINED_REGIONS:
+            self._inline_region(node, *_INLINED_REGIONS[target](node))
+            return
+        if node in self.deferred:
+            self.deferred.pop(node)(self, node)
+            return
         if target is operator.getitem:
             self.env[node] = self.env[node.args[0]][node.args[1]]
             return
@@ -326,6 +348,30 @@ class _Lowering:
         args = [self._arg(a, node) for a in node.args]
         kwargs = {k: self._arg(v, node) for k, v in node.kwargs.items() if k not in _PLACEMENT_KWARGS}
         self._emit(node, kind, args, kwargs)
+
+    def _inline_region(self, node: fx.Node, region: fx.Node, operands: list) -> None:
+        """Lower the nodes of a region that a higher-order op wraps (``torch.no_grad()``
+        inside the forward) in place of the wrapper: its placeholders are the wrapper's
+        operands, its outputs the wrapper's results."""
+        module = self.env.get(region) if isinstance(region, fx.Node) else None
+        if not isinstance(module, fx.GraphModule):
+            raise LoweringError(f"op {node.target} at module {self._loc(node) or 'top level'} wraps "
+                                "no graph region")
+        outer, self.graph_module = self.graph_module, module
+        try:
+            inputs = iter(operands)
+            for inner in module.graph.nodes:
+                if inner.op == "placeholder":
+                    self.env[inner] = self._arg(next(inputs), node)
+                elif inner.op == "output":
+                    outs = inner.args[0]
+                    result = [self._arg(o, inner) for o in outs] if isinstance(outs, (list, tuple)) \
+                        else self._arg(outs, inner)
+                    self.env[node] = result
+                else:
+                    self._node(inner)
+        finally:
+            self.graph_module = outer
 
     def _functional_kind(self, node: fx.Node, name: str) -> str | None:
         """The kind of an in-place op's functional twin (``mul_`` -> ``mul``), where running it
@@ -480,6 +526,28 @@ def _static_min_max(expr, shape_env):
     return expr
 
 
+def _exact_quotients(expr):
+    """``expr`` with each floor division that divides exactly replaced by its quotient (XLNet's
+    ``S**2 // S`` is ``S``); unchanged where none does."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    if expr.is_number or not expr.has(FloorDiv):
+        return expr
+
+    def quotient(node):
+        exact = sympy.cancel(node.args[0] / node.args[1])
+        if sympy.fraction(exact)[1] == 1 and exact.is_polynomial() \
+                and all(c.is_integer for c in sympy.Poly(exact).coeffs()):
+            return exact
+        return node
+
+    try:
+        return expr.replace(lambda n: isinstance(n, FloorDiv), quotient)
+    except Exception:  # noqa: BLE001 - an expression sympy cannot rewrite stays as it is
+        return expr
+
+
 def _is_inplace(name: str) -> bool:
     packet = name.partition(".")[0]
     return packet.endswith("_") and not packet.startswith("_")
@@ -513,13 +581,130 @@ def _shaped_as(kind: str) -> Callable[[_Lowering, fx.Node], None]:
     return lower_as
 
 
+def _filled_buffer(lowering: _Lowering, node: fx.Node) -> None:
+    """``buf = x.new_empty(sizes)`` then ``buf[.., a:b].copy_(src)`` for slices that tile one
+    axis of ``buf`` in order (MiniCPM3's and DeepSeek's latent attention assemble their keys
+    so): the buffer is the ``concat`` of the sources along that axis, each broadcast and cast
+    to its slice, emitted where the last copy is. The slices and copies emit nothing of their
+    own. Any other use of the empty buffer is refused (its values would be undefined)."""
+    where = f"aten.new_empty at module {lowering._loc(node) or 'top level'}"
+    order = lowering._node_order(node.graph)
+    pieces = []
+    for user in node.users:
+        if getattr(user.target, "_opname", None) != "slice" or user.args[0] is not node:
+            continue
+        copies = [u for u in user.users if getattr(u.target, "_opname", None) == "copy_" and u.args[0] is user]
+        if len(user.users) != 1 or len(copies) != 1:
+            raise LoweringError(f"{where}: a slice of the new buffer is used other than as a copy's target")
+        dim, start, end = (list(user.args[1:]) + [0, None, None])[:3]
+        pieces.append((order[copies[0]], dim, start, end, user, copies[0]))
+    shape = node.meta["val"].shape
+    pieces.sort(key=lambda p: p[4].args[2] if len(p[4].args) > 2 else 0)
+    dims = {p[1] % len(shape) for p in pieces}
+    readers = [u for u in node.users if all(u is not p[4] for p in pieces)]
+    last = max((p[0] for p in pieces), default=-1)
+    length = shape[dims.pop()] if len(dims) == 1 else None
+    covered = 0
+    for _, _, start, _end, piece, _ in pieces:
+        if not isinstance(start, int) or start != covered:
+            covered = -1
+            break
+        covered = piece.meta["val"].shape[pieces[0][1]]
+        covered = start + int(covered) if isinstance(covered, int) else -1
+    if not pieces or length is None or not isinstance(length, int) or covered != length \
+            or any(order[r] < last for r in readers) or len(pieces) + len(readers) != len(node.users):
+        raise LoweringError(f"{where}: the new buffer is not filled whole by copies into slices of one "
+                            "axis before it is read", hint="only buffers assembled piece by piece are supported")
+    dim = pieces[0][1]
+
+    def skip(_lowering: _Lowering, _node: fx.Node) -> None:
+        pass
+
+    def assemble(lowering: _Lowering, copy: fx.Node) -> None:
+        parts = []
+        for _, _, _, _, piece, piece_copy in pieces:
+            src = lowering._arg(piece_copy.args[1], piece_copy)
+            want, have = piece.meta["val"], piece_copy.args[1].meta["val"]
+            if tuple(have.shape) != tuple(want.shape):
+                value = lowering._new_value(want.to(have.dtype))
+                sizes = lowering._sizes_of(piece_copy, piece)
+                lowering.module.graph.ops.append(Op("expand", [src, sizes], {}, [value], lowering._loc(piece_copy)))
+                src = value
+            if have.dtype != want.dtype:
+                value = lowering._new_value(want)
+                lowering.module.graph.ops.append(Op("cast", [src, DTypeArg(dtype_name(want.dtype))], {}, [value],
+                                                    lowering._loc(piece_copy)))
+                src = value
+            parts.append(src)
+        lowering._emit(node, "concat", [parts, dim], {})
+        lowering.env[copy] = lowering.env[node]
+
+    for _, _, _, _, piece, piece_copy in pieces:
+        lowering.deferred[piece] = skip
+        lowering.deferred[piece_copy] = assemble if order[piece_copy] == last else skip
+
+
+@contextlib.contextmanager
+def scalar_constants_off_meta():
+    """While tracing, ``torch.tensor(x, device=meta)`` of a Python number makes a 0-d tensor
+    on the CPU instead (GPT-Neo's mask value is ``torch.tensor(finfo.min, device=weights'
+    device)``): traced without weights, a constant on ``meta`` has no value; a 0-d CPU tensor
+    mixes with tensors of any device, and becomes a constant of the IR."""
+    original = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        device = kwargs.get("device")
+        if isinstance(data, (bool, int, float)) and device is not None and torch.device(device).type == "meta":
+            kwargs["device"] = "cpu"
+        return original(data, *args, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = original
+
+
+def _grad_region(node: fx.Node) -> tuple[fx.Node, list]:
+    """``wrap_with_set_grad_enabled(enabled, region, *operands)``: gradients do not change
+    what an inference forward computes."""
+    return node.args[1], list(node.args[2:])
+
+
+def _autocast_region(node: fx.Node) -> tuple[fx.Node, list]:
+    """``wrap_with_autocast(device, dtype, enabled, cache, region, *operands)``, inlined only
+    when autocast is off there (a region that changes dtypes would compute otherwise)."""
+    if node.args[2]:
+        raise LoweringError("an autocast region that is enabled changes dtypes inside the forward, "
+                            "which the IR does not carry", hint="lower the model with autocast disabled")
+    return node.args[4], list(node.args[5:])
+
+
+#: Higher-order ops whose region is lowered in place of the op.
+_INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
+    torch.ops.higher_order.wrap_with_set_grad_enabled: _grad_region,
+    torch.ops.higher_order.wrap_with_autocast: _autocast_region,
+}
+
+
 #: ATen overloads spelled with other IR kinds (they add no computation of their own).
 _SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
+    "new_empty.default": _filled_buffer,
     "numpy_T.default": _numpy_t,
     "view_as.default": _shaped_as("reshape"),
     "reshape_as.default": _shaped_as("reshape"),
     "expand_as.default": _shaped_as("expand"),
 }
+
+
+def _logits_leaf(spec) -> int | None:
+    """Which flattened output the field ``logits`` of the model's output is (XLNet returns its
+    memories beside the logits), or None where the output has no such field."""
+    context = getattr(spec, "context", None)
+    if not isinstance(context, list) or "logits" not in context:
+        return None
+    children = spec.children()
+    return sum(child.num_leaves for child in children[:context.index("logits")])
 
 
 def _forward_parameters(model: nn.Module):

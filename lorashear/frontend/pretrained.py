@@ -131,6 +131,97 @@ def add_transformers_key_names(model: nn.Module, index: dict[str, tuple[str, tup
     return converted
 
 
+class ConvertedStorage(DataStorage):
+    """A parameter that transformers makes on load from checkpoint tensors (fused from one
+    tensor per expert, split out of a fused projection, ...): the tensors are read from their
+    files and converted by transformers' own conversion each time it is loaded, so nothing is
+    held in memory (printed as ``data``, a saved ``.ir`` keeps the converted tensor)."""
+
+    def __init__(self, converter, layer_name: str, sources: list[tuple[str, FileStorage]], target: str,
+                 config) -> None:
+        self._tensor = None
+        self._sidecar = None
+        self.converter, self.layer_name, self.sources = converter, layer_name, sources
+        self.target, self.config = target, config
+
+    def load(self) -> torch.Tensor:
+        return run_conversion(self.converter, self.layer_name, self.sources, self.config,
+                              lambda storage: storage.load())[self.target]
+
+    def source_keys(self) -> list[tuple[str, str]]:
+        """The checkpoint tensors it is made from: (file, key)."""
+        return [(s.path, s.key) for _, s in self.sources]
+
+    def __repr__(self) -> str:
+        return f"ConvertedStorage({self.target} from {', '.join(key for _, key in self.source_keys())})"
+
+
+def run_conversion(converter, layer_name: str, sources: list[tuple[str, FileStorage]], config,
+                   load) -> dict[str, torch.Tensor]:
+    """Run a copy of transformers' ``converter`` on the checkpoint tensors ``sources``
+    (``(source pattern, file tensor)``, in transformers' order), each read by ``load``; the
+    parameters it makes, by name."""
+    import copy
+
+    conversion = copy.deepcopy(converter)
+    for pattern, storage in sources:
+        conversion.add_tensor(layer_name, storage.key, pattern, lambda s=storage: load(s))
+    made = conversion.convert(layer_name, model=None, config=config)
+    return {name: tensor[0] if isinstance(tensor, list) else tensor for name, tensor in made.items()}
+
+
+def converted_storages(model: nn.Module, index: dict[str, tuple[str, tuple[int, ...], str]]
+                       ) -> dict[str, tuple[ConvertedStorage, tuple[int, ...]]]:
+    """Parameter name -> (its :class:`ConvertedStorage`, its shape) for the parameters that
+    transformers' conversion mapping makes from the checkpoint's keys (grouped and ordered as
+    transformers groups them on load); the shapes come from running the conversion on
+    ``meta`` tensors, so no weight is read."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    wanted = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None) or None
+    groups: dict[str, tuple[WeightConverter, list[tuple[str, FileStorage]]]] = {}
+    for key in sorted(index, key=dot_natural_key):
+        if key in wanted:
+            continue
+        try:
+            renamed, pattern = rename_source_key(key, renamings, converters, prefix, wanted)
+        except Exception:  # noqa: BLE001 - a key transformers cannot name is left out
+            continue
+        if pattern is None or renamed not in wanted or pattern not in by_pattern:
+            continue
+        path, _, stored_key = index[key]
+        groups.setdefault(renamed, (by_pattern[pattern], []))[1].append((pattern, FileStorage(path, stored_key)))
+    shapes = {(path, key): shape for path, shape, key in index.values()}
+
+    def on_meta(storage: FileStorage) -> torch.Tensor:
+        return torch.empty(shapes[(storage.path, storage.key)], device="meta")
+
+    config = getattr(model, "config", None)
+    out: dict[str, tuple[ConvertedStorage, tuple[int, ...]]] = {}
+    for layer_name, (converter, sources) in groups.items():
+        try:
+            made = run_conversion(converter, layer_name, sources, config, on_meta)
+        except Exception:  # noqa: BLE001 - a conversion that does not run on shapes: reported as before
+            continue
+        for target, tensor in made.items():
+            if target in wanted:
+                out[target] = (ConvertedStorage(converter, layer_name, sources, target, config), tuple(tensor.shape))
+    return out
+
+
 def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -138,9 +229,36 @@ def _build_skeleton(config, dtype: torch.dtype) -> nn.Module:
         with parameters_on_meta():
             model = model_from_config(AutoModelForCausalLM, config)
     except ValueError as exc:
-        raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
-                             f"transformers can build: {first_line(exc)}") from None
+        named = _named_causal_lm(config)
+        if named is None:
+            raise ModelLoadError(f"{type(config).__name__} is not a causal language model "
+                                 f"transformers can build: {first_line(exc)}") from None
+        with parameters_on_meta():
+            model = model_from_config(_ClassAsAuto(named), config)
     return model.to(dtype).eval()
+
+
+class _ClassAsAuto:
+    """A model class with an auto class's ``from_config``."""
+
+    def __init__(self, cls) -> None:
+        self.cls = cls
+
+    def from_config(self, config, **kwargs):
+        return self.cls._from_config(config, **kwargs)
+
+
+def _named_causal_lm(config):
+    """The causal-LM class the config's ``architectures`` names, where the auto classes do not
+    map the config (a multimodal family's text model, as Emu3's and Mllama's ``*ForCausalLM``
+    saved on their own: their config is the text sub-config); None where there is none."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None) if name.endswith("ForCausalLM") else None
+        if cls is not None and isinstance(config, getattr(cls, "config_class", ())):
+            return cls
+    return None
 
 
 def model_from_config(auto_class, config) -> nn.Module:
@@ -203,6 +321,7 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
     checkpoint = {} if meta else checkpoint_index(model_dir)
     model = _build_skeleton(config, dtype)
     converted = add_transformers_key_names(model, checkpoint)
+    conversions = converted_storages(model, checkpoint) if converted else {}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
     model.to("meta")
 
@@ -252,6 +371,13 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
                 return _bind(name, shape, adapter_tensors, f"adapter {adapter}", used_adapter_keys,
                              meta=meta, mismatch="was made for another base model")
             return MetaStorage() if meta else DataStorage(fresh_lora_factor(name, shape, generator))
+        if name not in checkpoint and name in conversions:
+            storage, stored_shape = conversions[name]
+            if stored_shape != shape:
+                raise ModelLoadError(f"model {model_dir} does not match its config: {name}, converted from "
+                                     f"{', '.join(key for _, key in storage.source_keys())}, has shape {list(stored_shape)}, the model expects "
+                                     f"{list(shape)}")
+            return storage
         if name not in checkpoint and name in converted:
             raise ModelLoadError(f"model {model_dir} stores {name} as {converted[name]}, which "
                                  "transformers converts on load (fuses, splits or reorders); lorashear "

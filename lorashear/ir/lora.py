@@ -89,11 +89,14 @@ def merge_lora(module: Module) -> int:
     """Rewrite every ``lora_linear`` into ``linear`` with the merged weight; returns the count."""
     check_adapter_storage(module, "merge-lora")
     merged = 0
+    folded: set[int] = set()  # a layer run several times (HRM's cycles) is folded once
     for index, op in enumerate(module.graph.ops):
         if op.kind != "lora_linear":
             continue
         parts = lora_parts(op)
-        fold_adapter(op)
+        if id(parts.weight) not in folded:
+            folded.add(id(parts.weight))
+            fold_adapter(op)
         args = [parts.x, parts.weight] + ([] if parts.bias is None else [parts.bias])
         module.graph.ops[index] = Op("linear", args, {}, op.results, op.loc)
         merged += 1

@@ -184,6 +184,17 @@ for _overload, _kind in _PLAIN.items():
     _p, _, _o = _canon.rpartition(".")
     _define(_kind, getattr(getattr(aten, _p), _o))
 
+#: Overloads met in the decoders of the conformance sweep (issue #22): the identity matrix
+#: (XLNet's mask), constant padding (Zaya's causal convolution), Einstein sums (ProphetNet's
+#: attention) and 1-D convolutions (LFM's and Inkling's short depthwise convolutions).
+_DECODER_OPS = {"eye.default": "eye", "pad.default": "pad", "constant_pad_nd.default": "pad.constant",
+                "einsum.default": "einsum", "conv1d.default": "conv1d"}
+_traits("eye", creates_tensor=True)
+for _overload, _kind in _DECODER_OPS.items():
+    ATEN_OPS[_overload] = _kind
+    _p, _, _o = _overload.rpartition(".")
+    _define(_kind, getattr(getattr(aten, _p), _o))
+
 #: ATen overloads that carry no computation for inference and are dropped by lowering.
 IDENTITY_OPS = frozenset({
     "clone.default", "contiguous.default", "alias.default", "detach.default", "detach_.default",

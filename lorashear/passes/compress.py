@@ -152,6 +152,14 @@ def _split_sizes(ctx: CompressContext, op: Op) -> None:
         _set_argument(op, "split_sizes", sizes)
 
 
+@compress_rule("conv1d")
+def _conv1d_groups(ctx: CompressContext, op: Op) -> None:
+    """A depthwise convolution has one group per channel: ``groups`` becomes the kept count."""
+    a = op.bound_args()
+    if a["groups"] != 1 and a["weight"].type.shape[1] == 1:
+        _set_argument(op, "groups", a["weight"].type.shape[0])
+
+
 @compress_rule("mean")
 def _mean(ctx: CompressContext, op: Op) -> None:
     """A mean over a shrunk axis: an RMSNorm's is rescaled (:func:`_rescale_rms_norm`), any

@@ -184,6 +184,10 @@ def _gelu(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     return b.op("Mul", half_x, b.op("Add", gate, b.const(1.0, dtype)))
 
 
+#: torch's arithmetic on booleans, as ONNX's logic ops (Reformer multiplies masks).
+_BOOL_ARITHMETIC = {"Mul": "And", "Add": "Or", "Max": "Or", "Min": "And"}
+
+
 def _binary(onnx_op: str, *, reverse: bool = False) -> Translation:
     """``self OP other`` (or ``other OP self``) in the result type; ``alpha`` scales ``other``."""
     def translate(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
@@ -194,6 +198,8 @@ def _binary(onnx_op: str, *, reverse: bool = False) -> Translation:
             left, right = right, left
         if alpha != 1:  # add/sub scale `other`; rsub (reverse) scales `self`
             right = b.op("Mul", right, b.const(alpha, dtype))
+        if dtype == "bool" and onnx_op in _BOOL_ARITHMETIC:  # ONNX arithmetic takes no booleans
+            return b.op(_BOOL_ARITHMETIC[onnx_op], left, right)
         return b.op(onnx_op, left, right)
     return translate
 
@@ -472,3 +478,56 @@ def _arange(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
 
     return b.op("Range", scalar(start), scalar(end), scalar(step))
 
+
+
+# --- ops of the conformance sweep's decoders (issue #22) ------------------------------------------
+@translates("eye")
+def _eye(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    n = b.sym_vector(a["n"])
+    square = b.op("ConstantOfShape", b.op("Concat", n, n, axis=0))
+    return b.cast(b.op("EyeLike", square), result_dtype(op))
+
+
+@translates("pad", "pad.constant")
+def _pad(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    mode = a.get("mode", "constant")
+    if mode != "constant":
+        from lorashear.errors import EmissionError
+
+        raise EmissionError(f"padding mode {mode!r} has no translation (only constant padding)")
+    rank = rank_of(a["self"])
+    amounts = list(a["pad"])
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(amounts) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = amounts[2 * i], amounts[2 * i + 1]
+    dtype = result_dtype(op)
+    value = a["value"] if a["value"] is not None else 0
+    return b.op("Pad", b.tensor(a["self"], dtype), b.shape_vector(begins + ends), b.const(value, dtype),
+                mode="constant")
+
+
+@translates("einsum")
+def _einsum(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return b.op("Einsum", *(b.tensor(t, dtype) for t in a["tensors"]), equation=a["equation"].replace(" ", ""))
+
+
+@translates("conv1d")
+def _conv1d(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    padding = a["padding"]
+    if isinstance(padding, str):
+        from lorashear.errors import EmissionError
+
+        raise EmissionError(f"convolution padding {padding!r} has no translation (give it as sizes)")
+    single = rank_of(a["input"]) == 2
+    x = b.tensor(a["input"], dtype)
+    if single:
+        x = b.op("Unsqueeze", x, b.ints([0]))
+    pads = list(padding) if isinstance(padding, list) else [padding]
+    inputs = [x, b.tensor(a["weight"], dtype)]
+    if a["bias"] is not None:
+        inputs.append(b.tensor(a["bias"], dtype))
+    out = b.op("Conv", *inputs, group=int(a["groups"]), strides=list(a["stride"]), dilations=list(a["dilation"]),
+               pads=pads + pads)
+    return b.op("Squeeze", out, b.ints([0])) if single else out
