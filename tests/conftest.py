@@ -48,7 +48,7 @@ def tiny_config(family: str, **overrides):
 
 def build_tiny(family: str, root: Path, *, seed: int = 0, lora_targets=None,
                config_overrides=None) -> TinyModel:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -57,15 +57,26 @@ def build_tiny(family: str, root: Path, *, seed: int = 0, lora_targets=None,
     model_dir = root / f"{family}-model"
     base.save_pretrained(model_dir)
     targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                 target_modules=targets))
+    adapter_dir = root / f"{family}-adapter"
+    peft_model = with_lora(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets),
+                           adapter_dir)
+    return TinyModel(family, model_dir, adapter_dir, base, peft_model)
+
+
+def with_lora(base, lora_config, adapter_dir: Path | None = None):
+    """``base`` wrapped by peft with ``lora_config``, its ``lora_B`` factors drawn from N(0, 0.05)
+    (peft starts them at zero, where an adapter changes nothing), saved to ``adapter_dir`` when
+    given; in eval mode."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(base, lora_config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    adapter_dir = root / f"{family}-adapter"
-    peft_model.save_pretrained(adapter_dir)
-    return TinyModel(family, model_dir, adapter_dir, base, peft_model.eval())
+    if adapter_dir is not None:
+        peft_model.save_pretrained(adapter_dir)
+    return peft_model.eval()
 
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -207,3 +218,23 @@ def kill_when(pid: int, path: Path, stderr_path: Path, timeout: float = 120) -> 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
                      help="mutants the .ir fuzz test runs (default: a quick few for `make test`)")
+
+
+def training_setup(module, root):
+    """The tiny Llama ``module`` made ready for the LoRA-training tests: LoRA dropout off (a
+    slice of a batch then sees exactly what it sees inside the whole batch), discovered, two
+    token streams with a data spec naming them, and the module saved as the KD reference."""
+    from lorashear.ir.core import clone_module
+    from lorashear.ir.fileformat import save_ir
+    from lorashear.passes import PassManager
+
+    for op in module.graph.ops:
+        if op.kind == "lora_linear":
+            op.kwargs["dropout"] = 0.0
+    PassManager.parse("discover").run(module)
+    for name, seed in (("a", 0), ("b", 1)):
+        tokens = markov_tokens(2000, 5 + 2 * seed, 3 + 8 * seed, seed=seed)
+        (root / f"{name}.ids").write_text(" ".join(map(str, tokens.tolist())))
+    (root / "spec.yaml").write_text("sources:\n  - path: a.ids\n    name: a\n  - path: b.ids\n    name: b\n")
+    save_ir(clone_module(module), root / "reference.ir")
+    return module, root

@@ -16,11 +16,11 @@ from lorashear.ir.storage import FileStorage, MetaStorage
 from lorashear.passes import PassManager
 from lorashear.runtime.executor import emit_torch
 from lorashear.runtime.hf import load_pretrained, save_model_dir
-from tests.conftest import random_batch
+from tests.conftest import random_batch, with_lora
 
 
 def _gpt_neox(root):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     torch.manual_seed(0)
@@ -28,14 +28,8 @@ def _gpt_neox(root):
                            intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False)
     base = AutoModelForCausalLM.from_config(config).eval()
     base.save_pretrained(root / "model")
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", "dense",
-                                                                              "dense_h_to_4h", "dense_4h_to_h"]))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft.save_pretrained(root / "adapter")
-    return peft.eval()
+    return with_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", "dense",
+                                                                              "dense_h_to_4h", "dense_4h_to_h"]), root / "adapter")
 
 
 def test_gpt_neox_checkpoint_lowers_prunes_and_reloads(tmp_path):

@@ -17,13 +17,13 @@ from lorashear.frontend.pretrained import ConvertedStorage, checkpoint_index, lo
 from lorashear.ir.lora import merge_lora
 from lorashear.ir.storage import MetaStorage
 from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
+from tests.conftest import random_batch, with_lora
 
 VOCAB = 48
 
 
 def _hrm(root):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import HrmTextConfig, HrmTextForCausalLM
 
     torch.manual_seed(0)
@@ -32,13 +32,7 @@ def _hrm(root):
                            L_cycles=2, L_bp_cycles=[1])
     base = HrmTextForCausalLM(config).eval()
     base.save_pretrained(root / "model")
-    peft = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft.save_pretrained(root / "adapter")
-    return peft.eval()
+    return with_lora(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj"]), root / "adapter")
 
 
 def test_fused_checkpoint_keys_bind_by_reference_and_lower_exactly(tmp_path):

@@ -20,7 +20,7 @@ from lorashear.ir.core import clone_module
 from lorashear.ir.fileformat import save_ir
 from lorashear.passes import PassManager
 from lorashear.runtime.executor import IRModel, lora_param_names
-from tests.conftest import markov_tokens
+from tests.conftest import training_setup
 
 SEQ = 16
 
@@ -36,20 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(lowered, tmp_path_factory):
-    """The tiny Llama with LoRA, discovered, LoRA dropout off (so that a slice of a batch
-    sees exactly what it sees inside the whole batch), and two token streams."""
-    root = tmp_path_factory.mktemp("training")
-    module = clone_module(lowered("llama", True))
-    for op in module.graph.ops:
-        if op.kind == "lora_linear":
-            op.kwargs["dropout"] = 0.0
-    PassManager.parse("discover").run(module)
-    for name, seed in (("a", 0), ("b", 1)):
-        tokens = markov_tokens(2000, 5 + 2 * seed, 3 + 8 * seed, seed=seed)
-        (root / f"{name}.ids").write_text(" ".join(map(str, tokens.tolist())))
-    (root / "spec.yaml").write_text("sources:\n  - path: a.ids\n    name: a\n  - path: b.ids\n    name: b\n")
-    save_ir(clone_module(module), root / "reference.ir")
-    return module, root
+    return training_setup(clone_module(lowered("llama", True)), tmp_path_factory.mktemp("training"))
 
 
 def lhspg_text(root, **opts) -> str:
