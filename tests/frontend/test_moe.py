@@ -233,12 +233,13 @@ def test_uniformly_pruned_moe_reloads_with_stock_transformers(tiny, tmp_path):
     assert (got - tiny.logits(module)).abs().max().item() <= 1e-4
 
 
-def test_lora_on_fused_expert_parameters_is_refused(tiny):
+def test_lora_on_the_router_parameter_is_refused(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    # LoRA on the fused experts lowers (tests/frontend/test_moe_lora.py); on the router's weight not
     base = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=ATTENTION, target_parameters=["gate_up_proj"]))
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=ATTENTION, target_parameters=["gate.weight"]))
     with pytest.raises(LoweringError, match="target_parameters"):
         lower(peft_model)
 
