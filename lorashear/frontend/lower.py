@@ -28,6 +28,7 @@ from lorashear.frontend.layers import (
 from lorashear.frontend.moe import (
     add_expert_gates,
     dense_experts,
+    fuse_param_lora,
     name_expert_lora,
     split_fused_experts,
 )
@@ -142,6 +143,8 @@ class _Lowering:
         linear_from_transposed_matmul(graph)
         graph.remove_dead_ops()
         fuse_lora(graph)
+        graph.remove_dead_ops()
+        fuse_param_lora(graph)  # MoE: a router's LoRA (frontend/moe.py)
         graph.remove_dead_ops()
         name_expert_lora(self.module)  # MoE: LoRA factors named after their expert (frontend/moe.py)
         add_expert_gates(self.module, self.model)  # MoE: a maskable gate per expert (frontend/moe.py)

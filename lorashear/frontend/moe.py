@@ -23,6 +23,14 @@ each expert on its own. The routing ops (``topk``, ``scatter``) pin the expert a
 removable unit all the same (:mod:`lorashear.analysis.moe`). Emission stacks the experts back
 into transformers' fused parameters (:func:`fuse_expert_params`) where they share one shape.
 
+peft's LoRA on the fused parameters (``target_parameters``, which ``all-linear`` chooses for
+the experts and the router's weight) is lowered as LoRA, not merged: the experts forward adds
+each expert's slice of the factors beside its linear (:func:`expert_lora_factors`), which
+become the expert's own parameters (``...experts.3.gate_up_proj_lora_A``), so every expert has
+an ordinary ``lora_linear`` whose factors its channel family and its removal take along; a
+router's weight is read as ``W + s * B @ A`` (:class:`_LoraWeight`), fused back into a
+``lora_linear`` (:func:`fuse_param_lora`) whose ``B`` rows join the expert family.
+
 The cost is compute: lowered, a layer runs all of its experts on every token (``experts /
 top_k`` times eager's expert work), which the pruning passes accept for exactness.
 """
@@ -37,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorashear.errors import LoweringError
-from lorashear.ir.core import Module, Op, Param, Value
+from lorashear.ir.core import Graph, Module, Op, Param, Value
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType
 
@@ -125,34 +133,106 @@ def _refuse_param_lora(path: str, module: nn.Module) -> None:
              "the attention and MLP projections, with target_parameters unset")
 
 
-def _expert_lora(model: nn.Module, experts: list[nn.Module]) -> tuple[list[nn.Module], dict[int, dict]]:
-    """peft's wrappers of fused expert parameters (``target_parameters``) and, by
-    ``id(experts module)``, their active factors by parameter name. Any other ``ParamWrapper``
-    (a router's weight, a parameter of a module that is no fused experts module) is refused
-    (:func:`_refuse_param_lora`), as are several active adapters on one parameter."""
+def _active(wrapper: nn.Module, path: str, name: str) -> list[str]:
+    """The adapters of a ``ParamWrapper`` its forward would apply (one at most)."""
     from lorashear.frontend.lower import canonical_module_path
+
+    adapters = [] if wrapper.disable_adapters or wrapper.merged else \
+        [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if len(adapters) > 1:
+        raise LoweringError(f"the LoRA adapters {adapters} at module {canonical_module_path(path)} "
+                            f"are all active on its parameter {name}; lorashear lowers one",
+                            hint="activate one adapter (model.set_adapter) or merge the others first")
+    return adapters
+
+
+class _LoraWeight:
+    """Mixed into a module's class while lowering (:func:`dense_experts`): reading its adapted
+    2-D parameter gives ``W + (B @ A) * scaling`` from peft's factors (``ParamWrapper`` on a
+    router's weight), which :func:`fuse_param_lora` turns into a ``lora_linear``. peft's own
+    forward re-parametrises the module under an autocast region that ``torch.export`` keeps as
+    a submodule; this reads the same parameters under their own names."""
+
+    def __getattr__(self, name: str):
+        got = super().__getattr__(name)
+        for param, lora_a, lora_b, scaling in self.__dict__.get(_PARAM_LORA, ()):
+            if name == param:
+                got = got + (lora_b.weight @ lora_a.weight) * scaling
+        return got
+
+
+_PARAM_LORA = "_lorashear_param_lora"
+
+
+def _with_lora_weight(cls: type) -> type:
+    """``cls`` with :class:`_LoraWeight` mixed in, under its own name (a fresh class per lowering)."""
+    return type(cls.__name__, (_LoraWeight, cls), {"__module__": cls.__module__})
+
+
+def fuse_param_lora(graph: Graph) -> int:
+    """``linear(x, add(@W, mul(matmul(@B, @A), s)))`` (:class:`_LoraWeight`'s read, then a
+    linear) -> ``lora_linear(x, @W, bias, @A, @B, scaling=s)``, in place; returns how many."""
+    fused = 0
+    for index, op in enumerate(graph.ops):
+        w = op.args[1] if op.kind == "linear" and len(op.args) > 1 else None
+        add = getattr(w, "producer", None) if isinstance(w, Value) else None
+        if add is None or add.kind != "add" or len(add.args) != 2 or not isinstance(add.args[0], Param):
+            continue
+        mul = getattr(add.args[1], "producer", None)
+        if mul is None or mul.kind != "mul" or not isinstance(mul.args[1], (int, float)) \
+                or isinstance(mul.args[1], bool):
+            continue
+        mm = getattr(mul.args[0], "producer", None)
+        if mm is None or mm.kind not in ("matmul", "mm") or not all(isinstance(a, Param) for a in mm.args[:2]):
+            continue
+        lora_b, lora_a = mm.args[0], mm.args[1]
+        if not (lora_a.name.endswith("lora_A.weight") and lora_b.name.endswith("lora_B.weight")):
+            continue
+        bias = op.args[2] if len(op.args) > 2 else None
+        new = Op("lora_linear", [op.args[0], add.args[0], bias, lora_a, lora_b],
+                 {"scaling": float(mul.args[1]), "dropout": 0.0}, op.results, loc=op.loc)
+        for r in new.results:
+            r.producer = new
+        graph.ops[index] = new
+        fused += 1
+    return fused
+
+
+def _expert_lora(model: nn.Module, experts: list[nn.Module]) -> tuple[list[nn.Module], dict[int, dict], list]:
+    """peft's wrappers of parameters (``target_parameters``) of an MoE model: the wrappers,
+    by ``id(experts module)`` the active factors of its fused parameters by parameter name, and
+    each other module with an adapted 2-D weight (a router) with its ``(parameter, A, B,
+    scaling)`` (:class:`_LoraWeight`). Any other ``ParamWrapper`` (in a model without fused
+    experts, on a 3-D parameter of another module) is refused (:func:`_refuse_param_lora`), as
+    are several active adapters on one parameter."""
 
     by_id = {id(m): m for m in experts}
     wrappers: list[nn.Module] = []
     factors: dict[int, dict] = {}
+    weights: dict[int, tuple[nn.Module, list]] = {}
     for path, module in model.named_modules():
         if type(module).__name__ != "ParamWrapper":
             continue
         base = module.get_base_layer()
         name = module.parameter_name
+        if by_id and getattr(module, "num_experts", None) == 1 and getattr(base, name).dim() == 2 \
+                and id(base) not in by_id:
+            wrappers.append(module)  # a 2-D weight beside experts (a router's): read as W + s * B @ A
+            adapters = _active(module, path, name)
+            if adapters:
+                a = adapters[0]
+                if id(base) not in weights:
+                    weights[id(base)] = (base, [])
+                weights[id(base)][1].append((name, module.lora_A[a], module.lora_B[a], module.scaling[a]))
+            continue
         if id(base) not in by_id or name not in FUSED_EXPERT_PARAMS:
             _refuse_param_lora(path, module)
         wrappers.append(module)
-        adapters = [] if module.disable_adapters or module.merged else \
-            [a for a in module.active_adapters if a in module.lora_A]
-        if len(adapters) > 1:
-            raise LoweringError(f"the LoRA adapters {adapters} at module {canonical_module_path(path)} "
-                                f"are all active on its parameter {name}; lorashear lowers one",
-                                hint="activate one adapter (model.set_adapter) or merge the others first")
+        adapters = _active(module, path, name)
         if adapters:
             a = adapters[0]
             factors.setdefault(id(base), {})[name] = (module.lora_A[a], module.lora_B[a], module.scaling[a])
-    return wrappers, factors
+    return wrappers, factors, list(weights.values())
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
@@ -167,7 +247,7 @@ def dense_experts(model: nn.Module) -> Iterator[None]:
     """Run every fused experts module of ``model`` through :func:`dense_experts_forward` for
     the duration of the block (the configs' ``_experts_implementation`` is restored after)."""
     modules = _experts_modules(model)
-    wrappers, factors = _expert_lora(model, modules)
+    wrappers, factors, weights = _expert_lora(model, modules)
     if not modules:
         yield
         return
@@ -186,6 +266,9 @@ def dense_experts(model: nn.Module) -> Iterator[None]:
                 module.__dict__[_LORA_FACTORS] = factors[id(module)]
         for wrapper in wrappers:  # the experts forward adds the LoRA terms; peft's merge is skipped
             wrapper.__dict__["forward"] = wrapper.base_layer.__call__
+        for module, loras in weights:
+            module.__dict__[_PARAM_LORA] = loras
+            module.__class__ = _with_lora_weight(type(module))
         yield
     finally:
         for config in configs.values():
@@ -194,6 +277,10 @@ def dense_experts(model: nn.Module) -> Iterator[None]:
             module.__dict__.pop(_LORA_FACTORS, None)
         for wrapper in wrappers:
             wrapper.__dict__.pop("forward", None)
+        for module, _ in weights:
+            module.__dict__.pop(_PARAM_LORA, None)
+            if type(module).__bases__[0] is _LoraWeight:
+                module.__class__ = type(module).__bases__[1]
 
 
 _IMPLEMENTATION = "_experts_implementation_internal"

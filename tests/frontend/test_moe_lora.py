@@ -1,7 +1,9 @@
 """peft LoRA on fused MoE expert weights (``target_parameters``): lowered as one ``lora_linear``
 per expert (peft's ``ParamWrapper`` factors sliced per expert), so each expert's LoRA joins its
 expert's channel family, compress and merge-lora stay exact, and an adapter saved by peft
-binds by its own keys (the two nested wrappers' factors keep distinct names)."""
+binds by its own keys (the two nested wrappers' factors keep distinct names). A router's LoRA
+(``all-linear`` adapts its weight too) is an ordinary ``lora_linear`` whose ``B`` rows join the
+layer's expert family."""
 
 from __future__ import annotations
 
@@ -44,14 +46,16 @@ def _base(family: str):
 
 
 class Tiny:
-    def __init__(self, family: str, root: Path) -> None:
+    def __init__(self, family: str, targets: str, root: Path) -> None:
         from peft import LoraConfig, get_peft_model
 
         base, self.width = _base(family)
         self.model_dir, self.adapter_dir = root / "model", root / "adapter"
+        self.all_linear = targets == "all-linear"  # peft adds the routers' weights (and a rank of 8 on gate_up)
         base.save_pretrained(self.model_dir)
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION,
-                                                     target_parameters=EXPERT_PARAMS))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if self.all_linear else \
+            LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERT_PARAMS)
+        peft_model = get_peft_model(base, config)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
@@ -70,9 +74,11 @@ class Tiny:
             return emit_torch(module)(self.ids, attention_mask=self.mask).logits
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=[("mixtral", "experts"), ("qwen3_moe", "experts"),
+                                        ("mixtral", "all-linear"), ("qwen3_moe", "all-linear")],
+                ids=lambda p: "-".join(p))
 def tiny(request, tmp_path_factory) -> Tiny:
-    return Tiny(request.param, tmp_path_factory.mktemp(request.param))
+    return Tiny(*request.param, tmp_path_factory.mktemp(request.param[0]))
 
 
 def _expert(layer: int, e: int, leaf: str) -> str:
@@ -95,6 +101,7 @@ def test_expert_lora_lowers_per_expert_and_equals_peft(tiny):
         for leaf, wrapper in (("down_proj", outer), ("gate_up_proj", outer.base_layer)):
             assert wrapper.parameter_name == leaf
             a = wrapper.lora_A["default"].weight.detach()
+            r = a.shape[0] // EXPERTS
             for e in range(EXPERTS):
                 (op,) = [op for op in module.graph.ops if op.kind == "lora_linear"
                          and op.args[1].name == _expert(layer, e, leaf)]
@@ -102,7 +109,7 @@ def test_expert_lora_lowers_per_expert_and_equals_peft(tiny):
                 assert parts.lora_a.name == _expert(layer, e, leaf) + "_lora_A"
                 assert parts.lora_b.name == _expert(layer, e, leaf) + "_lora_B"
                 assert parts.scaling == 2.0
-                assert torch.equal(parts.lora_a.storage.load(), a[4 * e:4 * e + 4])
+                assert torch.equal(parts.lora_a.storage.load(), a[r * e:r * e + r])
     assert not any(".lora_A.weight" in n and ".experts." in n for n in module.params)
 
 
@@ -117,7 +124,10 @@ def test_expert_lora_joins_each_experts_channel_family(tiny):
             assert family.size == tiny.width
             assert {(m.param, m.axis) for m in family.members} == {
                 (gate_up, 0), (gate_up + "_lora_B", 0), (down, 1), (down + "_lora_A", 1)}
-        assert [f for f in groups.families if f.kind == "expert" and f.layer == layer]
+        (experts,) = [f for f in groups.families if f.kind == "expert" and f.layer == layer]
+        router = f"model.layers.{layer}.mlp.gate."
+        want = {router + "weight", router + "expert_mask"} | ({router + "lora_B.weight"} if tiny.all_linear else set())
+        assert {m.param for m in experts.members} == want and all(m.axis == 0 for m in experts.members)
 
 
 def _prune(module, experts_by_layer: dict[int, tuple[int, ...]]) -> None:
@@ -149,7 +159,9 @@ def test_prune_and_compress_with_expert_lora_are_exact(tiny):
             width = small.params[_expert(layer, e, "down_proj")].type.shape[1]
             assert width < tiny.width
             assert tuple(small.params[_expert(layer, e, "down_proj_lora_A")].type.shape) == (4, width)
-            assert tuple(small.params[_expert(layer, e, "gate_up_proj_lora_B")].type.shape) == (2 * width, 4)
+            assert small.params[_expert(layer, e, "gate_up_proj_lora_B")].type.shape[0] == 2 * width
+        if tiny.all_linear:
+            assert tuple(small.params[f"model.layers.{layer}.mlp.gate.lora_B.weight"].type.shape) == (kept, 4)
 
 
 def test_merge_lora_on_expert_lora_is_exact(tiny):
@@ -169,14 +181,16 @@ def test_expert_lora_names_are_the_saved_adapters_keys(tiny):
         saved = {k.removeprefix("base_model.model.") for k in f.keys()}
     names = {canonical_param_name(n.removeprefix("base_model.model."))
              for n, _ in tiny.peft_model.named_parameters() if "lora_" in n}
-    assert names == saved and len(saved) == 2 * LAYERS * (len(ATTENTION) + len(EXPERT_PARAMS))
+    assert names == saved
+    assert len(saved) == 2 * LAYERS * (len(ATTENTION) + len(EXPERT_PARAMS) + tiny.all_linear)
 
 
-def test_lora_on_the_router_weight_is_refused(tiny):
+def test_param_lora_outside_moe_is_refused():
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    base = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear"))  # experts and router
-    with pytest.raises(LoweringError, match=r"module model\.layers\.0\.mlp\.gate adapts the parameter weight"):
+    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                        num_hidden_layers=1, num_attention_heads=2))
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=[], target_parameters=["q_proj.weight"]))
+    with pytest.raises(LoweringError, match=r"module model\.layers\.0\.self_attn\.q_proj adapts the parameter weight"):
         lower(peft_model)
