@@ -26,7 +26,13 @@ from lorashear.frontend.layers import (
     stamp_layers,
     traced_layers_only,
 )
-from lorashear.frontend.moe import add_expert_gates, dense_experts, split_fused_experts
+from lorashear.frontend.moe import (
+    add_expert_gates,
+    dense_experts,
+    fuse_param_lora,
+    name_expert_lora,
+    split_fused_experts,
+)
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
 from lorashear.ir.dims import parse_dim
@@ -47,14 +53,16 @@ def canonical_param_name(target: str, adapter: str = "default") -> str:
 
     ``...q_proj.base_layer.weight`` -> ``...q_proj.weight`` and
     ``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``, so base weights keep
-    the names of the original checkpoint and LoRA factors those of the adapter file.
+    the names of the original checkpoint and LoRA factors those of the adapter file. peft nests
+    one wrapper per adapted parameter (``target_parameters``): ``...experts.base_layer.lora_A``
+    is the inner wrapper's factor, kept so (as in the adapter file), not the outer one's.
     """
-    name = target.replace(".base_layer.", ".")
+    name = re.sub(r"(?:\.base_layer)+\.(?!lora_[AB]\.)", ".", target)
     return re.sub(rf"\.(lora_[AB])\.{re.escape(adapter)}\.", r".\1.", name)
 
 
 def canonical_module_path(path: str) -> str:
-    path = re.sub(r"\.base_layer$", "", path)
+    path = re.sub(r"(?:\.base_layer)+$", "", path)
     return re.sub(r"\.(lora_[AB]|lora_dropout)\.[A-Za-z0-9_]+$", "", path)
 
 
@@ -142,6 +150,9 @@ class _Lowering:
         graph.remove_dead_ops()
         fuse_lora(graph)
         graph.remove_dead_ops()
+        fuse_param_lora(graph)  # MoE: a router's LoRA (frontend/moe.py)
+        graph.remove_dead_ops()
+        name_expert_lora(self.module)  # MoE: LoRA factors named after their expert (frontend/moe.py)
         add_expert_gates(self.module, self.model)  # MoE: a maskable gate per expert (frontend/moe.py)
         self._check_lora_recognised()
         self.module.remove_unused_params()
