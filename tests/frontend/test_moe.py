@@ -17,6 +17,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.runtime.executor import emit_torch
+from tests.conftest import with_lora
 
 EXPERTS, TOP_K = 4, 2
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -39,7 +40,7 @@ def _config(family: str):
 
 class Tiny:
     def __init__(self, family: str, root: Path) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
@@ -53,12 +54,7 @@ class Tiny:
         self.model_dir = root / "model"
         base.save_pretrained(self.model_dir)  # for the stock reload's comparison of configs
         targets = ATTENTION + (SHARED if family == "qwen2_moe" else [])
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        self.peft_model = peft_model.eval()
+        self.peft_model = with_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, 128, (2, 9), generator=g)
         self.mask = torch.ones_like(self.ids)

@@ -20,6 +20,7 @@ from lorashear.ir.core import clone_module
 from lorashear.ir.lora import lora_parts
 from lorashear.passes import PassManager
 from lorashear.runtime.executor import emit_torch
+from tests.conftest import with_lora
 
 EXPERTS, TOP_K, LAYERS, HIDDEN = 4, 2, 2, 64
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -47,7 +48,7 @@ def _base(family: str):
 
 class Tiny:
     def __init__(self, family: str, targets: str, root: Path) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         base, self.width = _base(family)
         self.model_dir, self.adapter_dir = root / "model", root / "adapter"
@@ -55,13 +56,7 @@ class Tiny:
         base.save_pretrained(self.model_dir)
         config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if self.all_linear else \
             LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERT_PARAMS)
-        peft_model = get_peft_model(base, config)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        self.peft_model = peft_model.eval()
-        self.peft_model.save_pretrained(self.adapter_dir)
+        self.peft_model = with_lora(base, config, self.adapter_dir)
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, 128, (2, 9), generator=g)
         self.mask = torch.ones_like(self.ids)
