@@ -9,7 +9,6 @@ LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` becomes one
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import re
 from collections.abc import Callable
@@ -33,8 +32,17 @@ from lorashear.frontend.moe import (
     name_expert_lora,
     split_fused_experts,
 )
+from lorashear.frontend.node_forms import (
+    INLINED_REGIONS,
+    SPELLED_AS,
+    is_inplace,
+    is_view,
+    scalar_constants_off_meta,
+)
+from lorashear.frontend.rewrites import fuse_lora, linear_from_transposed_matmul
 from lorashear.frontend.scope import refuse_out_of_scope
-from lorashear.ir.core import DTypeArg, Graph, Module, Op, Param, Value
+from lorashear.frontend.sizes import exact_quotients, static_min_max
+from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
 from lorashear.ir.dims import parse_dim
 from lorashear.ir.finite import refuse_nonfinite
 from lorashear.ir.handles import record_fingerprints
@@ -247,7 +255,7 @@ class _Lowering:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = _exact_quotients(_static_min_max(d.node.expr, d.node.shape_env))
+            expr = exact_quotients(static_min_max(d.node.expr, d.node.shape_env))
             if expr.is_number:
                 return int(expr)
             text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
@@ -317,8 +325,8 @@ class _Lowering:
         if node.op != "call_function":
             raise LoweringError(f"unsupported graph node {node.op} {node.target}")
         target = node.target
-        if target in _INLINED_REGIONS:
-            self._inline_region(node, *_INLINED_REGIONS[target](node))
+        if target in INLINED_REGIONS:
+            self._inline_region(node, *INLINED_REGIONS[target](node))
             return
         if node in self.deferred:
             self.deferred.pop(node)(self, node)
@@ -347,11 +355,11 @@ class _Lowering:
         if name == "sym_size.int":
             self._emit(node, "dim", [self.env[node.args[0]], int(node.args[1])], {})
             return
-        if name in _SPELLED_AS:
-            _SPELLED_AS[name](self, node)
+        if name in SPELLED_AS:
+            SPELLED_AS[name](self, node)
             return
         kind = ATEN_OPS.get(name)
-        if kind is None and _is_inplace(name):
+        if kind is None and is_inplace(name):
             kind = self._functional_kind(node, name)
         if kind is None:
             raise LoweringError(f"unsupported op aten.{name} at module {self._loc(node) or 'top level'}",
@@ -395,13 +403,13 @@ class _Lowering:
         if kind is None or not isinstance(target, fx.Node):
             return kind
         where = f"in-place op aten.{name} at module {self._loc(node) or 'top level'}"
-        if target.op != "call_function" or _is_view(target):
+        if target.op != "call_function" or is_view(target):
             raise LoweringError(f"{where} writes into {'a view' if target.op == 'call_function' else 'an input'} "
                                 f"({target.name}), which the IR's values cannot express")
         order = self._node_order(node.graph)
         if any(order[user] > order[node] for user in target.users if user is not node):
             raise LoweringError(f"{where} overwrites {target.name}, which is read after it")
-        if any(_is_view(user) for user in target.users if user is not node):
+        if any(is_view(user) for user in target.users if user is not node):
             raise LoweringError(f"{where} overwrites {target.name}, which a view shares")
         return kind
 
@@ -467,245 +475,6 @@ class _Lowering:
                 r.name = str(i) if len(op.results) == 1 else f"{i}.{j}"
 
 
-def _transposed_param(value: Any) -> Param | None:
-    """The 2-D parameter W when ``value`` is ``W.T`` (``t``, ``permute([1, 0])``, ``transpose``)."""
-    op = value.producer if isinstance(value, Value) else None
-    if op is None or not op.args or not isinstance(op.args[0], Param) or len(op.args[0].type.shape) != 2:
-        return None
-    if op.kind == "t" or op.kind == "permute" and [d % 2 for d in op.args[1]] == [1, 0] \
-            or op.kind == "transpose" and {d % 2 for d in op.args[1:3]} == {0, 1}:
-        return op.args[0]
-    return None
-
-
-def linear_from_transposed_matmul(graph: Graph) -> int:
-    """Rewrite ``x @ W.T`` into ``linear(x, W)`` (Falcon's own linear layer multiplies by the
-    transposed weight), so such layers are linear layers to the analyses and to LoRA fusion;
-    returns how many were rewritten."""
-    rewritten = 0
-    for index, op in enumerate(graph.ops):
-        if op.kind != "matmul" or len(op.args) != 2 or not isinstance(op.args[0], Value):
-            continue
-        weight = _transposed_param(op.args[1])
-        if weight is None or len(op.args[0].type.shape) < 2:
-            continue
-        new = Op("linear", [op.args[0], weight], {}, [], loc=op.loc)
-        new.results = op.results
-        for r in new.results:
-            r.producer = new
-        graph.ops[index] = new
-        rewritten += 1
-    return rewritten
-
-
-def fuse_lora(graph: Graph) -> int:
-    """Rewrite peft's LoRA pattern into ``lora_linear`` ops; returns how many were fused."""
-    users = graph.users()
-    fused = 0
-    for index, op in enumerate(graph.ops):
-        if op.kind != "add" or len(op.args) != 2 or not all(isinstance(a, Value) for a in op.args):
-            continue
-        for base_v, delta_v in (op.args, op.args[::-1]):
-            match = _match_lora(base_v, delta_v, users)
-            if match is None:
-                continue
-            x, weight, bias, lora_a, lora_b, scaling, dropout = match
-            new = Op("lora_linear", [x, weight, bias, lora_a, lora_b],
-                     {"scaling": scaling, "dropout": dropout}, [], loc=base_v.producer.loc)
-            new.results = op.results
-            for r in new.results:
-                r.producer = new
-            graph.ops[index] = new
-            fused += 1
-            break
-    return fused
-
-
-def _static_min_max(expr, shape_env):
-    """``expr``, or its value where it holds a ``Max``/``Min`` that the sizes' known ranges
-    decide (MPT's ``1 - Max(0, 1 - S)`` is 1 for any sequence length of at least 2)."""
-    import sympy
-
-    if shape_env is None or not any(name in str(expr) for name in ("Max(", "Min(")):
-        return expr
-    try:
-        bounds = shape_env.bound_sympy(expr)
-    except Exception:  # noqa: BLE001 - torch's range analysis: undecided if it fails
-        return expr
-    if bounds.lower == bounds.upper and bounds.lower.is_number:
-        return sympy.Integer(int(bounds.lower))
-    return expr
-
-
-def _exact_quotients(expr):
-    """``expr`` with each floor division that divides exactly replaced by its quotient (XLNet's
-    ``S**2 // S`` is ``S``); unchanged where none does."""
-    import sympy
-    from torch.utils._sympy.functions import FloorDiv
-
-    if expr.is_number or not expr.has(FloorDiv):
-        return expr
-
-    def quotient(node):
-        exact = sympy.cancel(node.args[0] / node.args[1])
-        if sympy.fraction(exact)[1] == 1 and exact.is_polynomial() \
-                and all(c.is_integer for c in sympy.Poly(exact).coeffs()):
-            return exact
-        return node
-
-    try:
-        return expr.replace(lambda n: isinstance(n, FloorDiv), quotient)
-    except Exception:  # noqa: BLE001 - an expression sympy cannot rewrite stays as it is
-        return expr
-
-
-def _is_inplace(name: str) -> bool:
-    packet = name.partition(".")[0]
-    return packet.endswith("_") and not packet.startswith("_")
-
-
-#: ATen view ops: an in-place write into their result changes their input too.
-_VIEW_PACKETS = frozenset({"view", "_unsafe_view", "reshape", "transpose", "permute", "t", "expand",
-                           "unsqueeze", "squeeze", "slice", "select", "narrow", "as_strided", "alias",
-                           "detach", "split", "chunk", "unbind", "diagonal", "view_as", "expand_as",
-                           "numpy_T", "unfold", "unflatten", "flatten", "movedim", "split_with_sizes"})
-
-
-def _is_view(node: fx.Node) -> bool:
-    if node.target is operator.getitem:
-        return _is_view(node.args[0]) if isinstance(node.args[0], fx.Node) else False
-    return getattr(node.target, "_opname", None) in _VIEW_PACKETS
-
-
-def _numpy_t(lowering: _Lowering, node: fx.Node) -> None:
-    """``x.T``: every axis reversed, as a ``permute``."""
-    rank = len(node.args[0].meta["val"].shape)
-    lowering._emit(node, "permute", [lowering._arg(node.args[0], node), list(range(rank))[::-1]], {})
-
-
-def _shaped_as(kind: str) -> Callable[[_Lowering, fx.Node], None]:
-    """``x.view_as(y)``/``x.reshape_as(y)``/``x.expand_as(y)`` as ``reshape``/``expand`` to
-    ``y``'s sizes."""
-    def lower_as(lowering: _Lowering, node: fx.Node) -> None:
-        x = lowering._arg(node.args[0], node)
-        lowering._emit(node, kind, [x, lowering._sizes_of(node, node.args[1])], {})
-    return lower_as
-
-
-def _filled_buffer(lowering: _Lowering, node: fx.Node) -> None:
-    """``buf = x.new_empty(sizes)`` then ``buf[.., a:b].copy_(src)`` for slices that tile one
-    axis of ``buf`` in order (MiniCPM3's and DeepSeek's latent attention assemble their keys
-    so): the buffer is the ``concat`` of the sources along that axis, each broadcast and cast
-    to its slice, emitted where the last copy is. The slices and copies emit nothing of their
-    own. Any other use of the empty buffer is refused (its values would be undefined)."""
-    where = f"aten.new_empty at module {lowering._loc(node) or 'top level'}"
-    order = lowering._node_order(node.graph)
-    pieces = []
-    for user in node.users:
-        if getattr(user.target, "_opname", None) != "slice" or user.args[0] is not node:
-            continue
-        copies = [u for u in user.users if getattr(u.target, "_opname", None) == "copy_" and u.args[0] is user]
-        if len(user.users) != 1 or len(copies) != 1:
-            raise LoweringError(f"{where}: a slice of the new buffer is used other than as a copy's target")
-        dim, start, end = (list(user.args[1:]) + [0, None, None])[:3]
-        pieces.append((order[copies[0]], dim, start, end, user, copies[0]))
-    shape = node.meta["val"].shape
-    pieces.sort(key=lambda p: p[4].args[2] if len(p[4].args) > 2 else 0)
-    dims = {p[1] % len(shape) for p in pieces}
-    readers = [u for u in node.users if all(u is not p[4] for p in pieces)]
-    last = max((p[0] for p in pieces), default=-1)
-    length = shape[dims.pop()] if len(dims) == 1 else None
-    covered = 0
-    for _, _, start, _end, piece, _ in pieces:
-        if not isinstance(start, int) or start != covered:
-            covered = -1
-            break
-        covered = piece.meta["val"].shape[pieces[0][1]]
-        covered = start + int(covered) if isinstance(covered, int) else -1
-    if not pieces or length is None or not isinstance(length, int) or covered != length \
-            or any(order[r] < last for r in readers) or len(pieces) + len(readers) != len(node.users):
-        raise LoweringError(f"{where}: the new buffer is not filled whole by copies into slices of one "
-                            "axis before it is read", hint="only buffers assembled piece by piece are supported")
-    dim = pieces[0][1]
-
-    def skip(_lowering: _Lowering, _node: fx.Node) -> None:
-        pass
-
-    def assemble(lowering: _Lowering, copy: fx.Node) -> None:
-        parts = []
-        for _, _, _, _, piece, piece_copy in pieces:
-            src = lowering._arg(piece_copy.args[1], piece_copy)
-            want, have = piece.meta["val"], piece_copy.args[1].meta["val"]
-            if tuple(have.shape) != tuple(want.shape):
-                value = lowering._new_value(want.to(have.dtype))
-                sizes = lowering._sizes_of(piece_copy, piece)
-                lowering.module.graph.ops.append(Op("expand", [src, sizes], {}, [value], lowering._loc(piece_copy)))
-                src = value
-            if have.dtype != want.dtype:
-                value = lowering._new_value(want)
-                lowering.module.graph.ops.append(Op("cast", [src, DTypeArg(dtype_name(want.dtype))], {}, [value],
-                                                    lowering._loc(piece_copy)))
-                src = value
-            parts.append(src)
-        lowering._emit(node, "concat", [parts, dim], {})
-        lowering.env[copy] = lowering.env[node]
-
-    for _, _, _, _, piece, piece_copy in pieces:
-        lowering.deferred[piece] = skip
-        lowering.deferred[piece_copy] = assemble if order[piece_copy] == last else skip
-
-
-@contextlib.contextmanager
-def scalar_constants_off_meta():
-    """While tracing, ``torch.tensor(x, device=meta)`` of a Python number makes a 0-d tensor
-    on the CPU instead (GPT-Neo's mask value is ``torch.tensor(finfo.min, device=weights'
-    device)``): traced without weights, a constant on ``meta`` has no value; a 0-d CPU tensor
-    mixes with tensors of any device, and becomes a constant of the IR."""
-    original = torch.tensor
-
-    def tensor(data, *args, **kwargs):
-        device = kwargs.get("device")
-        if isinstance(data, (bool, int, float)) and device is not None and torch.device(device).type == "meta":
-            kwargs["device"] = "cpu"
-        return original(data, *args, **kwargs)
-
-    torch.tensor = tensor
-    try:
-        yield
-    finally:
-        torch.tensor = original
-
-
-def _grad_region(node: fx.Node) -> tuple[fx.Node, list]:
-    """``wrap_with_set_grad_enabled(enabled, region, *operands)``: gradients do not change
-    what an inference forward computes."""
-    return node.args[1], list(node.args[2:])
-
-
-def _autocast_region(node: fx.Node) -> tuple[fx.Node, list]:
-    """``wrap_with_autocast(device, dtype, enabled, cache, region, *operands)``, inlined only
-    when autocast is off there (a region that changes dtypes would compute otherwise)."""
-    if node.args[2]:
-        raise LoweringError("an autocast region that is enabled changes dtypes inside the forward, "
-                            "which the IR does not carry", hint="lower the model with autocast disabled")
-    return node.args[4], list(node.args[5:])
-
-
-#: Higher-order ops whose region is lowered in place of the op.
-_INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
-    torch.ops.higher_order.wrap_with_set_grad_enabled: _grad_region,
-    torch.ops.higher_order.wrap_with_autocast: _autocast_region,
-}
-
-
-#: ATen overloads spelled with other IR kinds (they add no computation of their own).
-_SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
-    "new_empty.default": _filled_buffer,
-    "numpy_T.default": _numpy_t,
-    "view_as.default": _shaped_as("reshape"),
-    "reshape_as.default": _shaped_as("reshape"),
-    "expand_as.default": _shaped_as("expand"),
-}
 
 
 def _logits_leaf(spec) -> int | None:
@@ -739,45 +508,6 @@ def _check_dynamic(ep, model_name: str) -> None:
                                     hint="the model must run on any sequence length")
             return
 
-
-def _single_use(v: Value, users) -> bool:
-    return len(users.get(v, [])) == 1
-
-
-def _match_lora(base_v: Value, delta_v: Value, users):
-    base = base_v.producer
-    if base is None or base.kind != "linear" or not isinstance(base.args[1], Param):
-        return None
-    x = base.args[0]
-    bias = base.args[2] if len(base.args) > 2 else None
-    scaling = 1.0
-    scaled = delta_v.producer
-    if scaled is not None and scaled.kind == "mul" and isinstance(scaled.args[1], (int, float)) \
-            and not isinstance(scaled.args[1], bool):
-        scaling = float(scaled.args[1])
-        if not _single_use(delta_v, users):
-            return None
-        delta_v = scaled.args[0]
-    up = delta_v.producer
-    if up is None or up.kind != "linear" or len(up.args) > 2 and up.args[2] is not None \
-            or not isinstance(up.args[1], Param) or not _single_use(delta_v, users):
-        return None
-    down_v = up.args[0]
-    down = down_v.producer
-    if down is None or down.kind != "linear" or len(down.args) > 2 and down.args[2] is not None \
-            or not isinstance(down.args[1], Param) or not _single_use(down_v, users):
-        return None
-    inner = down.args[0]
-    dropout = 0.0
-    if inner is not x:
-        drop = inner.producer
-        if drop is None or drop.kind != "dropout" or drop.args[0] is not x:
-            return None
-        dropout = float(drop.args[1])
-    lora_a, lora_b = down.args[1], up.args[1]
-    if not (lora_a.name.endswith("lora_A.weight") and lora_b.name.endswith("lora_B.weight")):
-        return None
-    return x, base.args[1], bias, lora_a, lora_b, scaling, dropout
 
 
 def lower(model: nn.Module, *, storage_fn: StorageFn | None = None, adapter: str = "default",

@@ -84,10 +84,10 @@ def test_an_exact_floor_division_of_sizes_is_its_quotient():
     import sympy
     from torch.utils._sympy.functions import FloorDiv
 
-    from lorashear.frontend.lower import _exact_quotients
+    from lorashear.frontend.sizes import exact_quotients
 
     s, b = sympy.symbols("s0 s1", positive=True, integer=True)
-    assert _exact_quotients(FloorDiv(s**2, s)) == s  # XLNet's S**2 // S
-    assert _exact_quotients(FloorDiv(2 * s * b, 2 * b) + 1) == s + 1
+    assert exact_quotients(FloorDiv(s**2, s)) == s  # XLNet's S**2 // S
+    assert exact_quotients(FloorDiv(2 * s * b, 2 * b) + 1) == s + 1
     inexact = FloorDiv(s, 2)
-    assert _exact_quotients(inexact) == inexact
+    assert exact_quotients(inexact) == inexact

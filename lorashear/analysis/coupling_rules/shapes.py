@@ -1,0 +1,359 @@
+"""Coupling rules of shape ops (reshape, transpose, slice, concat, split, ...): how an axis
+maps through a view or a rearrangement, and which axes an op makes by position."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lorashear.analysis.coupling_rules.registry import coupling_rule
+from lorashear.ir.core import Op, Param, Value
+from lorashear.ir.types import TensorType
+
+if TYPE_CHECKING:
+    from lorashear.analysis.coupling import CouplingBuilder, Ref
+
+
+# --- shape ops --------------------------------------------------------------------------------
+@coupling_rule("reshape")
+def _reshape(b: CouplingBuilder, op: Op) -> None:
+    """Regroups axes without moving data: walking both shapes left to right (size-1 axes
+    skipped), each run of input axes whose sizes multiply to the same product as a run of
+    output axes is one index space, mixed-radix in both. ``unify`` refines factors where
+    the runs split differently (``[.., 576]`` into ``[.., 9, 64]`` splits the 576 factor
+    into 9 x 64 everywhere it is used). Exact because a row-major reshape maps index
+    ``(i, j)`` of the split axes to ``i * 64 + j``, so removing a unit of one factor removes
+    the same elements on both sides. Symbolic sizes match only themselves. Where the walk
+    stops (``[B, S, 64]`` into ``[B*S, 64]``, as GPT-2's Conv1D flattens its input), the
+    same walk runs from the right; the axes in between, which neither walk matched, are
+    pinned (their products agree, so the matched runs on either side stay exact)."""
+    x, out = op.bound_args()["self"], op.results[0]
+    src, dst = b.desc(x), b.desc(out)
+    in_shape, out_shape = list(x.type.shape), list(out.type.shape)
+    why = f"{b.where(op)} mixes symbolic and channel sizes"
+    i, j = _match_runs(b, src, dst, in_shape, out_shape, 0, 0, len(in_shape), len(out_shape), why, 1)
+    if i == len(in_shape) and j == len(out_shape):
+        return
+    # from the right, down to where the left walk stopped (indices mirrored)
+    ri, rj = _match_runs(b, src[::-1], dst[::-1], in_shape[::-1], out_shape[::-1], 0, 0,
+                         len(in_shape) - i, len(out_shape) - j, why, -1)
+    for axis in src[i:len(in_shape) - ri] + dst[j:len(out_shape) - rj]:
+        b.pin_axis(axis, why)
+
+
+def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_shape: list, i: int,
+                j: int, in_end: int, out_end: int, why: str, direction: int) -> tuple[int, int]:
+    """Unify the runs of equal size product from ``(i, j)`` on, up to ``(in_end, out_end)``;
+    the positions where matching stopped. ``direction`` -1: the lists are reversed, so a run's
+    factors are reversed back into row-major order before unifying."""
+    while i < in_end or j < out_end:
+        if i < in_end and in_shape[i] == 1:
+            i += 1
+            continue
+        if j < out_end and out_shape[j] == 1:
+            j += 1
+            continue
+        if i >= in_end or j >= out_end:
+            break
+        p, q = in_shape[i], out_shape[j]
+        if isinstance(p, str) or isinstance(q, str):
+            if p == q:
+                b.fs.unify(src[i], dst[j], why)
+                i, j = i + 1, j + 1
+                continue
+            break
+        left, right = [i], [j]
+        pa, pb = p, q
+        while pa != pb:
+            if pa < pb and i + len(left) < in_end and isinstance(in_shape[i + len(left)], int):
+                pa *= in_shape[i + len(left)]
+                left.append(i + len(left))
+            elif pb < pa and j + len(right) < out_end and isinstance(out_shape[j + len(right)], int):
+                pb *= out_shape[j + len(right)]
+                right.append(j + len(right))
+            else:
+                break
+        if pa != pb:
+            break
+        axes_in, axes_out = left[::direction], right[::direction]
+        b.fs.unify([f for k in axes_in for f in src[k]], [f for k in axes_out for f in dst[k]], why)
+        i, j = left[-1] + 1, right[-1] + 1
+    return i, j
+
+
+@coupling_rule("flatten")
+def _flatten(b: CouplingBuilder, op: Op) -> None:
+    """Merges axes ``start_dim..end_dim`` into one (GPT-J's interleaved rotary flattens its
+    stacked pairs): the merged axis is the merged axes' factors in order, mixed-radix with the
+    last innermost, the other axes pass through. Exact for the same reason as ``reshape``: a
+    row-major merge maps index ``(i, j)`` to ``i * n + j``."""
+    a = op.bound_args()
+    src, dst = b.desc(a["self"]), b.desc(op.results[0])
+    if not src:  # a scalar flattens to one element
+        return
+    start, end = a["start_dim"] % len(src), a["end_dim"] % len(src)
+    why = b.where(op)
+    for k in range(start):
+        b.fs.unify(src[k], dst[k], why)
+    b.fs.unify([f for axis in src[start:end + 1] for f in axis], dst[start], why)
+    for k in range(end + 1, len(src)):
+        b.fs.unify(src[k], dst[k - (end - start)], why)
+
+
+def _permute_like(b: CouplingBuilder, op: Op, x: Value, order: list[int]) -> None:
+    src, dst = b.desc(x), b.desc(op.results[0])
+    for k, j in enumerate(order):
+        b.fs.unify(src[j], dst[k], b.where(op))
+
+
+@coupling_rule("transpose")
+def _transpose(b: CouplingBuilder, op: Op) -> None:
+    """Swaps two axes: output axis k is input axis order[k]. Exact: data only moves."""
+    a = op.bound_args()
+    rank = len(a["self"].type.shape)
+    order = list(range(rank))
+    d0, d1 = a["dim0"] % rank, a["dim1"] % rank
+    order[d0], order[d1] = order[d1], order[d0]
+    _permute_like(b, op, a["self"], order)
+
+
+@coupling_rule("t")
+def _t(b: CouplingBuilder, op: Op) -> None:
+    """Reverses the (at most two) axes. Exact: data only moves."""
+    x = op.bound_args()["self"]
+    _permute_like(b, op, x, list(range(len(x.type.shape)))[::-1])
+
+
+@coupling_rule("permute")
+def _permute(b: CouplingBuilder, op: Op) -> None:
+    """Output axis k is input axis ``dims[k]``. Exact: data only moves."""
+    a = op.bound_args()
+    rank = len(a["self"].type.shape)
+    _permute_like(b, op, a["self"], [d % rank for d in a["dims"]])
+
+
+@coupling_rule("unsqueeze")
+def _unsqueeze(b: CouplingBuilder, op: Op) -> None:
+    """Inserts a size-1 axis at ``dim``: the other output axes are the input's, in order."""
+    a = op.bound_args()
+    src, dst = b.desc(a["self"]), b.desc(op.results[0])
+    d = a["dim"] % len(dst)
+    kept = [k for k in range(len(dst)) if k != d]
+    for j, k in enumerate(kept):
+        b.fs.unify(src[j], dst[k], b.where(op))
+
+
+@coupling_rule("squeeze", "squeeze.dims")
+def _squeeze(b: CouplingBuilder, op: Op) -> None:
+    """Removes size-1 axes only: the input's other axes are the output's, in order."""
+    x = op.bound_args()["self"]
+    src = [a for a, s in zip(b.desc(x), x.type.shape) if s != 1]
+    dst = [a for a, s in zip(b.desc(op.results[0]), op.results[0].type.shape) if s != 1]
+    for p, q in zip(src, dst):
+        b.fs.unify(p, q, b.where(op))
+
+
+@coupling_rule("expand")
+def _expand(b: CouplingBuilder, op: Op) -> None:
+    """Broadcasts size-1 (or missing leading) axes to a larger size: kept axes are the
+    input's; a stretched axis holds copies, not channels, and is pinned (GQA's query heads
+    per KV head are such copies, so the KV head is the unit)."""
+    x, out = op.bound_args()["self"], op.results[0]
+    src, dst = b.desc(x), b.desc(out)
+    offset = len(dst) - len(src)
+    for k in range(len(dst)):
+        j = k - offset
+        if j >= 0 and not (x.type.shape[j] == 1 and out.type.shape[k] != 1):
+            b.fs.unify(src[j], dst[k], b.where(op))
+        else:
+            b.pin_axis(dst[k], f"axis made by {b.where(op)} (a broadcast copy)")
+
+
+@coupling_rule("slice")
+def _slice(b: CouplingBuilder, op: Op) -> None:
+    """Takes a range of one axis: the other axes pass through; the sliced axis is pinned on
+    both sides (which channels survive depends on positions, as RoPE's halves of head_dim)
+    unless the slice is the whole axis."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    dim = a["dim"] % len(x.type.shape)
+    start, step = a["start"], a["step"]
+    src, dst = b.desc(x), b.desc(out)
+    full = x.type.shape[dim] == out.type.shape[dim] and start in (0, None) and step == 1
+    for k in range(len(src)):
+        if k == dim and not full:
+            reason = f"sliced by {b.where(op)}"
+            b.pin_axis(src[k], reason)
+            b.pin_axis(dst[k], reason)
+        else:
+            b.fs.unify(src[k], dst[k], b.where(op))
+
+
+@coupling_rule("select")
+def _select(b: CouplingBuilder, op: Op) -> None:
+    """Takes index ``index`` of axis ``dim``, which disappears: the input's other axes are the
+    output's, in order; the indexed axis is pinned (which entry is read is a position, as
+    BLOOM's and Persimmon's fused ``query_key_value`` viewed as ``[.., heads, 3, head_dim]``
+    pick q, k and v). Exact: output element ``(.., j, ..)`` is input element
+    ``(.., index, j, ..)``, so removing a channel of a kept axis on both sides leaves the
+    other elements where they were."""
+    a = op.bound_args()
+    x = a["self"]
+    src, dst = b.desc(x), b.desc(op.results[0])
+    dim = a["dim"] % len(src)
+    b.pin_axis(src[dim], f"indexed by position by {b.where(op)}")
+    for j, k in zip([j for j in range(len(src)) if j != dim], range(len(dst)), strict=True):
+        b.fs.unify(src[j], dst[k], b.where(op))
+
+
+@coupling_rule("repeat_interleave")
+def _repeat_interleave(b: CouplingBuilder, op: Op) -> None:
+    """Repeats each element ``repeats`` times in place along ``dim`` (``[a, b]`` ->
+    ``[a, a, b, b]``, as interleaved RoPE's cos/sin and some grouped-query attentions do): the
+    output axis is (the input axis, the copies), the copies innermost, and the copies factor is
+    pinned (a copy, not a channel), so a unit is an input channel with its copies; the other
+    axes pass through. Exact: output index ``i * repeats + c`` reads input index ``i``, so
+    removing input channel i removes exactly its copies. Without a ``dim`` (a flattened
+    result) or with per-element repeat counts: pinned."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    repeats, dim = a["repeats"], a["dim"]
+    if dim is None or not isinstance(repeats, int):
+        for ref in (x, out):
+            b.pin_all(ref, f"repeated without an axis or by counts in {b.where(op)}")
+        return
+    src, dst = b.desc(x), b.desc(out)
+    dim %= len(src)
+    why = b.where(op)
+    for k in range(len(src)):
+        if k != dim:
+            b.fs.unify(src[k], dst[k], why)
+            continue
+        copies = b.fs.new(repeats, f"copies made by {why}")
+        b.fs.unify(dst[k], src[k] + [copies], why)
+
+
+@coupling_rule("repeat")
+def _repeat(b: CouplingBuilder, op: Op) -> None:
+    """Tiles the input ``repeats[k]`` times along each axis (``[a, b]`` -> ``[a, b, a, b]``, as
+    DiffLlama's grouped-query attention copies its KV heads), the counts aligned with the
+    input's axes from the right, extra leading counts making new axes: a tiled output axis is
+    (the copies, the input axis), the copies outermost and pinned (a copy, not a channel), so
+    a unit is an input channel with all its copies; an axis repeated once passes through, a
+    new axis is pinned. Exact: output index ``c * n + i`` reads input index ``i``, so removing
+    input channel i removes exactly its copies (``compress`` leaves the counts alone)."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    repeats = a["repeats"]
+    src, dst = b.desc(x), b.desc(out)
+    why = b.where(op)
+    if not isinstance(repeats, list) or not all(isinstance(r, int) for r in repeats):
+        for ref in (x, out):
+            b.pin_all(ref, f"tiled by counts known only at run time in {why}")
+        return
+    offset = len(dst) - len(src)
+    for k, count in enumerate(repeats):
+        j = k - offset
+        if j < 0:
+            b.pin_axis(dst[k], f"axis made by {why} (copies)")
+        elif count == 1:
+            b.fs.unify(src[j], dst[k], why)
+        else:
+            copies = b.fs.new(count, f"copies made by {why}")
+            b.fs.unify(dst[k], [copies] + src[j], why)
+
+
+@coupling_rule("max.dim", "logsumexp")
+def _max_dim(b: CouplingBuilder, op: Op) -> None:
+    """The maximum (and where it is) or the log-sum-exp over ``dim`` (attention sinks): the
+    kept axes of the input are the results' axes (``keepdim`` keeps a size-1 axis in place);
+    ``dim`` is pinned, since a pruned channel's zero can be the maximum and adds ``exp(0)``
+    to the sum. Exact on the kept axes: each result element reads only its own slice along
+    ``dim``."""
+    a = op.bound_args()
+    x = a["self"]
+    rank = len(x.type.shape)
+    dims = a["dim"] if isinstance(a["dim"], list) else [a["dim"]]
+    if len(dims) != 1:
+        for ref in [x, *b.tensor_results(op)]:
+            b.pin_all(ref, f"reduced over several axes by {b.where(op)}")
+        return
+    dim = dims[0] % rank
+    src = b.desc(x)
+    b.pin_axis(src[dim], f"reduced over by {b.where(op)}")
+    for out in b.tensor_results(op):
+        dst = b.desc(out)
+        k = 0
+        for j in range(rank):
+            if j == dim:
+                k += 1 if a["keepdim"] else 0
+                continue
+            b.fs.unify(src[j], dst[k], b.where(op))
+            k += 1
+
+
+def _along_axis_pinned(b: CouplingBuilder, op: Op, tensors: list[Ref], outs: list[Ref], dim: int) -> None:
+    reason = f"split or joined along an axis by {b.where(op)}"
+    for ref in tensors + outs:
+        d = b.desc(ref)
+        b.pin_axis(d[dim % len(d)], reason)
+    for ref in tensors:
+        for out in outs:
+            for k, (p, q) in enumerate(zip(b.desc(ref), b.desc(out))):
+                if k != dim % len(b.desc(ref)):
+                    b.fs.unify(p, q, b.where(op))
+
+
+@coupling_rule("concat")
+def _concat(b: CouplingBuilder, op: Op) -> None:
+    """Joins tensors along ``dim``: the other axes are shared by every piece and the output;
+    the joined axis is pinned (a channel's position depends on the pieces' sizes)."""
+    a = op.bound_args()
+    _along_axis_pinned(b, op, [v for v in a["tensors"] if isinstance(v, (Value, Param))],
+                       [op.results[0]], a["dim"])
+
+
+@coupling_rule("split", "split_with_sizes", "chunk")
+def _split(b: CouplingBuilder, op: Op) -> None:
+    """Cuts along ``dim``: the other axes are shared by the input and every piece. Into n
+    equal pieces of a static axis (a fused projection: GPT-2's ``c_attn`` into q, k and v,
+    Phi-3's ``gate_up_proj`` into gate and up), the cut axis is (which piece, the piece's
+    channel), the piece outermost and pinned, and every piece's axis is that one channel
+    factor: a unit is channel c of every piece together. Exact: input position
+    ``p * size + c`` is channel c of piece p, so removing c from the channel factor removes
+    it from every piece and from each block of the input alike (``compress`` rewrites the
+    piece size). Unequal pieces: the cut axis is pinned (a channel's piece depends on
+    positions)."""
+    a = op.bound_args()
+    x, results = a["self"], [r for r in op.results if isinstance(r.type, TensorType)]
+    dim = a["dim"] % len(x.type.shape)
+    length = x.type.shape[dim]
+    sizes = {r.type.shape[dim] for r in results}
+    if len(results) < 2 or len(sizes) != 1 or not isinstance(length, int) \
+            or not isinstance(size := sizes.pop(), int) or size * len(results) != length:
+        _along_axis_pinned(b, op, [x], list(op.results), a["dim"])
+        return
+    why = b.where(op)
+    src, first = b.desc(x), b.desc(results[0])
+    piece = b.fs.new(len(results), f"which piece of the cut made by {why}")
+    b.fs.unify(src[dim], [piece] + first[dim], why)
+    for out in results:
+        for k, (p, q) in enumerate(zip(src, b.desc(out))):
+            b.fs.unify(first[dim] if k == dim else p, q, why)
+
+
+@coupling_rule("stack")
+def _stack(b: CouplingBuilder, op: Op) -> None:
+    """Stacks same-shaped tensors along a new axis ``dim`` (GPT-J's rotary stacks its rotated
+    pairs): every input axis is the output axis it lands on, shared by all inputs; the new
+    axis (which tensor) is pinned. Exact: output element ``(.., t, ..)`` is input t's
+    element, so removing a channel from every input removes it from the output."""
+    a = op.bound_args()
+    out = op.results[0]
+    dst = b.desc(out)
+    dim = a["dim"] % len(dst)
+    b.pin_axis(dst[dim], f"axis made by {b.where(op)} (which tensor)")
+    for ref in (v for v in a["tensors"] if isinstance(v, (Value, Param))):
+        for j, axis in enumerate(b.desc(ref)):
+            b.fs.unify(axis, dst[j + (j >= dim)], b.where(op))
+
+
