@@ -519,6 +519,35 @@ def add_expert_gates(module: Module, model: nn.Module) -> int:
     return added
 
 
+def drop_open_expert_gates(module: Module) -> list[str]:
+    """The inverse of :func:`add_expert_gates` where it adds nothing, in place: every
+    ``expert_mask`` buffer that is all ones (no expert masked: the state after ``compress``
+    removed the masked ones, or before any pruning) is removed with its ``log`` and ``add``,
+    and the router's logits are used directly again. Exact (``log(1)`` is 0 and ``x + 0`` is
+    ``x``), and an emitted checkpoint then has only transformers' own keys (a stock load would
+    warn about an unexpected ``expert_mask``). Masks that still hold a zero stay, and their
+    names are returned: such a model only loads with lorashear."""
+    graph = module.graph
+    users = graph.users()
+    kept: list[str] = []
+    for name in [n for n, p in module.params.items() if n.endswith(f".{EXPERT_MASK}")]:
+        mask = module.params[name]
+        logs = [op for op in graph.ops if op.kind == "log" and op.args and op.args[0] is mask]
+        adds = [u for log in logs for u in users.get(log.results[0], [])]
+        ones = mask.storage.has_data and bool((mask.storage.load() == 1).all())
+        if not ones or len(logs) != 1 or len(adds) != 1 or adds[0].kind != "add" \
+                or not isinstance(adds[0].args[0], Value) or adds[0].args[1] is not logs[0].results[0]:
+            kept.append(name)
+            continue
+        logits, gated = adds[0].args[0], adds[0].results[0]
+        for op in graph.ops:
+            op.replace_refs(lambda r, logits=logits, gated=gated: logits if r is gated else r)
+        graph.outputs = [logits if v is gated else v for v in graph.outputs]
+        graph.ops = [op for op in graph.ops if op is not logs[0] and op is not adds[0]]
+        del module.params[name]
+    return kept
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     from lorashear.ir.types import torch_dtype
 

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from lorashear._atomic import atomic_path
 from lorashear.errors import EmissionError, ModelLoadError
-from lorashear.frontend.moe import fuse_expert_params
+from lorashear.frontend.moe import drop_open_expert_gates, fuse_expert_params
 from lorashear.ir.attributes import HFConfigAttr, SourceAttr
 from lorashear.ir.core import Module, clone_module
 from lorashear.ir.fileformat import load_ir
@@ -71,9 +71,11 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
         raise EmissionError(f"output {out_dir} exists and is not a directory")
     module = clone_module(module)
     expert_shapes: dict[str, tuple[int, ...]] = {}
+    masked_experts: list[str] = []
     if merge:
         merge_lora(module)
         expert_shapes = fuse_expert_params(module)  # MoE: transformers' fused expert tensors
+        masked_experts = drop_open_expert_gates(module)  # MoE: no gate buffer where none is masked
     missing = [n for n, p in module.params.items() if not p.storage.has_data]
     if missing:
         raise EmissionError(f"cannot emit weights: {len(missing)} parameters have no data "
@@ -98,6 +100,9 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
                     data, loads = with_biases, loads_with
                     for name, shape in zeros.items():
                         tensors[name] = torch.zeros(shape, dtype=tensors[name[: -len("bias")] + "weight"].dtype)
+            if masked_experts and loads != "lorashear":  # a stock router would choose the masked experts
+                data, loads = lorashear_only_config(data, f"experts are masked, not removed (@{masked_experts[0]} "
+                                                          "holds zeros; compress removes them)"), "lorashear"
     with atomic_path(out_dir, directory=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "lorashear"})
         weights = str((out_dir / WEIGHTS_FILE).resolve())
@@ -158,10 +163,16 @@ def hf_config(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tuple
         remote = _remote_code_config(data, family, widths)
         if _model_shapes(remote, family) == _expected(shapes, remote):
             return remote, "remote-code"
+    return lorashear_only_config(data, "layers differ in width and no stock or remote-code model "
+                                       "describes them"), "lorashear"
+
+
+def lorashear_only_config(data: dict[str, Any], why: str) -> dict[str, Any]:
+    """``data`` as a config that claims no stock architecture (only :func:`load_pretrained`
+    loads it), saying ``why``."""
     return {**data, "model_type": LORASHEAR_ONLY_TYPE, "architectures": ["LorashearIRModel"],
             "lorashear_source_model_type": data.get("model_type"),
-            "lorashear_loads_with": "lorashear.runtime.hf.load_pretrained (layers differ in width "
-                                    "and no stock or remote-code model describes them)"}, "lorashear"
+            "lorashear_loads_with": f"lorashear.runtime.hf.load_pretrained ({why})"}
 
 
 #: Config flags that give a family's projections biases, and the module path part they cover.
@@ -265,9 +276,9 @@ def _readme(loads: Loader, data: dict[str, Any]) -> str:
                        "`layer_num_key_value_heads` in `config.json`). Stock transformers loads it with the\n"
                        "modeling file shipped here, which imports only torch and transformers:\n"
                        "`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.",
-        "lorashear": f"Its layers differ in width and its family ({data.get('lorashear_source_model_type')}) has no\n"
-                     "per-layer-width modeling file: it loads with lorashear only,\n"
-                     "`lorashear.runtime.hf.load_pretrained(dir)`.",
+        "lorashear": f"No stock model of its family ({data.get('lorashear_source_model_type')}) describes it:\n"
+                     f"{data.get('lorashear_loads_with', '').partition(' (')[2].rstrip(')')}. It loads with lorashear\n"
+                     "only, `lorashear.runtime.hf.load_pretrained(dir)`.",
     }[loads]
     return ("# A model pruned by lorashear\n\n" + how + "\n\n`lorashear.runtime.hf.load_pretrained(dir)` "
             "loads it in every case, from `lorashear.ir`.\n")

@@ -268,3 +268,27 @@ def test_shared_expert_channels_are_a_family_and_compress_exactly(tmp_path_facto
     kept = {layer: 40 - len(removed_units) for layer, removed_units in enumerate(removed.values())}
     for layer in range(2):
         assert small.params[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"].type.shape[1] == kept[layer]
+
+
+def test_emission_drops_the_expert_gates_only_where_no_expert_is_masked(tiny, tmp_path):
+    from safetensors import safe_open
+
+    from lorashear.runtime.hf import load_pretrained, save_model_dir
+
+    module = tiny.module()
+    _choose(module, {0: (2,), 1: (0,)}, channels_every=4)
+    masked = clone_module(module)
+    PassManager.parse("compress").run(module)
+    for model, name in ((module, "compressed"), (masked, "masked")):
+        save_model_dir(model, tmp_path / name, merge=True)
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            gates = [k for k in f.keys() if k.endswith("expert_mask")]
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        with torch.no_grad():
+            got = load_pretrained(tmp_path / name)(tiny.ids, attention_mask=tiny.mask).logits
+        assert (got - tiny.logits(model)).abs().max().item() <= 1e-5
+        if name == "compressed":  # every mask all ones: gone, and the directory is stock
+            assert gates == [] and config["model_type"] in ("mixtral", "qwen3_moe", "qwen2_moe")
+        else:  # the masked experts must stay masked: the gates stay, and no stock loader is claimed
+            assert len(gates) == 2 and config["model_type"] == "lorashear_ir"
+            assert "experts are masked" in config["lorashear_loads_with"]
