@@ -238,3 +238,13 @@ def training_setup(module, root):
     (root / "spec.yaml").write_text("sources:\n  - path: a.ids\n    name: a\n  - path: b.ids\n    name: b\n")
     save_ir(clone_module(module), root / "reference.ir")
     return module, root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``):
+    the tiny matmuls crawl when threads wait on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
