@@ -16,59 +16,27 @@ from lorashear.errors import PassError
 from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
-from lorashear.runtime.executor import emit_torch
 from tests.conftest import with_lora
+from tests.frontend.moe_models import EXPERTS, LoweredMoE, routed_base
 
-EXPERTS, TOP_K = 4, 2
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
 
 
-def _config(family: str):
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
-
-    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=TOP_K)
-    if family == "mixtral":
-        return MixtralConfig(**common, intermediate_size=48, num_local_experts=EXPERTS), "intermediate_size"
-    if family == "qwen2_moe":  # with a shared expert beside the routed ones
-        return Qwen2MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32, num_experts=EXPERTS,
-                              shared_expert_intermediate_size=40), "moe_intermediate_size"
-    return Qwen3MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32, num_experts=EXPERTS,
-                          head_dim=16), "moe_intermediate_size"
-
-
-class Tiny:
+class Tiny(LoweredMoE):
     def __init__(self, family: str, root: Path) -> None:
         from peft import LoraConfig
-        from transformers import AutoModelForCausalLM
 
-        torch.manual_seed(0)
-        config, self.width_key = _config(family)
+        base, config, self.width_key = routed_base(family)
         self.width = getattr(config, self.width_key)
-        base = AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():  # routers and experts away from their tiny init, so routing varies
-            for name, p in base.named_parameters():
-                if ".mlp." in name:
-                    p.normal_(0, 0.2)
         self.model_dir = root / "model"
         base.save_pretrained(self.model_dir)  # for the stock reload's comparison of configs
         targets = ATTENTION + (SHARED if family == "qwen2_moe" else [])
-        self.peft_model = with_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, 128, (2, 9), generator=g)
-        self.mask = torch.ones_like(self.ids)
-        with torch.no_grad():
-            self.want = self.peft_model(input_ids=self.ids, attention_mask=self.mask).logits
-        self.lowered = lower(self.peft_model)
+        super().__init__(with_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets)))
 
     def module(self):
         """A fresh copy of the lowered model (passes change it in place)."""
         return clone_module(self.lowered)
-
-    def logits(self, module) -> torch.Tensor:
-        with torch.no_grad():
-            return emit_torch(module)(self.ids, attention_mask=self.mask).logits
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])

@@ -19,34 +19,19 @@ from lorashear.frontend.lower import canonical_param_name, lower
 from lorashear.ir.core import clone_module
 from lorashear.ir.lora import lora_parts
 from lorashear.passes import PassManager
-from lorashear.runtime.executor import emit_torch
 from tests.conftest import with_lora
+from tests.frontend.moe_models import EXPERTS, LAYERS, LoweredMoE, routed_base
 
-EXPERTS, TOP_K, LAYERS, HIDDEN = 4, 2, 2, 64
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
 def _base(family: str):
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
-
-    common = dict(vocab_size=128, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=TOP_K)
-    if family == "mixtral":
-        config, width = MixtralConfig(**common, intermediate_size=48, num_local_experts=EXPERTS), 48
-    else:
-        config, width = Qwen3MoeConfig(**common, intermediate_size=80, moe_intermediate_size=32,
-                                       num_experts=EXPERTS, head_dim=16), 32
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # routers and experts away from their tiny init, so routing varies
-        for name, p in base.named_parameters():
-            if ".mlp." in name:
-                p.normal_(0, 0.2)
-    return base, width
+    base, config, width_key = routed_base(family)
+    return base, getattr(config, width_key)
 
 
-class Tiny:
+class Tiny(LoweredMoE):
     def __init__(self, family: str, targets: str, root: Path) -> None:
         from peft import LoraConfig
 
@@ -56,17 +41,7 @@ class Tiny:
         base.save_pretrained(self.model_dir)
         config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if self.all_linear else \
             LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERT_PARAMS)
-        self.peft_model = with_lora(base, config, self.adapter_dir)
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, 128, (2, 9), generator=g)
-        self.mask = torch.ones_like(self.ids)
-        with torch.no_grad():
-            self.want = self.peft_model(input_ids=self.ids, attention_mask=self.mask).logits
-        self.lowered = lower(self.peft_model)
-
-    def logits(self, module) -> torch.Tensor:
-        with torch.no_grad():
-            return emit_torch(module)(self.ids, attention_mask=self.mask).logits
+        super().__init__(with_lora(base, config, self.adapter_dir))
 
 
 @pytest.fixture(scope="module", params=[("mixtral", "experts"), ("qwen3_moe", "experts"),
