@@ -280,11 +280,11 @@ def check_architecture(model_type: str, work: Path) -> dict[str, Any]:
     except Exception as exc:
         return fail("lower", exc)
 
-    kinds = [k for k in ("attn", "mlp", "hidden") if k in row["groups"]]
+    kinds = [k for k in ("attn", "mlp", "hidden", "expert") if k in row["groups"]]
     if not kinds:
         row["compress"] = False
         row["stage"] = "compress"
-        row["reason"] = "discover found no attention, MLP or hidden groups"
+        row["reason"] = "discover found no attention, MLP, hidden or expert groups"
         return row
     try:
         PassManager.parse(f"prune{{ratio=0.3,metric=random,kinds={','.join(kinds)}}}").run(module)
