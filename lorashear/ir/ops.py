@@ -171,7 +171,10 @@ _PLAIN = {
     "ones_like.default": "ones_like", "zeros_like.default": "zeros_like", "full_like.default": "full_like",
 }
 # --- Mixture-of-Experts routing (frontend/moe.py's dense experts) ---------------------------
-_PLAIN.update({"topk.default": "topk", "scatter.src": "scatter"})
+_PLAIN.update({"topk.default": "topk", "scatter.src": "scatter",
+               # a scalar written at the chosen positions: DeepSeek-V3's group-limited routing marks
+               # the chosen expert groups in a mask (``group_mask.scatter_(1, group_idx, 1)``)
+               "scatter.value": "scatter.value"})
 _traits("topk", num_results=2)
 
 for _overload, _kind in _PLAIN.items():

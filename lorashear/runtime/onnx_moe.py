@@ -1,5 +1,6 @@
 """ONNX translations of Mixture-of-Experts routing (:mod:`lorashear.frontend.moe`): the
-router's ``topk`` and the ``scatter`` of its weights into a ``[tokens, experts]`` matrix."""
+router's ``topk``, the ``scatter`` of its weights into a ``[tokens, experts]`` matrix, and the
+``scatter.value`` of a scalar that marks the chosen expert groups (DeepSeek-V3's routing)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def _scatter(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     axis = normalize_axis(a["dim"], rank_of(a["self"]))
     return b.op("ScatterElements", b.tensor(a["self"]), b.tensor(a["index"], "i64"),
                 b.tensor(a["src"], result_dtype(op)), axis=axis)
+
+
+@translates("scatter.value")
+def _scatter_value(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``self`` with the scalar ``value`` written at ``index`` along ``dim``, as
+    ``ScatterElements`` of the scalar expanded to the index's shape."""
+    axis = normalize_axis(a["dim"], rank_of(a["self"]))
+    dtype = result_dtype(op)
+    index = b.tensor(a["index"], "i64")
+    src = b.op("Expand", b.const(a["value"], dtype), b.op("Shape", index))
+    return b.op("ScatterElements", b.tensor(a["self"], dtype), index, src, axis=axis)
