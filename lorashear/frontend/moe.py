@@ -494,7 +494,14 @@ def add_expert_gates(module: Module, model: nn.Module) -> int:
     an exact zero), in place; returns how many routers got one. Masking an expert then zeroes
     its entry with the rest of its group: its logit becomes ``-inf``, its routing probability
     an exact zero, and no token chooses it, which is what removing the router's row does
-    (the softmax's denominator and the top-k over the other experts are unchanged)."""
+    (the softmax's denominator and the top-k over the other experts are unchanged).
+
+    A router that ranks experts by something other than its probabilities (DeepSeek-V3's
+    sigmoid scores plus a load-balancing bias, ``e_score_correction_bias``) would still choose
+    a masked expert whose biased score ranks high: its weight is zero, but it takes the place
+    of an expert the compressed model chooses. So the same ``log(mask)`` is also added to the
+    input of every ``topk`` of the router's block that ranks along a last axis of one entry per
+    expert (:func:`_gate_expert_topk`): a masked expert ranks last there too."""
     names = routers(model)
     graph = module.graph
     added = 0
@@ -515,8 +522,33 @@ def add_expert_gates(module: Module, model: nn.Module) -> int:
             user.replace_refs(lambda r, logits=logits, gated=gated: gated.results[0] if r is logits else r)
         graph.outputs = [gated.results[0] if v is logits else v for v in graph.outputs]
         graph.ops[index + 1:index + 1] = [log, gated]
+        _gate_expert_topk(graph, index + 3, op.loc.rpartition(".")[0], log.results[0])
         added += 1
     return added
+
+
+def _gate_expert_topk(graph: Graph, start: int, block: str, log_mask: Value) -> None:
+    """Add ``log_mask`` (``[experts]``) to the input of each ``topk`` from ``graph.ops[start]``
+    on, in module ``block`` or below it, that ranks along its last axis of ``experts`` entries
+    in the mask's element type (see :func:`add_expert_gates`), in place. Adds zero where the
+    mask is one."""
+    experts = log_mask.type.shape[0]
+    index = start
+    while index < len(graph.ops):
+        op = graph.ops[index]
+        scores = op.args[0] if op.kind == "topk" and op.args else None
+        if not isinstance(scores, Value) or not (op.loc == block or op.loc.startswith(block + ".")):
+            index += 1
+            continue
+        rank = len(scores.type.shape)
+        dim = op.bound_args()["dim"] % rank
+        if dim != rank - 1 or scores.type.shape[dim] != experts or scores.type.dtype != log_mask.type.dtype:
+            index += 1
+            continue
+        gated = Op("add", [scores, log_mask], {}, [Value(f"{scores.name}.gated", scores.type)], op.loc)
+        op.args[0] = gated.results[0]
+        graph.ops.insert(index, gated)
+        index += 2
 
 
 def _torch_dtype(name: str) -> torch.dtype:
