@@ -260,13 +260,14 @@ class _Lowering:
                 return int(expr)
             text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
                           str(expr)).replace(" ", "")
+            text = re.sub(r"\b(Min|Max)\(", lambda m: f"{m.group(1).lower()}(", text)  # sympy's spelling
             try:
                 parse_dim(text)
             except ValueError as exc:
                 raise LoweringError(f"torch.export gives {type(self.model).__name__} a size {text} "
                                     f"outside the IR's size arithmetic: {exc}",
-                                    hint="sizes may use + - * // on the batch and sequence length "
-                                    "(max/min of sizes, as torch.sym_max makes, are not)") from None
+                                    hint="sizes may use + - * //, min and max on the batch and "
+                                    "sequence length") from None
             return text
         raise LoweringError(f"unsupported dimension {d!r}")
 

@@ -13,9 +13,10 @@ from lorashear.runtime.onnx_ops import result_dtype, translates
 
 @translates("topk")
 def _topk(b: OnnxGraphBuilder, op: Op, a: dict) -> list[ir.Value]:
-    """The ``k`` largest (or smallest) along ``dim`` and their indices, as ``TopK``."""
+    """The ``k`` largest (or smallest) along ``dim`` and their indices, as ``TopK``; ``k`` may
+    be a symbolic size (DeepSeek-V3.2's indexer keeps ``min(index_topk, S)`` keys)."""
     axis = normalize_axis(a["dim"], rank_of(a["self"]))
-    values, indices = b.op_multi("TopK", b.tensor(a["self"]), b.ints([int(a["k"])]), num_outputs=2,
+    values, indices = b.op_multi("TopK", b.tensor(a["self"]), b.sym_vector(a["k"]), num_outputs=2,
                                  axis=axis, largest=int(bool(a["largest"])), sorted=int(bool(a["sorted"])))
     return [values, b.cast(indices, result_dtype(op, 1))]
 
