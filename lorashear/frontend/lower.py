@@ -9,6 +9,7 @@ LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` becomes one
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from collections.abc import Callable
@@ -195,15 +196,17 @@ class _Lowering:
 
     def _export_with(self, ids: torch.Tensor, mask: torch.Tensor, batch: Any, seq: Any):
         """``torch.export`` of the forward on ``(ids, attention_mask=mask, use_cache=False)``,
-        the dynamic shapes spelled as the forward's signature names its arguments (a forward
-        without a ``use_cache`` parameter keeps no cache, and is not given one)."""
+        the dynamic shapes spelled as the forward's signature names its arguments. A forward
+        without a ``use_cache`` parameter is not given one; its inner model reads the config's
+        default instead, which is off while tracing (:func:`_no_cache_by_default`)."""
         dims = {0: batch, 1: seq}
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
         shapes: dict[str, Any] = {"input_ids": dims, "attention_mask": dims, "use_cache": None}
         parameters = _forward_parameters(self.model)
         if parameters is not None and "use_cache" not in parameters:
             del kwargs["use_cache"], shapes["use_cache"]
-        return torch.export.export(self.model, (ids,), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+        with _no_cache_by_default(self.model):
+            return torch.export.export(self.model, (ids,), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
 
     # --- parameters -------------------------------------------------------------------------
     def _bind_params(self, specs: list[tuple[Any, str | None, str | None]], constants: dict) -> None:
@@ -486,6 +489,33 @@ def _logits_leaf(spec) -> int | None:
         return None
     children = spec.children()
     return sum(child.num_leaves for child in children[:context.index("logits")])
+
+
+@contextlib.contextmanager
+def _no_cache_by_default(model: nn.Module):
+    """``use_cache = False`` on the model's config and its text config for the duration of the
+    block (restored after). GraniteMoE's causal LM has no ``use_cache`` parameter and its model
+    takes the config's default (True), so it would return its ``DynamicCache``, which export
+    cannot flatten into outputs."""
+    config = getattr(model, "config", None)
+    configs = [] if config is None else [config]
+    text = getattr(config, "get_text_config", None)
+    if text is not None and text() is not config:
+        configs.append(text())
+    saved = [(c, c.__dict__.get("use_cache", _UNSET)) for c in configs]
+    try:
+        for c in configs:
+            c.use_cache = False
+        yield
+    finally:
+        for c, value in saved:
+            if value is _UNSET:
+                c.__dict__.pop("use_cache", None)
+            else:
+                c.use_cache = value
+
+
+_UNSET = object()
 
 
 def _forward_parameters(model: nn.Module):
