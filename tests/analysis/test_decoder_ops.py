@@ -200,22 +200,30 @@ def test_transposed_matmul_is_a_linear_layer_and_its_lora_fuses(tmp_path):
 
 
 class ClippedPositions(nn.Module):
-    """MPT's ALiBi clipped to a maximum length: a size ``min(S, 4)``."""
+    """MPT's ALiBi clipped to a maximum length: a size ``min(S, 4)``, which the IR keeps;
+    with ``cycle``, a size ``S mod 3 + 1``, which it has no arithmetic for."""
 
-    def __init__(self) -> None:
+    def __init__(self, cycle: bool = False) -> None:
         super().__init__()
+        self.cycle = cycle
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.head = nn.Linear(HIDDEN, VOCAB)
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
         seq = input_ids.shape[1]
-        bias = torch.zeros(torch.sym_min(seq, 4)).sum()
+        size = seq % 3 + 1 if self.cycle else torch.sym_min(seq, 4)
+        bias = torch.arange(size, dtype=torch.float32).sum(0)
         return CausalLMOutput(logits=self.head(self.embed(input_ids)) + bias)
 
 
-def test_a_size_outside_the_size_arithmetic_is_refused_at_lowering():
-    with pytest.raises(LoweringError, match=r"a size Min\(4,S\) outside the IR's size arithmetic"):
-        lower(ClippedPositions())
+def test_a_min_of_sizes_lowers_and_a_size_outside_the_arithmetic_is_refused():
+    model = ClippedPositions()
+    module = lower(model)
+    for seq in (3, 7):
+        ids = torch.randint(0, VOCAB, (1, seq))
+        assert (_logits(module, ids, torch.ones_like(ids)) - model(ids).logits).abs().max().item() <= 1e-6
+    with pytest.raises(LoweringError, match=r"a size \(Mod\(S,3\)\)\+1 outside the IR's size arithmetic"):
+        lower(ClippedPositions(cycle=True))
 
 
 class BiasFreeLayerNorm(nn.Module):
