@@ -18,7 +18,7 @@ expert's weights are ``select``s of the fused parameters by a literal index, whi
 :func:`split_fused_experts` turns into parameters of their own
 (``...experts.3.gate_up_proj``): every expert is then an ordinary gated MLP of two linears,
 so the coupling analysis finds each expert's channels as one family, and ``compress`` slices
-each expert on its own. The routing ops (``topk``, ``scatter``) pin the expert axis;
+each expert on its own. The routing ops (``topk``, ``scatter_add``) pin the expert axis;
 :func:`add_expert_gates` gives each router a mask buffer that makes a whole expert a
 removable unit all the same (:mod:`lorashear.analysis.moe`). Emission stacks the experts back
 into transformers' fused parameters (:func:`fuse_expert_params`) where they share one shape.
@@ -87,7 +87,9 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
             y = y + F.linear(F.linear(x, a_e), b_e) * scaling
         return y
 
-    routing = top_k_weights.new_zeros(hidden_states.shape[0], num_experts).scatter(1, top_k_index, top_k_weights)
+    # scatter_add: a token that names an expert twice (LongCat's zero experts map to real ones
+    # with weight 0) gets the sum, as the eager loop's index_add does
+    routing = top_k_weights.new_zeros(hidden_states.shape[0], num_experts).scatter_add(1, top_k_index, top_k_weights)
     out = None
     for e in range(num_experts):
         h = project(hidden_states, first, e)

@@ -153,6 +153,15 @@ def autocast_region(node: fx.Node) -> tuple[fx.Node, list]:
     return node.args[4], list(node.args[5:])
 
 
+def squeeze_all(lowering: _Lowering, node: fx.Node) -> None:
+    """``x.squeeze()``: the axes of size 1 in the trace (a symbolic size is never 1 there), as
+    ``squeeze.dims`` naming them, so a later size 1 (a batch of one, a channel axis pruned to
+    one) is not squeezed where the traced model did not squeeze it."""
+    shape = node.args[0].meta["val"].shape
+    dims = [k for k, d in enumerate(shape) if isinstance(d, int) and d == 1]
+    lowering._emit(node, "squeeze.dims", [lowering._arg(node.args[0], node), dims], {})
+
+
 #: Higher-order ops whose region is lowered in place of the op.
 INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
     torch.ops.higher_order.wrap_with_set_grad_enabled: grad_region,
@@ -164,6 +173,7 @@ INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
 SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
     "new_empty.default": filled_buffer,
     "numpy_T.default": numpy_t,
+    "squeeze.default": squeeze_all,
     "view_as.default": shaped_as("reshape"),
     "reshape_as.default": shaped_as("reshape"),
     "expand_as.default": shaped_as("expand"),

@@ -174,7 +174,9 @@ _PLAIN = {
 _PLAIN.update({"topk.default": "topk", "scatter.src": "scatter",
                # a scalar written at the chosen positions: DeepSeek-V3's group-limited routing marks
                # the chosen expert groups in a mask (``group_mask.scatter_(1, group_idx, 1)``)
-               "scatter.value": "scatter.value"})
+               "scatter.value": "scatter.value",
+               # the dense experts' routing matrix: a token's weights added per expert named
+               "scatter_add.default": "scatter_add"})
 _traits("topk", num_results=2)
 
 for _overload, _kind in _PLAIN.items():
@@ -191,7 +193,13 @@ for _overload, _kind in _PLAIN.items():
 #: (XLNet's mask), constant padding (Zaya's causal convolution), Einstein sums (ProphetNet's
 #: attention) and 1-D convolutions (LFM's and Inkling's short depthwise convolutions).
 _DECODER_OPS = {"eye.default": "eye", "pad.default": "pad", "constant_pad_nd.default": "pad.constant",
-                "einsum.default": "einsum", "conv1d.default": "conv1d"}
+                "einsum.default": "einsum", "conv1d.default": "conv1d",
+                # one-sided clamps (Ergo's expert indices, Zaya's norm floor), log-sigmoid (Inkling's
+                # router), integer floor division (LongCat's zero experts), vector norms (Zaya's q/k)
+                "clamp_max.default": "clamp_max", "clamp_min.default": "clamp_min",
+                "log_sigmoid.default": "log_sigmoid", "floor_divide.default": "floor_divide",
+                "linalg_vector_norm.default": "linalg_vector_norm"}
+_traits("clamp_max clamp_min log_sigmoid floor_divide", elementwise=True)
 _traits("eye", creates_tensor=True)
 for _overload, _kind in _DECODER_OPS.items():
     ATEN_OPS[_overload] = _kind

@@ -21,13 +21,14 @@ def _topk(b: OnnxGraphBuilder, op: Op, a: dict) -> list[ir.Value]:
     return [values, b.cast(indices, result_dtype(op, 1))]
 
 
-@translates("scatter")
+@translates("scatter", "scatter_add")
 def _scatter(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
-    """``self`` with ``src``'s elements written at ``index`` along ``dim``, as
-    ``ScatterElements`` (no reduction: the router's indices are distinct per token)."""
+    """``self`` with ``src``'s elements written (``scatter``) or added (``scatter_add``) at
+    ``index`` along ``dim``, as ``ScatterElements``."""
     axis = normalize_axis(a["dim"], rank_of(a["self"]))
-    return b.op("ScatterElements", b.tensor(a["self"]), b.tensor(a["index"], "i64"),
-                b.tensor(a["src"], result_dtype(op)), axis=axis)
+    add = {"reduction": "add"} if op.kind == "scatter_add" else {}
+    return b.op("ScatterElements", b.tensor(a["self"], result_dtype(op)), b.tensor(a["index"], "i64"),
+                b.tensor(a["src"], result_dtype(op)), axis=axis, **add)
 
 
 @translates("scatter.value")

@@ -229,7 +229,12 @@ def _div_mode(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
         return b.op("Div", x, y)
     if mode == "trunc":  # integer Div already truncates
         return _trunc(b, b.op("Div", x, y), dtype) if floating else b.op("Div", x, y)
-    if floating:
+    return _floor_divide(b, x, y, dtype)
+
+
+def _floor_divide(b: OnnxGraphBuilder, x: ir.Value, y: ir.Value, dtype: str) -> ir.Value:
+    """``x // y`` rounded toward minus infinity, as torch's (ONNX's integer Div truncates)."""
+    if dtype in ("f64", "f32", "f16", "bf16"):
         return b.op("Floor", b.op("Div", x, y))
     return b.op("Div", b.op("Sub", x, b.op("Mod", x, y, fmod=0)), y)
 
@@ -531,3 +536,51 @@ def _conv1d(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     out = b.op("Conv", *inputs, group=int(a["groups"]), strides=list(a["stride"]), dilations=list(a["dilation"]),
                pads=pads + pads)
     return b.op("Squeeze", out, b.ints([0])) if single else out
+
+
+@translates("clamp_max", "clamp_min")
+def _clamp_one_side(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    bound = a["max"] if op.kind == "clamp_max" else a["min"]
+    return b.op("Min" if op.kind == "clamp_max" else "Max", b.tensor(a["self"], dtype), b.tensor(bound, dtype))
+
+
+@translates("log_sigmoid")
+def _log_sigmoid(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``min(x, 0) - log(1 + exp(-|x|))``: torch's stable form (``-softplus(-x)`` overflows
+    for very negative x)."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    tail = b.op("Log", b.op("Add", b.const(1, dtype), b.op("Exp", b.op("Neg", b.op("Abs", x)))))
+    return b.op("Sub", b.op("Min", x, b.const(0, dtype)), tail)
+
+
+@translates("floor_divide")
+def _floor_divide_op(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return _floor_divide(b, b.tensor(a["self"], dtype), b.tensor(a["other"], dtype), dtype)
+
+
+@translates("linalg_vector_norm")
+def _vector_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``(sum |x|^ord)^(1/ord)`` over ``dim``: ``ReduceL2``/``ReduceL1``, the infinity norms as
+    ``ReduceMax``/``ReduceMin`` of ``|x|``, other orders spelled out."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    axes = _axes(a["dim"], rank_of(a["self"]))
+    keep = int(bool(a["keepdim"]))
+    order = float(a["ord"])
+
+    def reduce(onnx_op: str, value: ir.Value) -> ir.Value:
+        return b.op(onnx_op, value, *([] if axes is None else [b.ints(axes)]), keepdims=keep)
+
+    if order == 2:
+        return reduce("ReduceL2", x)
+    if order == 1:
+        return reduce("ReduceL1", x)
+    if math.isinf(order):
+        return reduce("ReduceMax" if order > 0 else "ReduceMin", b.op("Abs", x))
+    if order == 0:
+        return reduce("ReduceSum", b.cast(b.op("Not", b.op("Equal", x, b.const(0, dtype))), dtype))
+    powered = b.op("Pow", b.op("Abs", x), b.const(order, dtype))
+    return b.op("Pow", reduce("ReduceSum", powered), b.const(1.0 / order, dtype))

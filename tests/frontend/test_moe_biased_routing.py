@@ -3,7 +3,8 @@
 (``n_group``: the mask of chosen groups is a ``scatter.value``). They lower exactly; a removed
 expert is exact too, because the expert mask's ``-inf`` reaches the ranking's top-k, not only
 the router's logits: with a bias that ranks the masked expert's score (zero) above the kept
-ones', it would otherwise take a kept expert's place."""
+ones', it would otherwise take a kept expert's place. And a token that names one expert twice
+(LongCat's zero experts) gets both weights, as transformers' eager experts loop gives it."""
 
 from __future__ import annotations
 
@@ -71,3 +72,26 @@ def test_removing_an_expert_of_a_biased_router_is_exact():
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     assert (_logits(masked, ids) - _logits(module, ids)).abs().max().item() > 1e-3  # the expert mattered
     assert (_logits(masked, ids) - _logits(compressed, ids)).abs().max().item() <= 1e-5
+
+
+def test_dense_experts_add_the_weights_of_an_expert_named_twice():
+    """LongCat's zero experts are renamed to real experts with weight 0, so a token can name
+    one expert twice: the eager loop adds both terms (``index_add``), and so must the dense
+    forward's routing matrix (``scatter_add``, not ``scatter``)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from lorashear.frontend.moe import dense_experts_forward
+
+    torch.manual_seed(0)
+    experts = MixtralExperts(MixtralConfig(hidden_size=8, intermediate_size=6, num_local_experts=3))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(4, 8)
+    index = torch.tensor([[0, 0], [1, 2], [2, 2], [1, 0]])
+    weights = torch.tensor([[0.7, 0.0], [0.4, 0.6], [0.0, 0.9], [0.5, 0.5]])
+    with torch.no_grad():
+        want = experts(x, index, weights)  # transformers' eager loop
+        got = dense_experts_forward(experts, x, index, weights)
+    assert (got - want).abs().max().item() <= 1e-6

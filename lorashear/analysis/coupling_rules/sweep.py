@@ -1,10 +1,11 @@
 """Coupling rules of ops that the conformance sweep's decoders use (issue #22): padding,
-``einsum`` and the 1-D convolutions of GPT-2-family ``Conv1D`` layers."""
+``einsum``, the 1-D convolutions of GPT-2-family ``Conv1D`` layers and vector norms."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lorashear.analysis.coupling_rules.norms import _reduce as reduction_rule
 from lorashear.analysis.coupling_rules.registry import coupling_rule, pins
 from lorashear.ir.core import Op, Param, Value
 
@@ -150,3 +151,31 @@ def _conv1d(b: CouplingBuilder, op: Op) -> None:
         b.fs.unify(xd[-2], wd[1], why)
     else:
         b.fs.unify(xd[-2], od[-2], why)
+
+
+@coupling_rule("linalg_vector_norm")
+def _vector_norm(b: CouplingBuilder, op: Op) -> None:
+    """``(sum |x|^ord)^(1/ord)`` over ``dim`` (Zaya's q/k norm over head_dim): for a positive
+    ``ord`` (the infinity norm included) a pruned channel that is zero adds nothing, so it is a
+    reduction as ``sum`` is (kept axes pass through, a reduced channel axis is accepted only
+    where pruned channels are zero); for ``ord <= 0`` a zero changes the result, and every
+    axis it reduces over is pinned."""
+    a = op.bound_args()
+    if a["ord"] > 0:
+        reduction_rule(b, op)
+        return
+    x, out = a["self"], op.results[0]
+    rank = len(x.type.shape)
+    dims = a["dim"] if a["dim"] is not None else list(range(rank))
+    dims = {d % rank for d in (dims if isinstance(dims, list) else [dims])}
+    why = f"a norm of order {a['ord']} (a zero changes it) by {b.where(op)}"
+    k = 0
+    for j, axis in enumerate(b.desc(x)):
+        if j in dims:
+            b.pin_axis(axis, why)
+            if a["keepdim"]:
+                b.pin_axis(b.desc(out)[k], why)
+                k += 1
+            continue
+        b.fs.unify(axis, b.desc(out)[k], b.where(op))
+        k += 1
