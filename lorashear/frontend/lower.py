@@ -36,6 +36,7 @@ from lorashear.frontend.moe import (
 from lorashear.frontend.node_forms import (
     INLINED_REGIONS,
     SPELLED_AS,
+    assertion_only,
     is_inplace,
     is_view,
     scalar_constants_off_meta,
@@ -142,7 +143,10 @@ class _Lowering:
     def _lower_nodes(self, ep) -> None:
         self.graph_module = ep.graph_module
         self.logits_leaf = _logits_leaf(ep.call_spec.out_spec)
+        checks_only = assertion_only(ep.graph)
         for node in ep.graph.nodes:
+            if node in checks_only:
+                continue
             try:
                 self._node(node)
             except LoweringError:
@@ -413,7 +417,8 @@ class _Lowering:
         order = self._node_order(node.graph)
         if any(order[user] > order[node] for user in target.users if user is not node):
             raise LoweringError(f"{where} overwrites {target.name}, which is read after it")
-        if any(is_view(user) for user in target.users if user is not node):
+        if any(is_view(user) and user.args and user.args[0] is target for user in target.users if user is not node):
+            # (a view of another tensor that reads only this one's shape, expand_as, shares nothing)
             raise LoweringError(f"{where} overwrites {target.name}, which a view shares")
         return kind
 

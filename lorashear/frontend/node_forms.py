@@ -39,6 +39,31 @@ def is_view(node: fx.Node) -> bool:
     return getattr(node.target, "_opname", None) in VIEW_PACKETS
 
 
+#: ATen overloads that only check a condition at run time (export's guards, a model's ``assert``).
+ASSERTIONS = frozenset({"_assert_scalar.default", "_assert_async.msg", "_assert_tensor_metadata.default",
+                        "sym_constrain_range.default", "sym_constrain_range_for_size.default"})
+
+
+def assertion_only(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose results only feed assertions, directly or through other such nodes
+    (XLM's ``assert lengths.max().item() <= slen``: a data-dependent ``item`` and a comparison
+    that the IR has no ops for). An inference forward computes the same without them; their
+    conditions were checked while tracing."""
+    found: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node.op != "call_function" or not node.users:
+            continue
+        if all(_is_assertion(user) or user in found for user in node.users):
+            found.add(node)
+    return found
+
+
+def _is_assertion(node: fx.Node) -> bool:
+    target = node.target
+    name = getattr(target, "_opname", None) and f"{target._opname}.{target._overloadname}"
+    return name in ASSERTIONS
+
+
 def numpy_t(lowering: _Lowering, node: fx.Node) -> None:
     """``x.T``: every axis reversed, as a ``permute``."""
     rank = len(node.args[0].meta["val"].shape)
@@ -162,6 +187,21 @@ def squeeze_all(lowering: _Lowering, node: fx.Node) -> None:
     lowering._emit(node, "squeeze.dims", [lowering._arg(node.args[0], node), dims], {})
 
 
+def cat(lowering: _Lowering, node: fx.Node) -> None:
+    """``torch.cat`` as ``concat``, leaving out the 1-D empty tensors that ``cat`` skips beside
+    tensors of a higher rank (XLM's cache starts from them): the IR's ``concat`` (and ONNX's)
+    takes operands of one rank, and the coupling analysis then sees only real operands."""
+    rank = len(node.meta["val"].shape)
+    tensors, rest = node.args[0], list(node.args[1:])
+    kept = [t for t in tensors if not (rank > 1 and isinstance(t, fx.Node)
+                                       and tuple(t.meta["val"].shape) == (0,))]
+    if len(kept) == 1 and len(kept) != len(tensors):
+        lowering.env[node] = lowering._arg(kept[0], node)
+        return
+    kwargs = {k: lowering._arg(v, node) for k, v in node.kwargs.items()}
+    lowering._emit(node, "concat", [lowering._arg(kept, node), *(lowering._arg(a, node) for a in rest)], kwargs)
+
+
 #: Higher-order ops whose region is lowered in place of the op.
 INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
     torch.ops.higher_order.wrap_with_set_grad_enabled: grad_region,
@@ -174,6 +214,7 @@ SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
     "new_empty.default": filled_buffer,
     "numpy_T.default": numpy_t,
     "squeeze.default": squeeze_all,
+    "cat.default": cat,
     "view_as.default": shaped_as("reshape"),
     "reshape_as.default": shaped_as("reshape"),
     "expand_as.default": shaped_as("expand"),

@@ -375,6 +375,8 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
         if name not in parameter_names:  # a constant tensor the forward makes
             if tensor.device.type != "meta":
                 return DataStorage(tensor.detach().clone())
+            if tensor.numel() == 0:  # no values to know (XLM's cache starts from empty tensors)
+                return DataStorage(torch.empty(shape, dtype=tensor.dtype))
             if not meta:
                 raise ModelLoadError(f"the forward of {type(config).__name__.removesuffix('Config')} "
                                      "makes a constant tensor "
