@@ -44,6 +44,7 @@ from lorashear.frontend.node_forms import (
 from lorashear.frontend.rewrites import fuse_lora, linear_from_transposed_matmul
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.frontend.sizes import exact_quotients, static_min_max
+from lorashear.frontend.view_writes import write_through_view
 from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
 from lorashear.ir.dims import parse_dim
 from lorashear.ir.finite import refuse_nonfinite
@@ -368,6 +369,10 @@ class _Lowering:
             return
         kind = ATEN_OPS.get(name)
         if kind is None and is_inplace(name):
+            target = node.args[0] if node.args else None
+            if isinstance(target, fx.Node) and target.op == "call_function" and is_view(target):
+                write_through_view(self, node, name)  # a new value of the viewed tensor
+                return
             kind = self._functional_kind(node, name)
         if kind is None:
             raise LoweringError(f"unsupported op aten.{name} at module {self._loc(node) or 'top level'}",

@@ -584,3 +584,54 @@ def _vector_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
         return reduce("ReduceSum", b.cast(b.op("Not", b.op("Equal", x, b.const(0, dtype))), dtype))
     powered = b.op("Pow", b.op("Abs", x), b.const(order, dtype))
     return b.op("Pow", reduce("ReduceSum", powered), b.const(1.0 / order, dtype))
+
+
+#: Giles' single-precision approximation of erfinv (M. Giles, "Approximating the erfinv
+#: function", GPU Computing Gems, 2011): polynomial coefficients in w = -log(1 - x^2), for
+#: w < 5 (in w - 2.5) and otherwise (in sqrt(w) - 3), highest degree first.
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+                   -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+                -0.0076224613, 0.00943887047, 1.00167406, 2.83297682)
+
+
+@translates("erfinv")
+def _erfinv(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``erfinv(x) = x * p(w)``, ``w = -log((1 - x)(1 + x))``, with Giles' two polynomials
+    (relative error about 1e-7 in float32; ONNX has no erfinv); computed in float32 at least."""
+    dtype = result_dtype(op)
+    work = "f64" if dtype == "f64" else "f32"
+    x = b.tensor(a["self"], work)
+    one = b.const(1, work)
+    w = b.op("Neg", b.op("Log", b.op("Mul", b.op("Sub", one, x), b.op("Add", one, x))))
+
+    def poly(t: ir.Value, coefficients: tuple[float, ...]) -> ir.Value:
+        p = b.const(coefficients[0], work)
+        for c in coefficients[1:]:
+            p = b.op("Add", b.const(c, work), b.op("Mul", p, t))
+        return p
+
+    central = poly(b.op("Sub", w, b.const(2.5, work)), _ERFINV_CENTRAL)
+    tail = poly(b.op("Sub", b.op("Sqrt", w), b.const(3.0, work)), _ERFINV_TAIL)
+    p = b.op("Where", b.op("Less", w, b.const(5.0, work)), central, tail)
+    return b.cast(b.op("Mul", p, x), dtype)
+
+
+@translates("std")
+def _std(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``sqrt(sum((x - mean)^2) / (n - 1 if unbiased else n))`` over ``dim``, ``n`` counted as
+    the sum of ones over those axes (sizes may be symbolic)."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    axes = _axes(a["dim"], rank_of(a["self"]))
+    keep = int(bool(a["keepdim"]))
+
+    def reduce(onnx_op: str, value: ir.Value, keepdims: int) -> ir.Value:
+        return b.op(onnx_op, value, *([] if axes is None else [b.ints(axes)]), keepdims=keepdims)
+
+    centred = b.op("Sub", x, reduce("ReduceMean", x, 1))
+    squares = reduce("ReduceSum", b.op("Mul", centred, centred), keep)
+    count = reduce("ReduceSum", b.op("Expand", b.const(1, dtype), b.op("Shape", x)), keep)
+    if a["unbiased"]:
+        count = b.op("Sub", count, b.const(1, dtype))
+    return b.op("Sqrt", b.op("Div", squares, count))
