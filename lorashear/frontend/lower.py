@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from lorashear.errors import LoweringError, first_line
+from lorashear.frontend.complex_values import is_complex_node, lower_complex
 from lorashear.frontend.layers import (
     LayerStack,
     export_input_specs,
@@ -363,6 +364,9 @@ class _Lowering:
             return
         if name == "sym_size.int":
             self._emit(node, "dim", [self.env[node.args[0]], int(node.args[1])], {})
+            return
+        if is_complex_node(node):
+            lower_complex(self, node, name)  # complex tensors as real [..., 2] (DeepSeek-V2's rotary)
             return
         if name in SPELLED_AS:
             SPELLED_AS[name](self, node)

@@ -2,8 +2,9 @@
 selected row, Gemma 3n's AltUp adds into a permuted product and into a slice) lower as new
 values of the viewed tensors (``slice_scatter``, ``select_scatter``, inverse permutations),
 and Gemma 3n's Gaussian top-k (``broadcast_tensors``, ``std``, a normal quantile through
-``erfinv``, ``torch.distributions``' unused argument checks) lowers too: the tiny models give
-the same logits, their MLP channels compress exactly, and ONNX Runtime agrees."""
+``erfinv``, ``torch.distributions``' unused argument checks) and DeepSeek-V2's complex rotary
+(complex values as real ``[..., 2]``) lower too: the tiny models give the same logits, their
+channels compress exactly, and ONNX Runtime agrees."""
 
 from __future__ import annotations
 
@@ -117,3 +118,43 @@ def test_gaussian_top_k_lowers(tmp_path):
     hidden = next(f for f in families if ("scale", 0) in {(m.param, m.axis) for m in f.members})
     compressed = compress_exactly(model, module, VOCAB, {hidden.id: (1, 2, 7)}, tmp_path)
     assert compressed.params["scale"].type.shape == (HIDDEN - 3,)
+
+
+class ComplexRotary(nn.Module):
+    """DeepSeek-V2's rotary in complex form: channel pairs as complex numbers rotated by
+    ``polar(1, angle)``; with ``modulus``, a complex op the real layout does not cover."""
+
+    def __init__(self, modulus: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.modulus = modulus
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.q = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.register_buffer("inv_freq", torch.rand(HIDDEN // 2), persistent=False)
+        self.up = nn.Linear(HIDDEN, INNER, bias=False)
+        self.down = nn.Linear(INNER, HIDDEN, bias=False)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        batch, seq = input_ids.shape
+        h = self.embed(input_ids)
+        angles = torch.arange(seq, dtype=torch.float32)[:, None] * self.inv_freq  # [S, H/2]
+        rotation = torch.polar(torch.ones_like(angles), angles) * 0.5
+        pairs = torch.view_as_complex(self.q(h).float().reshape(batch, seq, -1, 2))
+        if self.modulus:
+            return CausalLMOutput(logits=self.head(pairs.abs().repeat(1, 1, 2)))
+        rotated = torch.view_as_real(pairs * rotation.unsqueeze(0)).flatten(2)
+        return CausalLMOutput(logits=self.head(h + rotated + self.down(F.relu(self.up(h)))))
+
+
+def test_complex_rotary_lowers_in_real_layout(tmp_path):
+    model = ComplexRotary().eval()
+    module = lower(model)
+    assert all(getattr(v.type, "dtype", None) != "c64" for op in module.graph.ops for v in op.results)
+    assert {"cos", "sin", "stack", "select"} <= {op.kind for op in module.graph.ops}
+    compress_exactly(model, module, VOCAB, {_mlp(module).id: (2, 5)}, tmp_path)
+
+
+def test_other_complex_arithmetic_is_refused_naming_the_op():
+    with pytest.raises(LoweringError, match="abs.default .* computes with complex numbers"):
+        lower(ComplexRotary(modulus=True))
