@@ -194,6 +194,11 @@ class _Lowering:
             ep = self._export_with(ids, mask, Dim.DYNAMIC, Dim.DYNAMIC)
         except Exception as exc:
             first = first_line(exc)
+            if "specialized it to be a constant" in str(exc):
+                raise LoweringError(
+                    f"the forward of {type(self.model).__name__} fixes the sequence length to the traced "
+                    f"example's (it turns the length into a Python value, as CPM-Ant's list(range(length))): "
+                    f"{first}", hint="lorashear lowers models that run on any sequence length") from exc
             raise LoweringError(f"torch.export could not trace {type(self.model).__name__}: {first}",
                                 hint="the model must be a causal LM whose forward takes input_ids "
                                 "and attention_mask") from exc
@@ -378,6 +383,11 @@ class _Lowering:
                 write_through_view(self, node, name)  # a new value of the viewed tensor
                 return
             kind = self._functional_kind(node, name)
+        if kind is None and name in ("item.default", "_local_scalar_dense.default"):
+            raise LoweringError(f"the forward reads a tensor's value into Python (aten.{name} at module "
+                                f"{self._loc(node) or 'top level'}) to decide shapes or control flow, which "
+                                "depend on the data then (JetMoE's expert sizes)",
+                                hint="such a layer lowers only once rewritten with static shapes")
         if kind is None:
             raise LoweringError(f"unsupported op aten.{name} at module {self._loc(node) or 'top level'}",
                                 hint="add it to lorashear/ir/ops.py if it is a plain tensor op")

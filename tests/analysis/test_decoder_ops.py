@@ -255,3 +255,39 @@ def test_a_bias_free_layer_norm_runs_in_onnx_runtime(tmp_path):
     (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
     with torch.no_grad():
         assert (torch.as_tensor(got) - model(ids).logits).abs().max().item() <= 1e-4
+
+
+class DataDependentSizes(nn.Module):
+    """JetMoE's router reads how many tokens each expert got into Python (``.tolist()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        count = (input_ids > 3).sum((0, 1)).item()
+        torch._check(count >= 0)
+        torch._check(count <= input_ids.numel())
+        chosen = h.reshape(-1, HIDDEN)[:count].sum(0)
+        return CausalLMOutput(logits=(h + chosen)[..., :1].expand(-1, -1, VOCAB))
+
+
+class FixedLengthMask(nn.Module):
+    """CPM-Ant builds a mask from ``list(range(length))``: the length becomes a Python int."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        positions = torch.tensor(list(range(input_ids.shape[1]))[::-1])
+        return CausalLMOutput(logits=self.head(self.embed(input_ids)) + positions[None, :, None])
+
+
+def test_data_dependent_values_and_fixed_lengths_are_refused_with_the_reason():
+    with pytest.raises(LoweringError, match=r"reads a tensor's value into Python \(aten.item"):
+        lower(DataDependentSizes())
+    with pytest.raises(LoweringError, match="fixes the sequence length"):
+        lower(FixedLengthMask())
