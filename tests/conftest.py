@@ -248,3 +248,42 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def compress_exactly(model, module, vocab: int, removals: dict, tmp_path: Path, seqs=(7, 10)):
+    """The lowered ``module`` gives ``model``'s logits; removing ``removals`` (family id ->
+    units) masks and compresses to the same logits with fewer parameters, and ONNX Runtime
+    agrees with the compressed model at each sequence length of ``seqs``. Returns the
+    compressed module."""
+    ort = pytest.importorskip("onnxruntime")
+    from lorashear.analysis.masking import zero_groups
+    from lorashear.ir.core import clone_module
+    from lorashear.passes.compress import compress_module
+    from lorashear.runtime.executor import emit_torch
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    def logits(m, ids):
+        with torch.no_grad():
+            return emit_torch(m)(ids, attention_mask=torch.ones_like(ids)).logits
+
+    ids, _ = random_batch(vocab, batch=2, seq=seqs[0])
+    with torch.no_grad():
+        want = model(ids, attention_mask=torch.ones_like(ids)).logits
+    assert (logits(module, ids) - want).abs().max().item() <= 1e-5
+    groups = module.attributes["groups"]
+    masked, compressed = clone_module(module), clone_module(module)
+    zero_groups(masked, groups, removals)
+    compress_module(compressed, groups, removals)
+    assert (logits(masked, ids) - logits(compressed, ids)).abs().max().item() <= 1e-4
+    assert compressed.num_parameters() < module.num_parameters()
+    path = tmp_path / "model.onnx"
+    emit_onnx(compressed, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for seq in seqs:
+        ids, _ = random_batch(vocab, batch=2, seq=seq)
+        full = torch.ones_like(ids)
+        (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
+        assert (torch.as_tensor(got) - logits(compressed, ids)).abs().max().item() <= 1e-4
+    return compressed

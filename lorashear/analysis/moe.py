@@ -43,7 +43,7 @@ def couple_experts(builder: CouplingBuilder) -> None:
     if not masks:
         return
     for op in builder.module.graph.ops:
-        if op.kind != "scatter":
+        if op.kind not in ("scatter", "scatter_add"):
             continue
         for mask in masks:
             if not op.loc.startswith(_block_of(mask.name) + "."):

@@ -184,12 +184,13 @@ def _check_reduced(ctx: ZeroContext, op: Op, zero: set[int]) -> None:
                 fs.pin(leaf, f"reduced by {ctx.where(op)} where it is not zero when pruned")
 
 
-@zero_rule(*(kind for kind, definition in OP_DEFS.items() if definition.reduction))
+@zero_rule(*(kind for kind, definition in OP_DEFS.items() if definition.reduction), "linalg_vector_norm")
 def _reduce(ctx: ZeroContext, op: Op) -> set[int]:
     """A sum or mean keeps the input's zero channels on its kept axes. Over a reduced axis,
     pruned channels that are zero add nothing to the sum, so a sum is exact after slicing
     and a mean is exact with its original divisor; a reduced factor that is not zero when
-    pruned is pinned."""
+    pruned is pinned. So for a vector norm of positive order (its coupling rule pins the
+    others)."""
     got = ctx.zeros(op.bound_args()["self"])
     _check_reduced(ctx, op, got)
     return got

@@ -9,6 +9,7 @@ LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` becomes one
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from lorashear.errors import LoweringError, first_line
+from lorashear.frontend.complex_values import is_complex_node, lower_complex
 from lorashear.frontend.layers import (
     LayerStack,
     export_input_specs,
@@ -35,6 +37,7 @@ from lorashear.frontend.moe import (
 from lorashear.frontend.node_forms import (
     INLINED_REGIONS,
     SPELLED_AS,
+    assertion_only,
     is_inplace,
     is_view,
     scalar_constants_off_meta,
@@ -42,6 +45,7 @@ from lorashear.frontend.node_forms import (
 from lorashear.frontend.rewrites import fuse_lora, linear_from_transposed_matmul
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.frontend.sizes import exact_quotients, static_min_max
+from lorashear.frontend.view_writes import write_through_view
 from lorashear.ir.core import DTypeArg, Module, Op, Param, Value
 from lorashear.ir.dims import parse_dim
 from lorashear.ir.finite import refuse_nonfinite
@@ -141,7 +145,10 @@ class _Lowering:
     def _lower_nodes(self, ep) -> None:
         self.graph_module = ep.graph_module
         self.logits_leaf = _logits_leaf(ep.call_spec.out_spec)
+        checks_only = assertion_only(ep.graph)
         for node in ep.graph.nodes:
+            if node in checks_only:
+                continue
             try:
                 self._node(node)
             except LoweringError:
@@ -187,6 +194,11 @@ class _Lowering:
             ep = self._export_with(ids, mask, Dim.DYNAMIC, Dim.DYNAMIC)
         except Exception as exc:
             first = first_line(exc)
+            if "specialized it to be a constant" in str(exc):
+                raise LoweringError(
+                    f"the forward of {type(self.model).__name__} fixes the sequence length to the traced "
+                    f"example's (it turns the length into a Python value, as CPM-Ant's list(range(length))): "
+                    f"{first}", hint="lorashear lowers models that run on any sequence length") from exc
             raise LoweringError(f"torch.export could not trace {type(self.model).__name__}: {first}",
                                 hint="the model must be a causal LM whose forward takes input_ids "
                                 "and attention_mask") from exc
@@ -195,15 +207,17 @@ class _Lowering:
 
     def _export_with(self, ids: torch.Tensor, mask: torch.Tensor, batch: Any, seq: Any):
         """``torch.export`` of the forward on ``(ids, attention_mask=mask, use_cache=False)``,
-        the dynamic shapes spelled as the forward's signature names its arguments (a forward
-        without a ``use_cache`` parameter keeps no cache, and is not given one)."""
+        the dynamic shapes spelled as the forward's signature names its arguments. A forward
+        without a ``use_cache`` parameter is not given one; its inner model reads the config's
+        default instead, which is off while tracing (:func:`_no_cache_by_default`)."""
         dims = {0: batch, 1: seq}
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
         shapes: dict[str, Any] = {"input_ids": dims, "attention_mask": dims, "use_cache": None}
         parameters = _forward_parameters(self.model)
         if parameters is not None and "use_cache" not in parameters:
             del kwargs["use_cache"], shapes["use_cache"]
-        return torch.export.export(self.model, (ids,), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+        with _no_cache_by_default(self.model):
+            return torch.export.export(self.model, (ids,), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
 
     # --- parameters -------------------------------------------------------------------------
     def _bind_params(self, specs: list[tuple[Any, str | None, str | None]], constants: dict) -> None:
@@ -260,13 +274,14 @@ class _Lowering:
                 return int(expr)
             text = re.sub(r"\b[su]\d+\b", lambda m: self.symbols.get(m.group(), m.group()),
                           str(expr)).replace(" ", "")
+            text = re.sub(r"\b(Min|Max)\(", lambda m: f"{m.group(1).lower()}(", text)  # sympy's spelling
             try:
                 parse_dim(text)
             except ValueError as exc:
                 raise LoweringError(f"torch.export gives {type(self.model).__name__} a size {text} "
                                     f"outside the IR's size arithmetic: {exc}",
-                                    hint="sizes may use + - * // on the batch and sequence length "
-                                    "(max/min of sizes, as torch.sym_max makes, are not)") from None
+                                    hint="sizes may use + - * //, min and max on the batch and "
+                                    "sequence length") from None
             return text
         raise LoweringError(f"unsupported dimension {d!r}")
 
@@ -355,12 +370,24 @@ class _Lowering:
         if name == "sym_size.int":
             self._emit(node, "dim", [self.env[node.args[0]], int(node.args[1])], {})
             return
+        if is_complex_node(node):
+            lower_complex(self, node, name)  # complex tensors as real [..., 2] (DeepSeek-V2's rotary)
+            return
         if name in SPELLED_AS:
             SPELLED_AS[name](self, node)
             return
         kind = ATEN_OPS.get(name)
         if kind is None and is_inplace(name):
+            target = node.args[0] if node.args else None
+            if isinstance(target, fx.Node) and target.op == "call_function" and is_view(target):
+                write_through_view(self, node, name)  # a new value of the viewed tensor
+                return
             kind = self._functional_kind(node, name)
+        if kind is None and name in ("item.default", "_local_scalar_dense.default"):
+            raise LoweringError(f"the forward reads a tensor's value into Python (aten.{name} at module "
+                                f"{self._loc(node) or 'top level'}) to decide shapes or control flow, which "
+                                "depend on the data then (JetMoE's expert sizes)",
+                                hint="such a layer lowers only once rewritten with static shapes")
         if kind is None:
             raise LoweringError(f"unsupported op aten.{name} at module {self._loc(node) or 'top level'}",
                                 hint="add it to lorashear/ir/ops.py if it is a plain tensor op")
@@ -409,7 +436,8 @@ class _Lowering:
         order = self._node_order(node.graph)
         if any(order[user] > order[node] for user in target.users if user is not node):
             raise LoweringError(f"{where} overwrites {target.name}, which is read after it")
-        if any(is_view(user) for user in target.users if user is not node):
+        if any(is_view(user) and user.args and user.args[0] is target for user in target.users if user is not node):
+            # (a view of another tensor that reads only this one's shape, expand_as, shares nothing)
             raise LoweringError(f"{where} overwrites {target.name}, which a view shares")
         return kind
 
@@ -485,6 +513,33 @@ def _logits_leaf(spec) -> int | None:
         return None
     children = spec.children()
     return sum(child.num_leaves for child in children[:context.index("logits")])
+
+
+@contextlib.contextmanager
+def _no_cache_by_default(model: nn.Module):
+    """``use_cache = False`` on the model's config and its text config for the duration of the
+    block (restored after). GraniteMoE's causal LM has no ``use_cache`` parameter and its model
+    takes the config's default (True), so it would return its ``DynamicCache``, which export
+    cannot flatten into outputs."""
+    config = getattr(model, "config", None)
+    configs = [] if config is None else [config]
+    text = getattr(config, "get_text_config", None)
+    if text is not None and text() is not config:
+        configs.append(text())
+    saved = [(c, c.__dict__.get("use_cache", _UNSET)) for c in configs]
+    try:
+        for c in configs:
+            c.use_cache = False
+        yield
+    finally:
+        for c, value in saved:
+            if value is _UNSET:
+                c.__dict__.pop("use_cache", None)
+            else:
+                c.use_cache = value
+
+
+_UNSET = object()
 
 
 def _forward_parameters(model: nn.Module):

@@ -18,7 +18,7 @@ expert's weights are ``select``s of the fused parameters by a literal index, whi
 :func:`split_fused_experts` turns into parameters of their own
 (``...experts.3.gate_up_proj``): every expert is then an ordinary gated MLP of two linears,
 so the coupling analysis finds each expert's channels as one family, and ``compress`` slices
-each expert on its own. The routing ops (``topk``, ``scatter``) pin the expert axis;
+each expert on its own. The routing ops (``topk``, ``scatter_add``) pin the expert axis;
 :func:`add_expert_gates` gives each router a mask buffer that makes a whole expert a
 removable unit all the same (:mod:`lorashear.analysis.moe`). Emission stacks the experts back
 into transformers' fused parameters (:func:`fuse_expert_params`) where they share one shape.
@@ -87,7 +87,9 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
             y = y + F.linear(F.linear(x, a_e), b_e) * scaling
         return y
 
-    routing = top_k_weights.new_zeros(hidden_states.shape[0], num_experts).scatter(1, top_k_index, top_k_weights)
+    # scatter_add: a token that names an expert twice (LongCat's zero experts map to real ones
+    # with weight 0) gets the sum, as the eager loop's index_add does
+    routing = top_k_weights.new_zeros(hidden_states.shape[0], num_experts).scatter_add(1, top_k_index, top_k_weights)
     out = None
     for e in range(num_experts):
         h = project(hidden_states, first, e)
@@ -494,7 +496,14 @@ def add_expert_gates(module: Module, model: nn.Module) -> int:
     an exact zero), in place; returns how many routers got one. Masking an expert then zeroes
     its entry with the rest of its group: its logit becomes ``-inf``, its routing probability
     an exact zero, and no token chooses it, which is what removing the router's row does
-    (the softmax's denominator and the top-k over the other experts are unchanged)."""
+    (the softmax's denominator and the top-k over the other experts are unchanged).
+
+    A router that ranks experts by something other than its probabilities (DeepSeek-V3's
+    sigmoid scores plus a load-balancing bias, ``e_score_correction_bias``) would still choose
+    a masked expert whose biased score ranks high: its weight is zero, but it takes the place
+    of an expert the compressed model chooses. So the same ``log(mask)`` is also added to the
+    input of every ``topk`` of the router's block that ranks along a last axis of one entry per
+    expert (:func:`_gate_expert_topk`): a masked expert ranks last there too."""
     names = routers(model)
     graph = module.graph
     added = 0
@@ -515,14 +524,39 @@ def add_expert_gates(module: Module, model: nn.Module) -> int:
             user.replace_refs(lambda r, logits=logits, gated=gated: gated.results[0] if r is logits else r)
         graph.outputs = [gated.results[0] if v is logits else v for v in graph.outputs]
         graph.ops[index + 1:index + 1] = [log, gated]
+        _gate_expert_topk(graph, index + 3, op.loc.rpartition(".")[0], log.results[0])
         added += 1
     return added
+
+
+def _gate_expert_topk(graph: Graph, start: int, block: str, log_mask: Value) -> None:
+    """Add ``log_mask`` (``[experts]``) to the input of each ``topk`` from ``graph.ops[start]``
+    on, in module ``block`` or below it, that ranks along its last axis of ``experts`` entries
+    in the mask's element type (see :func:`add_expert_gates`), in place. Adds zero where the
+    mask is one."""
+    experts = log_mask.type.shape[0]
+    index = start
+    while index < len(graph.ops):
+        op = graph.ops[index]
+        scores = op.args[0] if op.kind == "topk" and op.args else None
+        if not isinstance(scores, Value) or not (op.loc == block or op.loc.startswith(block + ".")):
+            index += 1
+            continue
+        rank = len(scores.type.shape)
+        dim = op.bound_args()["dim"] % rank
+        if dim != rank - 1 or scores.type.shape[dim] != experts or scores.type.dtype != log_mask.type.dtype:
+            index += 1
+            continue
+        gated = Op("add", [scores, log_mask], {}, [Value(f"{scores.name}.gated", scores.type)], op.loc)
+        op.args[0] = gated.results[0]
+        graph.ops.insert(index, gated)
+        index += 2
 
 
 def drop_open_expert_gates(module: Module) -> list[str]:
     """The inverse of :func:`add_expert_gates` where it adds nothing, in place: every
     ``expert_mask`` buffer that is all ones (no expert masked: the state after ``compress``
-    removed the masked ones, or before any pruning) is removed with its ``log`` and ``add``,
+    removed the masked ones, or before any pruning) is removed with its ``log`` and the ``add`` ops that read it,
     and the router's logits are used directly again. Exact (``log(1)`` is 0 and ``x + 0`` is
     ``x``), and an emitted checkpoint then has only transformers' own keys (a stock load would
     warn about an unexpected ``expert_mask``). Masks that still hold a zero stay, and their
@@ -533,17 +567,19 @@ def drop_open_expert_gates(module: Module) -> list[str]:
     for name in [n for n, p in module.params.items() if n.endswith(f".{EXPERT_MASK}")]:
         mask = module.params[name]
         logs = [op for op in graph.ops if op.kind == "log" and op.args and op.args[0] is mask]
-        adds = [u for log in logs for u in users.get(log.results[0], [])]
+        adds = [u for log in logs for u in users.get(log.results[0], [])]  # the logits' and top-k's
         ones = mask.storage.has_data and bool((mask.storage.load() == 1).all())
-        if not ones or len(logs) != 1 or len(adds) != 1 or adds[0].kind != "add" \
-                or not isinstance(adds[0].args[0], Value) or adds[0].args[1] is not logs[0].results[0]:
+        if not ones or len(logs) != 1 or not adds or any(
+                add.kind != "add" or not isinstance(add.args[0], Value) or add.args[1] is not logs[0].results[0]
+                for add in adds):
             kept.append(name)
             continue
-        logits, gated = adds[0].args[0], adds[0].results[0]
+        ungated = {id(add.results[0]): add.args[0] for add in adds}
         for op in graph.ops:
-            op.replace_refs(lambda r, logits=logits, gated=gated: logits if r is gated else r)
-        graph.outputs = [logits if v is gated else v for v in graph.outputs]
-        graph.ops = [op for op in graph.ops if op is not logs[0] and op is not adds[0]]
+            op.replace_refs(lambda r, ungated=ungated: ungated.get(id(r), r))
+        graph.outputs = [ungated.get(id(v), v) for v in graph.outputs]
+        dropped = {id(logs[0]), *(id(add) for add in adds)}
+        graph.ops = [op for op in graph.ops if id(op) not in dropped]
         del module.params[name]
     return kept
 

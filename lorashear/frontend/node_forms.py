@@ -39,6 +39,39 @@ def is_view(node: fx.Node) -> bool:
     return getattr(node.target, "_opname", None) in VIEW_PACKETS
 
 
+#: ATen overloads that only check a condition at run time (export's guards, a model's ``assert``).
+ASSERTIONS = frozenset({"_assert_scalar.default", "_assert_async.msg", "_assert_tensor_metadata.default",
+                        "sym_constrain_range.default", "sym_constrain_range_for_size.default"})
+
+
+def assertion_only(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose results are unused or only feed assertions, directly or through other
+    such nodes (XLM's ``assert lengths.max().item() <= slen``: a data-dependent ``item`` and a
+    comparison that the IR has no ops for; Gemma 3n's ``torch.distributions.Normal`` checks its
+    arguments with ``_is_all_true`` and drops the answer). An inference forward computes the
+    same without them; assertions were checked while tracing. In-place ops are never among
+    them (they write a tensor that is read later)."""
+    found: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node.op != "call_function":
+            continue
+        name = _opname(node)
+        if name is not None and is_inplace(name):
+            continue
+        if all(_is_assertion(user) or user in found for user in node.users):
+            found.add(node)
+    return found
+
+
+def _opname(node: fx.Node) -> str | None:
+    target = node.target
+    return getattr(target, "_opname", None) and f"{target._opname}.{target._overloadname}"
+
+
+def _is_assertion(node: fx.Node) -> bool:
+    return _opname(node) in ASSERTIONS
+
+
 def numpy_t(lowering: _Lowering, node: fx.Node) -> None:
     """``x.T``: every axis reversed, as a ``permute``."""
     rank = len(node.args[0].meta["val"].shape)
@@ -153,6 +186,65 @@ def autocast_region(node: fx.Node) -> tuple[fx.Node, list]:
     return node.args[4], list(node.args[5:])
 
 
+def squeeze_all(lowering: _Lowering, node: fx.Node) -> None:
+    """``x.squeeze()``: the axes of size 1 in the trace (a symbolic size is never 1 there), as
+    ``squeeze.dims`` naming them, so a later size 1 (a batch of one, a channel axis pruned to
+    one) is not squeezed where the traced model did not squeeze it."""
+    shape = node.args[0].meta["val"].shape
+    dims = [k for k, d in enumerate(shape) if isinstance(d, int) and d == 1]
+    lowering._emit(node, "squeeze.dims", [lowering._arg(node.args[0], node), dims], {})
+
+
+def cat(lowering: _Lowering, node: fx.Node) -> None:
+    """``torch.cat`` as ``concat``, leaving out the 1-D empty tensors that ``cat`` skips beside
+    tensors of a higher rank (XLM's cache starts from them): the IR's ``concat`` (and ONNX's)
+    takes operands of one rank, and the coupling analysis then sees only real operands."""
+    rank = len(node.meta["val"].shape)
+    tensors, rest = node.args[0], list(node.args[1:])
+    kept = [t for t in tensors if not (rank > 1 and isinstance(t, fx.Node)
+                                       and tuple(t.meta["val"].shape) == (0,))]
+    if len(kept) == 1 and len(kept) != len(tensors):
+        lowering.env[node] = lowering._arg(kept[0], node)
+        return
+    kwargs = {k: lowering._arg(v, node) for k, v in node.kwargs.items()}
+    lowering._emit(node, "concat", [lowering._arg(kept, node), *(lowering._arg(a, node) for a in rest)], kwargs)
+
+
+def broadcast_tensors(lowering: _Lowering, node: fx.Node) -> None:
+    """``torch.broadcast_tensors(*xs)`` (Gemma 3n's Laurel/AltUp): each ``x`` ``expand``ed to the
+    common shape, a symbolic size read (``dim``) from an input that has it on that axis."""
+    tensors = list(node.args[0])
+    shape = node.meta["val"][0].shape
+    rank = len(shape)
+    sizes: list = []
+    for k, d in enumerate(shape):
+        if isinstance(d, int) or (isinstance(d, torch.SymInt) and d.node.expr.is_number):
+            sizes.append(int(d))
+            continue
+        for t in tensors:
+            t_shape = t.meta["val"].shape
+            axis = k - (rank - len(t_shape))
+            if axis >= 0 and isinstance(t_shape[axis], torch.SymInt) and t_shape[axis].node.expr == d.node.expr:
+                value = lowering._new_value(d)
+                lowering.module.graph.ops.append(Op("dim", [lowering._arg(t, node), axis], {}, [value],
+                                                    lowering._loc(node)))
+                sizes.append(value)
+                break
+        else:
+            raise LoweringError(f"aten.broadcast_tensors at module {lowering._loc(node) or 'top level'}: "
+                                f"no input has the size {d} of axis {k}")
+    results = []
+    for t, want in zip(tensors, node.meta["val"]):
+        x = lowering._arg(t, node)
+        if tuple(t.meta["val"].shape) == tuple(want.shape):
+            results.append(x)
+            continue
+        value = lowering._new_value(want)
+        lowering.module.graph.ops.append(Op("expand", [x, list(sizes)], {}, [value], lowering._loc(node)))
+        results.append(value)
+    lowering.env[node] = results
+
+
 #: Higher-order ops whose region is lowered in place of the op.
 INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
     torch.ops.higher_order.wrap_with_set_grad_enabled: grad_region,
@@ -164,6 +256,9 @@ INLINED_REGIONS: dict[Any, Callable[[fx.Node], tuple[fx.Node, list]]] = {
 SPELLED_AS: dict[str, Callable[[_Lowering, fx.Node], None]] = {
     "new_empty.default": filled_buffer,
     "numpy_T.default": numpy_t,
+    "squeeze.default": squeeze_all,
+    "cat.default": cat,
+    "broadcast_tensors.default": broadcast_tensors,
     "view_as.default": shaped_as("reshape"),
     "reshape_as.default": shaped_as("reshape"),
     "expand_as.default": shaped_as("expand"),

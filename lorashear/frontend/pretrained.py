@@ -138,15 +138,15 @@ class ConvertedStorage(DataStorage):
     held in memory (printed as ``data``, a saved ``.ir`` keeps the converted tensor)."""
 
     def __init__(self, converter, layer_name: str, sources: list[tuple[str, FileStorage]], target: str,
-                 config) -> None:
+                 config, shapes: ParameterShapes | None = None) -> None:
         self._tensor = None
         self._sidecar = None
         self.converter, self.layer_name, self.sources = converter, layer_name, sources
-        self.target, self.config = target, config
+        self.target, self.config, self.shapes = target, config, shapes
 
     def load(self) -> torch.Tensor:
         return run_conversion(self.converter, self.layer_name, self.sources, self.config,
-                              lambda storage: storage.load())[self.target]
+                              lambda storage: storage.load(), self.shapes)[self.target]
 
     def source_keys(self) -> list[tuple[str, str]]:
         """The checkpoint tensors it is made from: (file, key)."""
@@ -156,17 +156,31 @@ class ConvertedStorage(DataStorage):
         return f"ConvertedStorage({self.target} from {', '.join(key for _, key in self.source_keys())})"
 
 
+class ParameterShapes:
+    """The model's parameter shapes, answering ``get_parameter`` with a tensor on ``meta``:
+    what transformers' ``Split`` asks the model for (the sizes of the projections it splits a
+    fused ``query_key_value`` into: Param2MoE, SarvamMoE), without holding the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise AttributeError(f"the model has no parameter {name}")
+        return torch.empty(self.shapes[name], device="meta")
+
+
 def run_conversion(converter, layer_name: str, sources: list[tuple[str, FileStorage]], config,
-                   load) -> dict[str, torch.Tensor]:
+                   load, shapes: ParameterShapes | None = None) -> dict[str, torch.Tensor]:
     """Run a copy of transformers' ``converter`` on the checkpoint tensors ``sources``
-    (``(source pattern, file tensor)``, in transformers' order), each read by ``load``; the
-    parameters it makes, by name."""
+    (``(source pattern, file tensor)``, in transformers' order), each read by ``load``, with
+    ``shapes`` standing in for the model; the parameters it makes, by name."""
     import copy
 
     conversion = copy.deepcopy(converter)
     for pattern, storage in sources:
         conversion.add_tensor(layer_name, storage.key, pattern, lambda s=storage: load(s))
-    made = conversion.convert(layer_name, model=None, config=config)
+    made = conversion.convert(layer_name, model=shapes, config=config)
     return {name: tensor[0] if isinstance(tensor, list) else tensor for name, tensor in made.items()}
 
 
@@ -210,15 +224,17 @@ def converted_storages(model: nn.Module, index: dict[str, tuple[str, tuple[int, 
         return torch.empty(shapes[(storage.path, storage.key)], device="meta")
 
     config = getattr(model, "config", None)
+    parameter_shapes = ParameterShapes(model)
     out: dict[str, tuple[ConvertedStorage, tuple[int, ...]]] = {}
     for layer_name, (converter, sources) in groups.items():
         try:
-            made = run_conversion(converter, layer_name, sources, config, on_meta)
+            made = run_conversion(converter, layer_name, sources, config, on_meta, parameter_shapes)
         except Exception:  # noqa: BLE001 - a conversion that does not run on shapes: reported as before
             continue
         for target, tensor in made.items():
             if target in wanted:
-                out[target] = (ConvertedStorage(converter, layer_name, sources, target, config), tuple(tensor.shape))
+                out[target] = (ConvertedStorage(converter, layer_name, sources, target, config, parameter_shapes),
+                               tuple(tensor.shape))
     return out
 
 
@@ -359,6 +375,8 @@ def lower_pretrained(model_dir: str | os.PathLike, *, adapter: str | os.PathLike
         if name not in parameter_names:  # a constant tensor the forward makes
             if tensor.device.type != "meta":
                 return DataStorage(tensor.detach().clone())
+            if tensor.numel() == 0:  # no values to know (XLM's cache starts from empty tensors)
+                return DataStorage(torch.empty(shape, dtype=tensor.dtype))
             if not meta:
                 raise ModelLoadError(f"the forward of {type(config).__name__.removesuffix('Config')} "
                                      "makes a constant tensor "

@@ -7,9 +7,13 @@ what lowering produces and nothing more::
     expr   := term (('+' | '-') term)*
     term   := unary (('*' | '//') unary)*
     unary  := '-' unary | atom
-    atom   := INTEGER | SYMBOL | '(' expr ')'
+    atom   := INTEGER | SYMBOL | ('min' | 'max') '(' expr (',' expr)+ ')' | '(' expr ')'
 
-Everything else (``**``, ``/``, calls, attribute access) is a :class:`DimSyntaxError` at the
+``min``/``max`` are the sizes torch's ``sym_min``/``sym_max`` make (DeepSeek-V3.2's sparse
+attention keeps ``min(index_topk, S)`` keys; MPT slices its ALiBi table to ``min(max_seq_len,
+S)``); they stay symbolic because their value changes within the sequence lengths a model
+accepts. Everything else (``**``, ``/``, other calls, attribute access) is a
+:class:`DimSyntaxError` at the
 offset of the token where it starts. Sizes are bounded (text length, literal digits, nesting
 depth, the magnitude of every intermediate value), so evaluating a hostile size takes
 microseconds instead of the hours ``9**9**9**9`` took under ``eval``.
@@ -30,12 +34,14 @@ MAX_DEPTH = 32
 #: Integer literals and every intermediate value stay within +-2**62 (far above any tensor size).
 MAX_MAGNITUDE = 1 << 62
 _MAX_DIGITS = len(str(MAX_MAGNITUDE))
+#: The functions a dimension may call, by name.
+_CALLS = {"min": min, "max": max}
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<int>\d+)
   | (?P<symbol>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<op>//|\*\*|[-+*/()])
+  | (?P<op>//|\*\*|[-+*/(),])
 """, re.VERBOSE)
 
 
@@ -52,7 +58,8 @@ class DimSyntaxError(ValueError):
 
 @dataclass(frozen=True)
 class DimExpr:
-    """A parsed dimension: ``op`` is ``"int"``, ``"sym"``, ``"neg"`` or a binary operator."""
+    """A parsed dimension: ``op`` is ``"int"``, ``"sym"``, ``"neg"``, a binary operator, or
+    ``"min"``/``"max"`` of two or more arguments."""
 
     op: str
     value: int | str | None = None
@@ -130,6 +137,8 @@ class _Parser:
             return DimExpr("int", int(text))
         if kind == "symbol":
             self.i += 1
+            if text in _CALLS and self.peek() and self.peek()[1] == "(":
+                return self.call(text)
             return DimExpr("sym", text)
         if text == "(":
             self.i += 1
@@ -140,6 +149,22 @@ class _Parser:
             self.i += 1
             return node
         raise self.fail(_unexpected(kind, text))
+
+    def call(self, name: str) -> DimExpr:
+        """``min(a, b, ...)``/``max(a, b, ...)``, the name read, at its ``(``."""
+        self.i += 1
+        args = []
+        with self._nested():
+            args.append(self.expr())
+            while self.peek() and self.peek()[1] == ",":
+                self.i += 1
+                args.append(self.expr())
+        if not (self.peek() and self.peek()[1] == ")"):
+            raise self.fail(f"expected ',' or ')' in {name}(...)")
+        if len(args) < 2:
+            raise self.fail(f"{name}(...) takes at least two sizes")
+        self.i += 1
+        return DimExpr(name, None, tuple(args))
 
     @contextlib.contextmanager
     def _nested(self) -> Iterator[None]:
@@ -159,7 +184,8 @@ def _unexpected(kind: str, token: str) -> str:
         return "'**' is not dimension arithmetic (sizes use + - * // and parentheses)"
     if token == "/":
         return "'/' is not integer arithmetic; a dimension divides with '//'"
-    return f"unexpected {token!r} in a dimension (sizes use integers, names, + - * // and parentheses)"
+    return (f"unexpected {token!r} in a dimension (sizes use integers, names, + - * //, min(..), max(..) "
+            "and parentheses)")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -182,6 +208,8 @@ def evaluate(node: DimExpr, bindings: dict[str, int]) -> int:
         return _bounded(bindings[node.value])
     if node.op == "neg":
         return -evaluate(node.args[0], bindings)
+    if node.op in _CALLS:
+        return _CALLS[node.op](evaluate(x, bindings) for x in node.args)
     a, b = (evaluate(x, bindings) for x in node.args)
     if node.op == "+":
         return _bounded(a + b)

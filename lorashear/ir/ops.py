@@ -118,6 +118,7 @@ _PLAIN = {
     # elementwise arithmetic and activations
     "add.Tensor": "add", "add.Scalar": "add.scalar", "sub.Tensor": "sub", "rsub.Scalar": "rsub",
     "mul.Tensor": "mul", "mul.Scalar": "mul.scalar", "div.Tensor": "div",
+    "multiply.Tensor": "mul", "subtract.Tensor": "sub", "divide.Tensor": "div", "true_divide.Tensor": "div",
     "div.Tensor_mode": "div.mode", "neg.default": "neg",
     "pow.Tensor_Scalar": "pow", "pow.Tensor_Tensor": "pow.tensor", "rsqrt.default": "rsqrt",
     "sqrt.default": "sqrt", "exp.default": "exp", "log.default": "log", "abs.default": "abs",
@@ -171,7 +172,12 @@ _PLAIN = {
     "ones_like.default": "ones_like", "zeros_like.default": "zeros_like", "full_like.default": "full_like",
 }
 # --- Mixture-of-Experts routing (frontend/moe.py's dense experts) ---------------------------
-_PLAIN.update({"topk.default": "topk", "scatter.src": "scatter"})
+_PLAIN.update({"topk.default": "topk", "scatter.src": "scatter",
+               # a scalar written at the chosen positions: DeepSeek-V3's group-limited routing marks
+               # the chosen expert groups in a mask (``group_mask.scatter_(1, group_idx, 1)``)
+               "scatter.value": "scatter.value",
+               # the dense experts' routing matrix: a token's weights added per expert named
+               "scatter_add.default": "scatter_add"})
 _traits("topk", num_results=2)
 
 for _overload, _kind in _PLAIN.items():
@@ -188,7 +194,19 @@ for _overload, _kind in _PLAIN.items():
 #: (XLNet's mask), constant padding (Zaya's causal convolution), Einstein sums (ProphetNet's
 #: attention) and 1-D convolutions (LFM's and Inkling's short depthwise convolutions).
 _DECODER_OPS = {"eye.default": "eye", "pad.default": "pad", "constant_pad_nd.default": "pad.constant",
-                "einsum.default": "einsum", "conv1d.default": "conv1d"}
+                "einsum.default": "einsum", "conv1d.default": "conv1d",
+                # one-sided clamps (Ergo's expert indices, Zaya's norm floor), log-sigmoid (Inkling's
+                # router), integer floor division (LongCat's zero experts), vector norms (Zaya's q/k)
+                "clamp_max.default": "clamp_max", "clamp_min.default": "clamp_min",
+                "log_sigmoid.default": "log_sigmoid", "floor_divide.default": "floor_divide",
+                "linalg_vector_norm.default": "linalg_vector_norm",
+                # an in-place write into a slice or a selected row, as a new value of the tensor
+                # (frontend/view_writes.py: Cohere-Compass's rotary, Gemma 3n's AltUp)
+                "slice_scatter.default": "slice_scatter", "select_scatter.default": "select_scatter",
+                # the inverse error function (Gemma 3n's Gaussian top-k: a normal quantile)
+                "erfinv.default": "erfinv", "std.dim": "std"}
+_traits("clamp_max clamp_min log_sigmoid floor_divide erfinv", elementwise=True)
+_traits("erfinv", zero_preserving=True)
 _traits("eye", creates_tensor=True)
 for _overload, _kind in _DECODER_OPS.items():
     ATEN_OPS[_overload] = _kind

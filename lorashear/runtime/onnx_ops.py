@@ -229,7 +229,12 @@ def _div_mode(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
         return b.op("Div", x, y)
     if mode == "trunc":  # integer Div already truncates
         return _trunc(b, b.op("Div", x, y), dtype) if floating else b.op("Div", x, y)
-    if floating:
+    return _floor_divide(b, x, y, dtype)
+
+
+def _floor_divide(b: OnnxGraphBuilder, x: ir.Value, y: ir.Value, dtype: str) -> ir.Value:
+    """``x // y`` rounded toward minus infinity, as torch's (ONNX's integer Div truncates)."""
+    if dtype in ("f64", "f32", "f16", "bf16"):
         return b.op("Floor", b.op("Div", x, y))
     return b.op("Div", b.op("Sub", x, b.op("Mod", x, y, fmod=0)), y)
 
@@ -531,3 +536,102 @@ def _conv1d(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     out = b.op("Conv", *inputs, group=int(a["groups"]), strides=list(a["stride"]), dilations=list(a["dilation"]),
                pads=pads + pads)
     return b.op("Squeeze", out, b.ints([0])) if single else out
+
+
+@translates("clamp_max", "clamp_min")
+def _clamp_one_side(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    bound = a["max"] if op.kind == "clamp_max" else a["min"]
+    return b.op("Min" if op.kind == "clamp_max" else "Max", b.tensor(a["self"], dtype), b.tensor(bound, dtype))
+
+
+@translates("log_sigmoid")
+def _log_sigmoid(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``min(x, 0) - log(1 + exp(-|x|))``: torch's stable form (``-softplus(-x)`` overflows
+    for very negative x)."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    tail = b.op("Log", b.op("Add", b.const(1, dtype), b.op("Exp", b.op("Neg", b.op("Abs", x)))))
+    return b.op("Sub", b.op("Min", x, b.const(0, dtype)), tail)
+
+
+@translates("floor_divide")
+def _floor_divide_op(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    dtype = result_dtype(op)
+    return _floor_divide(b, b.tensor(a["self"], dtype), b.tensor(a["other"], dtype), dtype)
+
+
+@translates("linalg_vector_norm")
+def _vector_norm(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``(sum |x|^ord)^(1/ord)`` over ``dim``: ``ReduceL2``/``ReduceL1``, the infinity norms as
+    ``ReduceMax``/``ReduceMin`` of ``|x|``, other orders spelled out."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    axes = _axes(a["dim"], rank_of(a["self"]))
+    keep = int(bool(a["keepdim"]))
+    order = float(a["ord"])
+
+    def reduce(onnx_op: str, value: ir.Value) -> ir.Value:
+        return b.op(onnx_op, value, *([] if axes is None else [b.ints(axes)]), keepdims=keep)
+
+    if order == 2:
+        return reduce("ReduceL2", x)
+    if order == 1:
+        return reduce("ReduceL1", x)
+    if math.isinf(order):
+        return reduce("ReduceMax" if order > 0 else "ReduceMin", b.op("Abs", x))
+    if order == 0:
+        return reduce("ReduceSum", b.cast(b.op("Not", b.op("Equal", x, b.const(0, dtype))), dtype))
+    powered = b.op("Pow", b.op("Abs", x), b.const(order, dtype))
+    return b.op("Pow", reduce("ReduceSum", powered), b.const(1.0 / order, dtype))
+
+
+#: Giles' single-precision approximation of erfinv (M. Giles, "Approximating the erfinv
+#: function", GPU Computing Gems, 2011): polynomial coefficients in w = -log(1 - x^2), for
+#: w < 5 (in w - 2.5) and otherwise (in sqrt(w) - 3), highest degree first.
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+                   -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+                -0.0076224613, 0.00943887047, 1.00167406, 2.83297682)
+
+
+@translates("erfinv")
+def _erfinv(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``erfinv(x) = x * p(w)``, ``w = -log((1 - x)(1 + x))``, with Giles' two polynomials
+    (relative error about 1e-7 in float32; ONNX has no erfinv); computed in float32 at least."""
+    dtype = result_dtype(op)
+    work = "f64" if dtype == "f64" else "f32"
+    x = b.tensor(a["self"], work)
+    one = b.const(1, work)
+    w = b.op("Neg", b.op("Log", b.op("Mul", b.op("Sub", one, x), b.op("Add", one, x))))
+
+    def poly(t: ir.Value, coefficients: tuple[float, ...]) -> ir.Value:
+        p = b.const(coefficients[0], work)
+        for c in coefficients[1:]:
+            p = b.op("Add", b.const(c, work), b.op("Mul", p, t))
+        return p
+
+    central = poly(b.op("Sub", w, b.const(2.5, work)), _ERFINV_CENTRAL)
+    tail = poly(b.op("Sub", b.op("Sqrt", w), b.const(3.0, work)), _ERFINV_TAIL)
+    p = b.op("Where", b.op("Less", w, b.const(5.0, work)), central, tail)
+    return b.cast(b.op("Mul", p, x), dtype)
+
+
+@translates("std")
+def _std(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``sqrt(sum((x - mean)^2) / (n - 1 if unbiased else n))`` over ``dim``, ``n`` counted as
+    the sum of ones over those axes (sizes may be symbolic)."""
+    dtype = result_dtype(op)
+    x = b.tensor(a["self"], dtype)
+    axes = _axes(a["dim"], rank_of(a["self"]))
+    keep = int(bool(a["keepdim"]))
+
+    def reduce(onnx_op: str, value: ir.Value, keepdims: int) -> ir.Value:
+        return b.op(onnx_op, value, *([] if axes is None else [b.ints(axes)]), keepdims=keepdims)
+
+    centred = b.op("Sub", x, reduce("ReduceMean", x, 1))
+    squares = reduce("ReduceSum", b.op("Mul", centred, centred), keep)
+    count = reduce("ReduceSum", b.op("Expand", b.const(1, dtype), b.op("Shape", x)), keep)
+    if a["unbiased"]:
+        count = b.op("Sub", count, b.const(1, dtype))
+    return b.op("Sqrt", b.op("Div", squares, count))

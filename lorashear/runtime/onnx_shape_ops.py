@@ -320,3 +320,41 @@ def _index_put(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
     dtype = result_dtype(op)
     value = b.op("Reshape", b.tensor(values, dtype), b.ints([]))
     return b.op("Where", b.tensor(masks[0], "bool"), value, b.tensor(x, dtype))
+
+
+# --- writes into part of a tensor (frontend/view_writes.py) ---------------------------------------
+def _positions_along(b: OnnxGraphBuilder, x: ir.Value, axis: int, rank: int, src: ir.Value,
+                     positions: ir.Value) -> ir.Value:
+    """``positions`` (1-D) laid along ``axis`` and broadcast to ``src``'s shape: the index of a
+    ``ScatterElements`` that writes ``src`` at those positions."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return b.op("Expand", b.op("Reshape", positions, b.ints(shape)), b.op("Shape", src))
+
+
+@translates("slice_scatter")
+def _slice_scatter(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``self`` with ``self[.., start:end:step, ..] = src``: the positions are a ``Slice`` of
+    ``Range(0, size)`` (which clamps as Python's slicing does), written by ``ScatterElements``."""
+    dtype, rank = result_dtype(op), result_rank(op)
+    axis = normalize_axis(a["dim"], rank)
+    x, src = b.tensor(a["self"], dtype), b.tensor(a["src"], dtype)
+    size = b.op("Squeeze", b.op("Shape", x, start=axis, end=axis + 1), b.ints([0]))
+    every = b.op("Range", b.const(0, "i64"), size, b.const(1, "i64"))
+    start = 0 if a["start"] is None else a["start"]
+    end = INT64_MAX if a["end"] is None else a["end"]
+    positions = b.op("Slice", every, b.sym_vector(start), b.sym_vector(end), b.ints([0]), b.sym_vector(a["step"]))
+    return b.op("ScatterElements", x, _positions_along(b, x, axis, rank, src, positions), src, axis=axis)
+
+
+@translates("select_scatter")
+def _select_scatter(b: OnnxGraphBuilder, op: Op, a: dict) -> ir.Value:
+    """``self`` with ``self[.., index, ..] = src`` along ``dim`` (a negative index counts from
+    the end), as ``ScatterElements`` of ``src`` with that axis restored."""
+    dtype, rank = result_dtype(op), result_rank(op)
+    axis = normalize_axis(a["dim"], rank)
+    x = b.tensor(a["self"], dtype)
+    src = b.op("Unsqueeze", b.tensor(a["src"], dtype), b.ints([axis]))
+    size = b.op("Shape", x, start=axis, end=axis + 1)
+    index = b.op("Mod", b.sym_vector(a["index"]), size, fmod=0)
+    return b.op("ScatterElements", x, _positions_along(b, x, axis, rank, src, index), src, axis=axis)

@@ -1,6 +1,8 @@
 """Activations of the decoders the #22 sweep met (relu^2 as ``square``, ``softplus``,
-``log1p``, ``floor``): each lowers to one IR op whose traits give it coupling and zero rules,
-so its MLP channels are found and prune exactly, in PyTorch and in ONNX Runtime."""
+``log1p``, ``floor``, ``log_sigmoid``, one-sided clamps, ``floor_divide``): each lowers to one
+IR op whose traits give it coupling and zero rules, so its MLP channels are found and prune
+exactly, in PyTorch and in ONNX Runtime. A vector norm over the MLP channels (Zaya's q/k norm)
+and ``squeeze()`` of a ``[1, n]`` parameter (Ernie-4.5-MoE's bias) prune exactly too."""
 
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ ACTIVATIONS = {
     "log1p": lambda x: torch.log1p(F.relu(x)),
     "floor": lambda x: torch.floor(x * 4) / 4,
     "expm1": lambda x: torch.expm1(torch.clamp(x, max=1.0)),  # Apertus xIELU
+    "log_sigmoid": F.logsigmoid,  # Inkling's router
+    "clamp_max": lambda x: torch.clamp_max(x, 0.1),  # Ergo's expert indices
+    "clamp_min": lambda x: torch.clamp_min(x, -0.1),  # Zaya's norm floor
+    "floor_divide": lambda x: torch.floor_divide(x * 4, torch.ones(()) * 1.5),  # LongCat
 }
 
 
@@ -74,3 +80,53 @@ def test_activation_lowers_to_its_op_and_prunes_exactly(name):
         a = emit_torch(masked)(ids, attention_mask=mask).logits
         b = emit_torch(compressed)(ids, attention_mask=mask).logits
     assert (a - b).abs().max().item() <= 1e-4
+
+
+class TinyNormModel(nn.Module):
+    """A gated MLP whose channels are divided by their L2 norm (clamped from below) and get a
+    ``[1, INNER]`` bias read through ``squeeze()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.gate = nn.Linear(HIDDEN, INNER, bias=False)
+        self.up = nn.Linear(HIDDEN, INNER, bias=False)
+        self.bias = nn.Parameter(torch.randn(1, INNER))
+        self.down = nn.Linear(INNER, HIDDEN, bias=False)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        u = F.silu(self.gate(h) + self.bias.squeeze()) * self.up(h)
+        u = u / u.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-6)
+        return CausalLMOutput(logits=self.head(h + self.down(u)))
+
+
+def test_vector_norm_and_squeeze_all_prune_exactly(tmp_path):
+    from tests.conftest import compress_exactly
+
+    model = TinyNormModel().eval()
+    module = lower(model)
+    kinds = {op.kind for op in module.graph.ops}
+    assert {"linalg_vector_norm", "squeeze.dims", "clamp_min"} <= kinds
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    mlp = next(f for f in groups.families if {("gate.weight", 0), ("bias", 1), ("down.weight", 1)}
+               <= {(m.param, m.axis) for m in f.members})
+    compressed = compress_exactly(model, module, VOCAB, {mlp.id: (0, 5, 6, 13)}, tmp_path)
+    assert compressed.params["bias"].type.shape == (1, INNER - 4)
+
+
+def test_a_norm_of_order_below_one_pins_its_axis():
+    class MinNorm(TinyNormModel):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.embed(input_ids)
+            u = F.silu(self.gate(h)) * self.up(h)
+            u = u / torch.linalg.vector_norm(u, ord=float("-inf"), dim=-1, keepdim=True).clamp_min(1e-6)
+            return CausalLMOutput(logits=self.head(h + self.down(u)))
+
+    module = lower(MinNorm().eval())
+    PassManager.parse("discover").run(module)
+    families = module.attributes["groups"].families
+    assert not any(("gate.weight", 0) in {(m.param, m.axis) for m in f.members} for f in families)

@@ -200,22 +200,30 @@ def test_transposed_matmul_is_a_linear_layer_and_its_lora_fuses(tmp_path):
 
 
 class ClippedPositions(nn.Module):
-    """MPT's ALiBi clipped to a maximum length: a size ``min(S, 4)``."""
+    """MPT's ALiBi clipped to a maximum length: a size ``min(S, 4)``, which the IR keeps;
+    with ``cycle``, a size ``S mod 3 + 1``, which it has no arithmetic for."""
 
-    def __init__(self) -> None:
+    def __init__(self, cycle: bool = False) -> None:
         super().__init__()
+        self.cycle = cycle
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.head = nn.Linear(HIDDEN, VOCAB)
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
         seq = input_ids.shape[1]
-        bias = torch.zeros(torch.sym_min(seq, 4)).sum()
+        size = seq % 3 + 1 if self.cycle else torch.sym_min(seq, 4)
+        bias = torch.arange(size, dtype=torch.float32).sum(0)
         return CausalLMOutput(logits=self.head(self.embed(input_ids)) + bias)
 
 
-def test_a_size_outside_the_size_arithmetic_is_refused_at_lowering():
-    with pytest.raises(LoweringError, match=r"a size Min\(4,S\) outside the IR's size arithmetic"):
-        lower(ClippedPositions())
+def test_a_min_of_sizes_lowers_and_a_size_outside_the_arithmetic_is_refused():
+    model = ClippedPositions()
+    module = lower(model)
+    for seq in (3, 7):
+        ids = torch.randint(0, VOCAB, (1, seq))
+        assert (_logits(module, ids, torch.ones_like(ids)) - model(ids).logits).abs().max().item() <= 1e-6
+    with pytest.raises(LoweringError, match=r"a size \(Mod\(S,3\)\)\+1 outside the IR's size arithmetic"):
+        lower(ClippedPositions(cycle=True))
 
 
 class BiasFreeLayerNorm(nn.Module):
@@ -247,3 +255,39 @@ def test_a_bias_free_layer_norm_runs_in_onnx_runtime(tmp_path):
     (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
     with torch.no_grad():
         assert (torch.as_tensor(got) - model(ids).logits).abs().max().item() <= 1e-4
+
+
+class DataDependentSizes(nn.Module):
+    """JetMoE's router reads how many tokens each expert got into Python (``.tolist()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        count = (input_ids > 3).sum((0, 1)).item()
+        torch._check(count >= 0)
+        torch._check(count <= input_ids.numel())
+        chosen = h.reshape(-1, HIDDEN)[:count].sum(0)
+        return CausalLMOutput(logits=(h + chosen)[..., :1].expand(-1, -1, VOCAB))
+
+
+class FixedLengthMask(nn.Module):
+    """CPM-Ant builds a mask from ``list(range(length))``: the length becomes a Python int."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        positions = torch.tensor(list(range(input_ids.shape[1]))[::-1])
+        return CausalLMOutput(logits=self.head(self.embed(input_ids)) + positions[None, :, None])
+
+
+def test_data_dependent_values_and_fixed_lengths_are_refused_with_the_reason():
+    with pytest.raises(LoweringError, match=r"reads a tensor's value into Python \(aten.item"):
+        lower(DataDependentSizes())
+    with pytest.raises(LoweringError, match="fixes the sequence length"):
+        lower(FixedLengthMask())

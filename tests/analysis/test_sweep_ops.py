@@ -19,14 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from lorashear.analysis.masking import zero_groups
 from lorashear.errors import LoweringError
 from lorashear.frontend.lower import lower
-from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
-from lorashear.passes.compress import compress_module
-from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
+from tests.conftest import compress_exactly
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER, KERNEL = 32, 16, 4, 2, 4, 12, 3
 
@@ -92,41 +88,6 @@ class FilledKeys(nn.Module):
         return CausalLMOutput(logits=self.head(h + self.down(gate * gate)))
 
 
-def _logits(module, ids, mask):
-    with torch.no_grad():
-        return emit_torch(module)(ids, attention_mask=mask).logits
-
-
-def _compress_exactly(model, module, removals, tmp_path):
-    """The lowered logits equal the model's; removing ``removals`` (family -> units) masks
-    and compresses to the same logits, and ONNX Runtime agrees on the compressed model."""
-    ort = pytest.importorskip("onnxruntime")
-    from lorashear.runtime.onnx_emit import emit_onnx
-
-    ids, _ = random_batch(VOCAB, batch=2, seq=7)
-    full = torch.ones_like(ids)
-    with torch.no_grad():
-        want = model(ids, attention_mask=full).logits
-    assert (_logits(module, ids, full) - want).abs().max().item() <= 1e-5
-    groups = module.attributes["groups"]
-    masked, compressed = clone_module(module), clone_module(module)
-    zero_groups(masked, groups, removals)
-    compress_module(compressed, groups, removals)
-    assert (_logits(masked, ids, full) - _logits(compressed, ids, full)).abs().max().item() <= 1e-4
-    assert compressed.num_parameters() < module.num_parameters()
-    path = tmp_path / "model.onnx"
-    emit_onnx(compressed, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for seq in (7, 10):
-        ids, _ = random_batch(VOCAB, batch=2, seq=seq)
-        full = torch.ones_like(ids)
-        (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
-        assert (torch.as_tensor(got) - _logits(compressed, ids, full)).abs().max().item() <= 1e-4
-    return compressed
-
-
 def _family(groups, axes: set[tuple[str, int]]):
     """The family running along every one of ``axes`` (parameter, axis)."""
     return next(f for f in groups.families if axes <= {(m.param, m.axis) for m in f.members})
@@ -144,7 +105,7 @@ def test_fused_select_convolutions_einsum_and_eye(tmp_path):
     assert "q_norm.weight" not in {m.param for m in attn.members}  # normalised over: head_dim
     mlp = _family(groups, {("up.weight", 0), ("conv.weight", 0), ("conv.bias", 0), ("down.weight", 1)})
     assert mlp.size == INNER  # (kind "other": the toy model has no numbered layers)
-    compressed = _compress_exactly(model, module, {attn.id: (0, 2), mlp.id: (1, 4, 5, 9)}, tmp_path)
+    compressed = compress_exactly(model, module, VOCAB, {attn.id: (0, 2), mlp.id: (1, 4, 5, 9)}, tmp_path)
     assert compressed.params["qkv.weight"].type.shape == (2 * 3 * HEAD_DIM, HIDDEN)
     assert compressed.params["conv.weight"].type.shape == (INNER - 4, 1, KERNEL)
     assert compressed.params["o.weight"].type.shape == (HIDDEN, 2 * HEAD_DIM, 1)
@@ -160,7 +121,7 @@ def test_repeated_heads_filled_buffer_and_no_grad_region(tmp_path):
     attn = _family(groups, {("q.weight", 0), ("k.weight", 0), ("v.weight", 0), ("o.weight", 1)})
     assert attn.kind == "attn" and attn.size == KV_HEADS  # a KV head with its tiled copies
     mlp = _family(groups, {("gate.weight", 0), ("down.weight", 1)})
-    compressed = _compress_exactly(model, module, {attn.id: (1,), mlp.id: (0, 3, 7)}, tmp_path)
+    compressed = compress_exactly(model, module, VOCAB, {attn.id: (1,), mlp.id: (0, 3, 7)}, tmp_path)
     assert compressed.params["k.weight"].type.shape == (HEAD_DIM, HIDDEN)
     assert compressed.params["q.weight"].type.shape == (HEAD_DIM * HEADS // KV_HEADS, HIDDEN)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from transformers.utils import ModelOutput
 
@@ -91,3 +92,31 @@ def test_an_exact_floor_division_of_sizes_is_its_quotient():
     assert exact_quotients(FloorDiv(2 * s * b, 2 * b) + 1) == s + 1
     inexact = FloorDiv(s, 2)
     assert exact_quotients(inexact) == inexact
+
+
+def test_xlm_lowers_from_its_checkpoint_and_to_onnx(tmp_path):
+    """XLM always builds a cache, which starts from empty constant tensors (their values need no
+    weights: there are none) that ``cat`` skips beside the keys; its forward asserts
+    ``lengths.max().item() <= slen`` (a check, dropped with its comparison) and fills the
+    scores in place through a mask shaped ``expand_as`` them (no view of the scores)."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from transformers import XLMConfig, XLMWithLMHeadModel
+
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    torch.manual_seed(0)
+    config = XLMConfig(vocab_size=VOCAB, emb_dim=16, n_layers=2, n_heads=2, max_position_embeddings=32,
+                       causal=True)
+    model = XLMWithLMHeadModel(config)
+    _lowers_like(model, tmp_path / "xlm")
+    module = lower_pretrained(tmp_path / "xlm")
+    kinds = {op.kind for op in module.graph.ops}
+    assert "concat" not in kinds or all(len(op.args[0]) > 1 for op in module.graph.ops if op.kind == "concat")
+    emit_onnx(module, tmp_path / "xlm.onnx")
+    session = ort.InferenceSession(str(tmp_path / "xlm.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask = random_batch(VOCAB, batch=2, seq=6)
+    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = emit_torch(module)(ids, attention_mask=mask).logits
+    assert (torch.as_tensor(got) - want).abs()[mask.bool()].max().item() <= 1e-4

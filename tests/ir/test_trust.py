@@ -75,6 +75,7 @@ def _rewrite_checkpoint(model_dir: Path, change) -> None:
 @pytest.mark.parametrize("text,value", [
     ("S", 7), ("S+1", 8), ("2*B", 6), ("(S//2)", 3), ("3 - S", -4), ("-S+10", 3),
     ("2*(((S + 1)//2))", 8), ("(S + 1)*(S + 2)", 72), ("B*S//2 - 1", 9), ("0*S", 0),
+    ("min(2048,S)", 7), ("min(4, S)", 4), ("256-max(0,256-S)", 7), ("max(B, min(S, 5), 4)", 5),
 ])
 def test_dimension_grammar_evaluates(text, value):
     assert evaluate_dim(text, {"S": 7, "B": 3}) == value
@@ -84,7 +85,10 @@ def test_dimension_grammar_evaluates(text, value):
     ("S+0*9**9**9**9", 5, "'\\*\\*' is not dimension arithmetic"),
     ("S/2", 1, "use|with '//'"),
     ("S.x", 1, "unexpected character '.'"),
-    ("max(S, 2)", 3, "unexpected '\\('"),
+    ("abs(S)", 3, "unexpected '\\('"),
+    ("min(S)", 5, "at least two sizes"),
+    ("max(S, 2", 8, "expected ',' or '\\)'"),
+    ("min(S,)", 6, "unexpected '\\)'"),
     ("__import__('os')", 10, "unexpected '\\('"),
     ("S+", 2, "ends where a size was expected"),
     ("(S+1", 4, "expected '\\)'"),

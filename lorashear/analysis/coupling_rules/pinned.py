@@ -45,5 +45,6 @@ pins("ones_like", "zeros_like", "full_like", reason="a constant shaped like its 
 # --- Mixture-of-Experts routing (lorashear/frontend/moe.py) --------------------------------------
 pins("topk", reason="the experts (or channels) ranked by {op}: which ones it picks depends on "
      "every entry along its axis, and its indices name positions")
-pins("scatter", reason="written at data-dependent positions (the router's chosen experts) by {op}")
+pins("scatter", "scatter.value", "scatter_add", reason="written at data-dependent positions (the "
+     "router's chosen experts or expert groups) by {op}")
 

@@ -1,10 +1,12 @@
 """Coupling rules of ops that the conformance sweep's decoders use (issue #22): padding,
-``einsum`` and the 1-D convolutions of GPT-2-family ``Conv1D`` layers."""
+``einsum``, the 1-D convolutions of GPT-2-family ``Conv1D`` layers, vector norms, and the
+writes into a slice or a selected row that in-place writes through views lower to."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lorashear.analysis.coupling_rules.norms import _reduce as reduction_rule
 from lorashear.analysis.coupling_rules.registry import coupling_rule, pins
 from lorashear.ir.core import Op, Param, Value
 
@@ -150,3 +152,75 @@ def _conv1d(b: CouplingBuilder, op: Op) -> None:
         b.fs.unify(xd[-2], wd[1], why)
     else:
         b.fs.unify(xd[-2], od[-2], why)
+
+
+@coupling_rule("linalg_vector_norm")
+def _vector_norm(b: CouplingBuilder, op: Op) -> None:
+    """``(sum |x|^ord)^(1/ord)`` over ``dim`` (Zaya's q/k norm over head_dim): for a positive
+    ``ord`` (the infinity norm included) a pruned channel that is zero adds nothing, so it is a
+    reduction as ``sum`` is (kept axes pass through, a reduced channel axis is accepted only
+    where pruned channels are zero); for ``ord <= 0`` a zero changes the result, and every
+    axis it reduces over is pinned."""
+    a = op.bound_args()
+    if a["ord"] > 0:
+        reduction_rule(b, op)
+        return
+    _pinned_reduction(b, op, f"a norm of order {a['ord']} (a zero changes it) by {b.where(op)}")
+
+
+@coupling_rule("std")
+def _std(b: CouplingBuilder, op: Op) -> None:
+    """The standard deviation over ``dim`` (Gemma 3n's Gaussian top-k of its MLP activations):
+    kept axes pass through; a zero in place of a pruned channel changes the mean and the
+    spread, so the reduced axes are pinned."""
+    _pinned_reduction(b, op, f"a standard deviation over it (a zero changes it) by {b.where(op)}")
+
+
+def _pinned_reduction(b: CouplingBuilder, op: Op, why: str) -> None:
+    """A reduction over ``dim`` (all axes when None) that no pruned channel may enter: the
+    reduced axes are pinned with ``why``, the others pass through (``keepdim`` keeps a pinned
+    size-1 axis in place)."""
+    a = op.bound_args()
+    x, out = a["self"], op.results[0]
+    rank = len(x.type.shape)
+    dims = a["dim"] if a["dim"] is not None else list(range(rank))
+    dims = {d % rank for d in (dims if isinstance(dims, list) else [dims])}
+    k = 0
+    for j, axis in enumerate(b.desc(x)):
+        if j in dims:
+            b.pin_axis(axis, why)
+            if a["keepdim"]:
+                b.pin_axis(b.desc(out)[k], why)
+                k += 1
+            continue
+        b.fs.unify(axis, b.desc(out)[k], b.where(op))
+        k += 1
+
+
+@coupling_rule("slice_scatter", "select_scatter")
+def _scatter_into_part(b: CouplingBuilder, op: Op) -> None:
+    """``self`` with a slice (or one index) along ``dim`` replaced by ``src``: every axis of
+    ``self`` is the result's; ``src``'s axes are the result's other than ``dim`` (a selected
+    row has no ``dim`` axis); the ``dim`` axis is pinned on all of them (its elements are
+    positions). Exact: every element off ``dim`` stays in its own channel."""
+    a = op.bound_args()
+    x, src, out = a["self"], a["src"], op.results[0]
+    rank = len(out.type.shape)
+    dim = a["dim"] % rank
+    why = f"written at positions along an axis by {b.where(op)}"
+    xd, od = b.desc(x), b.desc(out)
+    for k in range(rank):
+        if k == dim:
+            b.pin_axis(xd[k], why)
+            b.pin_axis(od[k], why)
+        else:
+            b.fs.unify(xd[k], od[k], b.where(op))
+    if not isinstance(src, (Value, Param)):
+        return
+    sd = b.desc(src)
+    axes = list(range(rank)) if op.kind == "slice_scatter" else [k for k in range(rank) if k != dim]
+    for axis, k in zip(sd, axes):
+        if k == dim:
+            b.pin_axis(axis, why)
+        else:
+            b.fs.unify(axis, od[k], b.where(op))
