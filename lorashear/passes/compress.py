@@ -152,6 +152,36 @@ def _split_sizes(ctx: CompressContext, op: Op) -> None:
         _set_argument(op, "split_sizes", sizes)
 
 
+@compress_rule("slice")
+def _slice_bounds(ctx: CompressContext, op: Op) -> None:
+    """A slice of a cut axis (one piece of a fused projection, see the coupling analysis'
+    ``slice`` rule) takes the same segments once they shrink: each bound becomes the new width
+    of the segments before it (a negative bound stays counted from the end, a bound past the
+    end stays)."""
+    a = op.bound_args()
+    x = a["self"]
+    if id(x) not in ctx.coupling.axes or a["step"] != 1:
+        return
+    dim = a["dim"] % len(x.type.shape)
+    fs = ctx.coupling.factors
+    leaves = [fs.find(f) for f in ctx.coupling.leaves(x, dim) if fs.size[fs.find(f)] != 1]
+    if len(leaves) != 1 or leaves[0] not in fs.segments:
+        return
+    leaf = leaves[0]
+    length, new_length = fs.size[leaf], fs.extent(leaf, ctx.new_size)
+    edges, at, new_at = {0: 0}, 0, 0
+    for segment in fs.finest(leaf):
+        at += fs.size[segment]
+        new_at += fs.extent(segment, ctx.new_size)
+        edges[at] = new_at
+    for name in ("start", "end"):
+        bound = a[name]
+        if not isinstance(bound, int) or bound >= length or bound < -length:
+            continue
+        offset = edges[bound % length]
+        _set_argument(op, name, offset - new_length if bound < 0 else offset)
+
+
 @compress_rule("conv1d")
 def _conv1d_groups(ctx: CompressContext, op: Op) -> None:
     """A depthwise convolution has one group per channel: ``groups`` becomes the kept count."""
@@ -202,13 +232,7 @@ def _rms_norm(ctx: CompressContext, op: Op) -> None:
 
 def _axis_size(coupling: CouplingResult, key: int, axis: int, new_size: dict[int, int]) -> int:
     fs = coupling.factors
-    size = 1
-    for f in coupling.axes[key][axis]:
-        for leaf in fs.leaves(f):
-            root = fs.find(leaf)
-            known = fs.size[root]
-            size *= new_size.get(root, 1 if known is None else known)  # an empty axis stays empty
-    return size
+    return math.prod(fs.extent(f, new_size) for f in coupling.axes[key][axis])  # an empty axis stays empty
 
 
 def _check_factors(coupling: CouplingResult, param: Param, new_size: dict[int, int]) -> None:
