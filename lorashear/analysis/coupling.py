@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lorashear.analysis.coupling_rules import COUPLING_RULES
+from lorashear.analysis.coupling_rules.shapes import dim_product
 from lorashear.analysis.manager import Analysis
 from lorashear.analysis.moe import couple_experts, expert_families
 from lorashear.analysis.zero_rules import ZERO_RULES
@@ -345,9 +346,21 @@ class CouplingBuilder:
         if key not in self.axes:
             ty = ref.type
             assert isinstance(ty, TensorType)
-            self.axes[key] = [[self.fs.new(d if isinstance(d, int) else None)] for d in ty.shape]
+            self.axes[key] = [self._fresh_axis(d) for d in ty.shape]
             self.refs[key] = ref
         return self.axes[key]
+
+    def _fresh_axis(self, dim: int | str) -> list[int]:
+        """Fresh factors for one axis: one of a static or symbolic size; a product of symbols
+        and an integer (``"16*B"``, attention heads merged into the batch by a ``reshape``)
+        gets one symbolic factor per symbol and then one for the integer, major first, so the
+        heads stay a factor of their own (the usual ``[B, heads] -> [B*heads]`` order)."""
+        if isinstance(dim, int):
+            return [self.fs.new(dim)]
+        syms, k = dim_product(dim)
+        if k == 1 or not syms:
+            return [self.fs.new(None)]
+        return [self.fs.new(None) for _ in syms] + [self.fs.new(k)]
 
     def pin_all(self, ref: Ref, reason: str) -> None:
         """Pin every axis of ``ref``."""

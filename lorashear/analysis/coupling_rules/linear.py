@@ -91,7 +91,11 @@ def _matmul(b: CouplingBuilder, op: Op) -> None:
     """``A @ B`` on matrices (batched): A's columns are B's rows (the contracted axis), the
     output's rows are A's and its columns B's; batch axes broadcast. The contracted axis is
     kept for the zero analysis, which pins it unless one side is zero on pruned channels
-    (only then does dropping them leave every product unchanged). On vectors: pinned."""
+    (only then does dropping them leave every product unchanged). On vectors: pinned.
+
+    A batch axis of a static size (a factor of one: ``[B, heads, S, d]``, or ``"16*B"`` where
+    eager attention merges its heads into the batch) indexes independent products, as the
+    heads of attention do: its factors are recorded as heads (the ``attn`` kind)."""
     a = op.bound_args()
     left, right = a["self"], a["other"] if "other" in a else a["mat2"]
     ad, bd, out = b.desc(left), b.desc(right), b.desc(op.results[0])
@@ -108,6 +112,9 @@ def _matmul(b: CouplingBuilder, op: Op) -> None:
             k = j + len(out) - len(src)
             if k >= 0:
                 b.fs.unify(src[j], out[k], b.where(op))
+    fs = b.fs
+    for axis in out[:-2]:
+        b.head_factors.extend(f for f in axis for x in fs.leaves(f) if fs.size[fs.find(x)] not in (None, 1))
 
 
 @coupling_rule("addmm")

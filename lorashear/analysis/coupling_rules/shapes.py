@@ -3,6 +3,8 @@ maps through a view or a rearrangement, and which axes an op makes by position."
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from lorashear.analysis.coupling_rules.registry import coupling_rule
@@ -11,6 +13,26 @@ from lorashear.ir.types import TensorType
 
 if TYPE_CHECKING:
     from lorashear.analysis.coupling import CouplingBuilder, Ref
+
+
+_PRODUCT = re.compile(r"^\s*\w+(\s*\*\s*\w+)*\s*$")
+
+
+def dim_product(dim: int | str) -> tuple[tuple[str, ...], int]:
+    """A size as (symbols, integer) when it is a product of them (``"16*B"`` -> ``(("B",), 16)``,
+    ``8`` -> ``((), 8)``); any other symbolic expression is one opaque symbol."""
+    if isinstance(dim, int):
+        return (), dim
+    if not _PRODUCT.match(dim):
+        return (dim,), 1
+    syms, k = [], 1
+    for term in dim.split("*"):
+        term = term.strip()
+        if term.isdigit():
+            k *= int(term)
+        else:
+            syms.append(term)
+    return tuple(syms), k
 
 
 # --- shape ops --------------------------------------------------------------------------------
@@ -43,8 +65,11 @@ def _reshape(b: CouplingBuilder, op: Op) -> None:
 def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_shape: list, i: int,
                 j: int, in_end: int, out_end: int, why: str, direction: int) -> tuple[int, int]:
     """Unify the runs of equal size product from ``(i, j)`` on, up to ``(in_end, out_end)``;
-    the positions where matching stopped. ``direction`` -1: the lists are reversed, so a run's
-    factors are reversed back into row-major order before unifying."""
+    the positions where matching stopped. A product counts its symbols and its integer
+    (``[B, 16]`` is ``"16*B"``: heads merged into the batch, as BART-family attention does
+    for its ``bmm``), so a run of static and symbolic axes matches a compound symbolic size.
+    ``direction`` -1: the lists are reversed, so a run's factors are reversed back into
+    row-major order before unifying."""
     while i < in_end or j < out_end:
         if i < in_end and in_shape[i] == 1:
             i += 1
@@ -54,25 +79,23 @@ def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_sh
             continue
         if i >= in_end or j >= out_end:
             break
-        p, q = in_shape[i], out_shape[j]
-        if isinstance(p, str) or isinstance(q, str):
-            if p == q:
-                b.fs.unify(src[i], dst[j], why)
-                i, j = i + 1, j + 1
-                continue
-            break
         left, right = [i], [j]
-        pa, pb = p, q
-        while pa != pb:
-            if pa < pb and i + len(left) < in_end and isinstance(in_shape[i + len(left)], int):
-                pa *= in_shape[i + len(left)]
+        (sa, pa), (sb, pb) = dim_product(in_shape[i]), dim_product(out_shape[j])
+        sa, sb = Counter(sa), Counter(sb)
+        while (sa, pa) != (sb, pb):
+            grow_left = sa <= sb and (sa != sb or (0 < pa < pb and pb % pa == 0))
+            grow_right = sb <= sa and (sa != sb or (0 < pb < pa and pa % pb == 0))
+            if grow_left and i + len(left) < in_end:
+                more_s, more_p = dim_product(in_shape[i + len(left)])
+                sa, pa = sa + Counter(more_s), pa * more_p
                 left.append(i + len(left))
-            elif pb < pa and j + len(right) < out_end and isinstance(out_shape[j + len(right)], int):
-                pb *= out_shape[j + len(right)]
+            elif grow_right and j + len(right) < out_end:
+                more_s, more_p = dim_product(out_shape[j + len(right)])
+                sb, pb = sb + Counter(more_s), pb * more_p
                 right.append(j + len(right))
             else:
                 break
-        if pa != pb:
+        if (sa, pa) != (sb, pb):
             break
         axes_in, axes_out = left[::direction], right[::direction]
         b.fs.unify([f for k in axes_in for f in src[k]], [f for k in axes_out for f in dst[k]], why)
