@@ -431,9 +431,11 @@ class CouplingBuilder:
         fs = self.fs
         members: dict[int, list[CouplingMember]] = {}
         order: list[int] = []
-        for p in self.module.params.values():
-            if id(p) not in self.axes:
-                continue
+        params = [p for p in self.module.params.values() if id(p) in self.axes]
+        for p in params:  # first pin the cuts no member can express, wherever they are used
+            for axis, desc in enumerate(self.axes[id(p)]):
+                self._axis_units(desc, p.type.shape[axis])
+        for p in params:
             for axis, desc in enumerate(self.axes[id(p)]):
                 length = p.type.shape[axis]
                 for leaf, stride, start, stop, reason in self._axis_units(desc, length):
@@ -469,7 +471,8 @@ class CouplingBuilder:
         ``(leaf, stride, start, stop, pinned reason or None)``, index r in ``[start, stop)``
         being in unit ``((r - start) // stride) % size``. A cut factor contributes its
         segments' spaces, each over its own range; that range is contiguous only where the cut
-        factor is the outermost of its range, so a cut factor inside another is pinned."""
+        factor is the outermost of its range, so a cut factor inside another is pinned (here,
+        so that no other parameter axis makes a family of it either)."""
         fs = self.fs
         out: list[tuple[int, int, int, int, str | None]] = []
 
@@ -486,7 +489,9 @@ class CouplingBuilder:
                 if leaf in fs.segments:
                     outer = [fs.size[x] for x in leaves[:k]]
                     if any(s not in (1,) for s in outer):
-                        reason = reason or "a cut of an index space that is not the outermost"
+                        reason = reason or "cut into pieces inside another axis (a fused projection's " \
+                            "q, k and v within each head), which a parameter's row ranges cannot express"
+                        fs.pin(leaf, reason)
                         for atom in fs.atoms(leaf):
                             if fs.size[fs.find(atom)] not in (None, 1):
                                 out.append((fs.find(atom), stride, start, stop, reason))
