@@ -338,6 +338,7 @@ class CouplingBuilder:
         self.embedding_factors: list[int] = []
         self.contractions: list[tuple[Op, list[int]]] = []  # matmul: (op, contracted axis)
         self.pending_reductions: list[tuple[Op, list[int]]] = []  # sum/mean: (op, reduced axis)
+        self.copy_factors: list[tuple[int, str]] = []  # axes made by a broadcast, with the reason
 
     # --- descriptors --------------------------------------------------------------------------
     def desc(self, ref: Ref) -> list[list[int]]:
@@ -390,6 +391,7 @@ class CouplingBuilder:
                 self.pin_all(v, "graph input")
         for op in self.module.graph.ops:
             self.couple(op)
+        self.pin_grouped_copies()
         couple_experts(self)  # MoE: the routing matrix's expert axis is the router's
         for v in self.module.graph.outputs:
             self.pin_all(v, "model output (e.g. the vocabulary)")
@@ -410,6 +412,21 @@ class CouplingBuilder:
             return
         for r in self.tensors(op) + results:
             self.pin_all(r, f"{self.where(op)} is not modelled by the coupling analysis")
+
+    def pin_grouped_copies(self) -> None:
+        """Pin the broadcast copies (``expand``) that ended up an inner part of a larger index
+        space, below a channel factor (GQA's ``[kv, copies]`` merged into the query heads:
+        removing a copy there would take a query head from one KV group only), or that were
+        split themselves. Copies that are a whole or outermost factor stay free (multi-query
+        heads, ``[heads, head_dim]``; see the ``expand`` rule)."""
+        fs = self.fs
+        inner = {fs.find(child) for kids in fs.children.values() for i, child in enumerate(kids)
+                 if any(fs.size[fs.find(k)] not in (None, 1) for k in kids[:i])}
+        split = {fs.find(root) for root in fs.children}
+        for factor, reason in self.copy_factors:
+            root = fs.find(factor)
+            if root in inner or root in split or fs.size[root] is None:
+                fs.pin(factor, reason)
 
     # --- pass 2: zeros in the masked model ------------------------------------------------------
     def check_zeros(self, result: CouplingResult) -> None:

@@ -178,8 +178,12 @@ def _squeeze(b: CouplingBuilder, op: Op) -> None:
 @coupling_rule("expand")
 def _expand(b: CouplingBuilder, op: Op) -> None:
     """Broadcasts size-1 (or missing leading) axes to a larger size: kept axes are the
-    input's; a stretched axis holds copies, not channels, and is pinned (GQA's query heads
-    per KV head are such copies, so the KV head is the unit)."""
+    input's; a stretched axis holds copies, not channels (``builder.copy_factors``). Copies
+    that become one part of a larger axis are pinned once the coupling is known (GQA's query
+    heads per KV head: ``[kv, copies]`` merged into the query heads, so the KV head is the
+    unit); copies that are a whole axis take the units they meet (multi-query attention's one
+    key for all query heads, latent attention's shared rotary key expanded to every head):
+    removing copy h of a broadcast changes no other copy, and ``compress`` rewrites the size."""
     x, out = op.bound_args()["self"], op.results[0]
     src, dst = b.desc(x), b.desc(out)
     offset = len(dst) - len(src)
@@ -188,7 +192,7 @@ def _expand(b: CouplingBuilder, op: Op) -> None:
         if j >= 0 and not (x.type.shape[j] == 1 and out.type.shape[k] != 1):
             b.fs.unify(src[j], dst[k], b.where(op))
         else:
-            b.pin_axis(dst[k], f"axis made by {b.where(op)} (a broadcast copy)")
+            b.copy_factors.extend((f, f"axis made by {b.where(op)} (a broadcast copy)") for f in dst[k])
 
 
 @coupling_rule("slice")
