@@ -106,6 +106,28 @@ def test_phi3_qkv_pieces_are_row_ranges(tmp_path):
     assert (_logits(masked, ids, mask) - _logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
 
+def test_phi3_pruned_uniformly_reloads_in_transformers(tmp_path):
+    """Phi-3 with one KV head (and its two query heads) removed in every layer: the emitted
+    config says 2 heads over 1 KV head, and stock transformers sizes qkv_proj's q | k | v from
+    it, with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorashear.runtime.hf import save_model_dir
+
+    torch.manual_seed(0)
+    module = lower(AutoModelForCausalLM.from_config(_phi3(), attn_implementation="sdpa").eval())
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    compress_module(module, groups, {f.id: (1,) for f in groups.families if f.kind == "attn"})
+    save_model_dir(module, tmp_path / "hf", merge=True)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (2, 1)
+    ids, mask = random_batch(64, batch=2, seq=7)
+    with torch.no_grad():
+        got = stock(input_ids=ids, attention_mask=mask).logits
+    assert (got - _logits(module, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+
+
 def test_conv1d_lora_lowers_prunes_and_emits_in_checkpoint_layout(tmp_path):
     """GPT-2 with peft's LoRA on its Conv1D layers (``fan_in_fan_out``), lowered from saved
     directories: the weights stay references into the checkpoint (read transposed), the

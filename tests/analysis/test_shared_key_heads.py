@@ -96,3 +96,24 @@ def test_grouped_query_copies_stay_pinned():
         assert [f.size for f in heads] == [2], implementation
         q = "model.layers.0.self_attn.q_proj.weight"
         assert {m.stride for m in heads[0].members if m.param == q} == {16}, implementation
+
+
+def test_latent_attention_pruned_uniformly_reloads_in_transformers(tmp_path):
+    """DeepSeek-V3 with one head removed in every layer: the emitted config says 3 heads, and
+    stock transformers builds q_b_proj, kv_b_proj and o_proj from it, with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorashear.runtime.hf import save_model_dir
+
+    torch.manual_seed(0)
+    module = lower(AutoModelForCausalLM.from_config(_deepseek_v3(), attn_implementation="sdpa").eval())
+    PassManager.parse("discover").run(module)
+    groups = module.attributes["groups"]
+    compress_module(module, groups, {f.id: (1,) for f in groups.families if f.kind == "attn"})
+    save_model_dir(module, tmp_path / "hf", merge=True)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert stock.config.num_attention_heads == 3
+    ids, mask = random_batch(64, batch=2, seq=7)
+    with torch.no_grad():
+        got = stock(input_ids=ids, attention_mask=mask).logits
+    assert (got - _logits(module, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
