@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lorashear.analysis.coupling_rules import COUPLING_RULES
+from lorashear.analysis.coupling_rules.shapes import dim_product
 from lorashear.analysis.manager import Analysis
 from lorashear.analysis.moe import couple_experts, expert_families
 from lorashear.analysis.zero_rules import ZERO_RULES
@@ -37,12 +38,19 @@ Ref = Value | Param
 
 
 class _Factors:
-    """Union-find over factors with refinement (a factor can be split into sub-factors)."""
+    """Union-find over factors with two refinements: a factor can be *split* into a product of
+    sub-factors (mixed radix, ``children``) or *cut* into a sum of consecutive segments
+    (``segments``: a fused projection's output sliced into q | k | v of unequal sizes).
+
+    A cut factor stays one leaf for :meth:`leaves` and :meth:`unify` (its index space is still
+    one range); :meth:`atoms` looks through the cuts, to the index spaces that become families.
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.size: list[int | None] = []  # None: a symbolic size (batch, sequence)
         self.children: dict[int, list[int]] = {}
+        self.segments: dict[int, list[int]] = {}
         self.pinned: dict[int, str] = {}
 
     def new(self, size: int | None, pinned: str | None = None) -> int:
@@ -66,9 +74,20 @@ class _Factors:
             return [root]
         return [leaf for k in kids for leaf in self.leaves(k)]
 
+    def atoms(self, f: int) -> list[int]:
+        """The leaves of ``f`` with every cut factor replaced by its segments' atoms, in index
+        order: the index spaces that can become families."""
+        out = []
+        for leaf in self.leaves(f):
+            segments = self.segments.get(leaf)
+            out.extend([leaf] if segments is None else [a for s in segments for a in self.atoms(s)])
+        return out
+
     def pin(self, f: int, reason: str) -> None:
         for leaf in self.leaves(f):
             self.pinned.setdefault(leaf, reason)
+            for segment in self.segments.get(leaf, ()):
+                self.pin(segment, reason)
 
     def is_pinned(self, f: int) -> bool:
         return self.find(f) in self.pinned
@@ -80,12 +99,17 @@ class _Factors:
         self.parent[rb] = ra
         if rb in self.pinned:
             self.pinned.setdefault(ra, self.pinned[rb])
+        if rb in self.segments:  # the caller aligned the segments of both (see _join)
+            self.segments.setdefault(ra, self.segments[rb])
+            del self.segments[rb]
+        if ra in self.pinned:
+            self.pin(ra, self.pinned[ra])
 
     def split(self, f: int, outer: int) -> tuple[int, int]:
         """Refine leaf ``f`` of size n into (outer, n // outer), everywhere it is used."""
         root = self.find(f)
         n = self.size[root]
-        assert n is not None and n % outer == 0 and root not in self.children
+        assert n is not None and n % outer == 0 and root not in self.children and root not in self.segments
         reason = self.pinned.get(root)
         a, b = self.new(outer, reason), self.new(n // outer, reason)
         self.children[root] = [a, b]
@@ -103,6 +127,8 @@ class _Factors:
             if sa == sb:
                 pairs.append((a, b))
                 i, j = i + 1, j + 1
+            elif a in self.segments or b in self.segments:
+                break  # a cut range cannot also be a product (its segments would interleave)
             elif sa is not None and sb is not None and sa > sb and sa % sb == 0:
                 first, rest = self.split(a, sb)
                 ls[i:i + 1] = [first, rest]
@@ -116,8 +142,117 @@ class _Factors:
                 self.pin(f, why)
             return False
         for a, b in pairs:
-            self.union(a, b)
+            if not self._join(a, b, why):
+                for f in ls + rs:
+                    self.pin(f, why)
+                return False
         return True
+
+    # --- cuts (sums of segments) -------------------------------------------------------------
+    def _join(self, a: int, b: int, why: str) -> bool:
+        """Union two leaves of equal size; where both are cut, first cut each at the other's
+        boundaries and identify the segments pairwise."""
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return True
+        if a in self.segments and b in self.segments:
+            bounds_a, bounds_b = self.boundaries(a), self.boundaries(b)
+            if not (self.cut(a, bounds_b) and self.cut(b, bounds_a)):
+                return False
+            fine_a, fine_b = self.finest(a), self.finest(b)
+            assert [self.size[self.find(x)] for x in fine_a] == [self.size[self.find(y)] for y in fine_b]
+            self.union(a, b)  # a keeps its segments
+            return all(self.unify([x], [y], why) for x, y in zip(fine_a, fine_b))
+        self.union(a, b)
+        return True
+
+    def finest(self, f: int) -> list[int]:
+        """The segments of a cut leaf ``f``, recursively (an uncut segment is itself), in order."""
+        root = self.find(f)
+        segments = self.segments.get(root)
+        return [root] if segments is None else [x for s in segments for x in self.finest(s)]
+
+    def boundaries(self, f: int) -> list[int]:
+        """The offsets at which the cut leaf ``f``'s finest segments start (0 left out)."""
+        offsets, at = [], 0
+        for s in self.finest(f)[:-1]:
+            at += self.size[self.find(s)]
+            offsets.append(at)
+        return offsets
+
+    def cut(self, f: int, points: list[int]) -> bool:
+        """Make each of ``points`` (offsets inside ``f``) a segment boundary of the leaf ``f``;
+        False where ``f`` is not one static range that can be cut there (a product, or a
+        segment that is itself a product)."""
+        root = self.find(f)
+        n = self.size[root]
+        inside = sorted({p for p in points if n is not None and 0 < p < n})
+        if not inside:
+            return True
+        if n is None or root in self.children:
+            return False
+        segments = self.segments.get(root)
+        if segments is None:
+            reason = self.pinned.get(root)
+            edges = [0, *inside, n]
+            self.segments[root] = [self.new(hi - lo, reason) for lo, hi in zip(edges, edges[1:])]
+            return True
+        at = 0
+        for s in segments:
+            size = self.size[self.find(s)]
+            if not self.cut(s, [p - at for p in inside]):
+                return False
+            at += size
+        return True
+
+    def pieces(self, f: int, start: int, stop: int) -> list[int] | None:
+        """The segments that make up indices ``[start, stop)`` of the cut leaf ``f`` (cut there
+        first), coarsest first; None where it cannot be cut there."""
+        if not self.cut(f, [start, stop]):
+            return None
+        root = self.find(f)
+        if (start, stop) == (0, self.size[root]):
+            return [root]
+        out, at = [], 0
+        for s in self.segments[root]:
+            size = self.size[self.find(s)]
+            lo, hi = max(start, at), min(stop, at + size)
+            if lo < hi:
+                inner = self.pieces(s, lo - at, hi - at)
+                if inner is None:
+                    return None
+                out.extend(inner)
+            at += size
+        return out
+
+    def join_sum(self, f: int, pieces: list[int], why: str) -> bool:
+        """Identify the leaf ``f`` with the concatenation of ``pieces`` (their sizes add up to
+        ``f``'s): ``f`` is cut at the pieces' boundaries and each segment joined with its
+        piece. False where ``f`` cannot be cut there."""
+        if len(pieces) == 1:
+            return self.unify([f], pieces, why)
+        at = 0
+        for piece in pieces:
+            size = self.size[self.find(piece)]
+            sub = self.pieces(f, at, at + size)
+            if sub is None or not (self.unify(sub, [piece], why) if len(sub) == 1
+                                   else self.join_sum(piece, sub, why)):
+                return False
+            at += size
+        return True
+
+    def extent(self, f: int, new_size: dict[int, int]) -> int:
+        """The length of ``f``'s index range once families shrink to ``new_size`` (kept units per
+        family leaf; a symbolic size counts 1)."""
+        total = 1
+        for leaf in self.leaves(f):
+            root = self.find(leaf)
+            if root in self.segments:
+                total *= sum(self.extent(s, new_size) for s in self.segments[root])
+            else:
+                known = self.size[root]
+                total *= new_size.get(root, 1 if known is None else known)
+        return total
 
 
 @dataclass
@@ -130,11 +265,14 @@ class ReductionRecord:
 
 
 class CouplingMember(NamedTuple):
-    """One parameter axis a family runs along: index r is in unit ``(r // stride) % size``."""
+    """One parameter axis a family runs along: index r in ``[start, stop)`` (``stop`` None: the
+    axis' end) is in unit ``((r - start) // stride) % size``."""
 
     param: str
     axis: int
     stride: int
+    start: int = 0
+    stop: int | None = None
 
 
 class CouplingFamily(NamedTuple):
@@ -200,6 +338,7 @@ class CouplingBuilder:
         self.embedding_factors: list[int] = []
         self.contractions: list[tuple[Op, list[int]]] = []  # matmul: (op, contracted axis)
         self.pending_reductions: list[tuple[Op, list[int]]] = []  # sum/mean: (op, reduced axis)
+        self.copy_factors: list[tuple[int, str]] = []  # axes made by a broadcast, with the reason
 
     # --- descriptors --------------------------------------------------------------------------
     def desc(self, ref: Ref) -> list[list[int]]:
@@ -208,9 +347,21 @@ class CouplingBuilder:
         if key not in self.axes:
             ty = ref.type
             assert isinstance(ty, TensorType)
-            self.axes[key] = [[self.fs.new(d if isinstance(d, int) else None)] for d in ty.shape]
+            self.axes[key] = [self._fresh_axis(d) for d in ty.shape]
             self.refs[key] = ref
         return self.axes[key]
+
+    def _fresh_axis(self, dim: int | str) -> list[int]:
+        """Fresh factors for one axis: one of a static or symbolic size; a product of symbols
+        and an integer (``"16*B"``, attention heads merged into the batch by a ``reshape``)
+        gets one symbolic factor per symbol and then one for the integer, major first, so the
+        heads stay a factor of their own (the usual ``[B, heads] -> [B*heads]`` order)."""
+        if isinstance(dim, int):
+            return [self.fs.new(dim)]
+        syms, k = dim_product(dim)
+        if k == 1 or not syms:
+            return [self.fs.new(None)]
+        return [self.fs.new(None) for _ in syms] + [self.fs.new(k)]
 
     def pin_all(self, ref: Ref, reason: str) -> None:
         """Pin every axis of ``ref``."""
@@ -240,6 +391,7 @@ class CouplingBuilder:
                 self.pin_all(v, "graph input")
         for op in self.module.graph.ops:
             self.couple(op)
+        self.pin_grouped_copies()
         couple_experts(self)  # MoE: the routing matrix's expert axis is the router's
         for v in self.module.graph.outputs:
             self.pin_all(v, "model output (e.g. the vocabulary)")
@@ -261,6 +413,21 @@ class CouplingBuilder:
         for r in self.tensors(op) + results:
             self.pin_all(r, f"{self.where(op)} is not modelled by the coupling analysis")
 
+    def pin_grouped_copies(self) -> None:
+        """Pin the broadcast copies (``expand``) that ended up an inner part of a larger index
+        space, below a channel factor (GQA's ``[kv, copies]`` merged into the query heads:
+        removing a copy there would take a query head from one KV group only), or that were
+        split themselves. Copies that are a whole or outermost factor stay free (multi-query
+        heads, ``[heads, head_dim]``; see the ``expand`` rule)."""
+        fs = self.fs
+        inner = {fs.find(child) for kids in fs.children.values() for i, child in enumerate(kids)
+                 if any(fs.size[fs.find(k)] not in (None, 1) for k in kids[:i])}
+        split = {fs.find(root) for root in fs.children}
+        for factor, reason in self.copy_factors:
+            root = fs.find(factor)
+            if root in inner or root in split or fs.size[root] is None:
+                fs.pin(factor, reason)
+
     # --- pass 2: zeros in the masked model ------------------------------------------------------
     def check_zeros(self, result: CouplingResult) -> None:
         """Walk the ops forward with the zero rules (see :mod:`~lorashear.analysis.zero_rules`)."""
@@ -281,29 +448,24 @@ class CouplingBuilder:
         fs = self.fs
         members: dict[int, list[CouplingMember]] = {}
         order: list[int] = []
-        for p in self.module.params.values():
-            if id(p) not in self.axes:
-                continue
+        params = [p for p in self.module.params.values() if id(p) in self.axes]
+        for p in params:  # first pin the cuts no member can express, wherever they are used
             for axis, desc in enumerate(self.axes[id(p)]):
-                leaves = [fs.find(x) for f in desc for x in fs.leaves(f)]
-                stride = 1
-                strides = []
-                for leaf in reversed(leaves):
-                    strides.append(stride)
-                    stride *= fs.size[leaf] or 1
-                strides.reverse()
-                for leaf, st in zip(leaves, strides):
-                    if fs.size[leaf] in (None, 1):
-                        continue
-                    if leaf in fs.pinned:
-                        result.unprunable.append((p.name, axis, fs.pinned[leaf]))
+                self._axis_units(desc, p.type.shape[axis])
+        for p in params:
+            for axis, desc in enumerate(self.axes[id(p)]):
+                length = p.type.shape[axis]
+                for leaf, stride, start, stop, reason in self._axis_units(desc, length):
+                    if reason is not None:
+                        result.unprunable.append((p.name, axis, reason))
                         continue
                     if leaf not in members:
                         members[leaf] = []
                         order.append(leaf)
-                    members[leaf].append(CouplingMember(p.name, axis, st))
-        heads = {fs.find(x) for f in self.head_factors for x in fs.leaves(f)}
-        hidden = {fs.find(x) for f in self.embedding_factors for x in fs.leaves(f)}
+                    whole = start == 0 and stop == length
+                    members[leaf].append(CouplingMember(p.name, axis, stride, start, None if whole else stop))
+        heads = {fs.find(x) for f in self.head_factors for x in fs.atoms(f)}
+        hidden = {fs.find(x) for f in self.embedding_factors for x in fs.atoms(f)}
         for leaf in order:
             kind = "attn" if leaf in heads else "hidden" if leaf in hidden else "mlp"
             layers = {_layer_of(m.param) for m in members[leaf]}
@@ -320,6 +482,49 @@ class CouplingBuilder:
                 seen.add((name, axis))
                 unique.append((name, axis, reason))
         result.unprunable = unique
+
+    def _axis_units(self, desc: list[int], length) -> list[tuple[int, int, int, int, str | None]]:
+        """The index spaces along one parameter axis (factor list ``desc``, ``length`` long):
+        ``(leaf, stride, start, stop, pinned reason or None)``, index r in ``[start, stop)``
+        being in unit ``((r - start) // stride) % size``. A cut factor contributes its
+        segments' spaces, each over its own range; that range is contiguous only where the cut
+        factor is the outermost of its range, so a cut factor inside another is pinned (here,
+        so that no other parameter axis makes a family of it either)."""
+        fs = self.fs
+        out: list[tuple[int, int, int, int, str | None]] = []
+
+        def walk(factors: list[int], start: int, stop: int, inherited: str | None) -> None:
+            leaves = [fs.find(x) for f in factors for x in fs.leaves(f)]
+            stride = stop - start
+            for k, leaf in enumerate(leaves):
+                size = fs.size[leaf]
+                if size is None:
+                    stride = 1  # a symbolic axis: one unit space per index (never a family)
+                    continue
+                stride //= size
+                reason = inherited or fs.pinned.get(leaf)
+                if leaf in fs.segments:
+                    outer = [fs.size[x] for x in leaves[:k]]
+                    if any(s not in (1,) for s in outer):
+                        reason = reason or "cut into pieces inside another axis (a fused projection's " \
+                            "q, k and v within each head), which a parameter's row ranges cannot express"
+                        fs.pin(leaf, reason)
+                        for atom in fs.atoms(leaf):
+                            if fs.size[fs.find(atom)] not in (None, 1):
+                                out.append((fs.find(atom), stride, start, stop, reason))
+                        continue
+                    at = start
+                    for segment in fs.segments[leaf]:
+                        width = fs.extent(segment, {}) * stride
+                        walk([segment], at, at + width, reason)
+                        at += width
+                    continue
+                if size != 1:
+                    out.append((leaf, stride, start, stop, reason))
+
+        if isinstance(length, int):
+            walk(desc, 0, length, None)
+        return out
 
 
 class ZeroContext:
@@ -350,9 +555,10 @@ class ZeroContext:
         return self.builder.tensors(op)
 
     def axis_classes(self, axis: list[int]) -> set[int]:
-        """The classes (leaf roots) of one axis' factor list."""
+        """The classes (leaf roots, a cut leaf with its segments' atoms) of one axis' factor
+        list."""
         fs = self.fs
-        return {fs.find(x) for f in axis for x in fs.leaves(f)}
+        return {fs.find(x) for f in axis for x in fs.leaves(f) + fs.atoms(f)}
 
     def classes(self, ref: Ref) -> set[int]:
         """The classes of every axis of ``ref``."""

@@ -4,7 +4,10 @@ A *family* is one channel space found by the dimension-coupling analysis (the KV
 layer 3, the MLP channels of layer 3, the hidden channels): ``size`` units, each a minimally
 removable group. Every member is a parameter axis on which the family is one factor of a
 mixed-radix index: index ``r`` of that axis belongs to unit ``(r // stride) % size``. That
-form prints compactly (a hidden family touches every layer) and slices exactly.
+form prints compactly (a hidden family touches every layer) and slices exactly. A member may
+cover only a range ``[start, stop)`` of its axis: a fused projection whose output is cut into
+pieces of unequal widths (Phi-3's ``qkv_proj`` into q | k | v) has each piece's units on its
+own rows; the indices outside the range belong to no unit of that family.
 """
 
 from __future__ import annotations
@@ -30,15 +33,39 @@ def check_kinds(pass_name: str, kinds: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class FamilyMember:
-    """Parameter axis ``axis`` of ``param``: index r is in unit (r // stride) % family.size."""
+    """Parameter axis ``axis`` of ``param``: index r in ``[start, stop)`` is in unit
+    ``((r - start) // stride) % family.size`` (``stop`` None: the axis' end)."""
 
     param: str
     axis: int
     stride: int
+    start: int = 0
+    stop: int | None = None
+
+    def in_range(self, length: int) -> torch.Tensor:
+        """Which indices along the axis (``length`` long) this member covers."""
+        index = torch.arange(length)
+        return (index >= self.start) & (index < (length if self.stop is None else self.stop))
 
     def unit_of(self, length: int, size: int) -> torch.Tensor:
-        """Unit id of every index along this axis (``length`` = the axis length)."""
-        return (torch.arange(length) // self.stride) % size
+        """Unit id of every index along this axis (``length`` = the axis length); -1 outside
+        the member's range."""
+        units = ((torch.arange(length) - self.start) // self.stride) % size
+        return torch.where(self.in_range(length), units, -1)
+
+    def covered(self, length: int) -> int:
+        """How many indices of the axis the member covers."""
+        return (length if self.stop is None else min(self.stop, length)) - self.start
+
+    def to_json(self) -> list[Any]:
+        whole = self.start == 0 and self.stop is None
+        return [self.param, self.axis, self.stride] + ([] if whole else [self.start, self.stop])
+
+    @classmethod
+    def from_json(cls, data: Any) -> FamilyMember:
+        param, axis, stride, *bounds = data
+        start, stop = bounds if bounds else (0, None)
+        return cls(str(param), int(axis), int(stride), int(start), None if stop is None else int(stop))
 
     def indices(self, length: int, size: int, units) -> torch.Tensor:
         """Indices along the axis that belong to any of ``units``."""
@@ -58,14 +85,14 @@ class GroupFamily:
 
     def to_json(self) -> Any:
         return {"id": self.id, "kind": self.kind, "layer": self.layer, "size": self.size,
-                "members": [[m.param, m.axis, m.stride] for m in self.members]}
+                "members": [m.to_json() for m in self.members]}
 
     @classmethod
     def from_json(cls, data: Any) -> GroupFamily:
         kind = data["kind"]
         if kind not in KINDS:
             raise ValueError(f"unknown group kind {kind!r}")
-        members = tuple(FamilyMember(str(p), int(a), int(s)) for p, a, s in data["members"])
+        members = tuple(FamilyMember.from_json(m) for m in data["members"])
         return cls(int(data["id"]), kind, None if data["layer"] is None else int(data["layer"]),
                    int(data["size"]), members)
 
@@ -127,5 +154,7 @@ def param_units_numel(module, family: GroupFamily) -> int:
     total = 0
     for m in family.members:
         shape = module.params[m.param].type.shape
-        total += shape and int(torch.tensor(shape).prod().item()) // family.size
+        if shape:
+            numel = int(torch.tensor(shape).prod().item())
+            total += numel // shape[m.axis] * m.covered(shape[m.axis]) // family.size
     return total

@@ -82,7 +82,9 @@ def unit_sums(values: torch.Tensor, member: FamilyMember, size: int) -> torch.Te
     """float64 per-unit sums of ``values`` (shaped like the member's parameter)."""
     length = values.shape[member.axis]
     per_index = values.movedim(member.axis, 0).reshape(length, -1).sum(1, dtype=torch.float64).cpu()
-    return torch.zeros(size, dtype=torch.float64).index_add_(0, member.unit_of(length, size), per_index)
+    units = member.unit_of(length, size)
+    inside = units >= 0  # a member over a range of its axis (one piece of a fused projection)
+    return torch.zeros(size, dtype=torch.float64).index_add_(0, units[inside], per_index[inside])
 
 
 def _base_members(module: Module, groups: GroupsAttr, family_ids: Iterable[int]
@@ -158,7 +160,8 @@ def weight_statistics(module: Module, groups: GroupsAttr, family_ids: Iterable[i
             s = stats[family.id]
             s.w2 += unit_sums(squares, member, family.size)
             length = weight.shape[member.axis]
-            s.numel += torch.bincount(member.unit_of(length, family.size), minlength=family.size) \
+            units = member.unit_of(length, family.size)
+            s.numel += torch.bincount(units[units >= 0], minlength=family.size) \
                 .double() * (weight.numel() // max(length, 1))
             if products is not None:
                 s.wd += unit_sums(products[0], member, family.size)

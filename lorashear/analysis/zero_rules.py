@@ -85,6 +85,21 @@ def _matmul(ctx: ZeroContext, op: Op) -> set[int]:
     return set()
 
 
+@zero_rule("baddbmm")
+def _baddbmm(ctx: ZeroContext, op: Op) -> set[int]:
+    """No claim about the result (``self`` is added); the contracted axis is checked as
+    ``matmul`` checks its own."""
+    axis = ctx.contracted_axis(op)
+    if axis is not None:
+        a = op.bound_args()
+        zero = ctx.zeros(a["batch1"]) | ctx.zeros(a["batch2"])
+        for f in axis:
+            for leaf in ctx.fs.leaves(f):
+                if ctx.fs.find(leaf) not in zero:
+                    ctx.fs.pin(leaf, f"contracted by {ctx.where(op)} between non-zero activations")
+    return set()
+
+
 @zero_rule("addmm")
 def _addmm(ctx: ZeroContext, op: Op) -> set[int]:
     """As ``linear`` with the weight ``[in, out]``: an output column is zero where mat2's

@@ -42,7 +42,7 @@ from lorashear.frontend.node_forms import (
     is_view,
     scalar_constants_off_meta,
 )
-from lorashear.frontend.rewrites import fuse_lora, linear_from_transposed_matmul
+from lorashear.frontend.rewrites import fuse_lora, linear_from_conv1d, linear_from_transposed_matmul
 from lorashear.frontend.scope import refuse_out_of_scope
 from lorashear.frontend.sizes import exact_quotients, static_min_max
 from lorashear.frontend.view_writes import write_through_view
@@ -162,6 +162,7 @@ class _Lowering:
         split_fused_experts(self.module)  # MoE: one parameter per expert (frontend/moe.py)
         graph.remove_dead_ops()
         linear_from_transposed_matmul(graph)
+        linear_from_conv1d(self.module)  # GPT-2's Conv1D: a linear on its weight read transposed
         graph.remove_dead_ops()
         fuse_lora(graph)
         graph.remove_dead_ops()

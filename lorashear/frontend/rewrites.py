@@ -1,11 +1,16 @@
-"""IR rewrites the lowering applies after tracing: ``x @ W.T`` into ``linear(x, W)``, and peft's
-LoRA pattern ``linear(x, W) + linear(linear(dropout(x), A), B) * s`` into one ``lora_linear``."""
+"""IR rewrites the lowering applies after tracing: ``x @ W.T`` into ``linear(x, W)``, GPT-2's
+``Conv1D`` into ``linear`` on its weight read transposed, and peft's LoRA pattern
+``linear(x, W) + linear(linear(dropout(x), A), B) * s`` into one ``lora_linear``."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from lorashear.ir.core import Graph, Op, Param, Value
+from lorashear.ir.attributes import StoredTransposedAttr
+from lorashear.ir.core import Graph, Module, Op, Param, Value
+from lorashear.ir.storage import DataStorage, FileStorage, MetaStorage
+from lorashear.ir.types import TensorType
 
 
 def transposed_param(value: Any) -> Param | None:
@@ -37,6 +42,78 @@ def linear_from_transposed_matmul(graph: Graph) -> int:
         graph.ops[index] = new
         rewritten += 1
     return rewritten
+
+
+def linear_from_conv1d(module: Module) -> int:
+    """Rewrite GPT-2's ``Conv1D`` (``reshape(addmm(b, reshape(x, [-1, in]), W), [.., out])`` with
+    W stored ``[in, out]``) into ``linear(x, W, b)`` with W held ``[out, in]``; returns how many.
+
+    The decision: a Conv1D is a linear layer whose checkpoint stores the weight transposed, so
+    the IR holds that parameter in the linear layout (a transposed reference into the file,
+    ``FileStorage.transposed``, or a transposed copy of data in memory) and records its name in
+    the ``stored-transposed`` attribute, which HF emission reads to write it back ``[in, out]``.
+    Every pass then sees one layout: peft's LoRA on a Conv1D (``fan_in_fan_out``; its A and B
+    are ordinary ``[r, in]`` and ``[out, r]``) fuses into a ``lora_linear`` like any other,
+    and ``discover``, ``prune``, ``compress`` and ``merge-lora`` (``W + s * B @ A``, in the
+    ``[out, in]`` layout) need no transposed variant. Only a weight that this ``addmm`` alone
+    reads is rewritten (another reader would see the layout change)."""
+    graph = module.graph
+    users = graph.users()
+    readers: dict[str, int] = {}
+    for op in graph.ops:
+        for p in op.params():
+            readers[p.name] = readers.get(p.name, 0) + 1
+    rewritten: list[str] = []
+    for index, op in enumerate(graph.ops):
+        match = _conv1d_match(op, users, readers)
+        if match is None:
+            continue
+        x, weight, bias = match
+        _transpose_param(weight)
+        new = Op("linear", [x, weight, bias], {}, op.results, loc=op.loc)
+        for r in new.results:
+            r.producer = new
+        graph.ops[index] = new
+        rewritten.append(weight.name)
+    if rewritten:
+        known = module.attributes.get("stored-transposed")
+        names = known.params if isinstance(known, StoredTransposedAttr) else ()
+        module.attributes["stored-transposed"] = StoredTransposedAttr(tuple(names) + tuple(rewritten))
+    return len(rewritten)
+
+
+def _conv1d_match(op: Op, users, readers: dict[str, int]) -> tuple[Value, Param, Param | None] | None:
+    """``(x, W, b)`` where ``op`` is the final reshape of a Conv1D (see :func:`linear_from_conv1d`)."""
+    if op.kind != "reshape" or not isinstance(op.args[0], Value) or op.args[0].producer is None:
+        return None
+    mm = op.args[0].producer
+    if mm.kind != "addmm" or not single_use(op.args[0], users):
+        return None
+    a = mm.bound_args()
+    bias, flat, weight = a["self"], a["mat1"], a["mat2"]
+    if a["alpha"] != 1 or a["beta"] != 1 or not isinstance(weight, Param) or readers.get(weight.name) != 1 \
+            or not isinstance(flat, Value) or flat.producer is None or flat.producer.kind != "reshape":
+        return None
+    if bias is not None and not (isinstance(bias, Param) and bias.type.shape == weight.type.shape[1:]):
+        return None
+    x = flat.producer.args[0]
+    if not isinstance(x, Value) or len(weight.type.shape) != 2 \
+            or tuple(op.results[0].type.shape) != (*x.type.shape[:-1], weight.type.shape[1]) \
+            or x.type.shape[-1] != weight.type.shape[0]:
+        return None
+    return x, weight, bias
+
+
+def _transpose_param(param: Param) -> None:
+    """Hold the 2-D ``param`` transposed: its type, and its storage read transposed."""
+    storage = param.storage
+    if isinstance(storage, FileStorage):
+        param.storage = dataclasses.replace(storage, transposed=not storage.transposed)
+    elif storage.has_data:
+        param.storage = DataStorage(storage.load().t().contiguous())
+    else:
+        param.storage = MetaStorage()
+    param.type = TensorType(param.type.dtype, tuple(param.type.shape[::-1]))
 
 
 def fuse_lora(graph: Graph) -> int:

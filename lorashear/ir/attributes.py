@@ -105,6 +105,27 @@ class HFConfigAttr(Attribute):
 
 @register_attribute
 @dataclass(frozen=True)
+class StoredTransposedAttr(Attribute):
+    """Parameters that the IR holds ``[out, in]`` while the checkpoint stores them transposed
+    (GPT-2's ``Conv1D`` weights, ``[in, out]``): the lowering turns such a layer into a
+    ``linear`` so every pass sees one layout, and HF emission writes these names back in the
+    checkpoint's layout."""
+
+    kind: ClassVar[str] = "stored-transposed"
+    params: tuple[str, ...]
+
+    def to_json(self) -> Any:
+        return list(self.params)
+
+    @classmethod
+    def from_json(cls, data: Any) -> StoredTransposedAttr:
+        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+            raise ValueError("stored-transposed must be a JSON list of parameter names")
+        return cls(tuple(data))
+
+
+@register_attribute
+@dataclass(frozen=True)
 class SourceAttr(Attribute):
     """Where the module came from: the model directory and the adapter, for the record."""
 

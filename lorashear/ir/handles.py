@@ -65,9 +65,11 @@ def check_weight_handles(module: Module, *, source: str, param_lines: dict[str, 
             if entry is None:
                 raise ModelLoadError(f"{where(p)}, but the file holds no such tensor",
                                      hint="was the checkpoint replaced by another model's?")
-            if entry.shape != p.type.shape:
+            stored_shape = tuple(p.type.shape[::-1]) if p.storage.transposed else p.type.shape  # Conv1D
+            if entry.shape != stored_shape:
                 raise ModelLoadError(f"{where(p)}, but the file holds it with shape "
-                                     f"{list(entry.shape)}, the IR declares {list(p.type.shape)}")
+                                     f"{list(entry.shape)}, the IR declares {list(stored_shape)}"
+                                     + (" (stored transposed)" if p.storage.transposed else ""))
             stored = _IR_DTYPE_OF.get(entry.dtype)
             if stored is None or not dtypes_agree(stored, p.type.dtype):
                 raise ModelLoadError(f"{where(p)}, but the file holds it as {entry.dtype}, the IR "

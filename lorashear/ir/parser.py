@@ -248,8 +248,11 @@ class IRParser:
             path = self._string(line)
             line.expect("punct", ",")
             key = self._string(line)
+            transposed = line.accept("punct", ",")
+            if transposed:
+                line.expect("ident", "transposed")
             line.expect("punct", ")")
-            return FileStorage(self.resolve_path(path), key)
+            return FileStorage(self.resolve_path(path), key, transposed=transposed)
         line.fail(f"unknown storage {word!r}; expected file(...), data or meta")
         raise AssertionError
 

@@ -66,7 +66,8 @@ def format_arg(arg) -> str:
 def format_storage(storage: Storage, path_fn: Callable[[str], str] | None = None) -> str:
     if isinstance(storage, FileStorage):
         path = path_fn(storage.path) if path_fn else storage.path
-        return f"file({json.dumps(path)}, {json.dumps(storage.key)})"
+        transposed = ", transposed" if storage.transposed else ""
+        return f"file({json.dumps(path)}, {json.dumps(storage.key)}{transposed})"
     if isinstance(storage, DataStorage):
         return "data"
     if isinstance(storage, MetaStorage):

@@ -33,11 +33,16 @@ class FileStorage(Storage):
     """A tensor ``key`` inside the safetensors file ``path`` (read lazily, memory-mapped).
 
     ``fingerprint``, when recorded (see :mod:`lorashear.ir.fingerprint`), is checked before
-    every read, so a checkpoint rewritten during a long run is an error, not new numbers."""
+    every read, so a checkpoint rewritten during a long run is an error, not new numbers.
+
+    ``transposed``: the file stores the 2-D tensor transposed relative to the parameter (a
+    GPT-2 ``Conv1D`` keeps its weight ``[in, out]``, the IR's linear layers ``[out, in]``);
+    ``load`` returns the transposed view, so the parameter stays a reference into the file."""
 
     path: str
     key: str
     fingerprint: str | None = None
+    transposed: bool = False
 
     def load(self) -> torch.Tensor:
         if not os.path.exists(self.path):
@@ -46,14 +51,16 @@ class FileStorage(Storage):
             ensure_unchanged(self.path, self.fingerprint)
         handle = open_safetensors(self.path)
         try:
-            return handle.get_tensor(self.key)
+            tensor = handle.get_tensor(self.key)
+            return tensor.t() if self.transposed else tensor
         except Exception as exc:  # safetensors' own error type, or an OS error under the mmap
             raise ModelLoadError(f"cannot read tensor {self.key!r} from {self.path}: "
                                  f"{first_line(exc)}") from None
 
     def shape_and_dtype(self) -> tuple[tuple[int, ...], torch.dtype]:
         sl = open_safetensors(self.path).get_slice(self.key)
-        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()]
+        shape = tuple(sl.get_shape())
+        return shape[::-1] if self.transposed else shape, _SAFETENSORS_DTYPES[sl.get_dtype()]
 
 
 class DataStorage(Storage):

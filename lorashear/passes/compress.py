@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from lorashear.analysis.coupling import CouplingResult, DimensionCoupling
+from lorashear.analysis.coupling_rules.shapes import dim_product
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal
@@ -49,6 +50,8 @@ class CompressContext:
     """The d/d' ratios by which RMSNorm epsilons were scaled (for the HF config)."""
     rewritten: int = 0
     """Reductions rewritten (means and norms)."""
+    scaled_sizes: dict[tuple[int, int], Value] = field(default_factory=dict)
+    """(id of a ``sym.mul`` size, new factor) -> the ``sym.mul`` made for it (one per factor)."""
 
 
 CompressRule = Callable[[CompressContext, Op], None]
@@ -106,8 +109,8 @@ def compress_module(module: Module, groups: GroupsAttr, removed: dict[int, tuple
     for key, ref in coupling.refs.items():
         if isinstance(ref, Value) and isinstance(ref.type, TensorType):
             ref.type = ref.type.with_shape(tuple(
-                d if isinstance(d, str) else _axis_size(coupling, key, j, new_size)
-                for j, d in enumerate(ref.type.shape)))
+                _symbolic_size(coupling, key, j, new_size, d) if isinstance(d, str)
+                else _axis_size(coupling, key, j, new_size) for j, d in enumerate(ref.type.shape)))
 
     _remove_experts(module, coupling, groups, removed)  # MoE: whole experts (no-op without)
 
@@ -135,6 +138,35 @@ def _shape_literals(ctx: CompressContext, op: Op) -> None:
         out_shape = op.results[0].type.shape
         _set_argument(op, name, [out_shape[j] if isinstance(a, int) and a != -1 and isinstance(out_shape[j], int)
                                  else a for j, a in enumerate(sizes)])
+        scaled = [_scale_symbolic_size(ctx, op, size, dim) for size, dim in zip(sizes, out_shape)]
+        if any(new is not old for new, old in zip(scaled, sizes)):
+            current = op.bound_args()[name]
+            _set_argument(op, name, [new if new is not old else c for new, old, c in zip(scaled, sizes, current)])
+
+
+def _scale_symbolic_size(ctx: CompressContext, op: Op, size: Any, dim: Any) -> Any:
+    """A size computed as ``sym.mul(B, 16)`` for a result axis now ``"12*B"`` (heads merged into
+    the batch, after some heads were removed): a ``sym.mul(B, 12)`` put before the first op
+    that needs it (the original may size other layers' axes, which kept their heads). Any
+    other size: itself."""
+    producer = size.producer if isinstance(size, Value) else None
+    if producer is None or producer.kind != "sym.mul" or not isinstance(dim, str) or len(producer.args) != 2:
+        return size
+    syms, k = dim_product(dim)
+    ints = [i for i, a in enumerate(producer.args) if isinstance(a, int) and not isinstance(a, bool)]
+    if not syms or len(ints) != 1 or producer.args[ints[0]] == k:
+        return size
+    known = ctx.scaled_sizes.get((id(size), k))
+    if known is not None:
+        return known
+    args = list(producer.args)
+    args[ints[0]] = k
+    value = Value(f"{size.name}.x{k}", size.type)
+    scaled = Op("sym.mul", args, dict(producer.kwargs), [value], op.loc)
+    value.producer = scaled
+    ctx.module.graph.ops.insert(ctx.module.graph.ops.index(op), scaled)
+    ctx.scaled_sizes[(id(size), k)] = value
+    return value
 
 
 @compress_rule("split", "split_with_sizes")
@@ -150,6 +182,36 @@ def _split_sizes(ctx: CompressContext, op: Op) -> None:
         _set_argument(op, "split_size", sizes[0])
     elif op.kind == "split_with_sizes" and isinstance(a["split_sizes"], list):
         _set_argument(op, "split_sizes", sizes)
+
+
+@compress_rule("slice")
+def _slice_bounds(ctx: CompressContext, op: Op) -> None:
+    """A slice of a cut axis (one piece of a fused projection, see the coupling analysis'
+    ``slice`` rule) takes the same segments once they shrink: each bound becomes the new width
+    of the segments before it (a negative bound stays counted from the end, a bound past the
+    end stays)."""
+    a = op.bound_args()
+    x = a["self"]
+    if id(x) not in ctx.coupling.axes or a["step"] != 1:
+        return
+    dim = a["dim"] % len(x.type.shape)
+    fs = ctx.coupling.factors
+    leaves = [fs.find(f) for f in ctx.coupling.leaves(x, dim) if fs.size[fs.find(f)] != 1]
+    if len(leaves) != 1 or leaves[0] not in fs.segments:
+        return
+    leaf = leaves[0]
+    length, new_length = fs.size[leaf], fs.extent(leaf, ctx.new_size)
+    edges, at, new_at = {0: 0}, 0, 0
+    for segment in fs.finest(leaf):
+        at += fs.size[segment]
+        new_at += fs.extent(segment, ctx.new_size)
+        edges[at] = new_at
+    for name in ("start", "end"):
+        bound = a[name]
+        if not isinstance(bound, int) or bound >= length or bound < -length:
+            continue
+        offset = edges[bound % length]
+        _set_argument(op, name, offset - new_length if bound < 0 else offset)
 
 
 @compress_rule("conv1d")
@@ -202,13 +264,19 @@ def _rms_norm(ctx: CompressContext, op: Op) -> None:
 
 def _axis_size(coupling: CouplingResult, key: int, axis: int, new_size: dict[int, int]) -> int:
     fs = coupling.factors
-    size = 1
-    for f in coupling.axes[key][axis]:
-        for leaf in fs.leaves(f):
-            root = fs.find(leaf)
-            known = fs.size[root]
-            size *= new_size.get(root, 1 if known is None else known)  # an empty axis stays empty
-    return size
+    return math.prod(fs.extent(f, new_size) for f in coupling.axes[key][axis])  # an empty axis stays empty
+
+
+def _symbolic_size(coupling: CouplingResult, key: int, axis: int, new_size: dict[int, int], dim: str) -> str:
+    """A symbolic size with a shrunk integer part (``"16*B"`` -> ``"12*B"``: heads merged into
+    the batch); any other symbolic size stays."""
+    syms, k = dim_product(dim)
+    if k == 1 or not syms:
+        return dim
+    fs = coupling.factors
+    static = [f for f in coupling.axes[key][axis] if all(fs.size[fs.find(x)] is not None for x in fs.leaves(f))]
+    new_k = math.prod(fs.extent(f, new_size) for f in static)
+    return dim if new_k == k else "*".join([str(new_k), *syms])
 
 
 def _check_factors(coupling: CouplingResult, param: Param, new_size: dict[int, int]) -> None:

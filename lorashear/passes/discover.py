@@ -18,7 +18,7 @@ def groups_from_coupling(coupling: CouplingResult) -> GroupsAttr:
     """The coupling's families as the typed ``groups`` attribute (family ids in order)."""
     families = tuple(
         GroupFamily(i, f.kind, f.layer, f.size,
-                    tuple(FamilyMember(m.param, m.axis, m.stride) for m in f.members))
+                    tuple(FamilyMember(m.param, m.axis, m.stride, m.start, m.stop) for m in f.members))
         for i, f in enumerate(coupling.families))
     return GroupsAttr(families, tuple(coupling.unprunable))
 

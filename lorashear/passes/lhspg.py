@@ -183,10 +183,11 @@ def build_group_index(module: Module, model: IRModel, groups: GroupsAttr, family
             axes = ids.setdefault(m.param, [torch.full((shape[0],), -1, dtype=torch.int32),
                                             torch.full((shape[1] if len(shape) > 1 else 1,), -1,
                                                        dtype=torch.int32)])
-            unit = (torch.arange(shape[m.axis]) // m.stride) % family.size
-            if (axes[m.axis] >= 0).any():
+            unit = m.unit_of(shape[m.axis], family.size)
+            inside = unit >= 0  # a member may cover a range of the axis (a fused projection's piece)
+            if (axes[m.axis][inside] >= 0).any():
                 raise PassError(f"lhspg: @{m.param} axis {m.axis} belongs to two chosen families")
-            axes[m.axis] = (unit + offsets[f]).to(torch.int32)
+            axes[m.axis][inside] = (unit[inside] + offsets[f]).to(torch.int32)
     weights, touched, gathered = [], [], []
     device = model.device
     for name, (rows, cols) in ids.items():

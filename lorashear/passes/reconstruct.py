@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import torch
 
 from lorashear.analysis.coupling import DimensionCoupling
-from lorashear.analysis.groups import FamilyMember, GroupsAttr, PruneMaskAttr, check_kinds
+from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds
 from lorashear.analysis.layerwise import use_layerwise
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import keep_masks, validate_removal, zero_groups
@@ -410,7 +410,7 @@ def add_bias(module: Module, groups: GroupsAttr, weight: str, values: torch.Tens
         op.args = [*op.args, *([None] * (3 - len(op.args)))]
         op.args[2] = bias
     families = tuple(replace(f, members=f.members + tuple(
-        FamilyMember(name, 0, m.stride) for m in f.members if m.param == weight and m.axis == 0))
+        replace(m, param=name) for m in f.members if m.param == weight and m.axis == 0))
         for f in groups.families)
     unprunable = groups.unprunable + tuple((name, 0, why) for p, axis, why in groups.unprunable
                                            if p == weight and axis == 0)

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from lorashear._atomic import atomic_path
 from lorashear.errors import EmissionError, ModelLoadError
 from lorashear.frontend.moe import drop_open_expert_gates, fuse_expert_params
-from lorashear.ir.attributes import HFConfigAttr, SourceAttr
+from lorashear.ir.attributes import HFConfigAttr, SourceAttr, StoredTransposedAttr
 from lorashear.ir.core import Module, clone_module
 from lorashear.ir.fileformat import load_ir
 from lorashear.ir.fingerprint import fingerprint_file
@@ -81,8 +81,10 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
         raise EmissionError(f"cannot emit weights: {len(missing)} parameters have no data "
                             f"(e.g. @{missing[0]}); the module was lowered with --meta")
     tensors: dict[str, torch.Tensor] = {}
+    transposed = stored_transposed(module)
     for name, p in module.params.items():
-        tensors[name] = p.storage.load().to("cpu", torch_dtype(p.type.dtype)).contiguous()
+        tensor = p.storage.load().to("cpu", torch_dtype(p.type.dtype))
+        tensors[name] = (tensor.t() if name in transposed else tensor).contiguous()
     config = module.attributes.get("config")
     data: dict[str, Any] | None = None
     if isinstance(config, HFConfigAttr):
@@ -108,7 +110,7 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
         weights = str((out_dir / WEIGHTS_FILE).resolve())
         fingerprint = fingerprint_file(tmp / WEIGHTS_FILE)  # the bytes, not the path: survives the move
         for name, p in module.params.items():
-            p.storage = FileStorage(weights, name, fingerprint)
+            p.storage = FileStorage(weights, name, fingerprint, transposed=name in transposed)
         text = print_module(module, path_fn=lambda path: os.path.relpath(path, out_dir.resolve()))
         (tmp / IR_FILE).write_text(text, encoding="utf-8")
         if data is not None:
@@ -120,6 +122,13 @@ def save_model_dir(module: Module, out_dir: str | os.PathLike, *, merge: bool) -
             (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         _copy_tokenizer(module, tmp)
     return out_dir
+
+
+def stored_transposed(module: Module) -> set[str]:
+    """The parameters the checkpoint stores transposed (GPT-2's ``Conv1D``; see the
+    ``stored-transposed`` attribute), which emission writes back in that layout."""
+    attr = module.attributes.get("stored-transposed")
+    return set(attr.params) & module.params.keys() if isinstance(attr, StoredTransposedAttr) else set()
 
 
 def moe_config(data: dict[str, Any], expert_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

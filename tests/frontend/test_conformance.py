@@ -20,13 +20,12 @@ EXPECTED = {
     "qwen2": {**FULL, "kinds": {"attn", "mlp", "hidden"}},
     "gemma2": {**FULL, "kinds": {"attn", "mlp", "hidden"}},
     "gpt_neox": {**FULL, "kinds": {"attn", "mlp"}},  # LayerNorm: no hidden groups
-    "phi3": {**FULL, "kinds": {"mlp", "hidden"}},  # q, k, v sliced out of qkv_proj by position
+    "phi3": {**FULL, "kinds": {"attn", "mlp", "hidden"}},  # q | k | v: row ranges of qkv_proj
     "bloom": {**FULL, "kinds": {"mlp"}},  # ALiBi's per-head slopes pin the heads
     "persimmon": {**FULL, "kinds": {"attn", "mlp"}},  # q, k, v picked out of query_key_value by select
     # fused query_key_value split on load, DeepSeek-V3 routing (a scattered group mask), experts
     "sarvam_moe": {**FULL, "kinds": {"attn", "expert", "hidden", "mlp"}},
-    "gpt2": {"builds": True, "lower": False, "kinds": set(),
-             "reason": "stores its weight transposed (a Conv1D, peft's fan_in_fan_out)"},
+    "gpt2": {**FULL, "kinds": {"attn", "mlp"}},  # Conv1D + LoRA: a linear on the weight read transposed
 }
 
 

@@ -20,7 +20,7 @@ sweep's decoders); :mod:`.registry` holds the table they register into.
 """
 
 # each rule module registers its rules into COUPLING_RULES when imported
-from lorashear.analysis.coupling_rules import linear, norms, pinned, shapes, sweep  # noqa: F401
+from lorashear.analysis.coupling_rules import linear, norms, pinned, products, shapes, sweep  # noqa: F401
 from lorashear.analysis.coupling_rules.registry import (
     COUPLING_RULES,
     PIN_REASONS,

@@ -21,19 +21,23 @@ def broadcast(b: CouplingBuilder, op: Op) -> None:
     the right), except a size-1 axis stretched over a larger one. Exact because the op reads
     channel i of every operand to make channel i of the output, so removing channel i
     everywhere removes exactly output channel i."""
-    out = op.results[0]
+    for ref in b.tensors(op):
+        broadcast_into(b, op, ref, op.results[0])
+
+
+def broadcast_into(b: CouplingBuilder, op: Op, ref: Ref, out: Value) -> None:
+    """Identify each axis of ``ref`` with the axis of ``out`` it broadcasts to (aligned from the
+    right; a size-1 axis stretched over a larger one stays apart)."""
     out_desc = b.desc(out)
     rank = len(out_desc)
-    for ref in b.tensors(op):
-        d = b.desc(ref)
-        for j, axis in enumerate(d):
-            k = j + rank - len(d)
-            if k < 0:
-                continue
-            size = ref.type.shape[j]
-            if size == 1 and out.type.shape[k] != 1:
-                continue
-            b.fs.unify(axis, out_desc[k], f"{b.where(op)} broadcasts mismatched axes")
+    d = b.desc(ref)
+    for j, axis in enumerate(d):
+        k = j + rank - len(d)
+        if k < 0:
+            continue
+        if ref.type.shape[j] == 1 and out.type.shape[k] != 1:
+            continue
+        b.fs.unify(axis, out_desc[k], f"{b.where(op)} broadcasts mismatched axes")
 
 
 # --- linear algebra -------------------------------------------------------------------------
@@ -91,9 +95,17 @@ def _matmul(b: CouplingBuilder, op: Op) -> None:
     """``A @ B`` on matrices (batched): A's columns are B's rows (the contracted axis), the
     output's rows are A's and its columns B's; batch axes broadcast. The contracted axis is
     kept for the zero analysis, which pins it unless one side is zero on pruned channels
-    (only then does dropping them leave every product unchanged). On vectors: pinned."""
+    (only then does dropping them leave every product unchanged). On vectors: pinned.
+
+    A batch axis of a static size (a factor of one: ``[B, heads, S, d]``, or ``"16*B"`` where
+    eager attention merges its heads into the batch) indexes independent products, as the
+    heads of attention do: its factors are recorded as heads (the ``attn`` kind)."""
     a = op.bound_args()
-    left, right = a["self"], a["other"] if "other" in a else a["mat2"]
+    matmul_axes(b, op, a["self"], a["other"] if "other" in a else a["mat2"])
+
+
+def matmul_axes(b: CouplingBuilder, op: Op, left: Ref, right: Ref) -> None:
+    """The coupling of ``left @ right`` into the op's first result (see ``matmul``)."""
     ad, bd, out = b.desc(left), b.desc(right), b.desc(op.results[0])
     if len(ad) < 2 or len(bd) < 2:
         for r in (left, right, op.results[0]):
@@ -108,6 +120,9 @@ def _matmul(b: CouplingBuilder, op: Op) -> None:
             k = j + len(out) - len(src)
             if k >= 0:
                 b.fs.unify(src[j], out[k], b.where(op))
+    fs = b.fs
+    for axis in out[:-2]:
+        b.head_factors.extend(f for f in axis for x in fs.leaves(f) if fs.size[fs.find(x)] not in (None, 1))
 
 
 @coupling_rule("addmm")

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 
 # --- made from scratch, and symbolic sizes -------------------------------------------------------
-pins("arange", "arange.start", "arange.start_step", "full", "ones", "zeros", "scalar_tensor", "empty",
-     "new_ones", "new_zeros", "new_full", reason="made with a fixed size by {op}", operands=False)
+pins("arange", "arange.start", "arange.start_step", "scalar_tensor",
+     reason="made with a fixed size by {op}", operands=False)  # constant fills: products.py
 
 
 @coupling_rule("dim", "sym.add", "sym.sub", "sym.mul", "sym.floordiv", "sym.mod", "sym.neg", "sym.max",
@@ -25,7 +25,7 @@ def _symbolic(b: CouplingBuilder, op: Op) -> None:
 
 
 # --- kinds the analysis does not model: pinned, with the reason ----------------------------------
-pins("mm", "baddbmm", reason="a matrix product the models we lower do not use (they use "
+pins("mm", reason="a matrix product the models we lower do not use (they use "
      "linear and matmul), not modelled: {op}")
 pins("max", "min", reason="a maximum or minimum of a whole tensor, not modelled: {op}")
 pins("index_put", reason="written at data-dependent positions, not modelled: {op}")

@@ -3,6 +3,8 @@ maps through a view or a rearrangement, and which axes an op makes by position."
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from lorashear.analysis.coupling_rules.registry import coupling_rule
@@ -11,6 +13,26 @@ from lorashear.ir.types import TensorType
 
 if TYPE_CHECKING:
     from lorashear.analysis.coupling import CouplingBuilder, Ref
+
+
+_PRODUCT = re.compile(r"^\s*\w+(\s*\*\s*\w+)*\s*$")
+
+
+def dim_product(dim: int | str) -> tuple[tuple[str, ...], int]:
+    """A size as (symbols, integer) when it is a product of them (``"16*B"`` -> ``(("B",), 16)``,
+    ``8`` -> ``((), 8)``); any other symbolic expression is one opaque symbol."""
+    if isinstance(dim, int):
+        return (), dim
+    if not _PRODUCT.match(dim):
+        return (dim,), 1
+    syms, k = [], 1
+    for term in dim.split("*"):
+        term = term.strip()
+        if term.isdigit():
+            k *= int(term)
+        else:
+            syms.append(term)
+    return tuple(syms), k
 
 
 # --- shape ops --------------------------------------------------------------------------------
@@ -43,8 +65,11 @@ def _reshape(b: CouplingBuilder, op: Op) -> None:
 def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_shape: list, i: int,
                 j: int, in_end: int, out_end: int, why: str, direction: int) -> tuple[int, int]:
     """Unify the runs of equal size product from ``(i, j)`` on, up to ``(in_end, out_end)``;
-    the positions where matching stopped. ``direction`` -1: the lists are reversed, so a run's
-    factors are reversed back into row-major order before unifying."""
+    the positions where matching stopped. A product counts its symbols and its integer
+    (``[B, 16]`` is ``"16*B"``: heads merged into the batch, as BART-family attention does
+    for its ``bmm``), so a run of static and symbolic axes matches a compound symbolic size.
+    ``direction`` -1: the lists are reversed, so a run's factors are reversed back into
+    row-major order before unifying."""
     while i < in_end or j < out_end:
         if i < in_end and in_shape[i] == 1:
             i += 1
@@ -54,25 +79,23 @@ def _match_runs(b: CouplingBuilder, src: list, dst: list, in_shape: list, out_sh
             continue
         if i >= in_end or j >= out_end:
             break
-        p, q = in_shape[i], out_shape[j]
-        if isinstance(p, str) or isinstance(q, str):
-            if p == q:
-                b.fs.unify(src[i], dst[j], why)
-                i, j = i + 1, j + 1
-                continue
-            break
         left, right = [i], [j]
-        pa, pb = p, q
-        while pa != pb:
-            if pa < pb and i + len(left) < in_end and isinstance(in_shape[i + len(left)], int):
-                pa *= in_shape[i + len(left)]
+        (sa, pa), (sb, pb) = dim_product(in_shape[i]), dim_product(out_shape[j])
+        sa, sb = Counter(sa), Counter(sb)
+        while (sa, pa) != (sb, pb):
+            grow_left = sa <= sb and (sa != sb or (0 < pa < pb and pb % pa == 0))
+            grow_right = sb <= sa and (sa != sb or (0 < pb < pa and pa % pb == 0))
+            if grow_left and i + len(left) < in_end:
+                more_s, more_p = dim_product(in_shape[i + len(left)])
+                sa, pa = sa + Counter(more_s), pa * more_p
                 left.append(i + len(left))
-            elif pb < pa and j + len(right) < out_end and isinstance(out_shape[j + len(right)], int):
-                pb *= out_shape[j + len(right)]
+            elif grow_right and j + len(right) < out_end:
+                more_s, more_p = dim_product(out_shape[j + len(right)])
+                sb, pb = sb + Counter(more_s), pb * more_p
                 right.append(j + len(right))
             else:
                 break
-        if pa != pb:
+        if (sa, pa) != (sb, pb):
             break
         axes_in, axes_out = left[::direction], right[::direction]
         b.fs.unify([f for k in axes_in for f in src[k]], [f for k in axes_out for f in dst[k]], why)
@@ -155,8 +178,12 @@ def _squeeze(b: CouplingBuilder, op: Op) -> None:
 @coupling_rule("expand")
 def _expand(b: CouplingBuilder, op: Op) -> None:
     """Broadcasts size-1 (or missing leading) axes to a larger size: kept axes are the
-    input's; a stretched axis holds copies, not channels, and is pinned (GQA's query heads
-    per KV head are such copies, so the KV head is the unit)."""
+    input's; a stretched axis holds copies, not channels (``builder.copy_factors``). Copies
+    that become one part of a larger axis are pinned once the coupling is known (GQA's query
+    heads per KV head: ``[kv, copies]`` merged into the query heads, so the KV head is the
+    unit); copies that are a whole axis take the units they meet (multi-query attention's one
+    key for all query heads, latent attention's shared rotary key expanded to every head):
+    removing copy h of a broadcast changes no other copy, and ``compress`` rewrites the size."""
     x, out = op.bound_args()["self"], op.results[0]
     src, dst = b.desc(x), b.desc(out)
     offset = len(dst) - len(src)
@@ -165,14 +192,17 @@ def _expand(b: CouplingBuilder, op: Op) -> None:
         if j >= 0 and not (x.type.shape[j] == 1 and out.type.shape[k] != 1):
             b.fs.unify(src[j], dst[k], b.where(op))
         else:
-            b.pin_axis(dst[k], f"axis made by {b.where(op)} (a broadcast copy)")
+            b.copy_factors.extend((f, f"axis made by {b.where(op)} (a broadcast copy)") for f in dst[k])
 
 
 @coupling_rule("slice")
 def _slice(b: CouplingBuilder, op: Op) -> None:
-    """Takes a range of one axis: the other axes pass through; the sliced axis is pinned on
-    both sides (which channels survive depends on positions, as RoPE's halves of head_dim)
-    unless the slice is the whole axis."""
+    """Takes a range of one axis: the other axes pass through. A static range of a static
+    axis that is one index space (Phi-3's fused ``qkv_proj`` output sliced into q, k and v of
+    unequal widths) cuts that space at the range's ends, and the output axis is the segment
+    between them: each segment's channels are their own units (:func:`cut_range`). Any other
+    sliced axis (a stepped slice, a symbolic length, an axis made of several factors) is
+    pinned on both sides (which channels survive depends on positions)."""
     a = op.bound_args()
     x, out = a["self"], op.results[0]
     dim = a["dim"] % len(x.type.shape)
@@ -180,12 +210,50 @@ def _slice(b: CouplingBuilder, op: Op) -> None:
     src, dst = b.desc(x), b.desc(out)
     full = x.type.shape[dim] == out.type.shape[dim] and start in (0, None) and step == 1
     for k in range(len(src)):
-        if k == dim and not full:
+        if k != dim or full:
+            b.fs.unify(src[k], dst[k], b.where(op))
+            continue
+        bounds = _static_range(x.type.shape[dim], start, a["end"]) if step == 1 else None
+        if bounds is None or not cut_range(b, src[k], [bounds], [dst[k]], b.where(op)):
             reason = f"sliced by {b.where(op)}"
             b.pin_axis(src[k], reason)
             b.pin_axis(dst[k], reason)
-        else:
-            b.fs.unify(src[k], dst[k], b.where(op))
+
+
+def _static_range(length, start, end) -> tuple[int, int] | None:
+    """``[start, end)`` of a slice of an axis of ``length``, as Python clamps it; None where a
+    bound or the length is symbolic."""
+    if not isinstance(length, int) or not isinstance(start, (int, type(None))) \
+            or not isinstance(end, (int, type(None))):
+        return None
+    lo, hi, _ = slice(start, end).indices(length)
+    return (lo, hi) if lo < hi else None
+
+
+def cut_range(b: CouplingBuilder, axis: list[int], ranges: list[tuple[int, int]],
+              outs: list[list[int]], why: str) -> bool:
+    """The output axes ``outs`` are the ranges ``ranges`` of the static ``axis``: the axis' one
+    index space is cut at the ranges' ends (``_Factors.cut``), and each output axis is
+    identified with the segments its range covers. Exact: removing channel c of a segment
+    from the input and from the output that holds it leaves every other element where the
+    range maps it (``compress`` rewrites the bounds from the segments' new sizes, see its
+    ``slice`` rule). False where the axis is not one index space that can be cut there (the
+    caller then pins the axes)."""
+    fs = b.fs
+    leaves = [fs.find(x) for f in axis for x in fs.leaves(f) if fs.size[fs.find(x)] != 1]
+    if len(leaves) != 1 or fs.size[leaves[0]] is None or fs.leaves(leaves[0]) != [leaves[0]]:
+        return False
+    leaf = leaves[0]
+    if not fs.cut(leaf, [p for r in ranges for p in r]):
+        return False
+    for (lo, hi), out in zip(ranges, outs, strict=True):
+        pieces = fs.pieces(leaf, lo, hi)
+        targets = [fs.find(x) for f in out for x in fs.leaves(f) if fs.size[fs.find(x)] != 1]
+        if pieces is None or (hi - lo > 1 and len(targets) != 1):
+            return False
+        if targets and not fs.join_sum(targets[0], pieces, why):  # a one-wide range: one index
+            return False
+    return True
 
 
 @coupling_rule("select")
@@ -321,8 +389,9 @@ def _split(b: CouplingBuilder, op: Op) -> None:
     factor: a unit is channel c of every piece together. Exact: input position
     ``p * size + c`` is channel c of piece p, so removing c from the channel factor removes
     it from every piece and from each block of the input alike (``compress`` rewrites the
-    piece size). Unequal pieces: the cut axis is pinned (a channel's piece depends on
-    positions)."""
+    piece size). Unequal pieces of a static axis: the axis is cut into one segment per piece
+    (:func:`cut_range`), each piece's channels their own units; where it cannot be cut (a
+    symbolic length, an axis of several factors), the cut axis is pinned."""
     a = op.bound_args()
     x, results = a["self"], [r for r in op.results if isinstance(r.type, TensorType)]
     dim = a["dim"] % len(x.type.shape)
@@ -330,7 +399,7 @@ def _split(b: CouplingBuilder, op: Op) -> None:
     sizes = {r.type.shape[dim] for r in results}
     if len(results) < 2 or len(sizes) != 1 or not isinstance(length, int) \
             or not isinstance(size := sizes.pop(), int) or size * len(results) != length:
-        _along_axis_pinned(b, op, [x], list(op.results), a["dim"])
+        _split_unequal(b, op, x, results, dim)
         return
     why = b.where(op)
     src, first = b.desc(x), b.desc(results[0])
@@ -339,6 +408,26 @@ def _split(b: CouplingBuilder, op: Op) -> None:
     for out in results:
         for k, (p, q) in enumerate(zip(src, b.desc(out))):
             b.fs.unify(first[dim] if k == dim else p, q, why)
+
+
+def _split_unequal(b: CouplingBuilder, op: Op, x: Value, results: list[Value], dim: int) -> None:
+    """Unequal pieces: cut the axis at the pieces' boundaries (or pin it), other axes shared."""
+    sizes = [r.type.shape[dim] for r in results]
+    why = b.where(op)
+    ranges, at = [], 0
+    for size in sizes:
+        if not isinstance(size, int):
+            break
+        ranges.append((at, at + size))
+        at += size
+    cuttable = len(ranges) == len(results) and at == x.type.shape[dim] and all(lo < hi for lo, hi in ranges)
+    if not (cuttable and cut_range(b, b.desc(x)[dim], ranges, [b.desc(r)[dim] for r in results], why)):
+        _along_axis_pinned(b, op, [x], list(op.results), dim)
+        return
+    for out in results:
+        for k, (p, q) in enumerate(zip(b.desc(x), b.desc(out))):
+            if k != dim:
+                b.fs.unify(p, q, why)
 
 
 @coupling_rule("stack")
