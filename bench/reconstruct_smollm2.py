@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--metric", default="wanda")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--kinds", default="attn,mlp")
+    parser.add_argument("--scope", default="per-layer", help="prune's scope (per-layer, global)")
+    parser.add_argument("--attn-share", default=None, help="prune's attn-share (default: proportional)")
     parser.add_argument("--damps", default="0.01")
     parser.add_argument("--biases", default="false",
                         help="reconstruct's bias= values to run for each damp (false,true: both)")
@@ -63,7 +65,8 @@ def main() -> int:
     pruned = clone_module(module)
     begin = time.perf_counter()
     PassManager.parse(one_shot_pipeline(args.metric, args.ratio, args.train, kinds=args.kinds,
-                                        calibration=args.calibration)).run(pruned)
+                                        calibration=args.calibration, scope=args.scope,
+                                        attn_share=args.attn_share)).run(pruned)
     rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin})
     print(rows[-1], flush=True)
     for damp in args.damps.split(","):

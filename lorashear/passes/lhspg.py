@@ -79,6 +79,7 @@ from lorashear.analysis.allocation import (
 )
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.analysis.manager import AnalysisManager
+from lorashear.analysis.obs import COMPARABLE_METRICS
 from lorashear.analysis.saliency import (
     MetricName,
     check_metric,
@@ -370,7 +371,8 @@ class Lhspg(ModulePass):
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration,
             placement=runtime.placement, **({"layerwise": True} if runtime.sharded else {})))
-        start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
+        start_budgets = family_budgets(module, of_kinds, scores, {}, protected,
+                                       comparable=self.metric in COMPARABLE_METRICS)
         check_reachable(start_budgets, self.ratio)
         model = harness.build(module, self.seed)
         index = build_group_index(module, model, groups, family_ids, sharded=runtime.sharded)
@@ -387,7 +389,8 @@ class Lhspg(ModulePass):
                     scores = runtime.broadcast_object(model_gradient_scores(
                         model, module, groups, family_ids,
                         (runtime.to_device(b) for b in calibration), autocast=runtime.autocast))
-                budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected)
+                budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected,
+                                         comparable=self.metric in COMPARABLE_METRICS)
                 target = self.ratio * (period + 1) / self.periods
                 earlier = state.chosen_units
                 current = state.choose(index, choose_units(budgets, target, self.scope, self.align,
