@@ -37,8 +37,8 @@ from lorashear.analysis.groups import (
 )
 from lorashear.analysis.layerwise import layerwise_masked_loss_fn, use_layerwise
 from lorashear.analysis.manager import AnalysisManager
-from lorashear.analysis.obs import COMPARABLE_METRICS
 from lorashear.analysis.masking import zero_groups
+from lorashear.analysis.obs import COMPARABLE_METRICS
 from lorashear.analysis.saliency import (
     DATA_METRICS,
     MetricName,
