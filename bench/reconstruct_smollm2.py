@@ -9,6 +9,7 @@ saving it as ``reference=``, the script gives the dense copy the pruned copy's `
 (units still alive), which folds the same weights and activations and then zeroes them.
 
     python3 bench/reconstruct_smollm2.py --ratio 0.2 --metric wanda --damps 0.01,0.1 --biases false,true
+    python3 bench/reconstruct_smollm2.py --ratio 0.2 --metric obs --inputs dense,pruned
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> int:
     parser.add_argument("--damps", default="0.01")
     parser.add_argument("--biases", default="false",
                         help="reconstruct's bias= values to run for each damp (false,true: both)")
+    parser.add_argument("--inputs", default="dense",
+                        help="reconstruct's inputs= values (dense: one-shot; pruned: layer by layer)")
     parser.add_argument("--calibration", default="batches=8,batch=4,seq-len=128",
                         help="calibration options of prune and reconstruct (32 windows x 128 tokens)")
     parser.add_argument("--windows", type=int, default=16)
@@ -69,18 +72,20 @@ def main() -> int:
                                         attn_share=args.attn_share)).run(pruned)
     rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin})
     print(rows[-1], flush=True)
-    for damp in args.damps.split(","):
-        for bias in args.biases.split(","):
-            rebuilt = clone_module(module)
-            rebuilt.attributes["prune-mask"] = pruned.attributes["prune-mask"]
-            manager = PassManager.parse(f'reconstruct{{data="{args.train}",{args.calibration},damp={damp},'
-                                        f'kinds={args.kinds},bias={bias}}}')
-            begin = time.perf_counter()
-            manager.run(rebuilt)
-            label = f"+ reconstruct damp={damp}" + (", bias" if bias == "true" else "")
-            rows.append({"what": label, "ppl": ppl(rebuilt),
-                         "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
-            print(rows[-1], flush=True)
+    for inputs in args.inputs.split(","):
+        for damp in args.damps.split(","):
+            for bias in args.biases.split(","):
+                rebuilt = clone_module(module)
+                rebuilt.attributes["prune-mask"] = pruned.attributes["prune-mask"]
+                manager = PassManager.parse(f'reconstruct{{data="{args.train}",{args.calibration},damp={damp},'
+                                            f'kinds={args.kinds},bias={bias},inputs={inputs}}}')
+                begin = time.perf_counter()
+                manager.run(rebuilt)
+                label = (f"+ reconstruct damp={damp}" + (", bias" if bias == "true" else "")
+                         + (", inputs=pruned" if inputs == "pruned" else ""))
+                rows.append({"what": label, "ppl": ppl(rebuilt),
+                             "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
+                print(rows[-1], flush=True)
     print("\n| model | held-out ppl |\n|---|---:|")
     for row in rows:
         print(f"| {row['what']} | {row['ppl']:.1f} |")
