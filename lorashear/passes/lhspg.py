@@ -286,7 +286,8 @@ class Lhspg(ModulePass):
                            "groups reach zero at the period's last step)")
     metric: MetricName = option("wanda", "saliency metric choosing the groups (wanda: weights x "
                                 "activation norms on the training text; taylor: gradients there; "
-                                "magnitude is worse than random on SmolLM2)")
+                                "magnitude is worse than random on SmolLM2; obs: the output error "
+                                "left after a least-squares fold, as with reconstruct=true)")
     rescore: bool = option(False, "taylor: score the groups again at every period's start, on the "
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
