@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--biases", default="false",
                         help="reconstruct's bias= values to run for each damp (false,true: both)")
     parser.add_argument("--inputs", default="dense",
-                        help="reconstruct's inputs= values (dense: one-shot; pruned: layer by layer)")
+                        help="reconstruct's inputs= values (dense: one-shot; pruned, pruned-to-dense: layer by layer)")
     parser.add_argument("--calibration", default="batches=8,batch=4,seq-len=128",
                         help="calibration options of prune and reconstruct (32 windows x 128 tokens)")
     parser.add_argument("--windows", type=int, default=16)
@@ -50,6 +50,8 @@ def main() -> int:
 
     from lorashear.eval.perplexity import tokenize_text
     from lorashear.frontend.pretrained import lower_pretrained
+    from lorashear.analysis.groups import PruneMaskAttr
+    from lorashear.analysis.masking import zero_groups
     from lorashear.ir.core import clone_module
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch
@@ -67,10 +69,23 @@ def main() -> int:
     print(f"dense ppl {rows[-1]['ppl']:.2f}", flush=True)
     pruned = clone_module(module)
     begin = time.perf_counter()
-    PassManager.parse(one_shot_pipeline(args.metric, args.ratio, args.train, kinds=args.kinds,
-                                        calibration=args.calibration, scope=args.scope,
-                                        attn_share=args.attn_share)).run(pruned)
-    rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin})
+    pipeline = one_shot_pipeline(args.metric, args.ratio, args.train, kinds=args.kinds,
+                                 calibration=args.calibration, scope=args.scope, attn_share=args.attn_share)
+    # the prune-mask of a pipeline already run (a reconstruct-only sweep need not score again)
+    masks = Path(__file__).parent / "out" / "reconstruct_masks.json"
+    cached = json.loads(masks.read_text()) if masks.is_file() else {}
+    hit = pipeline in cached
+    if hit:
+        removed = {int(f): tuple(units) for f, units in cached[pipeline].items()}
+        zero_groups(pruned, pruned.attributes["groups"], removed)
+        pruned.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
+    else:
+        PassManager.parse(pipeline).run(pruned)
+        masks.parent.mkdir(exist_ok=True)
+        cached[pipeline] = {str(f): list(u) for f, u in pruned.attributes["prune-mask"].as_dict().items()}
+        masks.write_text(json.dumps(cached))
+    rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin,
+                 "cached mask": hit})
     print(rows[-1], flush=True)
     for inputs in args.inputs.split(","):
         for damp in args.damps.split(","):
@@ -82,7 +97,7 @@ def main() -> int:
                 begin = time.perf_counter()
                 manager.run(rebuilt)
                 label = (f"+ reconstruct damp={damp}" + (", bias" if bias == "true" else "")
-                         + (", inputs=pruned" if inputs == "pruned" else ""))
+                         + (f", inputs={inputs}" if inputs != "dense" else ""))
                 rows.append({"what": label, "ppl": ppl(rebuilt),
                              "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
                 print(rows[-1], flush=True)

@@ -15,8 +15,8 @@ the sum of ``in_features^2`` over the consumers, 8 bytes each, is the memory it 
 each consumer is solved on its own, one at a time, and its gram freed. One-shot, as FLAP and
 ZipLM's single pass: every X is the dense model's. ``inputs=pruned`` is SparseGPT's and
 SlimGPT's layer-by-layer variant instead: each consumer is fitted on the inputs of the model
-pruned and folded so far, to the dense model's output
-(:mod:`lorashear.passes.reconstruct_sequential`), so later layers correct earlier errors.
+pruned and folded so far; ``inputs=pruned-to-dense`` fits them to the dense model's output,
+so later layers also correct earlier errors (:mod:`lorashear.passes.reconstruct_sequential`).
 With ``layerwise`` the walk brings one decoder layer in at a time and each consumer is solved
 as soon as its layer has seen every batch, so one layer's grams are held, not the model's.
 
@@ -265,10 +265,11 @@ class Reconstruct(ModulePass):
                         "added to each consumer, a new parameter where it has none")
     kinds: tuple[str, ...] = option(FOLDED_KINDS, "group kinds whose removed units are folded (attn, "
                                     "mlp, hidden, other); hidden measured worse (bench/RESULTS.md)")
-    inputs: Literal["dense", "pruned"] = option(
+    inputs: Literal["dense", "pruned", "pruned-to-dense"] = option(
         "dense", "what each consumer is fitted on: dense: the dense model's inputs (one-shot); "
-        "pruned: the inputs of the model pruned and folded so far, to the dense output (layer by "
-        "layer, as SparseGPT: later layers also correct the earlier layers' error)")
+        "pruned: the inputs of the model pruned and folded so far, layer by layer (SparseGPT), "
+        "to the dense weight's output on them; pruned-to-dense: the same inputs, to the dense "
+        "model's output (later layers also correct the earlier layers' error)")
     device: str = device_option("run the model (the calibration forward; grams accumulate there)")
     precision: Precision = run_precision_option()
     layerwise: Layerwise = layerwise_option()
@@ -303,16 +304,16 @@ class Reconstruct(ModulePass):
 
     def solve_sequential(self, dense: Module, found: list[Consumer], updates: dict[str, LoraUpdate],
                          placement: Placement, options: CalibrationOptions, module: Module,
-                         groups: GroupsAttr, removed: dict[int, tuple[int, ...]]
-                         ) -> Iterator[tuple[Consumer, Correction]]:
-        """``inputs=pruned``: the corrections solved on the pruned model's inputs, in graph
-        order (:mod:`lorashear.passes.reconstruct_sequential`)."""
+                         groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
+                         folded: dict[int, tuple[int, ...]]) -> Iterator[tuple[Consumer, Correction]]:
+        """``inputs=pruned`` / ``pruned-to-dense``: the corrections solved on the pruned
+        model's inputs, in graph order (:mod:`lorashear.passes.reconstruct_sequential`)."""
         if all(not effective_weight(lambda n: read_stored(dense.params[n]), updates, c.param)[:, c.removed].any()
                for c in found):
             raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
         batches = calibration_batches(module, options, "reconstruct")
-        return sequential_corrections(dense, module, groups, removed, found, batches, placement,
-                                      self.damp, bias=self.bias)
+        return sequential_corrections(dense, module, groups, removed, folded, found, batches, placement,
+                                      self.damp, to_dense=self.inputs == "pruned-to-dense", bias=self.bias)
 
     def dense_module(self, module: Module, found: list[Consumer]) -> Module:
         """The module the removed units are read from (the reference, or ``module``), checked."""
@@ -351,8 +352,9 @@ class Reconstruct(ModulePass):
         updates = lora_updates(dense)
         placement = placement_of(self)
         options = CalibrationOptions(self.data, self.batches, self.batch, self.seq_len, self.seed)
-        if self.inputs == "pruned":
-            solved = self.solve_sequential(dense, found, updates, placement, options, module, groups, removed)
+        if self.inputs != "dense":
+            solved = self.solve_sequential(dense, found, updates, placement, options, module, groups,
+                                           removed, folded)
         elif use_layerwise(self.name, self.layerwise, dense, placement):
             solved = self.solve_layerwise(dense, found, updates, placement, options, module)
         else:

@@ -270,16 +270,17 @@ def test_solve_cross_recovers_a_pruned_input_that_is_a_combination_of_kept_ones(
         assert after == pytest.approx(one_shot.error_after, rel=1e-6, abs=1e-9)
 
 
-def test_inputs_pruned_is_exact_on_the_layer_and_equals_one_shot_there(layer_ids, tmp_path):
+@pytest.mark.parametrize("inputs", ["pruned", "pruned-to-dense"])
+def test_inputs_pruned_is_exact_on_the_layer_and_equals_one_shot_there(layer_ids, inputs):
     """One consumer fed by the embedding: the pruned model's inputs to it are the dense ones
-    masked, so the sequential fold is the one-shot fold (and exact, the removed columns being
-    combinations of the kept)."""
+    (kept columns; the removed ones alive up to the consumer), so the sequential fold is the
+    one-shot fold (and exact, the removed columns being combinations of the kept)."""
     module, ids = _layer()
     dense = _outputs(module, ids)
     options = f'data="{layer_ids}",seq-len=8,batches=2,damp=0'
     one_shot = clone_module(module)
     PassManager.parse(f"reconstruct{{{options}}}").run(one_shot)
-    manager = PassManager.parse(f"reconstruct{{{options},inputs=pruned}}")
+    manager = PassManager.parse(f"reconstruct{{{options},inputs={inputs}}}")
     manager.run(module)
     assert (_outputs(module, ids) - dense).abs().max() <= 1e-5
     assert torch.allclose(module.params["q.weight"].storage.load(), one_shot.params["q.weight"].storage.load(),
@@ -288,12 +289,15 @@ def test_inputs_pruned_is_exact_on_the_layer_and_equals_one_shot_there(layer_ids
 
 
 @pytest.mark.parametrize(("prune_kinds", "options"), [
-    ("attn,mlp", {}), ("attn,mlp", {"bias": "true"}), ("attn,mlp,hidden", {})])
+    ("attn,mlp", {"inputs": "pruned"}), ("attn,mlp", {"inputs": "pruned-to-dense"}),
+    ("attn,mlp", {"inputs": "pruned", "bias": "true"}), ("attn,mlp,hidden", {"inputs": "pruned"}),
+    ("attn,mlp,hidden", {"inputs": "pruned-to-dense", "kinds": "attn,mlp,hidden"})])
 def test_inputs_pruned_after_prune_masked_equals_compressed(trained, prune_kinds, options):
     _, _, held_out = trained
-    pruned, rebuilt, statistics = _prune_and_reconstruct(trained, prune_kinds, inputs="pruned", **options)
+    pruned, rebuilt, statistics = _prune_and_reconstruct(trained, prune_kinds, **options)
+    options = {k: v for k, v in options.items() if k != "inputs"}
     _, one_shot, one_shot_statistics = _prune_and_reconstruct(trained, prune_kinds, **options)
-    assert statistics["consumers reconstructed"] == one_shot_statistics["consumers reconstructed"] == 4
+    assert statistics["consumers reconstructed"] == one_shot_statistics["consumers reconstructed"] >= 4
     first = "model.layers.0.self_attn.o_proj.weight"
     same = torch.allclose(rebuilt.params[first].storage.load(), one_shot.params[first].storage.load(), atol=1e-5)
     # the first consumer reads the dense inputs masked (the same fold), unless hidden channels
