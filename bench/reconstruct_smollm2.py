@@ -48,10 +48,10 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from lorashear.eval.perplexity import tokenize_text
-    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.analysis.groups import PruneMaskAttr
     from lorashear.analysis.masking import zero_groups
+    from lorashear.eval.perplexity import tokenize_text
+    from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.core import clone_module
     from lorashear.passes import PassManager
     from lorashear.runtime.executor import emit_torch
