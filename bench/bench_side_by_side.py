@@ -42,7 +42,8 @@ default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH
 Issue #24's components, offered to lorashear and the one-shot rows alike: BENCH_RECONSTRUCT=1
 (``lhspg{reconstruct=true}``; after each one-shot ``prune`` a ``reconstruct`` against the adapted
 model, evaluated as its own row before any training), BENCH_RECONSTRUCT_BIAS=1 (that
-``reconstruct`` with ``bias=true``), BENCH_RECOVER_TRAIN=lora|lora+norms|all (``recover``'s
+``reconstruct`` with ``bias=true``), BENCH_RECONSTRUCT_OPTIONS (more options of that
+``reconstruct``, e.g. ``inputs=pruned,damp=0.1``), BENCH_RECOVER_TRAIN=lora|lora+norms|all (``recover``'s
 ``train=`` in every recovery, default lora) and BENCH_RECOVER_LOSS=kd|kd-hidden (stage 2's
 loss, default kd). BENCH_ADAPTED=PATH.ir keeps the adapted model between runs: written
 there after the adaptation when missing, read instead of adapting when present (it must come
@@ -169,6 +170,7 @@ class Bench:
         # issue #24's components, offered to every method that prunes or recovers
         self.reconstruct = os.environ.get("BENCH_RECONSTRUCT", "") not in ("", "0")
         self.reconstruct_bias = os.environ.get("BENCH_RECONSTRUCT_BIAS", "") not in ("", "0")
+        self.reconstruct_options = os.environ.get("BENCH_RECONSTRUCT_OPTIONS", "").strip(",")
         self.recover_train = os.environ.get("BENCH_RECOVER_TRAIN", "lora")
         self.stage2_loss = os.environ.get("BENCH_RECOVER_LOSS", "kd")
 
@@ -290,6 +292,7 @@ class Bench:
                 "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
                 "knowledge_gamma": self.knowledge, "speed_timing": "median of 5 runs",
                 "reconstruct": self.reconstruct, "reconstruct_bias": self.reconstruct_bias,
+                "reconstruct_options": self.reconstruct_options,
                 "recover_train": self.recover_train, "stage2_loss": self.stage2_loss,
                 "adapted_from": getattr(self, "adapted_from", None),
                 "source_train_tokens": getattr(self, "token_counts", {}),
@@ -442,6 +445,7 @@ class Bench:
                 row = self.add(method=method, ratio=ratio, stage="+ reconstruct", train_tokens=0,
                                share_removed=row["share_removed"])
                 bias = ",bias=true" if self.reconstruct_bias else ""
+                bias += f",{self.reconstruct_options}" if self.reconstruct_options else ""
                 stats = self.run_passes(module, f"reconstruct{{reference={self.reference},data={self.mix},"
                                                 f"seq-len={self.budget.seq_len}{bias}}},compress",
                                         f"{method} reconstruct @{ratio}")
@@ -568,7 +572,9 @@ def markdown(data: dict) -> str:
     if data.get("adapted_from"):
         head += f" The adapted model was read from `{data['adapted_from']}`, a previous run's adaptation."
     if data.get("reconstruct"):
-        bias = "{bias=true}" if data.get("reconstruct_bias") else ""
+        options = [*(["bias=true"] if data.get("reconstruct_bias") else []),
+                   *([data["reconstruct_options"]] if data.get("reconstruct_options") else [])]
+        bias = "{" + ",".join(options) + "}" if options else ""
         head += (f" With `reconstruct{bias}`: `lhspg{{reconstruct=true}}`, and each one-shot `prune` followed "
                  "by `reconstruct` against the adapted model (its own row, no training).")
     if data.get("recover_train", "lora") != "lora" or data.get("stage2_loss", "kd") != "kd":

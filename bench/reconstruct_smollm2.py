@@ -9,6 +9,7 @@ saving it as ``reference=``, the script gives the dense copy the pruned copy's `
 (units still alive), which folds the same weights and activations and then zeroes them.
 
     python3 bench/reconstruct_smollm2.py --ratio 0.2 --metric wanda --damps 0.01,0.1 --biases false,true
+    python3 bench/reconstruct_smollm2.py --ratio 0.2 --metric obs --inputs dense,pruned
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ def main() -> int:
     parser.add_argument("--metric", default="wanda")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--kinds", default="attn,mlp")
+    parser.add_argument("--scope", default="per-layer", help="prune's scope (per-layer, global)")
+    parser.add_argument("--attn-share", default=None, help="prune's attn-share (default: proportional)")
     parser.add_argument("--damps", default="0.01")
     parser.add_argument("--biases", default="false",
                         help="reconstruct's bias= values to run for each damp (false,true: both)")
+    parser.add_argument("--inputs", default="dense",
+                        help="reconstruct's inputs= values (dense: one-shot; pruned, pruned-to-dense: layer by layer)")
     parser.add_argument("--calibration", default="batches=8,batch=4,seq-len=128",
                         help="calibration options of prune and reconstruct (32 windows x 128 tokens)")
     parser.add_argument("--windows", type=int, default=16)
@@ -43,6 +48,8 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
+    from lorashear.analysis.groups import PruneMaskAttr
+    from lorashear.analysis.masking import zero_groups
     from lorashear.eval.perplexity import tokenize_text
     from lorashear.frontend.pretrained import lower_pretrained
     from lorashear.ir.core import clone_module
@@ -62,22 +69,38 @@ def main() -> int:
     print(f"dense ppl {rows[-1]['ppl']:.2f}", flush=True)
     pruned = clone_module(module)
     begin = time.perf_counter()
-    PassManager.parse(one_shot_pipeline(args.metric, args.ratio, args.train, kinds=args.kinds,
-                                        calibration=args.calibration)).run(pruned)
-    rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin})
+    pipeline = one_shot_pipeline(args.metric, args.ratio, args.train, kinds=args.kinds,
+                                 calibration=args.calibration, scope=args.scope, attn_share=args.attn_share)
+    # the prune-mask of a pipeline already run (a reconstruct-only sweep need not score again)
+    masks = Path(__file__).parent / "out" / "reconstruct_masks.json"
+    cached = json.loads(masks.read_text()) if masks.is_file() else {}
+    hit = pipeline in cached
+    if hit:
+        removed = {int(f): tuple(units) for f, units in cached[pipeline].items()}
+        zero_groups(pruned, pruned.attributes["groups"], removed)
+        pruned.attributes["prune-mask"] = PruneMaskAttr.from_dict(removed)
+    else:
+        PassManager.parse(pipeline).run(pruned)
+        masks.parent.mkdir(exist_ok=True)
+        cached[pipeline] = {str(f): list(u) for f, u in pruned.attributes["prune-mask"].as_dict().items()}
+        masks.write_text(json.dumps(cached))
+    rows.append({"what": f"{args.metric} {args.ratio}", "ppl": ppl(pruned), "seconds": time.perf_counter() - begin,
+                 "cached mask": hit})
     print(rows[-1], flush=True)
-    for damp in args.damps.split(","):
-        for bias in args.biases.split(","):
-            rebuilt = clone_module(module)
-            rebuilt.attributes["prune-mask"] = pruned.attributes["prune-mask"]
-            manager = PassManager.parse(f'reconstruct{{data="{args.train}",{args.calibration},damp={damp},'
-                                        f'kinds={args.kinds},bias={bias}}}')
-            begin = time.perf_counter()
-            manager.run(rebuilt)
-            label = f"+ reconstruct damp={damp}" + (", bias" if bias == "true" else "")
-            rows.append({"what": label, "ppl": ppl(rebuilt),
-                         "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
-            print(rows[-1], flush=True)
+    for inputs in args.inputs.split(","):
+        for damp in args.damps.split(","):
+            for bias in args.biases.split(","):
+                rebuilt = clone_module(module)
+                rebuilt.attributes["prune-mask"] = pruned.attributes["prune-mask"]
+                manager = PassManager.parse(f'reconstruct{{data="{args.train}",{args.calibration},damp={damp},'
+                                            f'kinds={args.kinds},bias={bias},inputs={inputs}}}')
+                begin = time.perf_counter()
+                manager.run(rebuilt)
+                label = (f"+ reconstruct damp={damp}" + (", bias" if bias == "true" else "")
+                         + (f", inputs={inputs}" if inputs != "dense" else ""))
+                rows.append({"what": label, "ppl": ppl(rebuilt),
+                             "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
+                print(rows[-1], flush=True)
     print("\n| model | held-out ppl |\n|---|---:|")
     for row in rows:
         print(f"| {row['what']} | {row['ppl']:.1f} |")

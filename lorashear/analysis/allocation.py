@@ -25,7 +25,8 @@ distinct split and calibration batch, no copy of the weights.
   coarse unit per layer is more than the finer kinds can balance (a tiny MLP beside a KV
   head), the total can miss the ratio by up to half a coarse unit per layer.
 - ``scope=global``: units of one kind compete across families on scores normalised by
-  their family's RMS (layers score on different scales); shapes may differ per layer.
+  their family's RMS (layers score on different scales); shapes may differ per layer. The
+  ``obs`` metrics' scores are a share of the family's output already and compete as they are.
 
 - ``uniform=true`` (with ``scope=per-layer``): every family of a kind keeps the same count of
   units, so each layer has the same widths and the stock ``config.json`` describes the result
@@ -104,6 +105,8 @@ class FamilyBudget:
     parameters still count in the base of the ratio, so the other families give that much more.
     ``weight`` multiplies the share of its units the family gives relative to the others of its
     kind (a graded knowledge analysis, ``spread``; 1.0: the same share as every other).
+    ``comparable`` scores compare across families as they are (``obs``: a share of the
+    family's output), so ``scope=global`` does not divide them by the family's RMS.
     """
 
     family: GroupFamily
@@ -112,6 +115,7 @@ class FamilyBudget:
     already: tuple[int, ...]
     protected: bool = False
     weight: float = 1.0
+    comparable: bool = False
 
     def ranked(self) -> list[int]:
         """Units in removal order: already removed first, then by ascending score."""
@@ -120,7 +124,10 @@ class FamilyBudget:
         return [*sorted(already), *rest]
 
     def normalised(self) -> torch.Tensor:
-        """Scores divided by their RMS over the units not yet removed (0 when all are 0)."""
+        """Scores divided by their RMS over the units not yet removed (0 when all are 0); the
+        scores themselves when they are ``comparable``."""
+        if self.comparable:
+            return self.scores
         free = torch.ones(self.family.size, dtype=torch.bool)
         free[list(self.already)] = False
         rms = self.scores[free].pow(2).mean().sqrt() if free.any() else torch.tensor(0.0)
@@ -350,15 +357,18 @@ def families_to_prune(module: Module, groups: GroupsAttr, kinds: tuple[str, ...]
 
 
 def family_budgets(module: Module, families: Iterable[GroupFamily], scores: dict[int, torch.Tensor],
-                   removed: dict[int, tuple[int, ...]], protected: set[int]) -> list[FamilyBudget]:
+                   removed: dict[int, tuple[int, ...]], protected: set[int], *,
+                   comparable: bool = False) -> list[FamilyBudget]:
     """The budgets of ``families``: a protected one needs no scores (it gives no units); the
-    weights come from the module's knowledge analysis (all 1.0 without a graded one)."""
+    weights come from the module's knowledge analysis (all 1.0 without a graded one).
+    ``comparable``: the scores compare across families as they are (see :class:`FamilyBudget`)."""
     families = list(families)
     weights = allocation_weights(module, families)
     return [FamilyBudget(f, torch.zeros(f.size, dtype=torch.float64) if f.id in protected
                          else scores[f.id].double(),
                          param_units_numel(module, f),
-                         tuple(removed.get(f.id, ())), f.id in protected, weights[f.id]) for f in families]
+                         tuple(removed.get(f.id, ())), f.id in protected, weights[f.id], comparable)
+            for f in families]
 
 
 def check_reachable(budgets: list[FamilyBudget], ratio: float) -> None:

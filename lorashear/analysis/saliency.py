@@ -17,6 +17,9 @@ DESIGN.md section 4. Metrics (higher = more important):
 - ``wanda``: ``sum |E_ij| * ||X_j||`` over the input columns j of linear weights that belong to
   the unit, ``X_j`` that column's activations on calibration text (Wanda-sp: a head is scored
   on its o_proj columns, an MLP channel on its down_proj column);
+- ``obs``, ``obs-single``: the output error a unit's removal leaves after ``reconstruct``'s
+  least-squares fold (ZipLM's greedy, or each unit alone), as a share of its consumers' output:
+  :mod:`lorashear.analysis.obs`;
 - ``random``: uniform, seeded per family -- the floor every method must beat.
 
 Scoring is vectorised: for each parameter, one elementwise product, then per member one
@@ -43,14 +46,14 @@ from lorashear.ir.lora import adapters
 from lorashear.ir.ops import OP_DEFS
 
 MetricName = Literal["magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2", "combined",
-                     "taylor", "wanda", "random"]
+                     "taylor", "wanda", "obs", "obs-single", "random"]
 METRICS: tuple[str, ...] = get_args(MetricName)
 #: The terms of ``combined``, in the order of its ``weights``.
 COMBINED_TERMS = ("magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2")
 #: Metrics that use the LoRA update as a gradient proxy.
 LORA_PROXY_METRICS = frozenset({"cosine", "taylor1", "taylor2"})
 #: Metrics that run the model on calibration data.
-DATA_METRICS = frozenset({"taylor", "wanda"})
+DATA_METRICS = frozenset({"taylor", "wanda", "obs", "obs-single"})
 _LINEAR_KINDS = frozenset(kind for kind, definition in OP_DEFS.items() if definition.weight_arg)
 
 
@@ -568,6 +571,11 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
                                            family_ids=others, batches=batches, placement=placement,
                                            layerwise=layerwise))
             return {f: scores[f] for f in family_ids}
+        if metric in ("obs", "obs-single"):  # always layer by layer: one layer's grams held
+            from lorashear.analysis.obs import obs_scores
+
+            return obs_scores(module, groups, family_ids, batches, placement=placement,
+                              greedy=metric == "obs")
         if metric == "taylor" and layerwise:
             return layerwise_gradient_scores(module, groups, family_ids, batches, placement or Placement())
         if metric == "taylor":

@@ -79,6 +79,7 @@ from lorashear.analysis.allocation import (
 )
 from lorashear.analysis.groups import GroupsAttr, PruneMaskAttr, check_kinds, param_units_numel
 from lorashear.analysis.manager import AnalysisManager
+from lorashear.analysis.obs import COMPARABLE_METRICS
 from lorashear.analysis.saliency import (
     MetricName,
     check_metric,
@@ -286,7 +287,8 @@ class Lhspg(ModulePass):
                            "groups reach zero at the period's last step)")
     metric: MetricName = option("wanda", "saliency metric choosing the groups (wanda: weights x "
                                 "activation norms on the training text; taylor: gradients there; "
-                                "magnitude is worse than random on SmolLM2)")
+                                "magnitude is worse than random on SmolLM2; obs: the output error "
+                                "left after a least-squares fold, as with reconstruct=true)")
     rescore: bool = option(False, "taylor: score the groups again at every period's start, on the "
                            "model as trained so far (else the scores before training choose all)")
     kinds: tuple[str, ...] = option(("attn", "mlp"), "group kinds to prune (attn, mlp, hidden)")
@@ -371,7 +373,8 @@ class Lhspg(ModulePass):
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration,
             placement=runtime.placement, **({"layerwise": True} if runtime.sharded else {})))
-        start_budgets = family_budgets(module, of_kinds, scores, {}, protected)
+        start_budgets = family_budgets(module, of_kinds, scores, {}, protected,
+                                       comparable=self.metric in COMPARABLE_METRICS)
         check_reachable(start_budgets, self.ratio)
         model = harness.build(module, self.seed)
         index = build_group_index(module, model, groups, family_ids, sharded=runtime.sharded)
@@ -388,7 +391,8 @@ class Lhspg(ModulePass):
                     scores = runtime.broadcast_object(model_gradient_scores(
                         model, module, groups, family_ids,
                         (runtime.to_device(b) for b in calibration), autocast=runtime.autocast))
-                budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected)
+                budgets = family_budgets(module, of_kinds, scores, state.chosen_units, protected,
+                                         comparable=self.metric in COMPARABLE_METRICS)
                 target = self.ratio * (period + 1) / self.periods
                 earlier = state.chosen_units
                 current = state.choose(index, choose_units(budgets, target, self.scope, self.align,

@@ -38,6 +38,7 @@ from lorashear.analysis.groups import (
 from lorashear.analysis.layerwise import layerwise_masked_loss_fn, use_layerwise
 from lorashear.analysis.manager import AnalysisManager
 from lorashear.analysis.masking import zero_groups
+from lorashear.analysis.obs import COMPARABLE_METRICS
 from lorashear.analysis.saliency import (
     DATA_METRICS,
     MetricName,
@@ -142,7 +143,8 @@ class Prune(ModulePass):
         metric, scores = self.scores(module, groups, free, read_batches)
         mask = module.attributes.get("prune-mask")
         already = mask.as_dict() if isinstance(mask, PruneMaskAttr) else {}
-        budgets = family_budgets(module, families, scores, already, protected)
+        budgets = family_budgets(module, families, scores, already, protected,
+                                 comparable=metric in COMPARABLE_METRICS)
         check_reachable(budgets, self.ratio)
         split = None
         if self.attn_share == "auto" and has_split(budgets):

@@ -13,8 +13,10 @@ with ``lambda = damp * mean(diag(X_K X_K^T))`` (SparseGPT's ``percdamp`` convent
 accumulates the float64 ``X^T X`` of every consumer's inputs (:func:`input_gram_matrices`:
 the sum of ``in_features^2`` over the consumers, 8 bytes each, is the memory it takes); then
 each consumer is solved on its own, one at a time, and its gram freed. One-shot, as FLAP and
-ZipLM's single pass: every X is the dense model's, not SlimGPT's layer-by-layer re-calibration
-on the already pruned layers.
+ZipLM's single pass: every X is the dense model's. ``inputs=pruned`` is SparseGPT's and
+SlimGPT's layer-by-layer variant instead: each consumer is fitted on the inputs of the model
+pruned and folded so far; ``inputs=pruned-to-dense`` fits them to the dense model's output,
+so later layers also correct earlier errors (:mod:`lorashear.passes.reconstruct_sequential`).
 With ``layerwise`` the walk brings one decoder layer in at a time and each consumer is solved
 as soon as its layer has seen every batch, so one layer's grams are held, not the model's.
 
@@ -52,7 +54,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -83,6 +85,7 @@ from lorashear.passes.options import (
     placement_of,
     run_precision_option,
 )
+from lorashear.passes.reconstruct_sequential import sequential_corrections
 from lorashear.passes.registry import register_pass
 from lorashear.training.runtime import Precision
 
@@ -262,6 +265,11 @@ class Reconstruct(ModulePass):
                         "added to each consumer, a new parameter where it has none")
     kinds: tuple[str, ...] = option(FOLDED_KINDS, "group kinds whose removed units are folded (attn, "
                                     "mlp, hidden, other); hidden measured worse (bench/RESULTS.md)")
+    inputs: Literal["dense", "pruned", "pruned-to-dense"] = option(
+        "dense", "what each consumer is fitted on: dense: the dense model's inputs (one-shot); "
+        "pruned: the inputs of the model pruned and folded so far, layer by layer (SparseGPT), "
+        "to the dense weight's output on them; pruned-to-dense: the same inputs, to the dense "
+        "model's output (later layers also correct the earlier layers' error)")
     device: str = device_option("run the model (the calibration forward; grams accumulate there)")
     precision: Precision = run_precision_option()
     layerwise: Layerwise = layerwise_option()
@@ -293,6 +301,19 @@ class Reconstruct(ModulePass):
             c = by_name[name]
             yield c, solve_correction(dense_weight(name), gram.cpu(), c.removed, c.kept, self.damp,
                                       bias=self.bias)
+
+    def solve_sequential(self, dense: Module, found: list[Consumer], updates: dict[str, LoraUpdate],
+                         placement: Placement, options: CalibrationOptions, module: Module,
+                         groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
+                         folded: dict[int, tuple[int, ...]]) -> Iterator[tuple[Consumer, Correction]]:
+        """``inputs=pruned`` / ``pruned-to-dense``: the corrections solved on the pruned
+        model's inputs, in graph order (:mod:`lorashear.passes.reconstruct_sequential`)."""
+        if all(not effective_weight(lambda n: read_stored(dense.params[n]), updates, c.param)[:, c.removed].any()
+               for c in found):
+            raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+        batches = calibration_batches(module, options, "reconstruct")
+        return sequential_corrections(dense, module, groups, removed, folded, found, batches, placement,
+                                      self.damp, to_dense=self.inputs == "pruned-to-dense", bias=self.bias)
 
     def dense_module(self, module: Module, found: list[Consumer]) -> Module:
         """The module the removed units are read from (the reference, or ``module``), checked."""
@@ -331,7 +352,10 @@ class Reconstruct(ModulePass):
         updates = lora_updates(dense)
         placement = placement_of(self)
         options = CalibrationOptions(self.data, self.batches, self.batch, self.seq_len, self.seed)
-        if use_layerwise(self.name, self.layerwise, dense, placement):
+        if self.inputs != "dense":
+            solved = self.solve_sequential(dense, found, updates, placement, options, module, groups,
+                                           removed, folded)
+        elif use_layerwise(self.name, self.layerwise, dense, placement):
             solved = self.solve_layerwise(dense, found, updates, placement, options, module)
         else:
             dense_weights = {c.param: effective_weight(lambda n: dense.params[n].storage.load(), updates,
@@ -344,6 +368,7 @@ class Reconstruct(ModulePass):
                                  bias=self.bias)
         before = after = 0.0
         columns = biases_added = 0
+        new_biases = []  # added after the walk: a new bias parameter changes the graph it walks
         for c, correction in solved:
             param = module.params[c.param]
             weight = param.storage.load()
@@ -352,11 +377,13 @@ class Reconstruct(ModulePass):
             updated[:, ~c.kept] = 0
             param.storage = DataStorage(updated.to(weight.dtype))
             if correction.bias is not None:
-                groups, added = add_bias(module, groups, c.param, correction.bias)
-                biases_added += added
+                new_biases.append((c.param, correction.bias))
             before += correction.error_before
             after += correction.error_after
             columns += int(c.removed.sum())
+        for name, values in new_biases:
+            groups, added = add_bias(module, groups, name, values)
+            biases_added += added
         if dense is module:  # the removed units were alive: now they are the masked model's zeros
             zero_groups(module, groups, removed)
         else:  # the corrections wrote output rows of removed units (hidden channels) too

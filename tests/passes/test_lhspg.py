@@ -372,3 +372,19 @@ def test_trim_log_after_drops_only_the_killed_runs_tail(tmp_path):
     trim_log_after(log, 3)  # nothing past step 3 left: unchanged
     assert log.read_text() == "".join(earlier + killed[:3])
     trim_log_after(tmp_path / "absent.jsonl", 0)  # no log yet: nothing to do
+
+
+def test_metric_obs_chooses_the_groups_and_compress_stays_exact(trained):
+    """lhspg takes the reconstruction-aware metric as prune does (scores from its own
+    calibration windows): the ratio is reached and masked == compressed."""
+    module, data, windows = trained
+    after = _lhspg(module, data, periods=2, steps=4, metric="obs", **{"attn-share": 0})
+    groups, removed = after.attributes["groups"], after.attributes["prune-mask"].as_dict()
+    share, unit = _removed_share(after)
+    assert abs(share - 0.3) <= unit
+    compressed = clone_module(after)
+    compress_module(compressed, groups, removed)
+    with torch.no_grad():
+        masked = emit_torch(after)(windows[:4]).logits
+        sliced = emit_torch(compressed)(windows[:4]).logits
+    assert torch.allclose(masked, sliced, atol=1e-4)

@@ -244,3 +244,68 @@ def test_bias_true_masked_equals_compressed_and_the_bias_is_sliced(trained, prun
     hidden = rebuilt.params["model.norm.weight"].type.shape[0]
     assert rebuilt.params["model.layers.0.mlp.down_proj.bias"].type.shape == (hidden,)
     assert (hidden < width) == ("hidden" in prune_kinds)
+
+
+# --- inputs=pruned (sequential) --------------------------------------------------------------------
+def test_solve_cross_recovers_a_pruned_input_that_is_a_combination_of_kept_ones():
+    """The cross-gram solve: the dense output E x_d is reproduced to 1e-9 from the pruned inputs
+    when the dense inputs are linear in the kept pruned ones, and with X_p = X_d it is the
+    one-shot fold exactly."""
+    from lorashear.passes.reconstruct_sequential import solve_cross
+
+    g = torch.Generator().manual_seed(6)
+    x_kept = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    x_dense = x_kept @ torch.randn(5, 8, generator=g, dtype=torch.float64)  # upstream changed the inputs
+    weight = torch.randn(7, 8, generator=g, dtype=torch.float64)
+    folded, before, after, bias = solve_cross(weight, weight[:, :5], x_dense.T @ x_dense, x_dense.T @ x_kept,
+                                              x_kept.T @ x_kept, 0.0)
+    assert bias is None and before > 1
+    assert torch.allclose(x_kept @ folded.T, x_dense @ weight.T, atol=1e-9) and after <= 1e-9 * before
+    x = torch.cat([x_kept, x_kept @ torch.randn(5, 3, generator=g, dtype=torch.float64)], 1)
+    removed = torch.tensor([False] * 5 + [True] * 3)
+    for damp in (0.0, 0.1):
+        one_shot = solve_correction(weight, x.T @ x, removed, ~removed, damp)
+        same, _, after, _ = solve_cross(weight, weight[:, :5], x.T @ x, x.T @ x_kept, x_kept.T @ x_kept, damp)
+        assert torch.allclose(same, weight[:, :5] + one_shot.delta, atol=1e-9)
+        assert after == pytest.approx(one_shot.error_after, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("inputs", ["pruned", "pruned-to-dense"])
+def test_inputs_pruned_is_exact_on_the_layer_and_equals_one_shot_there(layer_ids, inputs):
+    """One consumer fed by the embedding: the pruned model's inputs to it are the dense ones
+    (kept columns; the removed ones alive up to the consumer), so the sequential fold is the
+    one-shot fold (and exact, the removed columns being combinations of the kept)."""
+    module, ids = _layer()
+    dense = _outputs(module, ids)
+    options = f'data="{layer_ids}",seq-len=8,batches=2,damp=0'
+    one_shot = clone_module(module)
+    PassManager.parse(f"reconstruct{{{options}}}").run(one_shot)
+    manager = PassManager.parse(f"reconstruct{{{options},inputs={inputs}}}")
+    manager.run(module)
+    assert (_outputs(module, ids) - dense).abs().max() <= 1e-5
+    assert torch.allclose(module.params["q.weight"].storage.load(), one_shot.params["q.weight"].storage.load(),
+                          atol=1e-5)
+    assert manager.records[-1].statistics["output error left"] <= 1e-8
+
+
+@pytest.mark.parametrize(("prune_kinds", "options"), [
+    ("attn,mlp", {"inputs": "pruned"}), ("attn,mlp", {"inputs": "pruned-to-dense"}),
+    ("attn,mlp", {"inputs": "pruned", "bias": "true"}), ("attn,mlp,hidden", {"inputs": "pruned"}),
+    ("attn,mlp,hidden", {"inputs": "pruned-to-dense", "kinds": "attn,mlp,hidden"})])
+def test_inputs_pruned_after_prune_masked_equals_compressed(trained, prune_kinds, options):
+    _, _, held_out = trained
+    pruned, rebuilt, statistics = _prune_and_reconstruct(trained, prune_kinds, **options)
+    options = {k: v for k, v in options.items() if k != "inputs"}
+    _, one_shot, one_shot_statistics = _prune_and_reconstruct(trained, prune_kinds, **options)
+    assert statistics["consumers reconstructed"] == one_shot_statistics["consumers reconstructed"] >= 4
+    first = "model.layers.0.self_attn.o_proj.weight"
+    same = torch.allclose(rebuilt.params[first].storage.load(), one_shot.params[first].storage.load(), atol=1e-5)
+    # the first consumer reads the dense inputs masked (the same fold), unless hidden channels
+    # were removed before it (then the residual stream itself differs)
+    assert same == ("hidden" not in prune_kinds)
+    last = "model.layers.1.mlp.down_proj.weight"  # its inputs are not the dense ones
+    assert not torch.allclose(rebuilt.params[last].storage.load(), one_shot.params[last].storage.load(), atol=1e-5)
+    masked = _outputs(rebuilt, held_out[:4])
+    assert (masked - _outputs(pruned, held_out[:4])).abs().max() > 1e-3
+    PassManager.parse("compress").run(rebuilt)
+    assert (masked - _outputs(rebuilt, held_out[:4])).abs().max() <= 1e-4

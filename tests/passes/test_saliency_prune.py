@@ -86,7 +86,7 @@ def test_every_metric_scores_every_group(discovered, calibration_ids, metric, wi
     assert SaliencyAttr.from_json(json.loads(dump_json(attr.to_json()))) == attr
 
 
-@pytest.mark.parametrize("metric", ["magnitude", "taylor", "wanda"])
+@pytest.mark.parametrize("metric", ["magnitude", "taylor", "wanda", "obs"])
 def test_metrics_on_qwen2_with_bias(discovered, calibration_ids, metric):
     module = discovered("qwen2", True)
     PassManager.parse(saliency_text(metric, calibration_ids)).run(module)
