@@ -107,6 +107,7 @@ class FamilyBudget:
     kind (a graded knowledge analysis, ``spread``; 1.0: the same share as every other).
     ``comparable`` scores compare across families as they are (``obs``: a share of the
     family's output), so ``scope=global`` does not divide them by the family's RMS.
+    ``keep`` units always stay: one, or for experts as many as their router's top-k chooses.
     """
 
     family: GroupFamily
@@ -116,6 +117,12 @@ class FamilyBudget:
     protected: bool = False
     weight: float = 1.0
     comparable: bool = False
+    keep: int = 1
+
+    @property
+    def most(self) -> int:
+        """The most units the family can give (all but ``keep``)."""
+        return max(self.family.size - self.keep, 0)
 
     def ranked(self) -> list[int]:
         """Units in removal order: already removed first, then by ascending score."""
@@ -154,7 +161,7 @@ def _select_per_layer(budgets: list[FamilyBudget], target: float, remaining: flo
     def counts(rounding) -> dict[int, int]:
         chosen = {b.family.id: len(b.already) for b in budgets if b.protected}
         chosen.update({b.family.id: min(max(rounding(share * b.weight * b.family.size), len(b.already)),
-                                        b.family.size - 1) for b in free})
+                                        b.most) for b in free})
         return chosen
 
     return _best_rounding(budgets, target, remaining, later_capacity, counts)
@@ -182,7 +189,7 @@ def _select_uniform(budgets: list[FamilyBudget], target: float, remaining: float
     families' ``align`` when they are wide enough to allow one), chosen among the neighbours of
     the count that removes ``target`` as :func:`_select_per_layer` chooses its rounding."""
     step = max(family_align(align, b.family) for b in budgets)
-    most = min(b.family.size - len(b.already) for b in budgets)  # never fewer removed than before
+    most = min(b.family.size - max(len(b.already), b.keep) for b in budgets)  # never fewer removed than before
     per_unit = sum(b.unit_numel for b in budgets)
     exact = (sum(b.unit_numel * b.family.size for b in budgets) - target) / per_unit / step
     high = (most // step) * step or most
@@ -206,7 +213,7 @@ def _weighted_share(free: list[FamilyBudget], target: float) -> float:
         return share
 
     def removed(s: float) -> float:
-        return sum(b.unit_numel * min(s * b.weight * b.family.size, b.family.size - 1) for b in free)
+        return sum(b.unit_numel * min(s * b.weight * b.family.size, b.most) for b in free)
 
     low, high = share, 1.0 / min(b.weight for b in free)
     if removed(low) >= target:
@@ -228,7 +235,7 @@ def _select_global(budgets: list[FamilyBudget], target: float) -> dict[int, int]
         candidates += [(float(normalised[u]), b.family.id, u, b) for u in b.ranked()[len(b.already):]]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     for _, family_id, _, b in candidates:
-        if counts[family_id] + 1 >= b.family.size:
+        if counts[family_id] + 1 > b.most:
             continue
         if removed + b.unit_numel / 2 <= target:  # take it if that lands nearer the target
             counts[family_id] += 1
@@ -256,7 +263,7 @@ def choose_units(budgets: list[FamilyBudget], ratio: float, scope: str, align: A
     kind_params = {k: sum(b.unit_numel * b.family.size for b in bs) for k, bs in by_kind.items()}
     # coarsest units first; finer kinds absorb the rounding of coarser ones
     order = sorted(by_kind, key=lambda k: -kind_params[k] / sum(b.family.size for b in by_kind[k]))
-    capacity = {k: sum(b.unit_numel * (b.family.size - 1) for b in bs if not b.protected)
+    capacity = {k: sum(b.unit_numel * b.most for b in bs if not b.protected)
                 for k, bs in by_kind.items()}
     remaining = ratio * sum(kind_params.values())
     fixed: dict[str, float] = {}
@@ -362,12 +369,15 @@ def family_budgets(module: Module, families: Iterable[GroupFamily], scores: dict
     """The budgets of ``families``: a protected one needs no scores (it gives no units); the
     weights come from the module's knowledge analysis (all 1.0 without a graded one).
     ``comparable``: the scores compare across families as they are (see :class:`FamilyBudget`)."""
+    from lorashear.analysis.moe import experts_chosen
+
     families = list(families)
     weights = allocation_weights(module, families)
     return [FamilyBudget(f, torch.zeros(f.size, dtype=torch.float64) if f.id in protected
                          else scores[f.id].double(),
                          param_units_numel(module, f),
-                         tuple(removed.get(f.id, ())), f.id in protected, weights[f.id], comparable)
+                         tuple(removed.get(f.id, ())), f.id in protected, weights[f.id], comparable,
+                         max(experts_chosen(module, f), 1) if f.kind == "expert" else 1)
             for f in families]
 
 
@@ -377,7 +387,7 @@ def check_reachable(budgets: list[FamilyBudget], ratio: float) -> None:
     if not any(b.protected for b in budgets):
         return
     total = sum(b.unit_numel * b.family.size for b in budgets)
-    free = sum(b.unit_numel * (len(b.already) if b.protected else b.family.size - 1) for b in budgets)
+    free = sum(b.unit_numel * (len(b.already) if b.protected else b.most) for b in budgets)
     if ratio * total > free:
         shielded = sum(b.protected for b in budgets)
         raise PassError(f"ratio={ratio:g} asks for {ratio * total:,.0f} of {total:,} parameters, "

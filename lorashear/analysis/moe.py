@@ -21,9 +21,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lorashear.frontend.moe import EXPERT_MASK
+from lorashear.ir.core import Value
 
 if TYPE_CHECKING:
     from lorashear.analysis.coupling import CouplingBuilder, CouplingResult
+    from lorashear.analysis.groups import GroupFamily
+    from lorashear.ir.core import Module
 
 
 def _block_of(mask_name: str) -> str:
@@ -80,3 +83,21 @@ def expert_families(builder: CouplingBuilder, result: CouplingResult) -> None:
         result.unprunable = [u for u in result.unprunable if (u[0], u[1]) not in on_leaf]
         result.family_of_leaf[leaf] = len(result.families)
         result.families.append(CouplingFamily(leaf, "expert", _layer_of(mask.name), fs.size[leaf], members))
+
+
+def experts_chosen(module: Module, family: GroupFamily) -> int:
+    """How many experts of the ``expert`` family ``family`` a token is routed to: the largest
+    ``k`` of the top-k ops in the block of its router's mask that rank that many entries along
+    their last axis (0 where none does). Pruning must keep at least that many, or the top-k has
+    too few to choose from (``compress`` refuses such a removal)."""
+    blocks = {_block_of(m.param) for m in family.members if m.param.endswith(f".{EXPERT_MASK}")}
+    chosen = 0
+    for op in module.graph.ops:
+        if op.kind != "topk" or not any(op.loc == b or op.loc.startswith(b + ".") for b in blocks):
+            continue
+        a = op.bound_args()
+        scores = a["self"]
+        if isinstance(scores, Value) and scores.type.shape and isinstance(a["k"], int) \
+                and scores.type.shape[a["dim"] % len(scores.type.shape)] == family.size:
+            chosen = max(chosen, a["k"])
+    return chosen

@@ -17,7 +17,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from tests.conftest import with_lora
-from tests.frontend.moe_models import EXPERTS, LoweredMoE, routed_base
+from tests.frontend.moe_models import EXPERTS, TOP_K, LoweredMoE, routed_base
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
@@ -260,3 +260,15 @@ def test_emission_drops_the_expert_gates_only_where_no_expert_is_masked(tiny, tm
         else:  # the masked experts must stay masked: the gates stay, and no stock loader is claimed
             assert len(gates) == 2 and config["model_type"] == "lorashear_ir"
             assert "experts are masked" in config["lorashear_loads_with"]
+
+
+def test_prune_keeps_as_many_experts_as_the_router_chooses(tiny):
+    module = tiny.module()
+    PassManager.parse("discover").run(module)
+    PassManager.parse("prune{ratio=0.9,metric=random,kinds=expert}").run(module)
+    removed = module.attributes["prune-mask"].as_dict()
+    experts = [f for f in module.attributes["groups"].families if f.kind == "expert"]
+    assert experts and all(f.size - len(removed.get(f.id, ())) == TOP_K for f in experts)
+    before = tiny.logits(module)
+    PassManager.parse("compress").run(module)  # refused if fewer than TOP_K were left
+    assert (tiny.logits(module) - before).abs().max().item() <= 1e-5
