@@ -102,8 +102,9 @@ class _Factors:
         if rb in self.segments:  # the caller aligned the segments of both (see _join)
             self.segments.setdefault(ra, self.segments[rb])
             del self.segments[rb]
-        if ra in self.pinned:
-            self.pin(ra, self.pinned[ra])
+        if ra in self.pinned:  # a pinned cut factor: its segments too
+            for segment in self.segments.get(ra, ()):
+                self.pin(segment, self.pinned[ra])
 
     def split(self, f: int, outer: int) -> tuple[int, int]:
         """Refine leaf ``f`` of size n into (outer, n // outer), everywhere it is used."""
