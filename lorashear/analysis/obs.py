@@ -27,10 +27,12 @@ costs the sum of its consumers' errors.
 
 Scores are divided by the family's dense output energy ``tr(W X^T X W^T)`` (summed over its
 consumers): the share of the consumers' output lost after the fold. Within a family that is a
-constant and changes no ranking; across families it makes the scores comparable, so
+constant and changes no ranking; across families it puts the scores on one scale, so
 ``prune{scope=global}`` ranks them directly (:data:`COMPARABLE_METRICS`) instead of dividing
 each family by its RMS: taking the lowest scores across layers removes units until every layer
-has lost about the same share of its output, the allocation that equalises the relative error.
+has lost about the same share of its output. On SmolLM2 that allocation did much worse than
+``per-layer`` (``bench/RESULTS.md``): an equal share of each layer's own output is not an equal
+cost to the loss, so ``per-layer`` (the default) is the allocation to use with ``obs``.
 
 The grams come from one layer-by-layer walk over the calibration batches
 (:func:`~lorashear.analysis.saliency.complete_input_grams`), and a family is scored as soon
