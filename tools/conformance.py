@@ -458,7 +458,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"{peft.__version__}, torch {torch.__version__}): every model type in transformers' causal-LM "
         "mapping, built at toy size (hidden 64, 2 layers, 4 heads, vocabulary 128) with random "
         "weights and a peft LoRA adapter on every linear layer, then lowered, discovered, pruned "
-        "(`prune{metric=random}` over the group kinds found) and compressed, and the compressed "
+        "(`prune{metric=random}` over the group kinds found, whole experts included) and compressed, and the compressed "
         "model run in ONNX Runtime. Tolerance 1e-4 on the logits throughout.",
         "",
         f"- {s['architectures']} model types; {s['build']} build and run at toy size with LoRA "
