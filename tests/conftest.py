@@ -287,3 +287,25 @@ def compress_exactly(model, module, vocab: int, removals: dict, tmp_path: Path, 
         (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
         assert (torch.as_tensor(got) - logits(compressed, ids)).abs().max().item() <= 1e-4
     return compressed
+
+
+def ir_logits(module, ids, mask=None):
+    """``module``'s logits on ``ids`` through the executor, without gradients."""
+    from lorashear.runtime.executor import emit_torch
+
+    with torch.no_grad():
+        return emit_torch(module)(ids, attention_mask=mask).logits
+
+
+def lower_exactly(model, vocab: int, seq: int = 7):
+    """``lower(model)``, checked to give ``model``'s own logits (1e-4) on a random batch of two
+    ``seq``-token rows; returns ``(module, ids, mask)``."""
+    from lorashear.frontend.lower import lower
+
+    module = lower(model)
+    ids, mask = random_batch(vocab, batch=2, seq=seq)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert (ir_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
+    return module, ids, mask
+

@@ -21,8 +21,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
+from tests.conftest import ir_logits, random_batch
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER = 32, 16, 4, 2, 4, 12
 
@@ -80,11 +79,6 @@ class TinyDecoderOps(nn.Module):
         return CausalLMOutput(logits=self.head(h))
 
 
-def _logits(module, ids, mask):
-    with torch.no_grad():
-        return emit_torch(module)(ids, attention_mask=mask).logits
-
-
 def test_decoder_ops_lower_discover_and_compress_exactly(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from lorashear.runtime.onnx_emit import emit_onnx
@@ -97,7 +91,7 @@ def test_decoder_ops_lower_discover_and_compress_exactly(tmp_path):
     full = torch.ones_like(mask)
     with torch.no_grad():
         want = model(ids, attention_mask=full).logits
-    assert (_logits(module, ids, full) - want).abs().max().item() <= 1e-5
+    assert (ir_logits(module, ids, full) - want).abs().max().item() <= 1e-5
 
     PassManager.parse("discover").run(module)
     groups = module.attributes["groups"]
@@ -116,7 +110,7 @@ def test_decoder_ops_lower_discover_and_compress_exactly(tmp_path):
     assert compressed.params["q.weight"].type.shape == (HEAD_DIM * HEADS // KV_HEADS, HIDDEN)
     assert compressed.params["down.weight"].type.shape == (HIDDEN, INNER - 5)
     for batch_mask in (full,):
-        assert (_logits(masked, ids, batch_mask) - _logits(compressed, ids, batch_mask)).abs().max().item() <= 1e-4
+        assert (ir_logits(masked, ids, batch_mask) - ir_logits(compressed, ids, batch_mask)).abs().max().item() <= 1e-4
 
     path = tmp_path / "ops.onnx"
     emit_onnx(compressed, path)
@@ -127,7 +121,7 @@ def test_decoder_ops_lower_discover_and_compress_exactly(tmp_path):
         ids, _ = random_batch(VOCAB, batch=2, seq=seq)
         full = torch.ones_like(ids)
         (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
-        assert (torch.as_tensor(got) - _logits(compressed, ids, full)).abs().max().item() <= 1e-4
+        assert (torch.as_tensor(got) - ir_logits(compressed, ids, full)).abs().max().item() <= 1e-4
 
 
 class InPlaceIntoReadTensor(nn.Module):
@@ -192,7 +186,7 @@ def test_transposed_matmul_is_a_linear_layer_and_its_lora_fuses(tmp_path):
     full = torch.ones_like(ids)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=full).logits
-    assert (_logits(module, ids, full) - want).abs().max().item() <= 1e-5
+    assert (ir_logits(module, ids, full) - want).abs().max().item() <= 1e-5
     emit_onnx(module, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
@@ -221,7 +215,7 @@ def test_a_min_of_sizes_lowers_and_a_size_outside_the_arithmetic_is_refused():
     module = lower(model)
     for seq in (3, 7):
         ids = torch.randint(0, VOCAB, (1, seq))
-        assert (_logits(module, ids, torch.ones_like(ids)) - model(ids).logits).abs().max().item() <= 1e-6
+        assert (ir_logits(module, ids, torch.ones_like(ids)) - model(ids).logits).abs().max().item() <= 1e-6
     with pytest.raises(LoweringError, match=r"a size \(Mod\(S,3\)\)\+1 outside the IR's size arithmetic"):
         lower(ClippedPositions(cycle=True))
 

@@ -18,8 +18,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
+from tests.conftest import ir_logits, lower_exactly, random_batch
 
 
 def _gpt2():
@@ -36,11 +35,6 @@ def _phi3():
                       pad_token_id=0)
 
 
-def _logits(module, ids, mask):
-    with torch.no_grad():
-        return emit_torch(module)(ids, attention_mask=mask).logits
-
-
 @pytest.mark.parametrize("family,mlp_param,heads_size", [("gpt2", "transformer.h.0.mlp.c_fc.weight", 4),
                                                          ("phi3", "model.layers.0.mlp.gate_up_proj.weight", 2)])
 def test_fused_projection_groups_compress_exactly(family, mlp_param, heads_size, tmp_path):
@@ -49,11 +43,7 @@ def test_fused_projection_groups_compress_exactly(family, mlp_param, heads_size,
     torch.manual_seed(0)
     config = {"gpt2": _gpt2, "phi3": _phi3}[family]()
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    module = lower(model)
-    ids, mask = random_batch(64, batch=2, seq=7)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    assert (_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
+    module, ids, mask = lower_exactly(model, 64)
 
     PassManager.parse("discover").run(module)
     groups = module.attributes["groups"]
@@ -69,7 +59,7 @@ def test_fused_projection_groups_compress_exactly(family, mlp_param, heads_size,
     fused = compressed.params[mlp_param].type.shape
     assert 28 in fused or 56 in fused  # 48 - 20 channels (twice for gate and up)
     assert compressed.num_parameters() < module.num_parameters()
-    assert (_logits(masked, ids, mask) - _logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
+    assert (ir_logits(masked, ids, mask) - ir_logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
 
     ort = pytest.importorskip("onnxruntime")
     from lorashear.runtime.onnx_emit import emit_onnx
@@ -77,7 +67,7 @@ def test_fused_projection_groups_compress_exactly(family, mlp_param, heads_size,
     emit_onnx(compressed, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    assert (torch.as_tensor(got) - _logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
+    assert (torch.as_tensor(got) - ir_logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
 
 
 def test_phi3_qkv_pieces_are_row_ranges(tmp_path):
@@ -103,7 +93,7 @@ def test_phi3_qkv_pieces_are_row_ranges(tmp_path):
     kept = torch.cat([torch.arange(16, 32), torch.arange(40, 48), torch.arange(56, 64)])
     assert torch.equal(compressed.params[qkv].storage.load(), masked.params[qkv].storage.load()[kept])
     ids, mask = random_batch(64, batch=2, seq=7)
-    assert (_logits(masked, ids, mask) - _logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+    assert (ir_logits(masked, ids, mask) - ir_logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
 
 def test_phi3_pruned_uniformly_reloads_in_transformers(tmp_path):
@@ -125,7 +115,7 @@ def test_phi3_pruned_uniformly_reloads_in_transformers(tmp_path):
     ids, mask = random_batch(64, batch=2, seq=7)
     with torch.no_grad():
         got = stock(input_ids=ids, attention_mask=mask).logits
-    assert (got - _logits(module, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+    assert (got - ir_logits(module, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
 
 def test_conv1d_lora_lowers_prunes_and_emits_in_checkpoint_layout(tmp_path):
@@ -154,7 +144,7 @@ def test_conv1d_lora_lowers_prunes_and_emits_in_checkpoint_layout(tmp_path):
     weight = module.params["transformer.h.0.attn.c_attn.weight"]
     assert weight.type.shape == (96, 32) and isinstance(weight.storage, FileStorage) and weight.storage.transposed
     assert sum(op.kind == "lora_linear" for op in module.graph.ops) == 8
-    assert (_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
+    assert (ir_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
 
     # merged and emitted unpruned: the checkpoint layout again, loadable by stock transformers
     save_model_dir(module, tmp_path / "merged", merge=True)
@@ -170,11 +160,11 @@ def test_conv1d_lora_lowers_prunes_and_emits_in_checkpoint_layout(tmp_path):
     kinds = {f.kind for f in module.attributes["groups"].families}
     assert {"attn", "mlp"} <= kinds
     PassManager.parse("prune{ratio=0.3,metric=random,kinds=attn,mlp}").run(module)
-    masked = _logits(module, ids, mask)
+    masked = ir_logits(module, ids, mask)
     compressed = clone_module(module)
     PassManager.parse("compress").run(compressed)
     assert compressed.num_parameters() < module.num_parameters()
-    small = _logits(compressed, ids, mask)
+    small = ir_logits(compressed, ids, mask)
     assert (small - masked).abs()[mask.bool()].max().item() <= 1e-5
     save_model_dir(compressed, tmp_path / "pruned", merge=True)  # emitted pruned, reloaded by lorashear
     assert (load_pretrained(tmp_path / "pruned")(ids, attention_mask=mask).logits - small

@@ -12,17 +12,10 @@ import torch
 
 from lorashear.analysis.coupling_rules.shapes import dim_product
 from lorashear.analysis.masking import zero_groups
-from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
-
-
-def _logits(module, ids, mask):
-    with torch.no_grad():
-        return emit_torch(module)(ids, attention_mask=mask).logits
+from tests.conftest import ir_logits, lower_exactly
 
 
 def test_dim_product_reads_products_of_symbols_and_integers():
@@ -43,11 +36,7 @@ def test_heads_merged_into_the_batch_are_attention_groups(tmp_path):
                         max_position_embeddings=64)
     base = AutoModelForCausalLM.from_config(config).eval()
     model = with_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    module = lower(model)
-    ids, mask = random_batch(64, batch=2, seq=7)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    assert (_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
+    module, ids, mask = lower_exactly(model, 64)
     assert any(isinstance(d, str) and "4*" in d for op in module.graph.ops for r in op.results
                if hasattr(r.type, "shape") for d in r.type.shape)
 
@@ -69,14 +58,14 @@ def test_heads_merged_into_the_batch_are_attention_groups(tmp_path):
     assert any(op.kind == "sym.mul" and op.args[1] == 3 for op in one.graph.ops)
     masked_one = clone_module(module)
     zero_groups(masked_one, groups, {layer0.id: (1,)})
-    assert (_logits(one, ids, mask) - _logits(masked_one, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+    assert (ir_logits(one, ids, mask) - ir_logits(masked_one, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
     PassManager.parse("prune{ratio=0.3,metric=random,kinds=attn,mlp}").run(module)
-    masked = _logits(module, ids, mask)
+    masked = ir_logits(module, ids, mask)
     compressed = clone_module(module)
     PassManager.parse("compress").run(compressed)
     assert compressed.num_parameters() < module.num_parameters()
-    small = _logits(compressed, ids, mask)
+    small = ir_logits(compressed, ids, mask)
     assert (small - masked).abs()[mask.bool()].max().item() <= 1e-5
 
     ort = pytest.importorskip("onnxruntime")
@@ -104,11 +93,7 @@ def test_baddbmm_onto_a_constant_fill_keeps_heads_prunable(tmp_path):
                                    bos_token_id=1, eos_token_id=2)
     model = with_lora(AutoModelForCausalLM.from_config(config).eval(),
                       LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    module = lower(model)
-    ids, mask = random_batch(64, batch=2, seq=7)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    assert (_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
+    module, ids, mask = lower_exactly(model, 64)
     assert any(op.kind == "baddbmm" for op in module.graph.ops)
 
     PassManager.parse("discover").run(module)
@@ -124,8 +109,8 @@ def test_baddbmm_onto_a_constant_fill_keeps_heads_prunable(tmp_path):
     assert compressed.params[qkv].type.shape == (48, 32)
     fills = [op for op in compressed.graph.ops if op.kind == "zeros" and op.loc.endswith("layers.0.attention")]
     assert fills and all(r.type.shape[0] == "2*B" for op in fills for r in op.results)
-    small = _logits(compressed, ids, mask)
-    assert (small - _logits(masked, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+    small = ir_logits(compressed, ids, mask)
+    assert (small - ir_logits(masked, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
     ort = pytest.importorskip("onnxruntime")
     from lorashear.runtime.onnx_emit import emit_onnx

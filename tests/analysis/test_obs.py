@@ -17,8 +17,7 @@ from lorashear.errors import PassError
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.reconstruct import solve_correction
-from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
+from tests.conftest import ir_logits, random_batch
 
 
 def _correlated(n: int, out: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,11 +116,6 @@ def test_obs_needs_a_consumer_and_data(tiny):
         score_groups(module, groups, "obs")
 
 
-def _logits(module, ids):
-    with torch.no_grad():
-        return emit_torch(module)(ids).logits
-
-
 @pytest.mark.parametrize("options", [
     "metric=obs", "metric=obs-single", "metric=obs,scope=global", "metric=obs,uniform=true,align=8",
     "metric=obs,attn-share=0.5", "metric=obs,kinds=attn,mlp,hidden"])
@@ -138,10 +132,10 @@ def test_prune_obs_then_reconstruct_then_compress_is_exact(tiny, options):
     dense_copy.attributes["prune-mask"] = pruned.attributes["prune-mask"]
     PassManager.parse(f"reconstruct{{{data}}}").run(dense_copy)
     ids, _ = random_batch(128, batch=2, seq=9)
-    masked = _logits(dense_copy, ids)
-    assert (masked - _logits(pruned, ids)).abs().max() > 1e-4  # the fold changed the model
+    masked = ir_logits(dense_copy, ids)
+    assert (masked - ir_logits(pruned, ids)).abs().max() > 1e-4  # the fold changed the model
     PassManager.parse("compress").run(dense_copy)
-    assert (masked - _logits(dense_copy, ids)).abs().max() <= 1e-4
+    assert (masked - ir_logits(dense_copy, ids)).abs().max() <= 1e-4
 
 
 def test_global_obs_ranks_units_across_layers_by_their_share_of_the_output(tiny):

@@ -17,13 +17,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from lorashear.runtime.executor import emit_torch
-from tests.conftest import random_batch
-
-
-def _logits(module, ids, mask):
-    with torch.no_grad():
-        return emit_torch(module)(ids, attention_mask=mask).logits
+from tests.conftest import ir_logits, lower_exactly, random_batch
 
 
 def _bigcode():
@@ -52,11 +46,7 @@ def test_heads_behind_a_shared_key_are_attention_groups(family, q_param, rows_pe
     torch.manual_seed(0)
     config = {"bigcode": _bigcode, "deepseek_v3": _deepseek_v3}[family]()
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    module = lower(model)
-    ids, mask = random_batch(64, batch=2, seq=7)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    assert (_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
+    module, ids, mask = lower_exactly(model, 64)
 
     PassManager.parse("discover").run(module)
     groups = module.attributes["groups"]
@@ -70,8 +60,8 @@ def test_heads_behind_a_shared_key_are_attention_groups(family, q_param, rows_pe
     rows = compressed.params[q_param].type.shape[0]
     assert rows == module.params[q_param].type.shape[0] - 2 * rows_per_head
     assert compressed.num_parameters() < module.num_parameters()
-    small = _logits(compressed, ids, mask)
-    assert (small - _logits(masked, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+    small = ir_logits(compressed, ids, mask)
+    assert (small - ir_logits(masked, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
     ort = pytest.importorskip("onnxruntime")
     from lorashear.runtime.onnx_emit import emit_onnx
@@ -116,4 +106,4 @@ def test_latent_attention_pruned_uniformly_reloads_in_transformers(tmp_path):
     ids, mask = random_batch(64, batch=2, seq=7)
     with torch.no_grad():
         got = stock(input_ids=ids, attention_mask=mask).logits
-    assert (got - _logits(module, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
+    assert (got - ir_logits(module, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
