@@ -189,13 +189,14 @@ def _select_uniform(budgets: list[FamilyBudget], target: float, remaining: float
     families' ``align`` when they are wide enough to allow one), chosen among the neighbours of
     the count that removes ``target`` as :func:`_select_per_layer` chooses its rounding."""
     step = max(family_align(align, b.family) for b in budgets)
-    most = min(b.family.size - max(len(b.already), b.keep) for b in budgets)  # never fewer removed than before
+    most = min(b.family.size - len(b.already) for b in budgets)  # never fewer removed than before
+    least = max(b.keep for b in budgets)  # every family keeps at least its own minimum
     per_unit = sum(b.unit_numel for b in budgets)
     exact = (sum(b.unit_numel * b.family.size for b in budgets) - target) / per_unit / step
     high = (most // step) * step or most
 
     def counts(rounding) -> dict[int, int]:
-        kept = min(max(rounding(exact) * step, min(step, high), 1), high)
+        kept = min(max(rounding(exact) * step, min(step, high), least), high)
         return {b.family.id: b.family.size - kept for b in budgets}
 
     return _best_rounding(budgets, target, remaining, later_capacity, counts)

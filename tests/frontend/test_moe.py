@@ -262,10 +262,11 @@ def test_emission_drops_the_expert_gates_only_where_no_expert_is_masked(tiny, tm
             assert "experts are masked" in config["lorashear_loads_with"]
 
 
-def test_prune_keeps_as_many_experts_as_the_router_chooses(tiny):
+@pytest.mark.parametrize("uniform", ["false", "true"])
+def test_prune_keeps_as_many_experts_as_the_router_chooses(tiny, uniform):
     module = tiny.module()
     PassManager.parse("discover").run(module)
-    PassManager.parse("prune{ratio=0.9,metric=random,kinds=expert}").run(module)
+    PassManager.parse(f"prune{{ratio=0.9,metric=random,kinds=expert,uniform={uniform}}}").run(module)
     removed = module.attributes["prune-mask"].as_dict()
     experts = [f for f in module.attributes["groups"].families if f.kind == "expert"]
     assert experts and all(f.size - len(removed.get(f.id, ())) == TOP_K for f in experts)
