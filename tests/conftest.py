@@ -255,16 +255,12 @@ def compress_exactly(model, module, vocab: int, removals: dict, tmp_path: Path, 
     units) masks and compresses to the same logits with fewer parameters, and ONNX Runtime
     agrees with the compressed model at each sequence length of ``seqs``. Returns the
     compressed module."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from lorashear.analysis.masking import zero_groups
     from lorashear.ir.core import clone_module
     from lorashear.passes.compress import compress_module
-    from lorashear.runtime.executor import emit_torch
-    from lorashear.runtime.onnx_emit import emit_onnx
-
     def logits(m, ids):
-        with torch.no_grad():
-            return emit_torch(m)(ids, attention_mask=torch.ones_like(ids)).logits
+        return ir_logits(m, ids, torch.ones_like(ids))
 
     ids, _ = random_batch(vocab, batch=2, seq=seqs[0])
     with torch.no_grad():
@@ -276,16 +272,10 @@ def compress_exactly(model, module, vocab: int, removals: dict, tmp_path: Path, 
     compress_module(compressed, groups, removals)
     assert (logits(masked, ids) - logits(compressed, ids)).abs().max().item() <= 1e-4
     assert compressed.num_parameters() < module.num_parameters()
-    path = tmp_path / "model.onnx"
-    emit_onnx(compressed, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    run_onnx = onnx_runner(compressed, tmp_path / "model.onnx")
     for seq in seqs:
         ids, _ = random_batch(vocab, batch=2, seq=seq)
-        full = torch.ones_like(ids)
-        (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": full.numpy()})
-        assert (torch.as_tensor(got) - logits(compressed, ids)).abs().max().item() <= 1e-4
+        assert (run_onnx(ids, torch.ones_like(ids)) - logits(compressed, ids)).abs().max().item() <= 1e-4
     return compressed
 
 
@@ -308,4 +298,22 @@ def lower_exactly(model, vocab: int, seq: int = 7):
         want = model(input_ids=ids, attention_mask=mask).logits
     assert (ir_logits(module, ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-4
     return module, ids, mask
+
+
+def onnx_runner(module, path):
+    """``module`` emitted to ONNX at ``path`` and opened in ONNX Runtime (one thread): a
+    function of ``(ids, mask)`` to the logits, as a tensor. Skips the test without onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    from lorashear.runtime.onnx_emit import emit_onnx
+
+    emit_onnx(module, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(ids, mask):
+        (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        return torch.as_tensor(got)
+
+    return run
 

@@ -18,7 +18,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from tests.conftest import ir_logits, lower_exactly, random_batch
+from tests.conftest import ir_logits, lower_exactly, onnx_runner, random_batch
 
 
 def _gpt2():
@@ -61,13 +61,8 @@ def test_fused_projection_groups_compress_exactly(family, mlp_param, heads_size,
     assert compressed.num_parameters() < module.num_parameters()
     assert (ir_logits(masked, ids, mask) - ir_logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
 
-    ort = pytest.importorskip("onnxruntime")
-    from lorashear.runtime.onnx_emit import emit_onnx
-
-    emit_onnx(compressed, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    assert (torch.as_tensor(got) - ir_logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
+    got = onnx_runner(compressed, tmp_path / "m.onnx")(ids, mask)
+    assert (got - ir_logits(compressed, ids, mask)).abs()[mask.bool()].max().item() <= 1e-4
 
 
 def test_phi3_qkv_pieces_are_row_ranges(tmp_path):

@@ -7,7 +7,6 @@ in PyTorch and in ONNX Runtime."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lorashear.analysis.coupling_rules.shapes import dim_product
@@ -15,7 +14,7 @@ from lorashear.analysis.masking import zero_groups
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from tests.conftest import ir_logits, lower_exactly
+from tests.conftest import ir_logits, lower_exactly, onnx_runner
 
 
 def test_dim_product_reads_products_of_symbols_and_integers():
@@ -68,13 +67,8 @@ def test_heads_merged_into_the_batch_are_attention_groups(tmp_path):
     small = ir_logits(compressed, ids, mask)
     assert (small - masked).abs()[mask.bool()].max().item() <= 1e-5
 
-    ort = pytest.importorskip("onnxruntime")
-    from lorashear.runtime.onnx_emit import emit_onnx
-
-    emit_onnx(compressed, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    assert (torch.as_tensor(got) - small).abs()[mask.bool()].max().item() <= 1e-4
+    got = onnx_runner(compressed, tmp_path / "m.onnx")(ids, mask)
+    assert (got - small).abs()[mask.bool()].max().item() <= 1e-4
 
 
 def test_baddbmm_onto_a_constant_fill_keeps_heads_prunable(tmp_path):
@@ -112,10 +106,5 @@ def test_baddbmm_onto_a_constant_fill_keeps_heads_prunable(tmp_path):
     small = ir_logits(compressed, ids, mask)
     assert (small - ir_logits(masked, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
-    ort = pytest.importorskip("onnxruntime")
-    from lorashear.runtime.onnx_emit import emit_onnx
-
-    emit_onnx(compressed, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    assert (torch.as_tensor(got) - small).abs()[mask.bool()].max().item() <= 1e-4
+    got = onnx_runner(compressed, tmp_path / "m.onnx")(ids, mask)
+    assert (got - small).abs()[mask.bool()].max().item() <= 1e-4

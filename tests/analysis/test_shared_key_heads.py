@@ -17,7 +17,7 @@ from lorashear.frontend.lower import lower
 from lorashear.ir.core import clone_module
 from lorashear.passes import PassManager
 from lorashear.passes.compress import compress_module
-from tests.conftest import ir_logits, lower_exactly, random_batch
+from tests.conftest import ir_logits, lower_exactly, onnx_runner, random_batch
 
 
 def _bigcode():
@@ -63,13 +63,8 @@ def test_heads_behind_a_shared_key_are_attention_groups(family, q_param, rows_pe
     small = ir_logits(compressed, ids, mask)
     assert (small - ir_logits(masked, ids, mask)).abs()[mask.bool()].max().item() <= 1e-5
 
-    ort = pytest.importorskip("onnxruntime")
-    from lorashear.runtime.onnx_emit import emit_onnx
-
-    emit_onnx(compressed, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    assert (torch.as_tensor(got) - small).abs()[mask.bool()].max().item() <= 1e-4
+    got = onnx_runner(compressed, tmp_path / "m.onnx")(ids, mask)
+    assert (got - small).abs()[mask.bool()].max().item() <= 1e-4
 
 
 def test_grouped_query_copies_stay_pinned():
