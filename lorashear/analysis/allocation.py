@@ -374,11 +374,12 @@ def family_budgets(module: Module, families: Iterable[GroupFamily], scores: dict
 
     families = list(families)
     weights = allocation_weights(module, families)
+    routed = experts_chosen(module, families)
     return [FamilyBudget(f, torch.zeros(f.size, dtype=torch.float64) if f.id in protected
                          else scores[f.id].double(),
                          param_units_numel(module, f),
                          tuple(removed.get(f.id, ())), f.id in protected, weights[f.id], comparable,
-                         max(experts_chosen(module, f), 1) if f.kind == "expert" else 1)
+                         max(routed.get(f.id, 1), 1))
             for f in families]
 
 

@@ -18,6 +18,7 @@ both; :func:`expert_families` turns each router's expert axis into a family of k
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from lorashear.frontend.moe import EXPERT_MASK
@@ -85,19 +86,27 @@ def expert_families(builder: CouplingBuilder, result: CouplingResult) -> None:
         result.families.append(CouplingFamily(leaf, "expert", _layer_of(mask.name), fs.size[leaf], members))
 
 
-def experts_chosen(module: Module, family: GroupFamily) -> int:
-    """How many experts of the ``expert`` family ``family`` a token is routed to: the largest
-    ``k`` of the top-k ops in the block of its router's mask that rank that many entries along
-    their last axis (0 where none does). Pruning must keep at least that many, or the top-k has
-    too few to choose from (``compress`` refuses such a removal)."""
-    blocks = {_block_of(m.param) for m in family.members if m.param.endswith(f".{EXPERT_MASK}")}
-    chosen = 0
+def experts_chosen(module: Module, families: Iterable[GroupFamily]) -> dict[int, int]:
+    """How many experts of each ``expert`` family in ``families`` a token is routed to, by
+    family id: the largest ``k`` of the top-k ops in the block of its router's mask that rank
+    that many entries along their last axis (0 where none does). Pruning must keep at least
+    that many, or the top-k has too few to choose from (``compress`` refuses such a removal).
+    One walk over the graph serves every family."""
+    blocks = {f.id: {_block_of(m.param) for m in f.members if m.param.endswith(f".{EXPERT_MASK}")}
+              for f in families if f.kind == "expert"}
+    sizes = {f.id: f.size for f in families if f.kind == "expert"}
+    chosen = dict.fromkeys(blocks, 0)
+    if not blocks:
+        return chosen
     for op in module.graph.ops:
-        if op.kind != "topk" or not any(op.loc == b or op.loc.startswith(b + ".") for b in blocks):
+        if op.kind != "topk":
             continue
         a = op.bound_args()
         scores = a["self"]
-        if isinstance(scores, Value) and scores.type.shape and isinstance(a["k"], int) \
-                and scores.type.shape[a["dim"] % len(scores.type.shape)] == family.size:
-            chosen = max(chosen, a["k"])
+        if not isinstance(scores, Value) or not scores.type.shape or not isinstance(a["k"], int):
+            continue
+        ranked = scores.type.shape[a["dim"] % len(scores.type.shape)]
+        for family_id, family_blocks in blocks.items():
+            if ranked == sizes[family_id] and any(op.loc == b or op.loc.startswith(b + ".") for b in family_blocks):
+                chosen[family_id] = max(chosen[family_id], a["k"])
     return chosen

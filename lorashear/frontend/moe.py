@@ -563,24 +563,31 @@ def drop_open_expert_gates(module: Module) -> list[str]:
     names are returned: such a model only loads with lorashear."""
     graph = module.graph
     users = graph.users()
+    masks = {id(p): n for n, p in module.params.items() if n.endswith(f".{EXPERT_MASK}")}
+    logs: dict[str, list[Op]] = {name: [] for name in masks.values()}
+    for op in graph.ops:
+        if op.kind == "log" and op.args and id(op.args[0]) in masks:
+            logs[masks[id(op.args[0])]].append(op)
     kept: list[str] = []
-    for name in [n for n, p in module.params.items() if n.endswith(f".{EXPERT_MASK}")]:
+    ungated: dict[int, Value] = {}  # id(gated value) -> the value before the gate
+    dropped: set[int] = set()
+    for name, found in logs.items():
         mask = module.params[name]
-        logs = [op for op in graph.ops if op.kind == "log" and op.args and op.args[0] is mask]
-        adds = [u for log in logs for u in users.get(log.results[0], [])]  # the logits' and top-k's
+        adds = [u for log in found for u in users.get(log.results[0], [])]  # the logits' and top-k's
         ones = mask.storage.has_data and bool((mask.storage.load() == 1).all())
-        if not ones or len(logs) != 1 or not adds or any(
-                add.kind != "add" or not isinstance(add.args[0], Value) or add.args[1] is not logs[0].results[0]
+        if not ones or len(found) != 1 or not adds or any(
+                add.kind != "add" or not isinstance(add.args[0], Value) or add.args[1] is not found[0].results[0]
                 for add in adds):
             kept.append(name)
             continue
-        ungated = {id(add.results[0]): add.args[0] for add in adds}
-        for op in graph.ops:
-            op.replace_refs(lambda r, ungated=ungated: ungated.get(id(r), r))
-        graph.outputs = [ungated.get(id(v), v) for v in graph.outputs]
-        dropped = {id(logs[0]), *(id(add) for add in adds)}
-        graph.ops = [op for op in graph.ops if id(op) not in dropped]
+        ungated.update((id(add.results[0]), add.args[0]) for add in adds)
+        dropped.update((id(found[0]), *(id(add) for add in adds)))
         del module.params[name]
+    if dropped:
+        for op in graph.ops:
+            op.replace_refs(lambda r: ungated.get(id(r), r))
+        graph.outputs = [ungated.get(id(v), v) for v in graph.outputs]
+        graph.ops = [op for op in graph.ops if id(op) not in dropped]
     return kept
 
 
