@@ -156,6 +156,8 @@ Loader = Literal["stock", "remote-code", "lorashear"]
 REMOTE_CODE_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 #: ``model_type`` of a config that only :func:`load_pretrained` loads.
 LORASHEAR_ONLY_TYPE = "lorashear_ir"
+#: How such a config says it loads (its ``lorashear_loads_with``, followed by the reason).
+LOADS_WITH = "lorashear.runtime.hf.load_pretrained"
 
 
 def hf_config(data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], Loader]:
@@ -181,7 +183,7 @@ def lorashear_only_config(data: dict[str, Any], why: str) -> dict[str, Any]:
     loads it), saying ``why``."""
     return {**data, "model_type": LORASHEAR_ONLY_TYPE, "architectures": ["LorashearIRModel"],
             "lorashear_source_model_type": data.get("model_type"),
-            "lorashear_loads_with": f"lorashear.runtime.hf.load_pretrained ({why})"}
+            "lorashear_loads_with": f"{LOADS_WITH} ({why})"}
 
 
 #: Config flags that give a family's projections biases, and the module path part they cover.
@@ -286,7 +288,8 @@ def _readme(loads: Loader, data: dict[str, Any]) -> str:
                        "modeling file shipped here, which imports only torch and transformers:\n"
                        "`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.",
         "lorashear": f"No stock model of its family ({data.get('lorashear_source_model_type')}) describes it:\n"
-                     f"{data.get('lorashear_loads_with', '').partition(' (')[2].rstrip(')')}. It loads with lorashear\n"
+                     f"{data.get('lorashear_loads_with', '').removeprefix(LOADS_WITH + ' (').removesuffix(')')}. "
+                     "It loads with lorashear\n"
                      "only, `lorashear.runtime.hf.load_pretrained(dir)`.",
     }[loads]
     return ("# A model pruned by lorashear\n\n" + how + "\n\n`lorashear.runtime.hf.load_pretrained(dir)` "

@@ -260,6 +260,8 @@ def test_emission_drops_the_expert_gates_only_where_no_expert_is_masked(tiny, tm
         else:  # the masked experts must stay masked: the gates stay, and no stock loader is claimed
             assert len(gates) == 2 and config["model_type"] == "lorashear_ir"
             assert "experts are masked" in config["lorashear_loads_with"]
+            readme = (tmp_path / name / "README.md").read_text()  # the reason whole, its own brackets kept
+            assert "holds zeros; compress removes them). It loads with lorashear" in readme
 
 
 @pytest.mark.parametrize("uniform", ["false", "true"])
