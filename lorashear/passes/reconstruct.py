@@ -105,6 +105,18 @@ NOTHING_TO_FOLD = ("reconstruct: the removed units are zero already (prune zeroe
 NOTHING_TO_FOLD_HINT = "give reference=PATH.ir, the module saved before prune"
 
 
+def refuse_nothing_to_fold(dense_weight: Callable[[str], torch.Tensor], found: list[Consumer]) -> None:
+    """A :class:`PassError` when every consumer's removed columns are zero in its dense weight
+    (``dense_weight`` by parameter name): nothing would be folded."""
+    if all(not dense_weight(c.param)[:, c.removed].any() for c in found):
+        raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+
+
+def stored_weights(dense: Module, updates: dict[str, LoraUpdate]) -> Callable[[str], torch.Tensor]:
+    """A consumer's effective dense weight (its LoRA folded in) by name, read from its file."""
+    return lambda name: effective_weight(lambda n: read_stored(dense.params[n]), updates, name)
+
+
 @dataclass(frozen=True)
 class Consumer:
     """A linear weight ``param`` ([out, in]) whose input columns ``removed`` (R, to fold) are
@@ -294,11 +306,8 @@ class Reconstruct(ModulePass):
         solved as soon as the layer that reads it has seen every batch, its dense weight read
         from its file then (consumers are read by one op each, so a correction written back
         cannot change a later layer's inputs)."""
-        def dense_weight(name: str) -> torch.Tensor:
-            return effective_weight(lambda n: read_stored(dense.params[n]), updates, name)
-
-        if all(not dense_weight(c.param)[:, c.removed].any() for c in found):
-            raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+        dense_weight = stored_weights(dense, updates)
+        refuse_nothing_to_fold(dense_weight, found)
         batches = calibration_batches(module, options, "reconstruct")
         by_name = {c.param: c for c in found}
         for name, gram in complete_input_grams(dense, batches, by_name, placement, ones=self.bias):
@@ -312,9 +321,7 @@ class Reconstruct(ModulePass):
                          folded: dict[int, tuple[int, ...]]) -> Iterator[tuple[Consumer, Correction]]:
         """``inputs=pruned`` / ``pruned-to-dense``: the corrections solved on the pruned
         model's inputs, in graph order (:mod:`lorashear.passes.reconstruct_sequential`)."""
-        if all(not effective_weight(lambda n: read_stored(dense.params[n]), updates, c.param)[:, c.removed].any()
-               for c in found):
-            raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+        refuse_nothing_to_fold(stored_weights(dense, updates), found)
         batches = calibration_batches(module, options, "reconstruct")
         return sequential_corrections(dense, module, groups, removed, folded, found, batches, placement,
                                       self.damp, to_dense=self.inputs == "pruned-to-dense", bias=self.bias)
@@ -364,8 +371,7 @@ class Reconstruct(ModulePass):
         else:
             dense_weights = {c.param: effective_weight(lambda n: dense.params[n].storage.load(), updates,
                                                        c.param) for c in found}
-            if all(not dense_weights[c.param][:, c.removed].any() for c in found):
-                raise PassError(NOTHING_TO_FOLD, hint=NOTHING_TO_FOLD_HINT)
+            refuse_nothing_to_fold(dense_weights.__getitem__, found)
             batches = calibration_batches(module, options, "reconstruct")
             # one consumer at a time: its gram, solve and update, then the next
             solved = corrections(dense, found, dense_weights, batches, self.damp, placement=placement,
