@@ -51,6 +51,7 @@ from lorashear.analysis.groups import GroupsAttr
 from lorashear.analysis.placement import Placement
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Param
+from lorashear.ir.ops import LINEAR_KINDS
 
 #: The ridge of the scores' ``H``, as a share of its mean diagonal: SparseGPT's 0.01, the value
 #: the obs figures in ``bench/RESULTS.md`` used; ``reconstruct``'s default is now 0.1, so a
@@ -58,7 +59,6 @@ from lorashear.ir.core import Module, Param
 OBS_DAMP = 0.01
 #: Metrics whose scores already compare across families (``scope=global`` ranks them as they are).
 COMPARABLE_METRICS = frozenset({"obs", "obs-single"})
-_LINEAR_KINDS = ("linear", "lora_linear")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def consumer_columns(module: Module, groups: GroupsAttr, family_ids: Iterable[in
     """Per family id, the linear weights whose input columns (last axis) it slices, with each
     unit's columns; a family with none fails (nothing to fold its units into)."""
     linear_weights = {op.args[1].name for op in module.graph.ops
-                      if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param)}
+                      if op.kind in LINEAR_KINDS and isinstance(op.args[1], Param)}
     found: dict[int, list[UnitColumns]] = {}
     for family_id in family_ids:
         family = groups.families[family_id]

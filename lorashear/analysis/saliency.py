@@ -43,7 +43,7 @@ from lorashear.errors import PassError
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
 from lorashear.ir.lora import adapters
-from lorashear.ir.ops import OP_DEFS
+from lorashear.ir.ops import LINEAR_KINDS
 
 MetricName = Literal["magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2", "combined",
                      "taylor", "wanda", "obs", "obs-single", "random"]
@@ -54,7 +54,6 @@ COMBINED_TERMS = ("magnitude", "avg-magnitude", "cosine", "taylor1", "taylor2")
 LORA_PROXY_METRICS = frozenset({"cosine", "taylor1", "taylor2"})
 #: Metrics that run the model on calibration data.
 DATA_METRICS = frozenset({"taylor", "wanda", "obs", "obs-single"})
-_LINEAR_KINDS = frozenset(kind for kind, definition in OP_DEFS.items() if definition.weight_arg)
 
 
 @dataclass(frozen=True)
@@ -369,7 +368,7 @@ def for_each_linear_input(module: Module, batches: Iterable[torch.Tensor],
     load = tensor_of or placement.param_loader(module, by_reference=layerwise)
 
     def see(op: Op, env: dict[int, Any]) -> None:
-        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param):
+        if op.kind in LINEAR_KINDS and isinstance(op.args[1], Param):
             visit(op.args[1].name, env[id(op.args[0])].float())
 
     if layerwise:
@@ -437,7 +436,7 @@ def complete_input_grams(module: Module, batches: Iterable[torch.Tensor], names:
     load = placement.param_loader(module, by_reference=True)
 
     def see(op: Op, env: dict[int, Any]) -> None:
-        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name in wanted:
+        if op.kind in LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name in wanted:
             rows = env[id(op.args[0])].float().reshape(-1, env[id(op.args[0])].shape[-1]).double()
             name = op.args[1].name
             gram = _gram(rows, ones)

@@ -46,6 +46,7 @@ from torch import nn
 
 from lorashear.errors import LoweringError
 from lorashear.ir.core import Graph, Module, Op, Param, Value
+from lorashear.ir.ops import LINEAR_KINDS
 from lorashear.ir.storage import DataStorage, MetaStorage
 from lorashear.ir.types import TensorType
 
@@ -509,7 +510,7 @@ def add_expert_gates(module: Module, model: nn.Module) -> int:
     added = 0
     for index in range(len(graph.ops) - 1, -1, -1):
         op = graph.ops[index]
-        weight = op.args[1] if op.kind in ("linear", "lora_linear") and len(op.args) > 1 else None
+        weight = op.args[1] if op.kind in LINEAR_KINDS and len(op.args) > 1 else None
         if not isinstance(weight, Param) or weight.name not in names:
             continue
         logits = op.results[0]

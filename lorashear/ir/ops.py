@@ -109,6 +109,9 @@ _traits("linear lora_linear", weight_arg="weight")
 _traits("split split_with_sizes chunk unbind", num_results=None)
 _traits("max.dim", num_results=2)
 
+#: The linear-like kinds (a ``weight_arg``): their second operand is an ``[out, in]`` weight.
+LINEAR_KINDS = frozenset(kind for kind, traits in _KIND_TRAITS.items() if traits.get("weight_arg"))
+
 
 # --- ops that execute as one ATen overload --------------------------------------------------
 #: ATen overload name -> IR kind. Several overloads may share a kind when the IR call is the same.

@@ -74,6 +74,7 @@ from lorashear.analysis.saliency import (
 from lorashear.data.calibration import CalibrationOptions, calibration_batches
 from lorashear.errors import LorashearError, PassError
 from lorashear.ir.core import Module, Op, Param
+from lorashear.ir.ops import LINEAR_KINDS
 from lorashear.ir.storage import DataStorage
 from lorashear.ir.types import TensorType, torch_dtype
 from lorashear.passes.base import ModulePass, PassResult, option
@@ -89,7 +90,6 @@ from lorashear.passes.reconstruct_sequential import sequential_corrections
 from lorashear.passes.registry import register_pass
 from lorashear.training.runtime import Precision
 
-_LINEAR_KINDS = ("linear", "lora_linear")
 #: The ridge ``damp`` of ``reconstruct``: 0.1 did better than SparseGPT's 0.01 in every pair
 #: measured on SmolLM2 (metrics wanda and obs, 20% and 50%, inputs dense and pruned;
 #: ``bench/RESULTS.md``, "Reconstruction-aware selection and sequential reconstruction").
@@ -138,7 +138,7 @@ def consumers(module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, 
     for op in module.graph.ops:
         for p in op.params():
             uses[p.name] += 1
-        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param):
+        if op.kind in LINEAR_KINDS and isinstance(op.args[1], Param):
             linear_weights.add(op.args[1].name)
     keeps = keep_masks(module, groups, removed)
     found, skipped = [], []
@@ -413,7 +413,7 @@ class Reconstruct(ModulePass):
 def consumer_op(module: Module, weight: str) -> Op:
     """The one linear op that reads ``weight`` (a consumer's)."""
     for op in module.graph.ops:
-        if op.kind in _LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name == weight:
+        if op.kind in LINEAR_KINDS and isinstance(op.args[1], Param) and op.args[1].name == weight:
             return op
     raise PassError(f"reconstruct: no linear op reads @{weight}")
 

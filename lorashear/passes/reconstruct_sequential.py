@@ -48,6 +48,7 @@ from lorashear.analysis.saliency import lora_delta, lora_updates
 from lorashear.errors import PassError
 from lorashear.ir.core import Module, Op, Param
 from lorashear.ir.interpret import run_op
+from lorashear.ir.ops import LINEAR_KINDS
 
 if TYPE_CHECKING:
     from lorashear.passes.reconstruct import Consumer, Correction
@@ -132,7 +133,7 @@ def sequential_corrections(dense: Module, module: Module, groups: GroupsAttr,
         raise PassError("reconstruct inputs=pruned: the reference's graph is not the module's",
                         hint="the reference is the module before prune, lowered from the same model")
     by_param = {c.param: c for c in found}
-    consumer_params = {p.name for op in module.graph.ops if op.kind in ("linear", "lora_linear")
+    consumer_params = {p.name for op in module.graph.ops if op.kind in LINEAR_KINDS
                        and isinstance(op.args[1], Param) and op.args[1].name in by_param for p in op.params()}
     local = {f: units for f, units in folded.items() if groups.families[f].kind in _LOCAL_KINDS}
     rest = {f: units for f, units in removed.items() if f not in local}
@@ -172,7 +173,7 @@ def sequential_corrections(dense: Module, module: Module, groups: GroupsAttr,
             for (index, op_d), (_, op_p) in zip(walks[0].indexed[k], walks[1].indexed[k], strict=True):
                 added = None
                 weight = op_p.args[1] if len(op_p.args) > 1 else None
-                if isinstance(weight, Param) and weight.name in by_param and op_p.kind in ("linear", "lora_linear"):
+                if isinstance(weight, Param) and weight.name in by_param and op_p.kind in LINEAR_KINDS:
                     c = by_param[weight.name]
                     correction, added = _solve(op_d, op_p, c, envs, loaded, updates, damp, bias, Correction)
                     tensor = pruned[c.param]
