@@ -24,7 +24,8 @@ falls on the output tokens only; needs the source model's tokenizer); with ``los
 (KL divergence) on the stage-1 text windows, which needs ``reference=``.
 
 ``train=`` says what trains (AdamW): ``lora`` the LoRA factors; ``lora+norms`` also every
-1-D base weight (norm scales, biases); ``all`` also the base weights. On a masked model (a
+1-D base weight (norm scales, biases); ``all`` also the base weights. The factors train at
+``lr``, the base weights at ``base-lr``. On a masked model (a
 ``prune-mask`` attribute from ``prune``/``lhspg``) the trained rows and columns of removed
 units are set back to zero after every step (``zero_groups`` semantics on the live tensors),
 so ``compress`` stays exact.
@@ -88,6 +89,10 @@ from lorashear.training.runtime import (
 
 #: Suffixes of a single data file that can hold no instruction records.
 PLAIN_TEXT_SUFFIXES = (".txt", TOKEN_ID_SUFFIX)
+#: ``base-lr``'s default: on one-shot-pruned SmolLM2-135M, 40 steps of ``train=all`` at one
+#: learning rate for everything recovered most at 1e-4 of {1e-3, 1e-4, 3e-5} (1e-3 undid the
+#: pruned model; ``bench/RESULTS.md``, "Recovery that trains the base weights").
+BASE_LR = 1e-4
 
 
 @register_attribute
@@ -219,7 +224,9 @@ class Recover(ModulePass):
         "lora", "what recovery trains: lora (the adapters), lora+norms (also every 1-D weight: "
         "norm scales, biases), all (also the base weights; removed units stay zero). AdamW keeps "
         "two fp32 moments per trained element (statistic 'optimizer state MB')")
-    lr: float = option(1e-3, "AdamW learning rate of the trained tensors")
+    lr: float = option(1e-3, "AdamW learning rate of the LoRA factors")
+    base_lr: float = option(BASE_LR, "AdamW learning rate of the base weights train= adds (norms, "
+                            "biases, matrices): full weights want a smaller step than the factors")
     schedule: Schedule = option("constant", "learning rate after the warmup: constant, or cosine "
                                 "(decays to 0 over the run's steps)")
     warmup: int = warmup_option(-1, "a fresh AdamW's first steps move every LoRA element by "
@@ -386,7 +393,7 @@ class Recover(ModulePass):
         trained = self.base_trained(module)
         masks = self.keep_masks(module, trained)
         first = data_cursor(module)  # data steps earlier runs drew: this run draws after them
-        model = harness.build(module, self.seed, trained)
+        model = harness.build(module, self.seed, trained, self.base_lr)
         total = sum(spec_weights.values()) or 1.0
         data = RecoveryData(windows, rows, {s.name: spec_weights[s.name] / total for s in windows}, first,
                             self.hidden_keep(module) if self.loss == "kd-hidden" else None)

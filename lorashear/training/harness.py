@@ -134,10 +134,12 @@ class LoraHarness:
                    total_steps, options.checkpoint_dir, options.log, options.progress)
 
     # --- the model -----------------------------------------------------------------------------
-    def build(self, module: Module, seed: int, also_train: Iterable[str] = ()) -> IRModel:
+    def build(self, module: Module, seed: int, also_train: Iterable[str] = (),
+              also_lr: float | None = None) -> IRModel:
         """Seed the torch RNG (LoRA dropout), put ``module`` on the device in training mode and
         make the AdamW optimizer (no weight decay) of its LoRA factors and of the base
-        parameters named in ``also_train`` (kept like the factors: checkpointed, written back)."""
+        parameters named in ``also_train`` (kept like the factors: checkpointed, written back),
+        those at learning rate ``also_lr`` when given (warmed up and scheduled alike)."""
         self.seed = seed
         self.runtime.seed(seed)
         also_train = frozenset(also_train)
@@ -145,8 +147,15 @@ class LoraHarness:
         for name in sorted(also_train):
             self.model.tensor(name).requires_grad_(True)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=0.0)
         self._names = {id(p): n for n, p in self.model.named_parameters()}
+        base_ids = {id(self.model.tensor(name)) for name in also_train}
+        base = [p for p in self.trainable if id(p) in base_ids]
+        if base and also_lr is not None:
+            factors = [p for p in self.trainable if id(p) not in base_ids]
+            groups = [{"params": factors}, {"params": base, "lr_scale": also_lr / self.lr}]
+        else:
+            groups = [{"params": self.trainable}]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)
         self.kept = {self._names[id(p)] for p in self.trainable}
         return self.model
 

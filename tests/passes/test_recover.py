@@ -381,6 +381,23 @@ def test_training_base_weights_keeps_removed_units_zero_and_reloads(recovery_set
     assert (reloaded - small).abs().max() <= 1e-4
 
 
+def test_base_weights_train_at_base_lr_and_the_factors_at_lr(recovery_setup):
+    """recover{train=all}: AdamW's first step moves each element by about its learning rate,
+    so the base matrices and norms move by at most ``base-lr`` and the LoRA factors by up to
+    ``lr`` (50x more here), each nearly that far somewhere."""
+    damaged, root = recovery_setup
+    before = {n: p.storage.load().clone() for n, p in damaged.params.items()}
+    result = _recover(damaged, root, steps=1, **{"stage1-steps": 1, "probe-every": 1, "train": "all",
+                                                 "lr": 5e-3, "base-lr": 1e-4, "warmup": 0})
+    lora = lora_param_names(damaged)
+    moved = {n: float((p.storage.load() - before[n]).abs().max()) for n, p in result.params.items()
+             if not p.buffer and p.storage.load().is_floating_point()}
+    base = max(v for n, v in moved.items() if n not in lora)
+    factors = max(v for n, v in moved.items() if n in lora)
+    assert 0.9e-4 <= base <= 1.01e-4, base  # fp32 rounding of weights near 1
+    assert 0.9 * 5e-3 <= factors <= 1.01 * 5e-3, factors
+
+
 def test_train_option_is_validated():
     with pytest.raises(PassError, match="train"):
         PassManager.parse("recover{data=x.yaml,train=everything}")
