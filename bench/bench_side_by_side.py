@@ -49,7 +49,7 @@ loss, default kd). BENCH_ADAPTED=PATH.ir keeps the adapted model between runs: w
 there after the adaptation when missing, read instead of adapting when present (it must come
 from the same budget's adaptation; the table's header names the file). BENCH_ONESHOT_TRAIN=0
 stops each one-shot method after its untrained rows (pruned, + reconstruct);
-BENCH_ONESHOT_FIRST=1 runs the one-shot methods before lorashear at each ratio. Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
+BENCH_ONESHOT_FIRST=1 runs the one-shot methods before lorashear at each ratio; BENCH_ONESHOT_BATCHES=N calibrates each one-shot ``prune`` on N batches instead of lhspg's 4 (calibration, not training tokens). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
 
@@ -230,7 +230,8 @@ class Bench:
             self.save_reference()
         mix_windows = len(self.mix.read_text().split()) // b.seq_len
         # lhspg calibrates taylor on min(4, windows // batch) batches of its data: the same here
-        self.calibration = f"batches={min(4, max(1, mix_windows // b.batch))},batch={b.batch},seq-len={b.seq_len}"
+        batches = int(os.environ.get("BENCH_ONESHOT_BATCHES", "0")) or min(4, max(1, mix_windows // b.batch))
+        self.calibration = f"batches={batches},batch={b.batch},seq-len={b.seq_len}"
 
     def save_reference(self) -> None:
         """The unpruned model (``self.base`` as it is now) as the KD teacher's IR file."""
@@ -292,7 +293,7 @@ class Bench:
                 "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
                 "knowledge_gamma": self.knowledge, "speed_timing": "median of 5 runs",
                 "reconstruct": self.reconstruct, "reconstruct_bias": self.reconstruct_bias,
-                "reconstruct_options": self.reconstruct_options,
+                "reconstruct_options": self.reconstruct_options, "oneshot_calibration": self.calibration,
                 "recover_train": self.recover_train, "stage2_loss": self.stage2_loss,
                 "adapted_from": getattr(self, "adapted_from", None),
                 "source_train_tokens": getattr(self, "token_counts", {}),
@@ -577,6 +578,8 @@ def markdown(data: dict) -> str:
         bias = "{" + ",".join(options) + "}" if options else ""
         head += (f" With `reconstruct{bias}`: `lhspg{{reconstruct=true}}`, and each one-shot `prune` followed "
                  "by `reconstruct` against the adapted model (its own row, no training).")
+    if data.get("oneshot_calibration") and not data["oneshot_calibration"].startswith("batches=4,"):
+        head += f" Each one-shot `prune` calibrates on `{data['oneshot_calibration']}`."
     if data.get("recover_train", "lora") != "lora" or data.get("stage2_loss", "kd") != "kd":
         head += (f" Every recovery trains `{data.get('recover_train', 'lora')}`; stage 2's loss is "
                  f"`{data.get('stage2_loss', 'kd')}`.")
