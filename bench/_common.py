@@ -7,6 +7,7 @@ sibling module: Python puts a script's own folder first on ``sys.path``.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -131,6 +132,17 @@ def one_shot_pipeline(metric: str, ratio: float, data: str | Path, *, kinds: str
     extra += f",attn-share={attn_share}" if attn_share is not None else ""
     return (f'prune{{ratio={ratio},metric={metric},seed={seed},scope={scope},kinds={kinds},'
             f'data="{data}"{extra}}}')
+
+
+def save_rows(rows: list[dict], args, header: str = "model") -> None:
+    """Print ``rows`` (``what``, ``ppl``) as a markdown table and write them with ``args`` to
+    ``bench/out/{args.out}``: the output of the SmolLM2 one-shot scripts."""
+    print(f"\n| {header} | held-out ppl |\n|---|---:|")
+    for row in rows:
+        print(f"| {row['what']} | {row['ppl']:.1f} |")
+    out = OUT_DIR / args.out
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 #: The small ablations' setup: training sources, eval sources, held-out windows x tokens.

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import add_smollm2_arguments, one_shot_pipeline
+from _common import add_smollm2_arguments, one_shot_pipeline, save_rows
 from _common import held_out_ppl as held_out_perplexities
 
 
@@ -101,12 +101,7 @@ def main() -> int:
                 rows.append({"what": label, "ppl": ppl(rebuilt),
                              "seconds": time.perf_counter() - begin, **manager.records[-1].statistics})
                 print(rows[-1], flush=True)
-    print("\n| model | held-out ppl |\n|---|---:|")
-    for row in rows:
-        print(f"| {row['what']} | {row['ppl']:.1f} |")
-    out = Path(__file__).parent / "out" / args.out
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    save_rows(rows, args)
     return 0
 
 

@@ -14,12 +14,11 @@ of 256 tokens. Each variant is ``recover`` option text:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from _common import add_smollm2_arguments, one_shot_pipeline
+from _common import add_smollm2_arguments, one_shot_pipeline, save_rows
 from _common import held_out_ppl as held_out_perplexities
 
 
@@ -77,12 +76,7 @@ def main() -> int:
                      "seconds": time.perf_counter() - begin,
                      "optimizer state MB": manager.records[-1].statistics.get("optimizer state MB")})
         print(rows[-1], flush=True)
-    print(f"\n| model ({args.steps} recovery steps) | held-out ppl |\n|---|---:|")
-    for row in rows:
-        print(f"| {row['what']} | {row['ppl']:.1f} |")
-    out = Path(__file__).parent / "out" / args.out
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    save_rows(rows, args, f"model ({args.steps} recovery steps)")
     return 0
 
 
