@@ -27,7 +27,7 @@ OTHER_VALUES = {
         "precision": "bf16", "grad_checkpoint": True, "shard": "fsdp2"},
     "recover{data=spec.yaml,reference=ref.ir}": {
         "data": "other.yaml", "steps": 30, "stage1_steps": 10, "probe_every": 5, "sampling": "static",
-        "loss": "kd", "reference": "other.ir", "lr": 0.01, "schedule": "cosine", "warmup": 0,
+        "loss": "kd", "reference": "other.ir", "lr": 0.01, "base_lr": 3e-4, "schedule": "cosine", "warmup": 0,
         "train": "all", "hidden_weight": 0.5,
         "seq_len": 64, "batch": 2, "seed": 1, "probe_windows": 4, "log": "l.jsonl",
         "checkpoint_dir": "ck", "progress": False, "device": "cuda:1", "precision": "fp16",
