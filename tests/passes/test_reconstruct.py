@@ -96,8 +96,8 @@ def test_exact_fold_from_a_reference_after_the_units_were_zeroed(layer_ids, tmp_
     pruned = _outputs(module, ids)
     assert (pruned - dense).abs().max() > 0.1
     with pytest.raises(PassError, match="zero already"):  # nothing left to fold without it
-        PassManager.parse(f'reconstruct{{data="{layer_ids}",seq-len=8,damp=0}}').run(clone_module(module))
-    manager = PassManager.parse(f'reconstruct{{data="{layer_ids}",seq-len=8,damp=0,'
+        PassManager.parse(f'reconstruct{{data="{layer_ids}",batches=8,seq-len=8,damp=0}}').run(clone_module(module))
+    manager = PassManager.parse(f'reconstruct{{data="{layer_ids}",batches=8,seq-len=8,damp=0,'
                                 f'reference="{tmp_path / "dense.ir"}"}}')
     manager.run(module)
     assert (_outputs(module, ids) - dense).abs().max() <= 1e-5
