@@ -152,7 +152,7 @@ class LoraHarness:
         base = [p for p in self.trainable if id(p) in base_ids]
         if base and also_lr is not None:
             factors = [p for p in self.trainable if id(p) not in base_ids]
-            groups = [{"params": factors}, {"params": base, "lr_scale": also_lr / self.lr}]
+            groups = [{"params": factors}, {"params": base, "peak_lr": also_lr}]
         else:
             groups = [{"params": self.trainable}]
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)

@@ -73,12 +73,12 @@ def set_warmup_lr(optimizer: torch.optim.Optimizer, lr: float, step: int, warmup
                   schedule: Schedule = "constant", total: int = 0) -> None:
     """Linear warmup: step ``step`` (0-based) trains at ``lr * min(1, (step + 1) / warmup)``; then
     ``schedule`` over the ``total`` steps. A function of the step alone, so a resumed run trains
-    at the same rates. A parameter group with an ``lr_scale`` trains at that multiple of it."""
-    rate = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+    at the same rates. A parameter group with its own ``peak_lr`` follows the same curve from it."""
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if schedule == "cosine" and step >= warmup and total > warmup:
-        rate = lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        factor = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
     for group in optimizer.param_groups:
-        group["lr"] = rate * group.get("lr_scale", 1.0)
+        group["lr"] = group.get("peak_lr", lr) * factor
 
 
 def check_device_text(pass_name: str, device: str) -> None:
