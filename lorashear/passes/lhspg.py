@@ -36,11 +36,12 @@ as in ``prune``: families a ``knowledge`` analysis protects give none, the other
 ``taylor`` on SmolLM2 at 20% and 50% in both benchmarks that compared them (``bench/RESULTS.md``:
 "`lhspg` choosing by wanda" and the `attn-share=auto` rows of the ablations).
 
-With ``reconstruct=true``, just before each period's forced zeroing, what the period's attn/mlp
-groups still feed their consumers (``o_proj`` and ``down_proj`` input columns, shrunk by then)
-is folded into the surviving columns by least squares on the calibration windows, with the
-live weights and activations (:func:`lorashear.passes.reconstruct.fold_live`); the groups and
-the steps are the same as without it, which is the default.
+With ``reconstruct=true``, what each shrink step takes from the period's attn/mlp groups'
+consumer columns (``o_proj`` and ``down_proj`` inputs) is folded into the surviving columns
+as it goes, by least squares on the calibration windows of the live model at the period's
+start (:mod:`lorashear.passes.progressive_fold`); the groups and the steps are the same as
+without it, which is the default. ``batches`` sets how many calibration windows of ``batch``
+score the groups, measure the split and solve the fold.
 
 The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
@@ -56,7 +57,6 @@ the ranks between its passes, and only the small LoRA A factors are gathered who
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -101,7 +101,8 @@ from lorashear.passes.options import (
     shard_option,
     warmup_option,
 )
-from lorashear.passes.reconstruct import FOLDED_KINDS, fold_live
+from lorashear.passes.progressive_fold import ProgressiveFold
+from lorashear.passes.reconstruct import FOLDED_KINDS, LHSPG_FOLD_DAMP
 from lorashear.passes.registry import register_pass
 from lorashear.passes.resume import result_text
 from lorashear.runtime.executor import IRModel, lora_param_names
@@ -278,10 +279,10 @@ class Lhspg(ModulePass):
                                   "with it, since the shrink then outpaces LoRA")
     lam: float = option(1.0, "shrink strength: lambda_g = lam * ||W_g|| at period start / shrink steps")
     eps: float = option(0.0, "half-space margin: zero a group when <x~_g, W_g> < eps ||W_g||^2")
-    reconstruct: bool = option(False, "at each period's forced zeroing, first fold what its attn/mlp "
-                               "groups' consumer columns (o_proj, down_proj inputs) still contribute "
-                               "into the surviving columns, by least squares on the calibration "
-                               "windows (the reconstruct pass's algebra, damp 0.01)")
+    reconstruct: bool = option(False, "fold what each shrink step takes from the period's attn/mlp "
+                               "groups' consumer columns (o_proj, down_proj inputs) into the "
+                               "surviving columns, by least squares on the calibration windows "
+                               "(the reconstruct pass's algebra, damp 0.01)")
     settle: float = option(0.75, "share of each period's steps that train LoRA after the period's "
                            "groups are forced to zero (the shrink spans the rest; 0: the "
                            "groups reach zero at the period's last step)")
@@ -300,6 +301,8 @@ class Lhspg(ModulePass):
                        "of token ids, a cached source name, or a YAML data spec (steps draw sources by weight)")
     seq_len: int = option(128, "tokens per training window")
     batch: int = option(4, "windows per step")
+    batches: int = option(4, "calibration batches (of batch x seq-len tokens, drawn from data) "
+                          "that score the groups, measure attn-share=auto and solve reconstruct's fold")
     seed: int = option(0, "seed of data order and the random metric")
     log: str = option("", "append one JSON line per step to this file (loss, sparsity)",
                       run_only=True)
@@ -317,8 +320,8 @@ class Lhspg(ModulePass):
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise PassError(f"lhspg ratio must be in [0, 1), got {self.ratio}")
-        if self.periods < 1 or self.steps < 1:
-            raise PassError("lhspg periods and steps must be at least 1")
+        if self.periods < 1 or self.steps < 1 or self.batches < 1:
+            raise PassError("lhspg periods, steps and batches must be at least 1")
         if not 0.0 <= self.settle < 1.0:
             raise PassError(f"lhspg settle must be in [0, 1), got {self.settle}")
         check_warmup(self.name, self.warmup)
@@ -367,7 +370,7 @@ class Lhspg(ModulePass):
         runtime = harness.runtime
         data = self.training_data(module)
         # the data is read once: these windows score the groups, choose the split and rescore
-        calibration = data.draw(min(4, data.count // self.batch), self.batch, self.seed)
+        calibration = data.draw(min(self.batches, data.count // self.batch), self.batch, self.seed)
         # every rank scores alike; rank 0's scores choose the groups, so all ranks agree;
         # sharded, one decoder layer at a time (the model need not fit one device)
         scores = runtime.broadcast_object(score_groups(
@@ -397,15 +400,14 @@ class Lhspg(ModulePass):
                 earlier = state.chosen_units
                 current = state.choose(index, choose_units(budgets, target, self.scope, self.align,
                                                            state.attn_share, self.uniform))
-                folds: list[float] = []
-                fold = self.fold_before_zeroing(module, groups, model, runtime, calibration, earlier,
-                                                state.chosen_units, folds) if self.reconstruct else None
+                fold = self.progressive_fold(module, groups, model, runtime, calibration, earlier,
+                                             state.chosen_units) if self.reconstruct else None
                 losses = self.train_period(harness, data, index, state, current, period, fold)
                 state.period_log.append({"period": period, "chosen": int(state.chosen.sum()),
                                          "new": int(current.sum()), "mean_loss": sum(losses) / len(losses),
                                          "last_loss": losses[-1]})
-                if folds:
-                    state.period_log[-1]["reconstruct_error_left"] = folds[-1]
+                if fold is not None:
+                    state.period_log[-1]["reconstruct_error_left"] = fold.error_left
                 harness.checkpoint(state.checkpoint_state(period))
         harness.write_back(module)  # the projected base slices and the trained LoRA factors
         module.attributes["prune-mask"] = PruneMaskAttr.from_dict(state.chosen_units)
@@ -416,30 +418,26 @@ class Lhspg(ModulePass):
             "groups zeroed": int(state.chosen.sum()), "parameter share removed": round(taken / prunable, 6),
             "first loss": state.first_loss, "last loss": state.period_log[-1]["last_loss"], **state.split})
 
-    def fold_before_zeroing(self, module: Module, groups: GroupsAttr, model: IRModel,
-                            runtime: TrainingRuntime, calibration: torch.Tensor,
-                            earlier: dict[int, tuple[int, ...]], chosen: dict[int, tuple[int, ...]],
-                            folds: list[float]) -> Callable[[], None]:
-        """``reconstruct=true``: the step that folds this period's new units (``chosen`` less
-        ``earlier``) into the survivors on the live model, run just before their forced zeroing;
-        it appends the output error left (after / before) to ``folds``."""
+    def progressive_fold(self, module: Module, groups: GroupsAttr, model: IRModel,
+                         runtime: TrainingRuntime, calibration: torch.Tensor,
+                         earlier: dict[int, tuple[int, ...]],
+                         chosen: dict[int, tuple[int, ...]]) -> ProgressiveFold:
+        """``reconstruct=true``: the fold of this period's new attn/mlp units (``chosen`` less
+        ``earlier``) into the survivors, solved on the live model at the period's start."""
         new = {f: tuple(u for u in units if u not in set(earlier.get(f, ())))
                for f, units in chosen.items()}
         folded = {f: units for f, units in new.items()
                   if units and groups.families[f].kind in FOLDED_KINDS}
-        batches = [runtime.to_device(b) for b in calibration]
-
-        def fold() -> None:
-            with runtime.autocast():
-                folds.append(fold_live(model, module, groups, chosen, folded, batches)[1])
-        return fold
+        with runtime.autocast():
+            return ProgressiveFold.prepare(model, module, groups, chosen, folded,
+                                           [runtime.to_device(b) for b in calibration], LHSPG_FOLD_DAMP)
 
     def train_period(self, harness: LoraHarness, data: TextData, index: GroupIndex, state: LhspgState,
-                     current: torch.Tensor, period: int,
-                     before_zeroing: Callable[[], None] | None = None) -> list[float]:
+                     current: torch.Tensor, period: int, fold: ProgressiveFold | None = None) -> list[float]:
         """One period's steps: train LoRA, then project the period's ``current`` groups (shrink
-        them, zero them at the shrink's last step, ``before_zeroing`` called just before) and
-        clear the LoRA of earlier ones; returns the steps' losses."""
+        them, zero them at the shrink's last step; with a ``fold``, what each shrink step takes
+        is folded into the survivors) and clear the LoRA of earlier ones; returns the steps'
+        losses."""
         runtime, shrink_steps = harness.runtime, self.shrink_steps
         chosen_here, current_here = runtime.to_device(state.chosen), runtime.to_device(current)
         # sharded: each rank's rows give partial group sums, summed over the ranks
@@ -462,11 +460,13 @@ class Lhspg(ModulePass):
             with runtime.autocast():
                 loss = harness.model(batch, labels=batch).loss
             loss_value = harness.step(loss, state.step_total)
-            if before_zeroing is not None and step == shrink_steps - 1:
-                before_zeroing()
+            shrinking = fold is not None and step < shrink_steps
+            before = fold.removed_parts() if shrinking else None
             index.gather()  # sharded: the whole LoRA A factors (else nothing)
             stats = plan.step(lambdas, eps=self.eps, force=step == shrink_steps - 1)
             index.scatter()
+            if shrinking:
+                fold.fold(before)
             if step == shrink_steps - 1 and shrink_steps < self.steps:
                 # settling: this period's groups are zero now and stay so, like earlier ones
                 plan = ProjectionPlan(index.weights, torch.zeros_like(chosen_here),

@@ -207,19 +207,38 @@ def solve_correction(dense: torch.Tensor, gram: torch.Tensor, removed: torch.Ten
         system = h_kk + torch.diag(ridge)
     else:
         system = h_kk + damp * scale * torch.eye(len(h_kk), dtype=torch.float64)
-    rhs = h_kr @ e_r.T  # [|K|, out]: (dW)^T = system^-1 H_KR E_R^T
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        solution = torch.cholesky_solve(rhs, factor)
-    else:
-        solution = torch.linalg.lstsq(system, rhs, driver="gelsd").solution
-    delta = solution.T
+    delta = solve_damped(system, h_kr @ e_r.T).T  # (dW)^T = system^-1 H_KR E_R^T: [|K|, out]
     # ||E_R X_R - dW X_K||^2 expanded in the second moments
     after = before - 2 * float(torch.einsum("ij,jk,ik->", delta, h_kr, e_r)) \
         + float(torch.einsum("ij,jk,ik->", delta, h_kk, delta))
     if bias:
         return Correction(delta[:, :-1], before, max(after, 0.0), delta[:, -1])
     return Correction(delta, before, max(after, 0.0))
+
+
+def solve_damped(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``system^-1 rhs`` for a damped gram ``system``: a Cholesky solve, least squares where
+    the system is singular in floating point."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.lstsq(system, rhs, driver="gelsd").solution
+
+
+def fold_operator(gram: torch.Tensor, removed: torch.Tensor, keep: torch.Tensor,
+                  damp: float) -> torch.Tensor:
+    """``T = H_RK (H_KK + lambda I)^-1`` ([|R|, |K|], float64), so that any removed columns'
+    weights ``E_R`` fold as ``dW = E_R @ T``: :func:`solve_correction`'s algebra with the
+    weight left out, for a caller that folds a weight that is still changing
+    (:class:`lorashear.passes.progressive_fold.ProgressiveFold`). Zero where the kept inputs
+    are all zero."""
+    h_kk, h_kr = gram[keep][:, keep], gram[keep][:, removed]
+    diagonal = h_kk.diagonal()
+    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
+    if scale <= 0:
+        return torch.zeros(int(removed.sum()), int(keep.sum()), dtype=torch.float64)
+    system = h_kk + damp * scale * torch.eye(len(h_kk), dtype=torch.float64)
+    return solve_damped(system, h_kr).T
 
 
 def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.Tensor],
@@ -235,33 +254,6 @@ def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.
     for c in found:
         gram = grams.pop(c.param).cpu()
         yield c, solve_correction(weights.pop(c.param), gram, c.removed, c.kept, damp, bias=bias)
-
-
-def fold_live(model: Any, module: Module, groups: GroupsAttr, removed: dict[int, tuple[int, ...]],
-              folded: dict[int, tuple[int, ...]], batches: Iterable[torch.Tensor],
-              damp: float = LHSPG_FOLD_DAMP) -> tuple[int, float]:
-    """Fold the ``folded`` units' consumer columns into the kept ones in the live tensors of an
-    executor ``model`` (``model.tensor(name)``), in place, with the model's own weights and
-    activations on ``batches`` (on the model's device): what ``lhspg{reconstruct=true}`` does
-    before a period's forced zeroing. The folded columns are left as they are (the caller
-    zeroes them). Returns (consumers corrected, output error left: after / before)."""
-    found, _ = consumers(module, groups, removed, folded)
-
-    def load(name: str) -> torch.Tensor:
-        return model.tensor(name).detach()
-
-    updates = lora_updates(module)
-    weights = {c.param: effective_weight(load, updates, c.param) for c in found}
-    before = after = 0.0
-    with torch.no_grad():
-        for c, correction in corrections(module, found, weights, batches, damp,
-                                         tensor_of=lambda p: load(p.name)):
-            tensor = model.tensor(c.param)
-            kept = torch.nonzero(c.kept).flatten().to(tensor.device)
-            tensor.index_add_(1, kept, correction.delta.to(device=tensor.device, dtype=tensor.dtype))
-            before += correction.error_before
-            after += correction.error_after
-    return len(found), after / before if before > 0 else 0.0
 
 
 @register_pass

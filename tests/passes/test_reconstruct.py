@@ -190,7 +190,7 @@ def _lhspg(module, root, **opts):
     return result
 
 
-def test_lhspg_reconstruct_folds_before_each_forced_zeroing(trained):
+def test_lhspg_reconstruct_folds_each_shrink_step_and_masked_equals_compressed(trained):
     from lorashear.passes.compress import compress_module
 
     module, root, held_out = trained
@@ -206,6 +206,35 @@ def test_lhspg_reconstruct_folds_before_each_forced_zeroing(trained):
     compressed = clone_module(folded)
     compress_module(compressed, folded.attributes["groups"], folded.attributes["prune-mask"].as_dict())
     assert (_outputs(folded, held_out[:4]) - _outputs(compressed, held_out[:4])).abs().max() <= 1e-4
+
+
+def test_progressive_fold_keeps_a_linear_consumer_exact_through_every_shrink_step():
+    """Removed inputs that are linear combinations of kept ones: whatever each step takes
+    from E_R (LoRA update included), the kept columns take over and the output is unchanged."""
+    from lorashear.analysis.saliency import _gram
+    from lorashear.passes.progressive_fold import FoldTarget
+    from lorashear.passes.reconstruct import fold_operator
+
+    g = torch.Generator().manual_seed(7)
+    x_kept = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    x = torch.cat([x_kept, x_kept @ torch.randn(6, 3, generator=g, dtype=torch.float64)], 1)
+    removed = torch.tensor([False] * 6 + [True] * 3)
+    weight = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    a, b = torch.randn(2, 9, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    dense = x @ (weight + 0.5 * b @ a).T
+    target = FoldTarget(weight, torch.arange(6, 9), torch.arange(6),
+                        fold_operator(_gram(x, False), removed, ~removed, 0.0),  # float64 throughout
+                        torch.ones(5, dtype=torch.bool), (a, b, 0.5))
+    for share in (0.3, 0.5, 1.0):  # a shrink step; the last one merges LoRA and zeroes the rest
+        before = target.removed_part()
+        if share < 1.0:
+            weight[:, 6:] *= 1 - share
+        else:
+            weight[:, 6:] = 0
+            a[:, 6:] = 0
+        target.fold(before)
+        assert torch.allclose(x @ (weight + 0.5 * b @ a).T, dense, atol=1e-8)
+    assert not weight[:, 6:].any()
 
 
 # --- bias=true -----------------------------------------------------------------------------------
