@@ -170,6 +170,8 @@ def test_lhspg_errors(trained, lowered, tmp_path):
         _lhspg(module, data, ratio=1.5)
     with pytest.raises(PassError, match=r"settle must be in \[0, 1\)"):
         _lhspg(module, data, settle=1.0)
+    with pytest.raises(PassError, match="periods, steps and batches must be at least 1"):
+        _lhspg(module, data, batches=0)
     with pytest.raises(PassError, match="lhspg warmup must be >= 0"):
         _lhspg(module, data, warmup=-2)
     with pytest.raises(PassError, match="rescore needs metric=taylor"):
@@ -388,3 +390,20 @@ def test_metric_obs_chooses_the_groups_and_compress_stays_exact(trained):
         masked = emit_torch(after)(windows[:4]).logits
         sliced = emit_torch(compressed)(windows[:4]).logits
     assert torch.allclose(masked, sliced, atol=1e-4)
+
+
+def test_batches_sets_the_calibration_that_scores_the_groups(trained, monkeypatch):
+    from lorashear.passes import lhspg
+
+    module, data, _ = trained
+    seen = []
+
+    def recording(*args, batches, **kwargs):
+        seen.append(tuple(batches.shape))
+        return score_groups(*args, batches=batches, **kwargs)
+
+    score_groups = lhspg.score_groups
+    monkeypatch.setattr(lhspg, "score_groups", recording)
+    _lhspg(module, data, steps=2, batches=2, batch=4)
+    _lhspg(module, data, steps=2, batch=4)
+    assert seen == [(2, 4, 32), (4, 4, 32)]  # 2 asked for; 4 by default
