@@ -49,7 +49,8 @@ model, evaluated as its own row before any training), BENCH_RECONSTRUCT_BIAS=1 (
 loss, default kd). BENCH_ADAPTED=PATH.ir keeps the adapted model between runs: written
 there after the adaptation when missing, read instead of adapting when present (it must come
 from the same budget's adaptation; the table's header names the file). BENCH_ONESHOT_TRAIN=0
-stops each one-shot method after its untrained rows (pruned, + reconstruct);
+stops each one-shot method after its untrained rows (pruned, + reconstruct), and
+BENCH_LORASHEAR_RECOVER=0 lorashear after its LHSPG row;
 BENCH_ONESHOT_FIRST=1 runs the one-shot methods before lorashear at each ratio; BENCH_ONESHOT_BATCHES=N calibrates each one-shot ``prune`` on N batches instead of lhspg's 4 (calibration, not training tokens). Writes bench/out/side_by_side.json and bench/out/side_by_side.md (``bench/update_readme.py`` copies the table into README.md), or
 bench/out/{BENCH_NAME}.json/.md: a narrowed run named apart does not replace the full table.
 """
@@ -385,6 +386,8 @@ class Bench:
             if "knowledge" in stats:
                 row["knowledge_stats"] = _jsonable(stats["knowledge"])
             self.evaluate(module, row)
+            if os.environ.get("BENCH_LORASHEAR_RECOVER", "1") == "0":
+                return
             row = self.add(method=method, ratio=ratio, stage="+ stage 1 (dynamic)",
                            train_tokens=b.lhspg_tokens + b.stage1 * b.batch * b.seq_len,
                            share_removed=row["share_removed"])
