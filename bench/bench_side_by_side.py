@@ -39,7 +39,8 @@ steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and
 ``prune`` alike (default auto, the split the README's table uses; empty: each pass's own default,
 which for ``prune`` is proportional); BENCH_LHSPG_METRIC (default wanda, ``lhspg``'s own
 default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH_LHSPG_BATCHES
-(default 4, ``lhspg``'s own) its ``batches`` of calibration; BENCH_THREADS (default 2).
+(default 4, ``lhspg``'s own) its ``batches`` of calibration; BENCH_LHSPG_OPTIONS more options
+of ``lhspg`` (e.g. ``damp=0.01``); BENCH_THREADS (default 2).
 Issue #24's components, offered to lorashear and the one-shot rows alike: BENCH_RECONSTRUCT=1
 (``lhspg{reconstruct=true}``; after each one-shot ``prune`` a ``reconstruct`` against the adapted
 model, evaluated as its own row before any training), BENCH_RECONSTRUCT_BIAS=1 (that
@@ -168,6 +169,7 @@ class Bench:
         self.attn_share = share or None  # a number, proportional or auto; None: the passes' default
         self.lhspg_metric = os.environ.get("BENCH_LHSPG_METRIC", "wanda")  # lhspg's default
         self.lhspg_batches = int(os.environ.get("BENCH_LHSPG_BATCHES", "4"))  # lhspg's default
+        self.lhspg_options = os.environ.get("BENCH_LHSPG_OPTIONS", "").strip(",")
         # knowledge{gamma} before lhspg (0: none); lorashear only: the one-shot rows are the peers
         self.knowledge = float(os.environ.get("BENCH_KNOWLEDGE", "0.1"))
         # issue #24's components, offered to every method that prunes or recovers
@@ -294,7 +296,7 @@ class Bench:
                 "train_tokens_per_method": self.budget.train_tokens,
                 "lhspg_tokens": self.budget.lhspg_tokens, "sources": list(SOURCES),
                 "attn_share": self.attn_share, "lhspg_metric": self.lhspg_metric,
-                "lhspg_batches": self.lhspg_batches,
+                "lhspg_batches": self.lhspg_batches, "lhspg_options": self.lhspg_options,
                 "knowledge_gamma": self.knowledge, "speed_timing": "median of 5 runs",
                 "reconstruct": self.reconstruct, "reconstruct_bias": self.reconstruct_bias,
                 "reconstruct_options": self.reconstruct_options, "oneshot_calibration": self.calibration,
@@ -379,7 +381,8 @@ class Bench:
                 f"{knowledge}lhspg{{ratio={ratio},periods={b.periods},steps={b.lhspg_steps},batch={b.batch},"
                 f"seq-len={b.seq_len},metric={self.lhspg_metric},batches={self.lhspg_batches},"
                 f"lr=0.001,data={self.mix},"
-                f"progress=false{share}{',reconstruct=true' if self.reconstruct else ''}}},"
+                f"progress=false{share}{',reconstruct=true' if self.reconstruct else ''}"
+                f"{',' + self.lhspg_options if self.lhspg_options else ''}}},"
                 "compress"), f"{method} lhspg @{ratio}")
             row["share_removed"] = stats["lhspg"].get("parameter share removed")
             row["lhspg_stats"] = _jsonable(stats["lhspg"])
@@ -575,6 +578,8 @@ def markdown(data: dict) -> str:
     head += f" lorashear's `lhspg` chooses groups by `metric={data.get('lhspg_metric', 'taylor')}`"
     if data.get("lhspg_batches", 4) != 4:
         head += f" on {data['lhspg_batches']} calibration batches"
+    if data.get("lhspg_options"):
+        head += f" (`lhspg{{{data['lhspg_options']}}}`)"
     # runs before BENCH_KNOWLEDGE existed had no knowledge analysis
     gamma = data.get("knowledge_gamma", 0)
     head += (f", after `knowledge{{gamma={gamma:g}}}` (its calibration: no training tokens); the one-shot "

@@ -102,7 +102,7 @@ from lorashear.passes.options import (
     warmup_option,
 )
 from lorashear.passes.progressive_fold import ProgressiveFold
-from lorashear.passes.reconstruct import FOLDED_KINDS, LHSPG_FOLD_DAMP
+from lorashear.passes.reconstruct import DEFAULT_DAMP, FOLDED_KINDS
 from lorashear.passes.registry import register_pass
 from lorashear.passes.resume import result_text
 from lorashear.runtime.executor import IRModel, lora_param_names
@@ -282,7 +282,9 @@ class Lhspg(ModulePass):
     reconstruct: bool = option(False, "fold what each shrink step takes from the period's attn/mlp "
                                "groups' consumer columns (o_proj, down_proj inputs) into the "
                                "surviving columns, by least squares on the calibration windows "
-                               "(the reconstruct pass's algebra, damp 0.01)")
+                               "(the reconstruct pass's algebra)")
+    damp: float = option(DEFAULT_DAMP, "reconstruct=true: ridge added to X_K X_K^T, as a share of its "
+                         "mean diagonal (>= 0), as in reconstruct")
     settle: float = option(0.75, "share of each period's steps that train LoRA after the period's "
                            "groups are forced to zero (the shrink spans the rest; 0: the "
                            "groups reach zero at the period's last step)")
@@ -324,6 +326,8 @@ class Lhspg(ModulePass):
             raise PassError("lhspg periods, steps and batches must be at least 1")
         if not 0.0 <= self.settle < 1.0:
             raise PassError(f"lhspg settle must be in [0, 1), got {self.settle}")
+        if not self.damp >= 0 or self.damp == float("inf"):
+            raise PassError(f"lhspg damp must be a finite number >= 0, got {self.damp}")
         check_warmup(self.name, self.warmup)
         check_attn_share(self.name, self.attn_share, self.kinds)
         check_uniform(self.name, self.uniform, self.scope)
@@ -430,7 +434,7 @@ class Lhspg(ModulePass):
                   if units and groups.families[f].kind in FOLDED_KINDS}
         with runtime.autocast():
             return ProgressiveFold.prepare(model, module, groups, chosen, folded,
-                                           [runtime.to_device(b) for b in calibration], LHSPG_FOLD_DAMP)
+                                           [runtime.to_device(b) for b in calibration], self.damp)
 
     def train_period(self, harness: LoraHarness, data: TextData, index: GroupIndex, state: LhspgState,
                      current: torch.Tensor, period: int, fold: ProgressiveFold | None = None) -> list[float]:

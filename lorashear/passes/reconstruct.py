@@ -98,8 +98,6 @@ DEFAULT_DAMP = 0.1
 #: one-shot obs + ``reconstruct`` on the LoRA-adapted SmolLM2 at 20% from 59.5 to 58.0
 #: held-out (``bench/RESULTS.md``, the ``full`` budget with more calibration).
 DEFAULT_BATCHES = 16
-#: The ridge of ``lhspg{reconstruct=true}``'s fold (not measured against another value there).
-LHSPG_FOLD_DAMP = 0.01
 #: The group kinds ``reconstruct`` folds by default and ``lhspg{reconstruct=true}`` folds.
 FOLDED_KINDS = ("attn", "mlp")
 

@@ -172,6 +172,9 @@ def test_lhspg_errors(trained, lowered, tmp_path):
         _lhspg(module, data, settle=1.0)
     with pytest.raises(PassError, match="periods, steps and batches must be at least 1"):
         _lhspg(module, data, batches=0)
+    for bad in ("-0.1", "inf", "nan"):
+        with pytest.raises(PassError, match="damp must be a finite number >= 0"):
+            _lhspg(module, data, damp=bad)
     with pytest.raises(PassError, match="lhspg warmup must be >= 0"):
         _lhspg(module, data, warmup=-2)
     with pytest.raises(PassError, match="rescore needs metric=taylor"):

@@ -20,7 +20,7 @@ TRAINING_RUN_ONLY = {"log", "checkpoint_dir", "progress", "device", "grad_checkp
 OTHER_VALUES = {
     "lhspg{data=a.ids,metric=taylor}": {
         "ratio": 0.4, "periods": 2, "steps": 5, "lr": 0.01, "warmup": 3, "lam": 0.5, "eps": 0.1,
-        "reconstruct": True, "settle": 0.5, "metric": "wanda", "rescore": True, "kinds": ("mlp",), "scope": "global",
+        "reconstruct": True, "damp": 0.01, "batches": 8, "settle": 0.5, "metric": "wanda", "rescore": True, "kinds": ("mlp",), "scope": "global",
         "attn_share": 0.5, "uniform": True, "align": 64, "data": "b.ids", "seq_len": 64, "batch": 2,
         "seed": 1, "log": "l.jsonl",
         "checkpoint_dir": "ck", "progress": False, "cuda_graph": True, "device": "cpu",
