@@ -35,7 +35,7 @@ emission), measured for dense, lorashear and one-shot taylor (one-shot rows shar
 BENCH_BUDGET=smoke|default|full sets the sizes (smoke only validates the script); BENCH_ADAPT
 overrides the adaptation steps; BENCH_RATIOS=0.2, BENCH_METRICS=taylor,random (empty: no one-shot rows) and
 BENCH_SKIP=dense,lorashear,torch-pruning narrow a run; BENCH_LHSPG=1x100 sets LHSPG's periods x
-steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
+steps; BENCH_RECOVER=320x160 recovery's stage-1 x stage-2 steps; BENCH_ATTN_SHARE=0|proportional|auto sets ``attn-share`` of ``lhspg`` and every one-shot
 ``prune`` alike (default auto, the split the README's table uses; empty: each pass's own default,
 which for ``prune`` is proportional); BENCH_LHSPG_METRIC (default wanda, ``lhspg``'s own
 default; taylor before 2026-11-29 09:30) the saliency metric of ``lhspg``; BENCH_LHSPG_BATCHES
@@ -686,6 +686,14 @@ def main() -> int:
         b = replace(b, periods=periods, lhspg_steps=steps)
     if os.environ.get("BENCH_ADAPT"):
         b = replace(b, adapt=int(os.environ["BENCH_ADAPT"]))
+    if os.environ.get("BENCH_RECOVER"):  # S1xS2: recovery's stage-1 and stage-2 steps
+        try:
+            stage1, stage2 = map(int, os.environ["BENCH_RECOVER"].split("x"))
+        except ValueError:
+            print(f"BENCH_RECOVER must be STAGE1xSTAGE2 (e.g. 320x160), got {os.environ['BENCH_RECOVER']}",
+                  file=sys.stderr)
+            return 2
+        b = replace(b, stage1=stage1, stage2=stage2)
     log(TAG, f"budget {budget_name}: {b.train_tokens:,} training tokens per method "
              f"({b.lhspg_tokens:,} in LHSPG); estimate {estimate_seconds(b) / 60:.0f} min")
     ratios = [float(r) for r in os.environ.get("BENCH_RATIOS", ",".join(map(str, RATIOS))).split(",")]
