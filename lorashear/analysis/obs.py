@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from lorashear.analysis.groups import GroupsAttr
 from lorashear.analysis.placement import Placement
@@ -225,11 +226,12 @@ def family_errors(weights: list[torch.Tensor], grams: list[torch.Tensor], column
 
 
 def obs_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int], batches: torch.Tensor, *,
-               placement: Placement | None = None, greedy: bool = True, damp: float = OBS_DAMP
-               ) -> dict[int, torch.Tensor]:
+               placement: Placement | None = None, greedy: bool = True, damp: float = OBS_DAMP,
+               progress: bool = False) -> dict[int, torch.Tensor]:
     """float64 scores per unit of each family: its obs error (greedy or alone) over the
     family's dense output energy on ``batches``. One layer-by-layer walk gives the grams; a
-    family is scored when all of its consumers' grams are complete."""
+    family is scored when all of its consumers' grams are complete (``progress``: a bar
+    over the families)."""
     from lorashear.analysis.saliency import complete_input_grams, lora_delta, lora_updates
 
     family_ids = list(family_ids)
@@ -244,6 +246,7 @@ def obs_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int], ba
     load = placement.param_loader(module, by_reference=True)
     grams: dict[str, torch.Tensor] = {}
     scores: dict[int, torch.Tensor] = {}
+    bar = tqdm(total=len(found), desc="obs scores", unit="family", disable=not progress, leave=False)
     for name, gram in complete_input_grams(module, batches, readers, placement):
         grams[name] = gram
         for f in sorted(readers[name]):
@@ -264,10 +267,12 @@ def obs_scores(module: Module, groups: GroupsAttr, family_ids: Iterable[int], ba
             energy = sum(float(torch.einsum("ij,jk,ik->", w.to(g.device), g, w.to(g.device)))
                          for w, g in zip(weights, family_grams, strict=True))
             scores[f] = errors / energy if energy > 0 else errors
+            bar.update()
             for c in consumers:
                 readers[c.param].discard(f)
                 if not readers[c.param]:
                     grams.pop(c.param)
+    bar.close()
     missing = [f for f, names in waiting.items() if names]
     if missing:
         raise PassError(f"metric obs: the calibration walk never reached the consumers of families "

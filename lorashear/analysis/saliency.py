@@ -533,13 +533,14 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
                  weights: tuple[float, ...] = (1.0,) * 5, calibration: CalibrationOptions | None = None,
                  seed: int = 0, family_ids: Iterable[int] | None = None,
                  batches: torch.Tensor | None = None, placement: Placement | None = None,
-                 layerwise: bool = False) -> dict[int, torch.Tensor]:
+                 layerwise: bool = False, progress: bool = False) -> dict[int, torch.Tensor]:
     """float64 scores per unit for each family (all of them unless ``family_ids`` is given).
 
     The data-driven metrics run on ``batches`` (``[batches, batch, seq_len]`` token ids) when a
     caller has read them already, else on windows read from ``calibration``. The model runs on
     the ``placement`` (default: the CPU in the IR's dtypes); ``layerwise`` runs it one decoder
     layer at a time and reads each weight when it is needed (models larger than the device).
+    ``progress`` shows a bar over the families as obs scores them (the slow metric).
 
     Raises :class:`PassError` for an unknown metric, a LoRA-proxy metric on a module without
     LoRA, and a data-driven metric without a calibration file.
@@ -568,13 +569,13 @@ def score_groups(module: Module, groups: GroupsAttr, metric: str, *,
             if others:
                 scores.update(score_groups(module, groups, metric, weights=weights, seed=seed,
                                            family_ids=others, batches=batches, placement=placement,
-                                           layerwise=layerwise))
+                                           layerwise=layerwise, progress=progress))
             return {f: scores[f] for f in family_ids}
         if metric in ("obs", "obs-single"):  # always layer by layer: one layer's grams held
             from lorashear.analysis.obs import obs_scores
 
             return obs_scores(module, groups, family_ids, batches, placement=placement,
-                              greedy=metric == "obs")
+                              greedy=metric == "obs", progress=progress)
         if metric == "taylor" and layerwise:
             return layerwise_gradient_scores(module, groups, family_ids, batches, placement or Placement())
         if metric == "taylor":

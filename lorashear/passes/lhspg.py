@@ -384,7 +384,8 @@ class Lhspg(ModulePass):
         # sharded, one decoder layer at a time (the model need not fit one device)
         scores = runtime.broadcast_object(score_groups(
             module, groups, self.metric, seed=self.seed, family_ids=family_ids, batches=calibration,
-            placement=runtime.placement, **({"layerwise": True} if runtime.sharded else {})))
+            placement=runtime.placement, progress=runtime.progress(self.progress),
+            **({"layerwise": True} if runtime.sharded else {})))
         start_budgets = family_budgets(module, of_kinds, scores, {}, protected,
                                        comparable=self.metric in COMPARABLE_METRICS)
         check_reachable(start_budgets, self.ratio)
