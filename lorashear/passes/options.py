@@ -79,11 +79,11 @@ def attn_share_option(default: AttnShare = "proportional") -> Any:
 #: scores the groups itself when no earlier ``saliency`` did).
 OPTION_DOCS = {
     "weights": "combined: coefficients of magnitude, avg-magnitude, cosine, taylor1, taylor2",
-    "data": "taylor/wanda: calibration text: a text/JSON/Parquet file (the source model's tokenizer), "
+    "data": "taylor/wanda/obs: calibration text: a text/JSON/Parquet file (the source model's tokenizer), "
             "a .ids file of token ids, a cached source name, or a YAML data spec",
-    "batches": "taylor/wanda: calibration batches",
-    "batch": "taylor/wanda: windows per calibration batch",
-    "seq_len": "taylor/wanda: tokens per calibration window",
+    "batches": "taylor/wanda/obs: calibration batches",
+    "batch": "taylor/wanda/obs: windows per calibration batch",
+    "seq_len": "taylor/wanda/obs: tokens per calibration window",
     "seed": "seed of the random metric and of the choice of calibration windows",
 }
 
