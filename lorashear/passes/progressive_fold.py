@@ -30,7 +30,7 @@ from lorashear.analysis.groups import GroupsAttr
 from lorashear.analysis.masking import keep_masks
 from lorashear.analysis.saliency import input_gram_matrices, lora_updates
 from lorashear.ir.core import Module
-from lorashear.passes.reconstruct import consumers, fold_operator
+from lorashear.passes.reconstruct import consumers, error_left, fold_operator
 
 
 @dataclass
@@ -99,13 +99,10 @@ class ProgressiveFold:
                                 keep_rows.to(device), lora)
             with torch.no_grad():
                 e_r = target.removed_part().double().cpu() * keep_rows[:, None]
-            h_rr, h_kr = gram[c.removed][:, c.removed], gram[c.kept][:, c.removed]
-            delta = e_r @ operator
-            # ||E_R X_R - dW X_K||^2 expanded in the second moments, as solve_correction does
-            error = float(torch.einsum("ij,jk,ik->", e_r, h_rr, e_r))
+            error = float(torch.einsum("ij,jk,ik->", e_r, gram[c.removed][:, c.removed], e_r))
             before += error
-            after += max(error - 2 * float(torch.einsum("ij,jk,ik->", delta, h_kr, e_r))
-                         + float(torch.einsum("ij,jk,ik->", delta, gram[c.kept][:, c.kept], delta)), 0.0)
+            after += error_left(error, e_r, e_r @ operator, gram[c.kept][:, c.removed],
+                                gram[c.kept][:, c.kept])
             targets.append(target)
         return cls(targets, after / before if before > 0 else 0.0)
 

@@ -193,25 +193,39 @@ def solve_correction(dense: torch.Tensor, gram: torch.Tensor, removed: torch.Ten
         e_r = dense[:, removed]
     h_kk, h_kr, h_rr = gram[keep][:, keep], gram[keep][:, removed], gram[removed][:, removed]
     before = float(torch.einsum("ij,jk,ik->", e_r, h_rr, e_r))
-    diagonal = h_kk.diagonal()[:-1] if bias else h_kk.diagonal()
-    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
-    if scale <= 0 or before == 0:  # the kept inputs are all zero, or R fed nothing
+    system = damped_system(h_kk, damp, free_last=bias)  # the bias is not shrunk
+    if system is None or before == 0:  # the kept inputs are all zero, or R fed nothing
         kept = int(keep.sum()) - bias
         return Correction(torch.zeros(dense.shape[0], kept, dtype=torch.float64), before, before,
                           torch.zeros(dense.shape[0], dtype=torch.float64) if bias else None)
-    if bias:
-        ridge = torch.full((len(h_kk),), damp * scale, dtype=torch.float64)
-        ridge[-1] = 0  # the bias is not shrunk
-        system = h_kk + torch.diag(ridge)
-    else:
-        system = h_kk + damp * scale * torch.eye(len(h_kk), dtype=torch.float64)
     delta = solve_damped(system, h_kr @ e_r.T).T  # (dW)^T = system^-1 H_KR E_R^T: [|K|, out]
-    # ||E_R X_R - dW X_K||^2 expanded in the second moments
+    after = error_left(before, e_r, delta, h_kr, h_kk)
+    if bias:
+        return Correction(delta[:, :-1], before, after, delta[:, -1])
+    return Correction(delta, before, after)
+
+
+def damped_system(h_kk: torch.Tensor, damp: float, *, free_last: bool = False) -> torch.Tensor | None:
+    """``H_KK + lambda I`` with ``lambda = damp * mean(diag H_KK)``; with ``free_last`` the last
+    input (a bias's column of ones) is left out of the mean and not damped. None where the kept
+    inputs are all zero."""
+    diagonal = h_kk.diagonal()[:-1] if free_last else h_kk.diagonal()
+    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
+    if scale <= 0:
+        return None
+    ridge = torch.full((len(h_kk),), damp * scale, dtype=torch.float64)
+    if free_last:
+        ridge[-1] = 0
+    return h_kk + torch.diag(ridge)
+
+
+def error_left(before: float, e_r: torch.Tensor, delta: torch.Tensor, h_kr: torch.Tensor,
+               h_kk: torch.Tensor) -> float:
+    """``||E_R X_R - dW X_K||^2`` expanded in the second moments, from ``before``
+    ``= ||E_R X_R||^2``: the calibration output error a fold ``dW`` leaves."""
     after = before - 2 * float(torch.einsum("ij,jk,ik->", delta, h_kr, e_r)) \
         + float(torch.einsum("ij,jk,ik->", delta, h_kk, delta))
-    if bias:
-        return Correction(delta[:, :-1], before, max(after, 0.0), delta[:, -1])
-    return Correction(delta, before, max(after, 0.0))
+    return max(after, 0.0)
 
 
 def solve_damped(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -230,13 +244,10 @@ def fold_operator(gram: torch.Tensor, removed: torch.Tensor, keep: torch.Tensor,
     weight left out, for a caller that folds a weight that is still changing
     (:class:`lorashear.passes.progressive_fold.ProgressiveFold`). Zero where the kept inputs
     are all zero."""
-    h_kk, h_kr = gram[keep][:, keep], gram[keep][:, removed]
-    diagonal = h_kk.diagonal()
-    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
-    if scale <= 0:
+    system = damped_system(gram[keep][:, keep], damp)
+    if system is None:
         return torch.zeros(int(removed.sum()), int(keep.sum()), dtype=torch.float64)
-    system = h_kk + damp * scale * torch.eye(len(h_kk), dtype=torch.float64)
-    return solve_damped(system, h_kr).T
+    return solve_damped(system, gram[keep][:, removed]).T
 
 
 def corrections(module: Module, found: list[Consumer], weights: dict[str, torch.Tensor],
