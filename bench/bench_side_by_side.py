@@ -676,24 +676,18 @@ def main() -> int:
         return 2
     set_threads()
     b = BUDGETS[budget_name]
-    if os.environ.get("BENCH_LHSPG"):  # PxS: the LHSPG schedule, e.g. 1x100 for the full budget's 2x50
-        try:
-            periods, steps = map(int, os.environ["BENCH_LHSPG"].split("x"))
-        except ValueError:
-            print(f"BENCH_LHSPG must be PERIODSxSTEPS (e.g. 1x100), got {os.environ['BENCH_LHSPG']}",
-                  file=sys.stderr)
-            return 2
-        b = replace(b, periods=periods, lhspg_steps=steps)
+    # AxB step counts: the LHSPG schedule (e.g. 1x100 for the full budget's 2x50), recovery's stages
+    for name, form, fields in (("BENCH_LHSPG", "PERIODSxSTEPS (e.g. 1x100)", ("periods", "lhspg_steps")),
+                               ("BENCH_RECOVER", "STAGE1xSTAGE2 (e.g. 320x160)", ("stage1", "stage2"))):
+        if os.environ.get(name):
+            try:
+                first, second = map(int, os.environ[name].split("x"))
+            except ValueError:
+                print(f"{name} must be {form}, got {os.environ[name]}", file=sys.stderr)
+                return 2
+            b = replace(b, **dict(zip(fields, (first, second), strict=True)))
     if os.environ.get("BENCH_ADAPT"):
         b = replace(b, adapt=int(os.environ["BENCH_ADAPT"]))
-    if os.environ.get("BENCH_RECOVER"):  # S1xS2: recovery's stage-1 and stage-2 steps
-        try:
-            stage1, stage2 = map(int, os.environ["BENCH_RECOVER"].split("x"))
-        except ValueError:
-            print(f"BENCH_RECOVER must be STAGE1xSTAGE2 (e.g. 320x160), got {os.environ['BENCH_RECOVER']}",
-                  file=sys.stderr)
-            return 2
-        b = replace(b, stage1=stage1, stage2=stage2)
     log(TAG, f"budget {budget_name}: {b.train_tokens:,} training tokens per method "
              f"({b.lhspg_tokens:,} in LHSPG); estimate {estimate_seconds(b) / 60:.0f} min")
     ratios = [float(r) for r in os.environ.get("BENCH_RATIOS", ",".join(map(str, RATIOS))).split(",")]
